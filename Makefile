@@ -1,0 +1,32 @@
+# Each target makes its own virtualenv on first use, so a fresh clone needs
+# nothing but python3 (>= 3.9) and access to PyPI.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PROTOS := $(wildcard protos/*.proto)
+GEN    := $(PROTOS:.proto=_pb2.py)
+
+.PHONY: all demo test bench clean
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+protos/%_pb2.py: protos/%.proto $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. $<
+
+demo: $(STAMP) $(GEN)
+	$(BIN)/python -m client_example --demo
+
+test: $(STAMP) $(GEN)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP) $(GEN)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[plot]'
+	$(BIN)/python -m shmgrpc.bench --out bench-results
+
+clean:
+	rm -rf $(VENV) $(GEN) $(PROTOS:.proto=_pb2_grpc.py) bench-results

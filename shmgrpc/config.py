@@ -1,0 +1,155 @@
+"""Configuration: one frozen dataclass, and the SHMGRPC_* names, once.
+
+`Config.from_env()` reads the environment when it is called (the interceptors
+call it when they are built, never at import), and every invalid value raises
+ConfigError naming the variable and the forms it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Mapping, Optional
+
+from .errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+TRANSPORTS = ("auto", "shm", "cma", "off")
+
+# Binary multiples only: "64K", "64KB" and "64KiB" all mean 65536. A storage
+# library that read "1MB" as 10**6 would round slot sizes to odd numbers.
+_UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_FORMS = "a byte count such as 65536, 64K, 64KiB, 1M, 1MiB or 2G (binary units)"
+_SECONDS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$", re.IGNORECASE)
+_SECONDS_FORMS = "seconds such as 30, 30s, 500ms or 2m"
+
+
+def parse_size(text: str, name: str = "size") -> int:
+    """Parse '65536', '64KiB', '1MiB', '1M' into bytes; ConfigError otherwise."""
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"{name}={text!r} is not {_SIZE_FORMS}")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def parse_seconds(text: str, name: str = "seconds") -> float:
+    match = _SECONDS_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"{name}={text!r} is not {_SECONDS_FORMS}")
+    value = float(match.group(1))
+    unit = (match.group(2) or "s").lower()
+    return value / 1000.0 if unit == "ms" else value * 60.0 if unit == "m" else value
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What an interceptor offloads, how, and with how much shared memory.
+
+    Every field has an environment variable (see ENV below and the README).
+    """
+
+    # Serialized size at or above which a message is offloaded. Measured on a
+    # 2-core VM: below ~64 KiB the fixed cost of a handle (slot bookkeeping,
+    # mapping checks) is larger than what the socket costs (README, "Threshold").
+    threshold: int = 64 * KiB
+    # auto | shm | cma | off. auto takes the ladder in AUTO_ORDER.
+    transport: str = "auto"
+    # Most bytes of shared memory this process's pool may hold at once.
+    pool_size: int = 1 * GiB
+    # Slots smaller than this are carved out of segments of this size; larger
+    # messages get a segment of their own, rounded to their size class.
+    segment_size: int = 16 * MiB
+    # Largest message offloaded; a larger one goes inline. A receiver also
+    # refuses a handle longer than its own limit.
+    max_message: int = 1 * GiB
+    # A slot nobody acknowledged is reused after this long (if its reader is
+    # still alive). A reader that comes later gets DATA_LOSS, never other bytes.
+    lease_seconds: float = 60.0
+    # Most bytes the cma transport keeps pinned for readers that have not
+    # acknowledged yet; past it, messages take the next rung (shm, then inline).
+    cma_max_pinned: int = 1 * GiB
+    # Where POSIX shared memory lives (a tmpfs). Names under it always start
+    # with the fixed prefix "shmgrpc-".
+    shm_dir: str = "/dev/shm"
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            problem = _problem(field.name, getattr(self, field.name))
+            if problem:
+                raise ConfigError(f"{field.name}={getattr(self, field.name)!r}: {problem}")
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> "Config":
+        """Build a Config from SHMGRPC_* variables; `overrides` win over both."""
+        env = os.environ if environ is None else environ
+        values = {}
+        for var, (field, parse) in ENV.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            value = parse(raw, var)
+            problem = _problem(field, value)
+            if problem:
+                raise ConfigError(f"{var}={raw!r}: {problem}")
+            values[field] = value
+        values.update(overrides)
+        return cls(**values)
+
+    def for_transport(self, transport: str) -> "Config":
+        return dataclasses.replace(self, transport=transport)
+
+
+def _problem(field: str, value) -> Optional[str]:
+    """Why `value` is not acceptable for `field`, or None."""
+    if field == "transport":
+        return None if value in TRANSPORTS else f"expected one of {', '.join(TRANSPORTS)}"
+    if field == "lease_seconds":
+        return None if isinstance(value, (int, float)) and value > 0 else "expected seconds > 0"
+    if field == "shm_dir":
+        return None if isinstance(value, str) and os.path.isabs(value) else "expected an absolute path"
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return "expected a whole number of bytes >= 0"
+    if field == "threshold" and value < 1:
+        return "expected at least 1 byte"
+    if field == "segment_size" and value < 64 * KiB:
+        return "expected at least 64KiB"
+    return None
+
+
+def _transport(text: str, name: str) -> str:
+    value = text.strip().lower()
+    if value not in TRANSPORTS:
+        raise ConfigError(f"{name}={text!r}: expected one of {', '.join(TRANSPORTS)}")
+    return value
+
+
+def _size(text: str, name: str) -> int:
+    return parse_size(text, name)
+
+
+def _seconds(text: str, name: str) -> float:
+    return parse_seconds(text, name)
+
+
+def _path(text: str, name: str) -> str:
+    if not os.path.isabs(text):
+        raise ConfigError(f"{name}={text!r}: expected an absolute directory path")
+    return text
+
+
+# Environment variable -> (Config field, parser). The README's table mirrors this.
+ENV = {
+    "SHMGRPC_THRESHOLD": ("threshold", _size),
+    "SHMGRPC_TRANSPORT": ("transport", _transport),
+    "SHMGRPC_POOL_SIZE": ("pool_size", _size),
+    "SHMGRPC_SEGMENT_SIZE": ("segment_size", _size),
+    "SHMGRPC_MAX_MESSAGE": ("max_message", _size),
+    "SHMGRPC_LEASE": ("lease_seconds", _seconds),
+    "SHMGRPC_CMA_MAX_PINNED": ("cma_max_pinned", _size),
+    "SHMGRPC_SHM_DIR": ("shm_dir", _path),
+}

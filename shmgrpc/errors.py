@@ -1,0 +1,89 @@
+"""One error root for shmgrpc; every error knows the gRPC status it maps to.
+
+Each class also inherits the builtin it resembles (pyzmq's habit), so callers
+that only know the builtins still catch the right thing.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ShmGrpcError(Exception):
+    """Root of every shmgrpc error."""
+
+    status_code = grpc.StatusCode.INTERNAL
+
+
+class ConfigError(ShmGrpcError, ValueError):
+    """A SHMGRPC_* variable or Config field has a value we do not accept."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class HandleError(ShmGrpcError, ValueError):
+    """A handle is malformed, out of bounds, or names something it may not."""
+
+    status_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class HandleTooLarge(HandleError):
+    """A handle describes a message longer than this receiver accepts."""
+
+    status_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class StaleSessionError(ShmGrpcError):
+    """A handle was addressed to another receiver (a channel reconnected to a
+    different server process). The client retries such unary requests inline."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DataLossError(ShmGrpcError):
+    """The bytes behind a valid handle changed or vanished while we read them."""
+
+    status_code = grpc.StatusCode.DATA_LOSS
+
+
+class PeerGoneError(DataLossError, ProcessLookupError):
+    """The process that offered the bytes has exited."""
+
+
+class CmaError(ShmGrpcError, OSError):
+    """process_vm_readv/process_vm_writev failed."""
+
+    status_code = grpc.StatusCode.INTERNAL
+
+
+class CmaNotPermitted(CmaError, PermissionError):
+    """EPERM/EACCES: ptrace rules (Yama, user namespaces, seccomp) forbid it."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class CmaPeerGone(CmaError, PeerGoneError):
+    """ESRCH: the peer process no longer exists."""
+
+    status_code = grpc.StatusCode.DATA_LOSS
+
+
+class CmaBadAddress(CmaError, HandleError):
+    """EFAULT: the remote range is not mapped in the peer."""
+
+    status_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+__all__ = [
+    "CmaBadAddress",
+    "CmaError",
+    "CmaNotPermitted",
+    "CmaPeerGone",
+    "ConfigError",
+    "DataLossError",
+    "HandleError",
+    "HandleTooLarge",
+    "PeerGoneError",
+    "ShmGrpcError",
+    "StaleSessionError",
+]
