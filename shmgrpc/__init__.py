@@ -1,6 +1,13 @@
 """shmgrpc: gRPC interceptors that move large messages through shared memory
-between co-located processes, and step aside everywhere else."""
+between co-located processes, and step aside everywhere else.
 
+    channel = grpc.intercept_channel(channel, shmgrpc.ClientInterceptor())
+    server = grpc.server(executor, interceptors=[shmgrpc.ServerInterceptor()])
+"""
+
+from ._client import ClientInterceptor
+from ._core import stats
+from ._server import ServerInterceptor
 from .config import Config
 from .errors import (
     CmaBadAddress,
@@ -17,6 +24,7 @@ from .errors import (
 )
 
 __all__ = [
+    "ClientInterceptor",
     "CmaBadAddress",
     "CmaError",
     "CmaNotPermitted",
@@ -27,6 +35,8 @@ __all__ = [
     "HandleError",
     "HandleTooLarge",
     "PeerGoneError",
+    "ServerInterceptor",
     "ShmGrpcError",
     "StaleSessionError",
+    "stats",
 ]

@@ -1,0 +1,393 @@
+"""The sync client interceptor: one class for all four RPC shapes.
+
+Requests: a client interceptor sees message objects, not bytes, and the stub's
+serializer runs after it. So a large request is serialized here, written to
+the pool, and replaced by a fresh message of the same type that holds nothing
+but the handle as an unknown field; the stub serializes that to exactly the
+handle bytes (see wire.py).
+
+Responses: the stub's deserializer has already run, so a handle arrives as an
+unknown field of an otherwise empty message. It is found with
+UnknownFieldSet (cheap: it does not copy known fields, unlike ListFields) and
+the original message is parsed from shared memory.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, List, Optional
+
+import grpc
+
+from . import wire
+from ._core import Engine, Route
+from .config import Config
+from .errors import ShmGrpcError
+
+try:  # protobuf >= 4.22
+    from google.protobuf.unknown_fields import UnknownFieldSet as _UnknownFieldSet
+except ImportError:  # pragma: no cover - older protobuf
+    _UnknownFieldSet = None
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+def with_hello(details, hello):
+    metadata = list(details.metadata or ())
+    metadata.append(hello)
+    return _CallDetails(
+        details.method,
+        details.timeout,
+        metadata,
+        details.credentials,
+        getattr(details, "wait_for_ready", None),
+        getattr(details, "compression", None),
+    )
+
+
+def handle_in(message: Any) -> Optional[bytes]:
+    """The handle a response message carries, as raw handle bytes, or None."""
+    if _UnknownFieldSet is None:
+        return None
+    try:
+        fields = _UnknownFieldSet(message)
+    except Exception:  # not a protobuf message: nothing we could have sent
+        return None
+    for field in fields:
+        if field.field_number == wire.FIELD_NUMBER and field.wire_type == 2:
+            return wire.frame(field.data)
+    return None
+
+
+def offload_request(engine: Engine, route: Optional[Route], request: Any):
+    """(message to send, slot or None): the request, or a carrier of its handle."""
+    if route is None or not (route.send_shm or route.send_cma):
+        return request, None
+    serialize = getattr(request, "SerializeToString", None)
+    if serialize is None:
+        return request, None
+    handle, slot = engine.offload(serialize(), route)
+    if handle is None:
+        return request, None
+    carrier = type(request)()
+    carrier.MergeFromString(handle)
+    return carrier, slot
+
+
+def restore_response(engine: Engine, route: Optional[Route], response: Any) -> Any:
+    """The application's response; raises ShmGrpcError on a bad handle."""
+    raw = handle_in(response)
+    if raw is None:
+        return response
+    if route is None:
+        raise ShmGrpcError("server sent a shmgrpc handle without completing the handshake")
+    return engine.restore(raw, route.peer, type(response).FromString)
+
+
+class RestoreError(grpc.RpcError, grpc.Call):
+    """A response handle could not be restored: surfaces as an RpcError with
+    the status the failure maps to (DATA_LOSS, INVALID_ARGUMENT, ...)."""
+
+    def __init__(self, err: ShmGrpcError, call=None):
+        super().__init__(f"shmgrpc: {err}")
+        self._err = err
+        self._call = call
+
+    def code(self):
+        return self._err.status_code
+
+    def details(self):
+        return f"shmgrpc: {self._err}"
+
+    def initial_metadata(self):
+        return self._call.initial_metadata() if self._call is not None else ()
+
+    def trailing_metadata(self):
+        return self._call.trailing_metadata() if self._call is not None else ()
+
+    def is_active(self):
+        return False
+
+    def time_remaining(self):
+        return None
+
+    def cancel(self):
+        return False
+
+    def add_callback(self, callback):
+        return False
+
+    def __str__(self):
+        return f"<RestoreError {self._err.status_code.name}: {self._err}>"
+
+
+class _Delegate:
+    """Forwards the grpc.Call / grpc.Future surface to the wrapped call."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def initial_metadata(self):
+        return self._inner.initial_metadata()
+
+    def trailing_metadata(self):
+        return self._inner.trailing_metadata()
+
+    def code(self):
+        return self._inner.code()
+
+    def details(self):
+        return self._inner.details()
+
+    def is_active(self):
+        return self._inner.is_active()
+
+    def time_remaining(self):
+        return self._inner.time_remaining()
+
+    def cancel(self):
+        return self._inner.cancel()
+
+    def cancelled(self):
+        return self._inner.cancelled()
+
+    def running(self):
+        return self._inner.running()
+
+    def done(self):
+        return self._inner.done()
+
+    def add_callback(self, callback):
+        return self._inner.add_callback(callback)
+
+    def traceback(self, timeout=None):
+        return self._inner.traceback(timeout)
+
+
+class UnaryResult(_Delegate, grpc.Call, grpc.Future):
+    """A unary response that is restored the first time it is asked for."""
+
+    def __init__(self, inner, engine: Engine):
+        super().__init__(inner)
+        self._engine = engine
+        self._restored = False
+        self._value = None
+        self._error: Optional[RestoreError] = None
+
+    def result(self, timeout=None):
+        response = self._inner.result(timeout)  # raises the call's own RpcError
+        if not self._restored:
+            try:
+                route = self._engine.client_welcome(self._inner.initial_metadata(), True)
+                self._value = restore_response(self._engine, route, response)
+            except ShmGrpcError as err:
+                self._error = RestoreError(err, self._inner)
+            self._restored = True
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def exception(self, timeout=None):
+        error = self._inner.exception(timeout)
+        if error is not None:
+            return error
+        try:
+            self.result(timeout)
+        except RestoreError as err:
+            return err
+        return None
+
+    def code(self):
+        return self._error.code() if self._error is not None else self._inner.code()
+
+    def details(self):
+        return self._error.details() if self._error is not None else self._inner.details()
+
+    def add_done_callback(self, fn):
+        self._inner.add_done_callback(lambda _: fn(self))
+
+
+class StreamResult(_Delegate, grpc.Call, grpc.Future):
+    """A response stream whose messages are restored as they are read."""
+
+    def __init__(self, inner, engine: Engine):
+        super().__init__(inner)
+        self._engine = engine
+        self._route: Optional[Route] = None
+        self._welcomed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        response = next(self._inner)
+        if not self._welcomed:
+            self._route = self._engine.client_welcome(self._inner.initial_metadata(), True)
+            self._welcomed = True
+        try:
+            return restore_response(self._engine, self._route, response)
+        except ShmGrpcError as err:
+            self._inner.cancel()
+            raise RestoreError(err, self._inner) from None
+
+    next = __next__
+
+    def result(self, timeout=None):
+        return self._inner.result(timeout)
+
+    def exception(self, timeout=None):
+        return self._inner.exception(timeout)
+
+    def add_done_callback(self, fn):
+        self._inner.add_done_callback(lambda _: fn(self))
+
+
+def _release_when_done(engine: Engine, call, slots: List) -> None:
+    if not slots:
+        return
+
+    def release(_):
+        for slot in slots:
+            engine.release(slot)
+
+    call.add_done_callback(release)
+
+
+def _retry_inline(outcome) -> bool:
+    """The server refused a handle addressed to another server process."""
+    if not isinstance(outcome, grpc.RpcError) or not outcome.done():
+        return False
+    try:
+        trailing = outcome.trailing_metadata() or ()
+    except Exception:
+        return False
+    return any(key == wire.RETRY_KEY for key, _ in trailing)
+
+
+class ClientInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Use as grpc.intercept_channel(channel, shmgrpc.ClientInterceptor()).
+
+    One interceptor per channel: it remembers the server that channel talks to.
+    """
+
+    def __init__(self, config: Optional[Config] = None):
+        self._engine = Engine(config, "client")
+
+    @property
+    def transport(self) -> str:
+        return self._engine.transport
+
+    def stats(self):
+        snap = self._engine.stats.snapshot()
+        snap["pool"] = self._engine.pool_stats()
+        return snap
+
+    def close(self) -> None:
+        self._engine.close()
+
+    def _handshake(self, continuation, details, request) -> None:
+        """Once per channel, before the first call: the internal handshake
+        method, so that even the first large message can be offloaded."""
+        engine = self._engine
+        hello = engine.client_metadata()
+        if hello is None:
+            return
+        details = _CallDetails(
+            wire.HANDSHAKE_METHOD, details.timeout, [hello], details.credentials,
+            getattr(details, "wait_for_ready", None), getattr(details, "compression", None),
+        )
+        call = continuation(details, request)
+        try:
+            if hasattr(call, "__next__"):
+                for _ in call:
+                    pass
+            else:
+                call.result()
+        except Exception:  # an RpcError carries the code we look at below
+            pass
+        engine.client_handshake_done(call)
+
+    def _empty_like(self, request):
+        try:
+            return type(request)()
+        except Exception:
+            return None
+
+    def _requests(self, requests, slots: List):
+        engine = self._engine
+        for request in requests:
+            sent, slot = offload_request(engine, engine.client_route(), request)
+            if slot is not None:
+                slots.append(slot)
+            yield sent
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        engine = self._engine
+        hello = engine.client_metadata()
+        if hello is None:
+            return continuation(client_call_details, request)
+        if engine.client_needs_handshake():
+            empty = self._empty_like(request)
+            if empty is not None:
+                self._handshake(continuation, client_call_details, empty)
+                hello = engine.client_metadata()
+        sent, slot = offload_request(engine, engine.client_route(), request)
+        outcome = continuation(with_hello(client_call_details, hello), sent)
+        _release_when_done(engine, outcome, [slot] if slot is not None else [])
+        if slot is not None and _retry_inline(outcome):
+            engine.client_welcome(outcome.initial_metadata(), False)
+            outcome = continuation(with_hello(client_call_details, engine.client_metadata()), request)
+        return UnaryResult(outcome, engine)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        engine = self._engine
+        hello = engine.client_metadata()
+        if hello is None:
+            return continuation(client_call_details, request)
+        if engine.client_needs_handshake():
+            empty = self._empty_like(request)
+            if empty is not None:
+                self._handshake(continuation, client_call_details, empty)
+                hello = engine.client_metadata()
+        sent, slot = offload_request(engine, engine.client_route(), request)
+        call = continuation(with_hello(client_call_details, hello), sent)
+        _release_when_done(engine, call, [slot] if slot is not None else [])
+        return StreamResult(call, engine)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        engine = self._engine
+        hello = engine.client_metadata()
+        if hello is None:
+            return continuation(client_call_details, request_iterator)
+        if engine.client_needs_handshake():
+            self._handshake(continuation, client_call_details, iter(()))
+            hello = engine.client_metadata()
+        slots: List = []
+        outcome = continuation(with_hello(client_call_details, hello), self._requests(request_iterator, slots))
+        outcome.add_done_callback(lambda _: [engine.release(s) for s in slots])
+        return UnaryResult(outcome, engine)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        engine = self._engine
+        hello = engine.client_metadata()
+        if hello is None:
+            return continuation(client_call_details, request_iterator)
+        if engine.client_needs_handshake():
+            self._handshake(continuation, client_call_details, iter(()))
+            hello = engine.client_metadata()
+        slots: List = []
+        call = continuation(with_hello(client_call_details, hello), self._requests(request_iterator, slots))
+        call.add_done_callback(lambda _: [engine.release(s) for s in slots])
+        return StreamResult(call, engine)

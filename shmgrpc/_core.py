@@ -1,0 +1,538 @@
+"""The engine behind every interceptor: handshake, offload, restore, stats.
+
+One Engine per interceptor. It is cheap to build (only the config is checked);
+the id segment, pool and pin table are made on first use. The interceptors,
+sync and aio, are thin glue around `offload` and `restore`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import grpc
+
+from . import cma, pins, pool, session, wire
+from .config import Config
+from .errors import HandleError, ShmGrpcError
+
+log = logging.getLogger("shmgrpc")
+
+# The order `auto` tries transports in. Measured (README, "shm or cma"):
+# shm wins at every size on this kind of machine, because its slots stay
+# mapped and warm while cma's receive buffer is fresh memory each time.
+AUTO_ORDER = ("shm", "cma")
+
+
+class DeserializeError(ShmGrpcError):
+    """The restored bytes did not parse as the expected message."""
+
+
+# --- stats --------------------------------------------------------------------
+
+
+class Stats:
+    """Counters of one engine; every update also lands in the process total."""
+
+    def __init__(self, parent: Optional["Stats"] = None):
+        self._parent = parent
+        self._lock = threading.Lock()
+        self._counts: Dict[Tuple[str, str], int] = collections.Counter()
+        self.notes: Dict[str, str] = {}
+
+    def add(self, kind: str, key: str, count: int = 1, nbytes: int = 0) -> None:
+        with self._lock:
+            self._counts[(kind, key)] += count
+            if nbytes:
+                self._counts[(kind, key + ":bytes")] += nbytes
+        if self._parent is not None:
+            self._parent.add(kind, key, count, nbytes)
+
+    def note(self, key: str, text: str) -> None:
+        self.notes[key] = text
+        if self._parent is not None:
+            self._parent.notes[key] = text
+
+    def snapshot(self) -> Dict[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+
+        def pair(kind: str, key: str) -> Dict[str, int]:
+            return {"count": counts.get((kind, key), 0), "bytes": counts.get((kind, key + ":bytes"), 0)}
+
+        transports = ("shm", "cma")
+        return {
+            "offloaded": {
+                "count": sum(counts.get(("offloaded", t), 0) for t in transports),
+                "bytes": sum(counts.get(("offloaded", t + ":bytes"), 0) for t in transports),
+            },
+            "restored": {
+                "count": sum(counts.get(("restored", t), 0) for t in transports),
+                "bytes": sum(counts.get(("restored", t + ":bytes"), 0) for t in transports),
+            },
+            "by_transport": {
+                t: {"offloaded": pair("offloaded", t), "restored": pair("restored", t)}
+                for t in transports
+            },
+            "inline": pair("inline", "all"),
+            "fallbacks": {k: v for (kind, k), v in counts.items() if kind == "fallback"},
+            "errors": {k: v for (kind, k), v in counts.items() if kind == "error"},
+            "notes": dict(self.notes),
+        }
+
+
+PROCESS_STATS = Stats()
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+def stats() -> Dict[str, Any]:
+    """Process-wide counters, plus the pools of live engines."""
+    snap = PROCESS_STATS.snapshot()
+    total = {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
+    for engine in list(_ENGINES):
+        for key, value in engine.pool_stats().items():
+            total[key] += value
+    snap["pool"] = total
+    return snap
+
+
+# --- routes -------------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    """What we know about the other side of a call: who it is, and how we may
+    send it large messages."""
+
+    peer: session.Peer
+    send_shm: bool
+    send_cma: bool
+    peer_key: Optional[bytes]  # the key the peer issued for our cma entries
+    welcome: Optional[Tuple[str, str]] = None  # server: metadata to send back
+
+
+def _protobuf_parser(deserializer: Callable) -> bool:
+    """True if `deserializer` is a protobuf Message.FromString: those parse from
+    a memoryview, so the payload is parsed straight out of shared memory."""
+    owner = getattr(deserializer, "__self__", None)
+    return isinstance(owner, type) and hasattr(owner, "DESCRIPTOR") and deserializer.__name__ == "FromString"
+
+
+class Engine:
+    def __init__(self, config: Optional[Config], role: str):
+        self.config = Config.from_env() if config is None else config
+        self.role = role
+        self.stats = Stats(PROCESS_STATS)
+        self._lock = threading.Lock()  # protects setup, _routes, _peers, _route
+        self._state = "new"  # new -> ready | disabled; closed
+        self._why_disabled = ""
+        self.identity: Optional[session.Identity] = None
+        self.attacher: Optional[pool.Attacher] = None
+        self._pool: Optional[pool.Pool] = None
+        self._pins: Optional[pins.Pins] = None
+        self._peers: "collections.OrderedDict[bytes, session.Peer]" = collections.OrderedDict()
+        self._welcomes: Dict[str, Route] = {}  # client: welcome text -> route
+        self._route: Optional[Route] = None  # client: the server last heard from
+        self._hello: Optional[Tuple[str, str]] = None
+        self._probe = "todo"  # client: todo -> done | plain (the server has no shmgrpc)
+        self._order = self._transport_order()
+        _ENGINES.add(self)
+
+    # -- set-up and tear-down
+
+    def _transport_order(self) -> Tuple[str, ...]:
+        t = self.config.transport
+        return () if t == "off" else AUTO_ORDER if t == "auto" else (t,)
+
+    @property
+    def transport(self) -> str:
+        return self.config.transport
+
+    def ready(self) -> bool:
+        if self._state == "ready":
+            return True
+        if self._state != "new":
+            return False
+        with self._lock:
+            if self._state == "new":
+                self._setup_locked()
+        return self._state == "ready"
+
+    def _setup_locked(self) -> None:
+        if not self._order:
+            self._disable("SHMGRPC_TRANSPORT=off")
+            return
+        shm_dir = self.config.shm_dir
+        if not os.path.isdir(shm_dir):
+            self._disable(f"no shared-memory directory {shm_dir}")
+            return
+        pool.reap(shm_dir)
+        try:
+            self.identity = session.Identity(shm_dir)
+        except pool.NoSpace as err:
+            self._disable(str(err))
+            return
+        self.attacher = pool.Attacher(shm_dir, self.config.max_message)
+        if "cma" in self._order and not cma.available():
+            self._cma_unavailable("process_vm_readv is not available on this platform")
+        self._state = "ready"
+
+    def _disable(self, why: str) -> None:
+        self._state = "disabled"
+        self._why_disabled = why
+        self.stats.note("disabled", why)
+        log.info("shmgrpc: offload disabled (%s); plain gRPC only", why)
+
+    def _cma_unavailable(self, why: str) -> None:
+        if "cma" not in self._order:
+            return
+        self._order = tuple(t for t in self._order if t != "cma")
+        self.stats.note("cma", f"unavailable: {why}")
+        fallback = "shm" if self._order else "inline"
+        log.warning("shmgrpc: cma transport not permitted (%s); using %s", why, fallback)
+
+    def _get_pool(self) -> pool.Pool:
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    assert self.identity is not None
+                    self._pool = pool.Pool(
+                        self.config.shm_dir,
+                        self.config.pool_size,
+                        self.config.segment_size,
+                        self.config.lease_seconds,
+                        self.identity.inst,
+                    )
+        return self._pool
+
+    def _get_pins(self) -> pins.Pins:
+        if self._pins is None:
+            with self._lock:
+                if self._pins is None:
+                    self._pins = pins.Pins(self.config.cma_max_pinned, self.config.lease_seconds)
+        return self._pins
+
+    def pool_stats(self) -> Dict[str, int]:
+        out = {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
+        if self._pool is not None:
+            s = self._pool.stats()
+            out.update(capacity=s.capacity, bytes_mapped=s.bytes_mapped,
+                       bytes_in_use=s.bytes_in_use, segments=s.segments)
+        if self._pins is not None:
+            out["cma_pinned"] = self._pins.pinned_bytes
+        return out
+
+    def close(self) -> None:
+        """Unlink everything this engine created. Safe to call twice; calls
+        after it go plain."""
+        with self._lock:
+            self._state = "closed"
+            parts = (self._pool, self._pins, self.identity, self.attacher)
+            self._pool = self._pins = self.identity = self.attacher = None
+            self._route, self._hello = None, None
+        for part in parts:
+            if part is not None:
+                part.close()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent still owns the segments: forget them, never unlink them.
+        self._lock = threading.Lock()
+        if self._pool is not None:
+            self._pool.abandon()
+        if self.identity is not None:
+            self.identity.abandon()
+        self._pool = self._pins = self.identity = self.attacher = None
+        self._peers.clear()
+        self._welcomes.clear()
+        self._route, self._hello = None, None
+        self._probe = "todo"
+        self._order = self._transport_order()
+        if self._state == "ready":
+            self._state = "new"
+
+    # -- peers
+
+    def _peer(self, inst: bytes, id_segment: str) -> session.Peer:
+        with self._lock:
+            peer = self._peers.get(inst)
+            if peer is not None and peer.id_segment == id_segment:
+                self._peers.move_to_end(inst)
+                return peer
+        peer = session.read_peer(self.config.shm_dir, id_segment, inst)
+        if "cma" in self._order:
+            peer.cma_reason = cma.probe(peer.pid, peer.probe_addr, peer.inst)
+            if peer.cma_reason is not None:
+                self._cma_unavailable(f"cannot read pid {peer.pid}: {peer.cma_reason}")
+        else:
+            peer.cma_reason = "cma not enabled here"
+        with self._lock:
+            self._peers[inst] = peer
+            while len(self._peers) > 1024:  # a server sees many clients over its life
+                self._peers.popitem(last=False)
+        return peer
+
+    def _accepts(self, peer: Optional[session.Peer]) -> str:
+        shm = "s" if "shm" in self._order else ""
+        cma_ok = "c" if peer is not None and "cma" in self._order and peer.cma_reason is None else ""
+        return shm + cma_ok
+
+    # -- client handshake
+
+    def client_metadata(self) -> Optional[Tuple[str, str]]:
+        """The hello to send with a call, or None when offload is off."""
+        if not self.ready():
+            return None
+        hello = self._hello
+        if hello is None:
+            assert self.identity is not None
+            route = self._route
+            peer = route.peer if route else None
+            accepts = self._accepts(peer)
+            text = wire.encode_hello(
+                wire.Hello(
+                    inst=self.identity.inst,
+                    id_segment=self.identity.name,
+                    accepts=accepts,
+                    server_inst=peer.inst if peer else None,
+                    proof=session.proof(peer.secret, session.LABEL_HELLO, self.identity.inst) if peer else None,
+                    cma_key=self.identity.cma_key_for(peer.inst) if peer and "c" in accepts else None,
+                )
+            )
+            hello = self._hello = (wire.HELLO_KEY, text)
+        return hello
+
+    def client_needs_handshake(self) -> bool:
+        return self._probe == "todo" and self._route is None and self._state == "ready"
+
+    def client_handshake_done(self, call) -> None:
+        """Take the result of the handshake call (a finished grpc.Call)."""
+        try:
+            code = call.code()
+            metadata = call.initial_metadata()
+        except Exception:  # the call could not even start: try again next time
+            return
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            self._probe = "plain"
+            self.stats.note("server", "no shmgrpc on the server (handshake UNIMPLEMENTED): plain gRPC")
+            return
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL):  # INTERNAL: a non-protobuf stub
+            self.client_welcome(metadata, True)
+            self._probe = "done"
+
+    def client_route(self) -> Optional[Route]:
+        return self._route if self._state == "ready" else None
+
+    def client_welcome(self, initial_metadata, answered: bool) -> Optional[Route]:
+        """Take the server's welcome from a call's initial metadata.
+
+        Returns the route to that server (to restore its responses), or None.
+        A call that was `answered` without a welcome came from a plain server:
+        that ends offload to it. A failed call may carry no metadata at all, and
+        says nothing about the server."""
+        text = None
+        for key, value in initial_metadata or ():
+            if key == wire.WELCOME_KEY:
+                text = value
+                break
+        if text is None:
+            if answered and self._route is not None:
+                with self._lock:
+                    self._route, self._hello = None, None
+            return None
+        route = self._welcomes.get(text)
+        if route is None:
+            route = self._route_from_welcome(text)
+            if route is None:
+                return None
+            with self._lock:
+                if len(self._welcomes) > 256:
+                    self._welcomes.clear()
+                self._welcomes[text] = route
+        if route is not self._route:
+            with self._lock:
+                self._route, self._hello = route, None
+        return route
+
+    def _route_from_welcome(self, text: str) -> Optional[Route]:
+        assert self.identity is not None
+        try:
+            w = wire.decode_welcome(text)
+            peer = self._peer(w.inst, w.id_segment)
+        except ShmGrpcError as err:
+            self._not_colocated(err)
+            return None
+        expected = session.proof(self.identity.secret, session.LABEL_WELCOME, w.inst)
+        proved = w.proof is not None and w.proof == expected
+        return Route(
+            peer=peer,
+            send_shm=proved and "s" in w.accepts and "shm" in self._order,
+            send_cma="c" in w.accepts and w.cma_key is not None and "cma" in self._order,
+            peer_key=w.cma_key,
+        )
+
+    def _not_colocated(self, err: Exception) -> None:
+        self.stats.add("fallback", "peer_not_colocated")
+        if "not_colocated" not in self.stats.notes:
+            self.stats.note("not_colocated", str(err))
+            log.info("shmgrpc: peer is not co-located (%s); plain gRPC", err)
+
+    # -- server handshake
+
+    def server_route(self, invocation_metadata) -> Optional[Route]:
+        """Check the client's hello; None means step aside (plain gRPC)."""
+        text = None
+        for key, value in invocation_metadata or ():
+            if key == wire.HELLO_KEY:
+                text = value
+                break
+        if text is None or not self.ready():
+            return None
+        assert self.identity is not None
+        try:
+            h = wire.decode_hello(text)
+            peer = self._peer(h.inst, h.id_segment)
+        except ShmGrpcError as err:
+            self._not_colocated(err)
+            return None
+        me = self.identity.inst
+        current = h.server_inst == me
+        proved = current and h.proof == session.proof(self.identity.secret, session.LABEL_HELLO, h.inst)
+        accepts = self._accepts(peer)
+        welcome = wire.encode_welcome(
+            wire.Welcome(
+                inst=me,
+                id_segment=self.identity.name,
+                accepts=accepts,
+                proof=session.proof(peer.secret, session.LABEL_WELCOME, me),
+                cma_key=self.identity.cma_key_for(peer.inst) if "c" in accepts else None,
+            )
+        )
+        return Route(
+            peer=peer,
+            send_shm=proved and "s" in h.accepts and "shm" in self._order,
+            send_cma=current and "c" in h.accepts and h.cma_key is not None and "cma" in self._order,
+            peer_key=h.cma_key,
+            welcome=(wire.WELCOME_KEY, welcome),
+        )
+
+    # -- the two operations
+
+    def offload(self, data: bytes, route: Optional[Route]) -> Tuple[Optional[bytes], Optional[pool.Slot]]:
+        """Put serialized `data` where `route`'s peer can read it.
+
+        Returns (handle bytes, slot or None), or (None, None): send inline."""
+        n = len(data)
+        if route is None or n < self.config.threshold or self._state != "ready":
+            self.stats.add("inline", "all", 1, n)
+            return None, None
+        reason = "peer_cannot_read"
+        if n > self.config.max_message:
+            reason = "too_large"
+        else:
+            for transport in self._order:
+                if transport == "shm" and route.send_shm:
+                    handle, slot, reason = self._offload_shm(data, route)
+                    if handle is not None:
+                        return handle, slot
+                elif transport == "cma" and route.send_cma and route.peer_key:
+                    peer = route.peer
+                    handle, reason = self._get_pins().pin(
+                        data, route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid()
+                    )
+                    if handle is not None:
+                        self.stats.add("offloaded", "cma", 1, n)
+                        return handle, None
+        self.stats.add("fallback", reason)
+        self.stats.add("inline", "all", 1, n)
+        return None, None
+
+    def _offload_shm(self, data: bytes, route: Route):
+        pool_ = self._get_pool()
+        peer = route.peer
+        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start))
+        if slot is None:
+            return None, None, reason
+        off = slot.offset
+        slot.segment.mm[off : off + len(data)] = data
+        pool_.publish(slot)
+        self.stats.add("offloaded", "shm", 1, len(data))
+        return wire.encode_shm(slot.handle()), slot, ""
+
+    def release(self, slot: Optional[pool.Slot]) -> None:
+        """The call that carried `slot` is over: nobody will read it any more."""
+        if slot is not None and self._pool is not None:
+            self._pool.release(slot)
+
+    def restore(self, raw, peer: session.Peer, deserializer: Callable) -> Any:
+        """Rebuild the message a handle stands for. Raises a ShmGrpcError whose
+        status_code says what went wrong."""
+        if self._state != "ready":
+            raise HandleError("received a shmgrpc handle, but offload is not enabled here")
+        h = wire.decode(raw)
+        try:
+            if isinstance(h, wire.ShmHandle):
+                message = self._restore_shm(h, peer, deserializer)
+            else:
+                message = self._restore_cma(h, peer, deserializer)
+        except ShmGrpcError as err:
+            self.stats.add("error", type(err).__name__)
+            raise
+        return message
+
+    def _restore_shm(self, h: wire.ShmHandle, peer: session.Peer, deserializer: Callable) -> Any:
+        if "shm" not in self._order:
+            raise HandleError("received an shm handle, but SHMGRPC_TRANSPORT does not allow shm")
+        assert self.attacher is not None
+        view, seg = self.attacher.open(h, peer.inst)
+        failure = None
+        try:
+            message = deserializer(view if _protobuf_parser(deserializer) else bytes(view))
+        except Exception as err:  # the parser's own error; reported after the check below
+            failure = err
+        finally:
+            view.release()
+            # Raises DataLossError if the slot changed while we parsed: that
+            # explains a parse failure better than the parser could.
+            self.attacher.finish(h, seg)
+        if failure is not None:
+            raise DeserializeError(f"offloaded message does not parse: {failure}") from failure
+        self.stats.add("restored", "shm", 1, h.length)
+        return message
+
+    def _restore_cma(self, h: wire.CmaHandle, peer: session.Peer, deserializer: Callable) -> Any:
+        if "cma" not in self._order:
+            raise HandleError("received a cma handle, but cma is not enabled or not permitted here")
+        assert self.identity is not None
+        payload = pins.read(
+            h, peer.pid, self.identity.inst, self.identity.cma_key_for(peer.inst), self.config.max_message
+        )
+        try:
+            message = deserializer(payload if _protobuf_parser(deserializer) else bytes(payload))
+        except Exception as err:
+            raise DeserializeError(f"offloaded message does not parse: {err}") from err
+        self.stats.add("restored", "cma", 1, h.length)
+        return message
+
+
+def _close_all() -> None:
+    for engine in list(_ENGINES):
+        try:
+            engine.close()
+        except Exception:  # interpreter exit: nothing useful to do but go on
+            pass
+
+
+def _after_fork_in_child() -> None:
+    for engine in list(_ENGINES):
+        engine._after_fork_in_child()
+
+
+atexit.register(_close_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

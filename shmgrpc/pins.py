@@ -1,0 +1,213 @@
+"""The cma transport: the sender pins its serialized bytes; the receiver pulls.
+
+The sender keeps the `bytes` object that serialization produced (no copy) and
+describes it in an *entry* of its pin table, a plain ctypes array in its own
+memory. The handle carries pid, entry address and the payload's iovec. The
+receiver reads the entry first (one small process_vm_readv) and uses no byte
+of the payload unless the entry shows, with values the sender cannot choose
+freely, that this region was offered to *it* for *this* message:
+
+- `key`: the key this receiver issued to this peer at handshake (an HMAC of a
+  secret that is in no file), so another process's memory cannot pass;
+- `token`, `generation`: match the handle, so a stale or replayed handle fails;
+- `addr`, `length`: the handle's iovec must be exactly the offered region.
+
+After the copy the receiver reads the generation again (a sender that revoked
+the pin bumps it *before* letting go of the bytes), then writes ACKED into the
+entry with process_vm_writev; the sender frees acknowledged entries lazily.
+
+Entry layout (96 bytes), little-endian:
+
+    offset size field
+    0      8    magic       b"SHMGCMA1"
+    8      8    generation
+    16     4    state       0 free, 2 ready, 3 acked (same codes as shm slots)
+    20     4    reserved
+    24     8    length
+    32     16   token
+    48     16   key         issued by the receiver for this sender
+    64     8    addr        first byte of the offered payload
+    72     24   reserved
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hmac
+import secrets
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import cma, pool, wire
+from .errors import DataLossError, HandleError, HandleTooLarge, StaleSessionError
+
+ENTRY = struct.Struct("<8sQI4xQ16s16sQ24x")
+ENTRY_MAGIC = b"SHMGCMA1"
+_GEN_AT = 8
+_STATE_AT = 16
+DEFAULT_ENTRIES = 4096  # concurrent unacknowledged cma messages; past it, the next rung
+
+
+@dataclass
+class _Pin:
+    payload: bytes  # holding the reference is what keeps the memory valid
+    reader: Tuple[int, int]
+    deadline: float
+
+
+class Pins:
+    """Sender side: the pin table and the pinned payloads."""
+
+    def __init__(
+        self,
+        max_pinned: int,
+        lease_seconds: float,
+        entries: int = DEFAULT_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.max_pinned = max_pinned
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+        self._table = ctypes.create_string_buffer(ENTRY.size * entries)
+        self._base = ctypes.addressof(self._table)
+        self._lock = threading.Lock()  # protects everything below
+        self._free: List[int] = list(range(entries - 1, -1, -1))
+        self._generations = [0] * entries
+        self._busy: Dict[int, _Pin] = {}
+        self._pinned = 0
+
+    def pin(
+        self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int
+    ) -> Tuple[Optional[bytes], str]:
+        """Pin `payload` for one read; returns (encoded handle, "") or (None, reason)."""
+        length = len(payload)
+        with self._lock:
+            if self._pinned + length > self.max_pinned or not self._free:
+                self._reclaim_locked()
+            if self._pinned + length > self.max_pinned:
+                return None, "cma_pinned_full"
+            if not self._free:
+                return None, "cma_entries_full"
+            index = self._free.pop()
+            self._generations[index] += 1
+            generation = self._generations[index]
+            token = secrets.token_bytes(16)
+            addr = cma.address_of(payload)
+            ENTRY.pack_into(
+                self._table,
+                index * ENTRY.size,
+                ENTRY_MAGIC,
+                generation,
+                pool.READY,
+                length,
+                token,
+                key,
+                addr,
+            )
+            self._busy[index] = _Pin(payload, reader, self._clock() + self.lease_seconds)
+            self._pinned += length
+        handle = wire.CmaHandle(
+            length=length,
+            token=token,
+            generation=generation,
+            pid=pid,
+            entry=index,
+            entry_addr=self._base + index * ENTRY.size,
+            receiver=receiver,
+            iovecs=((addr, length),),
+        )
+        return wire.encode_cma(handle), ""
+
+    def reclaim(self) -> int:
+        with self._lock:
+            return self._reclaim_locked()
+
+    @property
+    def pinned_bytes(self) -> int:
+        with self._lock:
+            self._reclaim_locked()
+            return self._pinned
+
+    def close(self) -> None:
+        with self._lock:
+            for index in list(self._busy):
+                self._unpin_locked(index)
+
+    def _reclaim_locked(self) -> int:
+        now = self._clock()
+        freed = 0
+        for index, pin in list(self._busy.items()):
+            (state,) = struct.unpack_from("<I", self._table, index * ENTRY.size + _STATE_AT)
+            if state == pool.ACKED or now >= pin.deadline or not pool.alive(*pin.reader):
+                self._unpin_locked(index)
+                freed += 1
+        return freed
+
+    def _unpin_locked(self, index: int) -> None:
+        pin = self._busy.pop(index)
+        # Bump the generation *before* dropping the bytes: a reader still copying
+        # them re-reads the generation afterwards and discards what it got.
+        self._generations[index] += 1
+        base = index * ENTRY.size
+        struct.pack_into("<QI", self._table, base + _GEN_AT, self._generations[index], pool.FREE)
+        self._pinned -= len(pin.payload)
+        self._free.append(index)
+
+
+def read(
+    h: wire.CmaHandle,
+    peer_pid: int,
+    my_inst: bytes,
+    my_key: bytes,
+    max_message: int,
+) -> bytearray:
+    """Receiver side: check the handle against the sender's entry, pull the
+    payload, re-check, acknowledge. Returns the payload."""
+    if h.length > max_message:
+        raise HandleTooLarge(
+            f"handle offers {h.length} bytes; this receiver accepts at most {max_message} "
+            "(SHMGRPC_MAX_MESSAGE)"
+        )
+    if h.pid != peer_pid:
+        raise HandleError(
+            f"cma handle names pid {h.pid}, but this call's peer is pid {peer_pid}: refused"
+        )
+    if not hmac.compare_digest(h.receiver, my_inst):
+        raise StaleSessionError(
+            "cma handle was addressed to another receiver (the channel reconnected to "
+            "another server process)"
+        )
+    raw = bytearray(ENTRY.size)
+    cma.read_into(h.pid, [(h.entry_addr, ENTRY.size)], raw)
+    magic, generation, state, length, token, key, addr = ENTRY.unpack(raw)
+    if magic != ENTRY_MAGIC:
+        raise HandleError(f"cma handle entry at {h.entry_addr:#x} is not a shmgrpc pin entry")
+    if not hmac.compare_digest(key, my_key):
+        raise HandleError("cma entry does not carry the key issued to this peer: not offered to us")
+    if generation != h.generation:
+        raise DataLossError(
+            f"cma entry {h.entry} was reused (generation {generation}, handle has "
+            f"{h.generation}): the lease expired before it was read"
+        )
+    if not hmac.compare_digest(token, h.token):
+        raise HandleError("cma entry was not offered for this message (token mismatch)")
+    if state != pool.READY:
+        raise HandleError(f"cma entry {h.entry} is not ready (state {state}); handles are single-use")
+    if length != h.length or h.iovecs != ((addr, length),):
+        raise HandleError(
+            f"cma handle range {[(hex(a), n) for a, n in h.iovecs]} is not the region "
+            f"offered ({addr:#x}, {length})"
+        )
+    payload = bytearray(h.length)
+    cma.read_into(h.pid, h.iovecs, payload)
+    after = bytearray(8)
+    cma.read_into(h.pid, [(h.entry_addr + _GEN_AT, 8)], after)
+    if struct.unpack("<Q", after)[0] != h.generation:
+        raise DataLossError(
+            f"cma entry {h.entry} was revoked while it was read; the bytes are discarded"
+        )
+    cma.write_from(h.pid, [(h.entry_addr + _STATE_AT, 4)], struct.pack("<I", pool.ACKED))
+    return payload

@@ -1,0 +1,570 @@
+"""The POSIX shared-memory pool: segments, size classes, slots, generations.
+
+The sender owns its pool. A segment is a file under the shm directory, created
+with O_EXCL and mode 0600, named shmgrpc-<pid>-<start ticks>-<random>-<n>, and
+space is reserved with posix_fallocate when it is made: a full tmpfs (Docker's
+64 MiB /dev/shm) then fails at creation with ENOSPC and the message goes inline,
+instead of killing the process with SIGBUS on first touch.
+
+The receiver only attaches (Attacher): it maps a peer's segment, checks the slot
+against the handle, reads, re-checks, and writes ACKED into the slot header. It
+never unlinks what it did not create (CPython's resource tracker does, gh-82300;
+we do not use it).
+
+Segment layout, little-endian:
+
+    offset size field
+    0      8    magic        b"SHMGSEG1"
+    8      4    header_size  bytes before the first slot (page aligned)
+    12     4    slot_count
+    16     8    slot_size
+    24     4    owner_pid
+    28     4    retired      1 once the owner is about to unlink it
+    32     16   owner_inst   the owner's instance id (binds slots to a session)
+    48     16   reserved
+    64     64*n slot headers, then the slots at header_size + i * slot_size
+
+Slot header:
+
+    0      8    generation   bumped each time the slot is handed out
+    8      4    state        0 free, 1 writing, 2 ready, 3 acked
+    12     4    reserved
+    16     8    length       payload bytes in this use
+    24     16   token        random per use; the handle must carry the same
+    40     24   reserved
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import stat
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import wire
+from .errors import DataLossError, HandleError, HandleTooLarge
+
+log = logging.getLogger("shmgrpc")
+
+PAGE = mmap.PAGESIZE
+MIN_CLASS = 4096  # one page: smaller slots would share pages between messages
+CLASSES_PER_DOUBLING = 4  # slot sizes 1, 1.25, 1.5, 1.75 x 2**k: at most 25% slack
+
+_SEG = struct.Struct("<8sIIQII16s16x")
+_SLOT = struct.Struct("<QI4xQ16s24x")
+SEG_MAGIC = b"SHMGSEG1"
+SLOT_HEADER = _SLOT.size  # 64: one cache line per slot header
+_STATE_AT = 8  # offset of `state` inside a slot header
+FREE, WRITING, READY, ACKED = 0, 1, 2, 3
+
+
+def round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def size_class(length: int) -> int:
+    """The slot size a payload of `length` bytes goes into."""
+    if length <= MIN_CLASS:
+        return MIN_CLASS
+    step = max(PAGE, 1 << (length.bit_length() - 1 - 2))  # a quarter of the power of two below
+    return round_up(length, step)
+
+
+# --- processes ----------------------------------------------------------------
+
+
+def process_start(pid: int) -> Optional[int]:
+    """Start time of `pid` in clock ticks since boot, or None if it is gone.
+
+    pid + start time names a process uniquely: a recycled pid has another start.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ")".
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])  # field 22 overall
+    except (IndexError, ValueError):
+        return None
+
+
+def alive(pid: int, start: int) -> bool:
+    return process_start(pid) == start
+
+
+SELF_START = process_start(os.getpid()) or 0
+
+
+def new_base_name() -> str:
+    """shmgrpc-<pid>-<start>-<64 random bits>: unguessable, and says who owns it."""
+    pid = os.getpid()
+    start = process_start(pid) or 0
+    return f"{wire.NAME_PREFIX}{pid}-{start}-{secrets.token_hex(8)}"
+
+
+# --- files --------------------------------------------------------------------
+
+
+class NoSpace(Exception):
+    """The shm directory cannot hold another segment (ENOSPC, EMFILE, ...)."""
+
+
+def create_mapping(shm_dir: str, name: str, size: int) -> mmap.mmap:
+    """Create name (O_EXCL, 0600), reserve `size` bytes, map it shared."""
+    path = os.path.join(shm_dir, name)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as err:
+        raise NoSpace(f"cannot create {path}: {err.strerror}") from err
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask did, never more than the owner
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            raise NoSpace(f"cannot reserve {size} bytes in {shm_dir}: {err.strerror}") from err
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        _unlink(path)  # a constructor that fails half-way undoes what it made
+        raise
+    finally:
+        os.close(fd)
+
+
+def open_peer_file(shm_dir: str, name: str, writable: bool) -> Tuple[int, os.stat_result]:
+    """Open a peer's segment and check it is ours to trust: a regular file of
+    our own uid that nobody else can open. Returns (fd, stat)."""
+    if not wire.NAME_RE.match(name):
+        raise HandleError(f"{name!r} is not a shmgrpc segment name")
+    path = os.path.join(shm_dir, name)
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise DataLossError(f"segment {name} does not exist (its owner exited or freed it)") from None
+    except OSError as err:
+        raise HandleError(f"cannot open segment {name}: {err.strerror}") from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_uid != os.geteuid():
+        problem = f"belongs to uid {st.st_uid}, not to us (uid {os.geteuid()})"
+    elif st.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(st.st_mode):04o}; shmgrpc segments are 0600"
+    if problem:
+        os.close(fd)
+        raise HandleError(f"segment {name} {problem}; refusing it")
+    return fd, st
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def reap(shm_dir: str) -> List[str]:
+    """Remove segments whose owner process is gone (killed, crashed). Only files
+    of our own uid, only names of our prefix. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    uid = os.geteuid()
+    for name in names:
+        match = wire.NAME_RE.match(name)
+        if not match:
+            continue
+        pid, start = int(match.group(1)), int(match.group(2))
+        if alive(pid, start):
+            continue
+        path = os.path.join(shm_dir, name)
+        try:
+            if os.lstat(path).st_uid != uid:
+                continue
+            os.unlink(path)
+            removed.append(name)
+        except OSError:
+            continue
+    if removed:
+        log.info("shmgrpc: removed %d segment(s) left by exited processes", len(removed))
+    return removed
+
+
+# --- the sender's pool --------------------------------------------------------
+
+
+class Segment:
+    """One mapped segment of the owner's pool, cut into equal slots."""
+
+    def __init__(self, shm_dir: str, name: str, slot_size: int, count: int, owner_inst: bytes):
+        self.name = name
+        self.path = os.path.join(shm_dir, name)
+        self.slot_size = slot_size
+        self.count = count
+        self.header_size = round_up(64 + SLOT_HEADER * count, PAGE)
+        self.size = self.header_size + slot_size * count
+        self.mm = create_mapping(shm_dir, name, self.size)
+        _SEG.pack_into(
+            self.mm, 0, SEG_MAGIC, self.header_size, count, slot_size, os.getpid(), 0, owner_inst
+        )
+        self.generations = [0] * count  # the owner's own copy: never trust shared memory for it
+
+    def data_offset(self, index: int) -> int:
+        return self.header_size + index * self.slot_size
+
+    def destroy(self) -> None:
+        """Owner only: mark retired (attached readers drop their mapping), unlink, unmap."""
+        try:
+            struct.pack_into("<I", self.mm, 28, 1)
+        except ValueError:
+            pass  # already closed
+        _unlink(self.path)
+        try:
+            self.mm.close()
+        except (BufferError, ValueError):
+            pass  # a view is still alive somewhere; the mapping dies with it
+
+
+@dataclass
+class Slot:
+    segment: Segment
+    index: int
+    generation: int = 0
+    token: bytes = b""
+    length: int = 0
+    reader: Tuple[int, int] = (0, 0)  # (pid, start) of the process that will read it
+    deadline: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return self.segment.slot_size
+
+    @property
+    def offset(self) -> int:
+        return self.segment.data_offset(self.index)
+
+    def handle(self) -> wire.ShmHandle:
+        return wire.ShmHandle(
+            self.length, self.token, self.generation, self.offset, self.index, self.segment.name
+        )
+
+
+@dataclass
+class PoolStats:
+    capacity: int = 0
+    bytes_mapped: int = 0
+    bytes_in_use: int = 0
+    segments: int = 0
+    slots_in_use: int = 0
+
+
+class Pool:
+    """Size classes of slots, grown on demand up to `capacity` bytes.
+
+    A slot is handed out again only after its reader acknowledged it, its
+    reader is gone, its call ended, or its lease expired; every hand-out bumps
+    its generation, so a late reader sees the change and fails with DATA_LOSS.
+    `alloc` never blocks: when nothing can be freed it returns None and the
+    caller sends the message inline.
+    """
+
+    def __init__(
+        self,
+        shm_dir: str,
+        capacity: int,
+        segment_size: int,
+        lease_seconds: float,
+        owner_inst: bytes,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.shm_dir = shm_dir
+        self.capacity = capacity
+        self.segment_size = segment_size
+        self.lease_seconds = lease_seconds
+        self.owner_inst = owner_inst
+        self._clock = clock
+        self._base = new_base_name()
+        self._counter = 0
+        self._lock = threading.Lock()  # protects everything below
+        self._segments: Dict[str, Segment] = {}
+        self._free: Dict[int, List[Slot]] = {}  # slot size -> free slots (LIFO: warm pages first)
+        self._busy: Dict[Tuple[str, int], Slot] = {}
+        self._mapped = 0
+        self._closed = False
+
+    # sender side
+
+    def alloc(self, length: int, reader: Tuple[int, int]) -> Tuple[Optional[Slot], str]:
+        """A slot for `length` bytes, or (None, reason)."""
+        cls = size_class(length)
+        with self._lock:
+            if self._closed:
+                return None, "pool_closed"
+            slot = self._take(cls)
+            if slot is None:
+                self._reclaim_locked()
+                slot = self._take(cls)
+            if slot is None:
+                slot, reason = self._grow(cls)
+                if slot is None:
+                    return None, reason
+            segment = slot.segment
+            segment.generations[slot.index] += 1
+            slot.generation = segment.generations[slot.index]
+            slot.token = secrets.token_bytes(16)
+            slot.length = length
+            slot.reader = reader
+            slot.deadline = self._clock() + self.lease_seconds
+            # Generation first, then the bytes: a reader that checks the generation
+            # after its copy sees any reuse that overlapped it.
+            base = SLOT_HEADER * slot.index + 64
+            _SLOT.pack_into(segment.mm, base, slot.generation, WRITING, length, slot.token)
+            self._busy[(segment.name, slot.index)] = slot
+            return slot, ""
+
+    @staticmethod
+    def publish(slot: Slot) -> None:
+        """The payload is written: readers may take it."""
+        base = SLOT_HEADER * slot.index + 64
+        struct.pack_into("<I", slot.segment.mm, base + _STATE_AT, READY)
+
+    def release(self, slot: Slot) -> None:
+        """The sender knows nobody will read this slot any more (its call ended)."""
+        with self._lock:
+            self._free_locked(slot)
+
+    def reclaim(self) -> int:
+        with self._lock:
+            return self._reclaim_locked()
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            self._reclaim_locked()
+            return PoolStats(
+                capacity=self.capacity,
+                bytes_mapped=self._mapped,
+                bytes_in_use=sum(s.size for s in self._busy.values()),
+                segments=len(self._segments),
+                slots_in_use=len(self._busy),
+            )
+
+    def close(self) -> None:
+        """Unlink and unmap everything this pool created. Safe to call twice."""
+        with self._lock:
+            self._closed = True
+            segments, self._segments = list(self._segments.values()), {}
+            self._free.clear()
+            self._busy.clear()
+            self._mapped = 0
+        for segment in segments:
+            segment.destroy()
+
+    def abandon(self) -> None:
+        """After fork, in the child: forget the parent's segments without touching them."""
+        with self._lock:
+            self._closed = True
+            self._segments, self._free, self._busy, self._mapped = {}, {}, {}, 0
+
+    # internals, lock held
+
+    def _take(self, cls: int) -> Optional[Slot]:
+        free = self._free.get(cls)
+        return free.pop() if free else None
+
+    def _free_locked(self, slot: Slot) -> None:
+        if self._busy.pop((slot.segment.name, slot.index), None) is None:
+            return
+        base = SLOT_HEADER * slot.index + 64
+        struct.pack_into("<I", slot.segment.mm, base + _STATE_AT, FREE)
+        self._free.setdefault(slot.segment.slot_size, []).append(slot)
+
+    def _reclaim_locked(self) -> int:
+        now = self._clock()
+        freed = 0
+        for slot in list(self._busy.values()):
+            base = SLOT_HEADER * slot.index + 64
+            (state,) = struct.unpack_from("<I", slot.segment.mm, base + _STATE_AT)
+            if state == ACKED or now >= slot.deadline or not alive(*slot.reader):
+                self._free_locked(slot)
+                freed += 1
+        return freed
+
+    def _grow(self, cls: int) -> Tuple[Optional[Slot], str]:
+        count = max(1, self.segment_size // cls) if cls * 2 <= self.segment_size else 1
+        header = round_up(64 + SLOT_HEADER * count, PAGE)
+        size = header + cls * count
+        if size > self.capacity:
+            return None, "pool_too_small"
+        if self._mapped + size > self.capacity and not self._evict_free(size):
+            return None, "pool_full"
+        self._counter += 1
+        name = f"{self._base}-{self._counter}"
+        try:
+            segment = Segment(self.shm_dir, name, cls, count, self.owner_inst)
+        except NoSpace as err:
+            log.warning("shmgrpc: %s; sending inline", err)
+            return None, "shm_no_space"
+        self._segments[name] = segment
+        self._mapped += segment.size
+        slots = [Slot(segment, i) for i in range(count)]
+        self._free.setdefault(cls, []).extend(reversed(slots[1:]))
+        return slots[0], ""
+
+    def _evict_free(self, needed: int) -> bool:
+        """Destroy whole segments whose slots are all free until `needed` fits."""
+        busy_names = {name for name, _ in self._busy}
+        for name, segment in list(self._segments.items()):
+            if self._mapped + needed <= self.capacity:
+                break
+            if name in busy_names:
+                continue
+            free = self._free.get(segment.slot_size, [])
+            self._free[segment.slot_size] = [s for s in free if s.segment is not segment]
+            del self._segments[name]
+            self._mapped -= segment.size
+            segment.destroy()
+        return self._mapped + needed <= self.capacity
+
+
+# --- the receiver's side ------------------------------------------------------
+
+
+@dataclass
+class _Attached:
+    name: str
+    mm: mmap.mmap
+    owner_inst: bytes
+    header_size: int
+    count: int
+    slot_size: int
+    views: int = 0  # payload views handed out and not finished yet
+
+
+class Attacher:
+    """Maps peers' segments (cached), checks handles against slot headers,
+    and acknowledges slots once their bytes are consumed."""
+
+    MAX_CACHED = 64  # mappings kept for reuse; older ones are unmapped
+
+    def __init__(self, shm_dir: str, max_message: int):
+        self.shm_dir = shm_dir
+        self.max_message = max_message
+        self._lock = threading.Lock()  # protects _cache
+        self._cache: "OrderedDict[str, _Attached]" = OrderedDict()
+
+    def open(self, h: wire.ShmHandle, owner_inst: bytes) -> Tuple[memoryview, _Attached]:
+        """A read-only view of the payload `h` names, after checking it.
+
+        The caller must call finish() when done with the view."""
+        if h.length > self.max_message:
+            raise HandleTooLarge(
+                f"handle offers {h.length} bytes; this receiver accepts at most "
+                f"{self.max_message} (SHMGRPC_MAX_MESSAGE)"
+            )
+        seg = self._attach(h.name)
+        if seg.owner_inst != owner_inst:
+            raise HandleError(
+                f"segment {h.name} belongs to another shmgrpc instance, not to this call's peer"
+            )
+        if h.slot >= seg.count:
+            raise HandleError(f"slot {h.slot} is outside segment {h.name} ({seg.count} slots)")
+        if h.offset != seg.header_size + h.slot * seg.slot_size or h.length > seg.slot_size:
+            raise HandleError(
+                f"handle range offset {h.offset} length {h.length} is outside slot {h.slot} "
+                f"of {h.name}"
+            )
+        generation, state, length, token = _SLOT.unpack_from(seg.mm, 64 + SLOT_HEADER * h.slot)
+        if generation != h.generation:
+            raise DataLossError(
+                f"slot {h.slot} of {h.name} was reused (generation {generation}, handle has "
+                f"{h.generation}): the lease expired before it was read"
+            )
+        if not secrets.compare_digest(token, h.token):
+            raise HandleError(f"slot {h.slot} of {h.name} was not offered for this message (token mismatch)")
+        if state != READY or length != h.length:
+            raise HandleError(
+                f"slot {h.slot} of {h.name} is not ready for reading (state {state}); "
+                "handles are single-use"
+            )
+        with self._lock:
+            seg.views += 1
+        return memoryview(seg.mm)[h.offset : h.offset + h.length].toreadonly(), seg
+
+    def finish(self, h: wire.ShmHandle, seg: _Attached, consumed: bool = True) -> None:
+        """Check nothing changed while we read, then acknowledge the slot.
+
+        Raises DataLossError if the slot was reused under us."""
+        base = 64 + SLOT_HEADER * h.slot
+        try:
+            generation, _, _, token = _SLOT.unpack_from(seg.mm, base)
+            if generation != h.generation or token != h.token:
+                raise DataLossError(
+                    f"slot {h.slot} of {h.name} changed while it was read "
+                    f"(generation {h.generation} -> {generation}); the bytes are discarded"
+                )
+            if consumed:
+                struct.pack_into("<I", seg.mm, base + _STATE_AT, ACKED)
+        finally:
+            with self._lock:
+                seg.views -= 1
+
+    def _attach(self, name: str) -> _Attached:
+        with self._lock:
+            seg = self._cache.get(name)
+            if seg is not None:
+                self._cache.move_to_end(name)
+                return seg
+        fd, st = open_peer_file(self.shm_dir, name, writable=True)
+        try:
+            if st.st_size < 64 + SLOT_HEADER:
+                raise HandleError(f"segment {name} is too small ({st.st_size} bytes)")
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        magic, header_size, count, slot_size, _pid, _retired, owner = _SEG.unpack_from(mm, 0)
+        if magic != SEG_MAGIC or header_size < 64 + SLOT_HEADER * count or (
+            header_size + count * slot_size != st.st_size
+        ):
+            mm.close()
+            raise HandleError(f"segment {name} has a corrupt or foreign header")
+        seg = _Attached(name, mm, owner, header_size, count, slot_size)
+        with self._lock:
+            existing = self._cache.get(name)
+            if existing is not None:  # another thread attached it meanwhile
+                mm.close()
+                return existing
+            self._cache[name] = seg
+            self._trim_locked()
+        return seg
+
+    def _trim_locked(self) -> None:
+        """Unmap segments their owner retired, and the oldest past MAX_CACHED."""
+        for name, seg in list(self._cache.items()):
+            retired = struct.unpack_from("<I", seg.mm, 28)[0]
+            over = len(self._cache) > self.MAX_CACHED
+            if (retired or over) and seg.views == 0:
+                del self._cache[name]
+                seg.mm.close()
+
+    def close(self) -> None:
+        with self._lock:
+            cached, self._cache = list(self._cache.values()), OrderedDict()
+        for seg in cached:
+            try:
+                seg.mm.close()
+            except (BufferError, ValueError):
+                pass

@@ -1,0 +1,123 @@
+"""Identity and the co-location proof.
+
+Every engine (one per interceptor) owns an *id segment*: a 4 KiB shm file,
+0600, that holds its instance id and a 32-byte secret. A peer proves it is on
+this host, in this shm namespace and of this uid by opening that file: it
+answers with HMAC(secret, label + its own instance id), which it cannot compute
+otherwise. The secret itself never crosses the socket.
+
+Id segment layout, little-endian:
+
+    offset size field
+    0      8    magic       b"SHMGID01"
+    8      4    pid
+    12     4    reserved
+    16     8    start       process start time, clock ticks since boot
+    24     16   inst        instance id (random)
+    40     32   secret      random; proves whoever quotes an HMAC of it read this file
+    72     8    probe_addr  address, in the owner, of 16 bytes equal to inst: a peer
+                            reads them with process_vm_readv to test cma permission
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import hmac
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from . import pool
+from .errors import HandleError
+
+ID_SIZE = 4096
+ID_MAGIC = b"SHMGID01"
+_ID = struct.Struct("<8sI4xQ16s32sQ")
+
+LABEL_HELLO = b"shmgrpc hello v1"  # client proves it read the server's id segment
+LABEL_WELCOME = b"shmgrpc welcome v1"  # server proves it read the client's
+LABEL_CMA_KEY = b"shmgrpc cma key v1"
+
+
+def proof(secret: bytes, label: bytes, inst: bytes) -> bytes:
+    return hmac.new(secret, label + inst, hashlib.sha256).digest()[:16]
+
+
+class Identity:
+    """This engine's id segment and the secrets that never leave the process."""
+
+    def __init__(self, shm_dir: str):
+        self.shm_dir = shm_dir
+        self.inst = secrets.token_bytes(16)
+        self.secret = secrets.token_bytes(32)
+        # Derives the keys peers must write beside cma payloads addressed to us.
+        # Unlike `secret`, it is in no file: a process that can read our segments
+        # still cannot forge what we issued to a peer over its connection.
+        self._master = secrets.token_bytes(32)
+        self._probe = ctypes.create_string_buffer(self.inst, len(self.inst))
+        self.name = pool.new_base_name() + "-id"
+        self._mm = pool.create_mapping(shm_dir, self.name, ID_SIZE)
+        _ID.pack_into(
+            self._mm,
+            0,
+            ID_MAGIC,
+            os.getpid(),
+            pool.SELF_START,
+            self.inst,
+            self.secret,
+            ctypes.addressof(self._probe),
+        )
+
+    def cma_key_for(self, peer_inst: bytes) -> bytes:
+        return hmac.new(self._master, LABEL_CMA_KEY + peer_inst, hashlib.sha256).digest()[:16]
+
+    def close(self) -> None:
+        """Owner: unlink and unmap. Safe to call twice."""
+        pool._unlink(os.path.join(self.shm_dir, self.name))
+        try:
+            self._mm.close()
+        except (BufferError, ValueError):
+            pass
+
+    def abandon(self) -> None:
+        """After fork, in the child: the parent still owns the file."""
+        self._mm = None  # type: ignore[assignment]
+
+
+@dataclass
+class Peer:
+    """A remote engine whose id segment we opened and checked."""
+
+    inst: bytes
+    pid: int
+    start: int
+    secret: bytes
+    id_segment: str
+    probe_addr: int
+    cma_reason: Optional[str] = None  # why we cannot read its memory, None if we can
+    cma_probed: bool = False
+
+
+def read_peer(shm_dir: str, name: str, inst: bytes) -> Peer:
+    """Open a peer's id segment and check it names `inst` and a live process.
+
+    Raises HandleError (or DataLossError if the file is gone): the caller takes
+    that as "not co-located" and stays with plain gRPC."""
+    fd, _ = pool.open_peer_file(shm_dir, name, writable=False)
+    try:
+        data = os.pread(fd, _ID.size, 0)
+    finally:
+        os.close(fd)
+    if len(data) < _ID.size:
+        raise HandleError(f"id segment {name} is truncated")
+    magic, pid, start, file_inst, secret, probe_addr = _ID.unpack(data)
+    if magic != ID_MAGIC:
+        raise HandleError(f"id segment {name} has a foreign header")
+    if not hmac.compare_digest(file_inst, inst):
+        raise HandleError(f"id segment {name} belongs to another instance than the peer claims")
+    if not pool.alive(pid, start):
+        raise HandleError(f"id segment {name} names pid {pid}, which is not running")
+    return Peer(inst, pid, start, secret, name, probe_addr)

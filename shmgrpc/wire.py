@@ -1,0 +1,322 @@
+"""The bytes that cross the socket in place of a message, and the handshake.
+
+Pure: no grpc, no I/O. One decoder checks magic, kind, bounds and names and
+raises HandleError, never struct.error or IndexError from deep inside.
+
+A handle travels as a protobuf field: field number 536870911 (the largest
+legal number, so no real schema uses it) with wire type 2 (length-delimited).
+A protobuf parser keeps an unknown field, so a message holding only this field
+parses as *any* message type; that is how the client interceptor hands a
+handle to an unmodified stub (see DESIGN.md, "Carrying a handle").
+
+Handle body, little-endian, common part (32 bytes):
+
+    offset size field
+    0      4    magic       b"SGH1"
+    4      1    kind        1 = shm, 2 = cma
+    5      3    reserved    zero
+    8      8    length      payload bytes
+    16     16   token       random per message; the slot / cma entry holds it too
+
+shm part (kind 1):
+
+    32     8    generation  slot generation when it was written
+    40     8    offset      first payload byte inside the segment
+    48     4    slot        slot index inside the segment
+    52     1    n           length of the segment name
+    53     n    name        segment name, ASCII, "shmgrpc-..." (see pool.py)
+
+cma part (kind 2):
+
+    32     8    generation  entry generation when it was pinned
+    40     4    pid         the sender's pid
+    44     4    entry       index of the sender's pin entry
+    48     8    entry_addr  address of that 64-byte entry in the sender
+    56     16   receiver    instance id of the receiver the bytes were offered to
+    72     2    k           number of iovecs, 1..MAX_IOVECS
+    74     16k  iovecs      (address u64, length u64) each, in the sender
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from .errors import HandleError
+
+FIELD_NUMBER = 536870911  # 2**29 - 1: the largest field number protobuf allows
+MAGIC = b"SGH1"
+KIND_SHM = 1
+KIND_CMA = 2
+MAX_IOVECS = 16  # the sender offers one buffer today; room for scatter lists
+MAX_NAME = 100  # segment names are ~50 characters; anything longer is forged
+
+_COMMON = struct.Struct("<4sB3xQ16s")
+_SHM = struct.Struct("<QQIB")
+_CMA = struct.Struct("<QIIQ16sH")
+_IOV = struct.Struct("<QQ")
+
+# Segment names: shmgrpc-<pid>-<start ticks>-<16 hex random>-<id | counter>.
+NAME_PREFIX = "shmgrpc-"
+NAME_RE = re.compile(r"^shmgrpc-(\d{1,10})-(\d{1,20})-([0-9a-f]{16})-(id|\d{1,10})$")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+TAG = _varint((FIELD_NUMBER << 3) | 2)  # 5 bytes: fa ff ff ff 0f
+MAX_BODY = _CMA.size + _COMMON.size + MAX_IOVECS * _IOV.size + MAX_NAME
+MAX_HANDLE = len(TAG) + 2 + MAX_BODY  # body length fits a 2-byte varint
+
+
+@dataclass(frozen=True)
+class ShmHandle:
+    length: int
+    token: bytes
+    generation: int
+    offset: int
+    slot: int
+    name: str
+
+
+@dataclass(frozen=True)
+class CmaHandle:
+    length: int
+    token: bytes
+    generation: int
+    pid: int
+    entry: int
+    entry_addr: int
+    receiver: bytes
+    iovecs: Tuple[Tuple[int, int], ...]
+
+
+def frame(body: bytes) -> bytes:
+    """The handle field around a body: what a message carrying it serializes to."""
+    return TAG + _varint(len(body)) + body
+
+
+def encode_shm(h: ShmHandle) -> bytes:
+    name = h.name.encode("ascii")
+    body = (
+        _COMMON.pack(MAGIC, KIND_SHM, h.length, h.token)
+        + _SHM.pack(h.generation, h.offset, h.slot, len(name))
+        + name
+    )
+    return frame(body)
+
+
+def encode_cma(h: CmaHandle) -> bytes:
+    body = [
+        _COMMON.pack(MAGIC, KIND_CMA, h.length, h.token),
+        _CMA.pack(h.generation, h.pid, h.entry, h.entry_addr, h.receiver, len(h.iovecs)),
+    ]
+    body.extend(_IOV.pack(addr, size) for addr, size in h.iovecs)
+    return frame(b"".join(body))
+
+
+def looks_like_handle(data) -> bool:
+    """Cheap test on raw message bytes: could this be a handle at all?"""
+    return len(data) <= MAX_HANDLE and data[: len(TAG)] == TAG
+
+
+def decode(data) -> "ShmHandle | CmaHandle":
+    """Parse a handle from the raw bytes of a message; HandleError if malformed."""
+    data = bytes(data)
+    if not data.startswith(TAG):
+        raise HandleError("not a shmgrpc handle: missing the handle field tag")
+    pos = len(TAG)
+    body_len, shift = 0, 0
+    while True:
+        if pos >= len(data) or shift > 14:
+            raise HandleError("malformed handle: bad length prefix")
+        byte = data[pos]
+        pos += 1
+        body_len |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    body = data[pos:]
+    if len(body) != body_len:
+        raise HandleError(
+            f"malformed handle: length prefix says {body_len} bytes, {len(body)} follow"
+        )
+    if len(body) < _COMMON.size:
+        raise HandleError(f"malformed handle: {len(body)} bytes is shorter than its header")
+    magic, kind, length, token = _COMMON.unpack_from(body, 0)
+    if magic != MAGIC:
+        raise HandleError(f"malformed handle: bad magic {magic!r}")
+    if kind == KIND_SHM:
+        return _decode_shm(body, length, token)
+    if kind == KIND_CMA:
+        return _decode_cma(body, length, token)
+    raise HandleError(f"malformed handle: unknown kind {kind}")
+
+
+def _decode_shm(body: bytes, length: int, token: bytes) -> ShmHandle:
+    end = _COMMON.size + _SHM.size
+    if len(body) < end:
+        raise HandleError("malformed shm handle: truncated")
+    generation, offset, slot, name_len = _SHM.unpack_from(body, _COMMON.size)
+    if len(body) != end + name_len:
+        raise HandleError(f"malformed shm handle: name length {name_len} does not match")
+    try:
+        name = body[end:].decode("ascii")
+    except UnicodeDecodeError:
+        raise HandleError("malformed shm handle: segment name is not ASCII") from None
+    if not NAME_RE.match(name):
+        raise HandleError(f"shm handle names {name!r}, which is not a shmgrpc segment")
+    return ShmHandle(length, token, generation, offset, slot, name)
+
+
+def _decode_cma(body: bytes, length: int, token: bytes) -> CmaHandle:
+    end = _COMMON.size + _CMA.size
+    if len(body) < end:
+        raise HandleError("malformed cma handle: truncated")
+    generation, pid, entry, entry_addr, receiver, count = _CMA.unpack_from(body, _COMMON.size)
+    if not 1 <= count <= MAX_IOVECS or len(body) != end + count * _IOV.size:
+        raise HandleError(f"malformed cma handle: {count} iovecs do not match its size")
+    iovecs = tuple(_IOV.unpack_from(body, end + i * _IOV.size) for i in range(count))
+    if sum(size for _, size in iovecs) != length:
+        raise HandleError(
+            f"malformed cma handle: iovecs add up to {sum(s for _, s in iovecs)} bytes, "
+            f"length says {length}"
+        )
+    if pid <= 0:
+        raise HandleError(f"malformed cma handle: pid {pid}")
+    return CmaHandle(length, token, generation, pid, entry, entry_addr, receiver, iovecs)
+
+
+# --- handshake metadata -----------------------------------------------------
+# Values are short ASCII, space separated, "-" for an empty field. Version 1.
+#
+# client -> server, on every call, key HELLO_KEY:
+#     1 <client inst> <client id segment> <accepts> <server inst> <proof> <cma key>
+# server -> client, initial metadata, key WELCOME_KEY:
+#     1 <server inst> <server id segment> <accepts> <proof> <cma key>
+#
+# accepts: "s" the sender of this value reads the other side's shm segments,
+# "c" it can read the other side's memory with process_vm_readv ("-": none).
+# proof: HMAC of the other side's id-segment secret: shows we opened it.
+# cma key: what the other side must write beside cma payloads addressed to us.
+HELLO_KEY = "shmgrpc-hello"
+WELCOME_KEY = "shmgrpc-welcome"
+RETRY_KEY = "shmgrpc-retry"  # trailing metadata: resend this call inline
+# The one extra round trip per channel: a client that has no route yet calls
+# this method first. The server interceptor answers it (any message count in,
+# one empty message out, welcome in the initial metadata); a plain server
+# answers UNIMPLEMENTED and the client stays plain.
+HANDSHAKE_METHOD = "/shmgrpc.v1.Handshake/Hello"
+VERSION = "1"
+
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class Hello:
+    inst: bytes
+    id_segment: str
+    accepts: str
+    server_inst: Optional[bytes]
+    proof: Optional[bytes]
+    cma_key: Optional[bytes]
+
+
+@dataclass(frozen=True)
+class Welcome:
+    inst: bytes
+    id_segment: str
+    accepts: str
+    proof: Optional[bytes]
+    cma_key: Optional[bytes]
+
+
+def _hex_or_dash(value: Optional[bytes]) -> str:
+    return value.hex() if value else "-"
+
+
+def _parse_hex(text: str, what: str) -> Optional[bytes]:
+    if text == "-":
+        return None
+    if not _HEX32.match(text):
+        raise HandleError(f"malformed handshake: {what} is not 32 hex digits")
+    return bytes.fromhex(text)
+
+
+def _parse_id(inst: str, segment: str, accepts: str) -> Tuple[bytes, str, str]:
+    ident = _parse_hex(inst, "instance id")
+    if ident is None:
+        raise HandleError("malformed handshake: no instance id")
+    match = NAME_RE.match(segment)
+    if not match or match.group(4) != "id":
+        raise HandleError(f"malformed handshake: {segment!r} is not a shmgrpc id segment")
+    if accepts != "-" and not set(accepts) <= set("sc"):
+        raise HandleError(f"malformed handshake: accepts {accepts!r}")
+    return ident, segment, accepts.replace("-", "")
+
+
+def encode_hello(h: Hello) -> str:
+    return " ".join(
+        (
+            VERSION,
+            h.inst.hex(),
+            h.id_segment,
+            h.accepts or "-",
+            _hex_or_dash(h.server_inst),
+            _hex_or_dash(h.proof),
+            _hex_or_dash(h.cma_key),
+        )
+    )
+
+
+def decode_hello(text: str) -> Hello:
+    parts = str(text).split(" ")
+    if len(parts) != 7 or parts[0] != VERSION:
+        raise HandleError(f"unsupported handshake {str(text)[:40]!r}: expected version {VERSION}")
+    inst, segment, accepts = _parse_id(parts[1], parts[2], parts[3])
+    return Hello(
+        inst,
+        segment,
+        accepts,
+        _parse_hex(parts[4], "server instance"),
+        _parse_hex(parts[5], "proof"),
+        _parse_hex(parts[6], "cma key"),
+    )
+
+
+def encode_welcome(w: Welcome) -> str:
+    return " ".join(
+        (
+            VERSION,
+            w.inst.hex(),
+            w.id_segment,
+            w.accepts or "-",
+            _hex_or_dash(w.proof),
+            _hex_or_dash(w.cma_key),
+        )
+    )
+
+
+def decode_welcome(text: str) -> Welcome:
+    parts = str(text).split(" ")
+    if len(parts) != 6 or parts[0] != VERSION:
+        raise HandleError(f"unsupported handshake {str(text)[:40]!r}: expected version {VERSION}")
+    inst, segment, accepts = _parse_id(parts[1], parts[2], parts[3])
+    return Welcome(
+        inst,
+        segment,
+        accepts,
+        _parse_hex(parts[4], "proof"),
+        _parse_hex(parts[5], "cma key"),
+    )
