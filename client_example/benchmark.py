@@ -1,0 +1,49 @@
+"""The whole client run: open the modes, time every size, print the tables,
+check the rest of the service, close everything."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence, TextIO
+
+import shmgrpc
+
+from .channels import BASELINE, close_all, open_modes
+from .checks import run_checks
+from .errors import Failure
+from .table import render
+from .workload import calls_per_round, run_size, warm_up
+
+
+def run_benchmark(
+    target: str,
+    tcp_target: Optional[str],
+    sizes: Sequence[int],
+    repeat: int,
+    wanted: Sequence[str],
+    max_message_mib: int,
+    out: TextIO = sys.stdout,
+) -> None:
+    """Raises Failure on any wrong byte or failed call."""
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    threshold = shmgrpc.Config.from_env().threshold
+    modes, notes = open_modes(target, tcp_target, wanted, max_message_mib)
+    try:
+        for note in notes:
+            print(f"note: {note}", file=out)
+        if not modes:
+            raise Failure("no mode left to run")
+        for mode in modes:
+            warm_up(mode, threshold)
+        progress("connected: " + ", ".join(f"{mode.name} ({mode.target})" for mode in modes))
+        for size in sizes:
+            results = run_size(modes, size, repeat, progress)
+            print(render(size, repeat, calls_per_round(size), results, BASELINE), file=out)
+            print(file=out, flush=True)
+        checker = next((mode for mode in modes if mode.offloads), modes[0])
+        print(run_checks(checker), file=out, flush=True)
+    finally:
+        close_all(modes)

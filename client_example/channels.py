@@ -1,0 +1,106 @@
+"""The modes the benchmark compares, one channel each, created once.
+
+    grpc tcp     plain gRPC over loopback TCP
+    grpc unix    plain gRPC over the unix socket: the baseline
+    shmgrpc shm  shmgrpc's client interceptor, transport "shm", unix socket
+    shmgrpc cma  shmgrpc's client interceptor, transport "cma", unix socket
+
+This module is the only place the client touches shmgrpc's interceptor; it
+is all an application needs: build the channel, wrap it, use the stub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional, Sequence, Tuple
+
+import grpc
+
+import shmgrpc
+from protos import blobstore_pb2_grpc
+
+MiB = 1024 * 1024
+MODES = ("tcp", "unix", "shm", "cma")  # --modes names, in table order
+NAMES = {"tcp": "grpc tcp", "unix": "grpc unix", "shm": "shmgrpc shm", "cma": "shmgrpc cma"}
+BASELINE = "grpc unix"
+
+
+@dataclasses.dataclass
+class Mode:
+    name: str
+    target: str
+    channel: grpc.Channel
+    stub: blobstore_pb2_grpc.BlobStoreStub
+    interceptor: Optional[Any] = None  # shmgrpc.ClientInterceptor, for the shmgrpc modes
+
+    @property
+    def offloads(self) -> bool:
+        return self.interceptor is not None
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.interceptor is not None:
+            self.interceptor.close()
+
+
+def channel_options(max_message_mib: int) -> List[Tuple[str, int]]:
+    limit = max_message_mib * MiB
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        # gRPC shares one connection among channels with equal arguments
+        # (the global subchannel pool). Each mode gets its own, so that no
+        # mode's handshake or buffers help or hurt another's numbers.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+
+
+def plain(name: str, target: str, max_message_mib: int) -> Mode:
+    channel = grpc.insecure_channel(target, options=channel_options(max_message_mib))
+    return Mode(name, target, channel, blobstore_pb2_grpc.BlobStoreStub(channel))
+
+
+def offloading(name: str, target: str, transport: str, max_message_mib: int) -> Mode:
+    # Other SHMGRPC_* settings (threshold, pool size) still come from the
+    # environment; the transport is what this row is about.
+    interceptor = shmgrpc.ClientInterceptor(shmgrpc.Config.from_env(transport=transport))
+    try:
+        raw = grpc.insecure_channel(target, options=channel_options(max_message_mib))
+        channel = grpc.intercept_channel(raw, interceptor)
+    except BaseException:
+        interceptor.close()
+        raise
+    return Mode(name, target, channel, blobstore_pb2_grpc.BlobStoreStub(channel), interceptor)
+
+
+def open_modes(
+    target: str, tcp_target: Optional[str], wanted: Sequence[str], max_message_mib: int
+) -> Tuple[List[Mode], List[str]]:
+    """(modes, notes): notes say which wanted modes were skipped and why."""
+    modes: List[Mode] = []
+    notes: List[str] = []
+    has_interceptor = hasattr(shmgrpc, "ClientInterceptor")
+    try:
+        for key in MODES:
+            if key not in wanted:
+                continue
+            if key == "tcp":
+                if tcp_target:
+                    modes.append(plain(NAMES[key], tcp_target, max_message_mib))
+                else:
+                    notes.append("grpc tcp skipped: no --tcp-target")
+            elif key == "unix":
+                modes.append(plain(NAMES[key], target, max_message_mib))
+            elif has_interceptor:
+                modes.append(offloading(NAMES[key], target, key, max_message_mib))
+            else:
+                notes.append(f"{NAMES[key]} skipped: this shmgrpc has no ClientInterceptor yet")
+    except BaseException:
+        close_all(modes)
+        raise
+    return modes, notes
+
+
+def close_all(modes: Sequence[Mode]) -> None:
+    for mode in modes:
+        mode.close()
