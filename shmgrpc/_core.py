@@ -7,7 +7,6 @@ sync and aio, are thin glue around `offload` and `restore`.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import logging
 import os
@@ -124,6 +123,33 @@ def _protobuf_parser(deserializer: Callable) -> bool:
     return isinstance(owner, type) and hasattr(owner, "DESCRIPTOR") and deserializer.__name__ == "FromString"
 
 
+class _Parts:
+    """What an engine creates, kept apart from the engine so that a finalizer
+    can close it when the engine is garbage-collected (or at exit) without
+    keeping the engine alive."""
+
+    def __init__(self):
+        self.identity: Optional[session.Identity] = None
+        self.attacher: Optional[pool.Attacher] = None
+        self.pool: Optional[pool.Pool] = None
+        self.pins: Optional[pins.Pins] = None
+
+    def close(self) -> None:
+        parts = (self.pool, self.pins, self.identity, self.attacher)
+        self.pool = self.pins = self.identity = self.attacher = None
+        for part in parts:
+            if part is not None:
+                part.close()
+
+    def abandon(self) -> None:
+        """In a forked child: the parent owns these; drop them untouched."""
+        if self.pool is not None:
+            self.pool.abandon()
+        if self.identity is not None:
+            self.identity.abandon()
+        self.pool = self.pins = self.identity = self.attacher = None
+
+
 class Engine:
     def __init__(self, config: Optional[Config], role: str):
         self.config = Config.from_env() if config is None else config
@@ -132,10 +158,8 @@ class Engine:
         self._lock = threading.Lock()  # protects setup, _routes, _peers, _route
         self._state = "new"  # new -> ready | disabled; closed
         self._why_disabled = ""
-        self.identity: Optional[session.Identity] = None
-        self.attacher: Optional[pool.Attacher] = None
-        self._pool: Optional[pool.Pool] = None
-        self._pins: Optional[pins.Pins] = None
+        self._parts = _Parts()
+        self._finalizer = weakref.finalize(self, self._parts.close)
         self._peers: "collections.OrderedDict[bytes, session.Peer]" = collections.OrderedDict()
         self._welcomes: Dict[str, Route] = {}  # client: welcome text -> route
         self._route: Optional[Route] = None  # client: the server last heard from
@@ -174,11 +198,11 @@ class Engine:
             return
         pool.reap(shm_dir)
         try:
-            self.identity = session.Identity(shm_dir)
+            self._parts.identity = session.Identity(shm_dir)
         except pool.NoSpace as err:
             self._disable(str(err))
             return
-        self.attacher = pool.Attacher(shm_dir, self.config.max_message)
+        self._parts.attacher = pool.Attacher(shm_dir, self.config.max_message)
         if "cma" in self._order and not cma.available():
             self._cma_unavailable("process_vm_readv is not available on this platform")
         self._state = "ready"
@@ -198,56 +222,58 @@ class Engine:
         log.warning("shmgrpc: cma transport not permitted (%s); using %s", why, fallback)
 
     def _get_pool(self) -> pool.Pool:
-        if self._pool is None:
+        parts = self._parts
+        if parts.pool is None:
             with self._lock:
-                if self._pool is None:
-                    assert self.identity is not None
-                    self._pool = pool.Pool(
+                if parts.pool is None:
+                    assert parts.identity is not None
+                    parts.pool = pool.Pool(
                         self.config.shm_dir,
                         self.config.pool_size,
                         self.config.segment_size,
                         self.config.lease_seconds,
-                        self.identity.inst,
+                        parts.identity.inst,
                     )
-        return self._pool
+        return parts.pool
 
     def _get_pins(self) -> pins.Pins:
-        if self._pins is None:
+        parts = self._parts
+        if parts.pins is None:
             with self._lock:
-                if self._pins is None:
-                    self._pins = pins.Pins(self.config.cma_max_pinned, self.config.lease_seconds)
-        return self._pins
+                if parts.pins is None:
+                    parts.pins = pins.Pins(self.config.cma_max_pinned, self.config.lease_seconds)
+        return parts.pins
 
     def pool_stats(self) -> Dict[str, int]:
         out = {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
-        if self._pool is not None:
-            s = self._pool.stats()
+        parts = self._parts
+        if parts.pool is not None:
+            s = parts.pool.stats()
             out.update(capacity=s.capacity, bytes_mapped=s.bytes_mapped,
                        bytes_in_use=s.bytes_in_use, segments=s.segments)
-        if self._pins is not None:
-            out["cma_pinned"] = self._pins.pinned_bytes
+        if parts.pins is not None:
+            out["cma_pinned"] = parts.pins.pinned_bytes
         return out
+
+    # The parts, by name.
+    identity = property(lambda self: self._parts.identity)
+    attacher = property(lambda self: self._parts.attacher)
 
     def close(self) -> None:
         """Unlink everything this engine created. Safe to call twice; calls
         after it go plain."""
         with self._lock:
             self._state = "closed"
-            parts = (self._pool, self._pins, self.identity, self.attacher)
-            self._pool = self._pins = self.identity = self.attacher = None
             self._route, self._hello = None, None
-        for part in parts:
-            if part is not None:
-                part.close()
+        self._finalizer()
 
     def _after_fork_in_child(self) -> None:
         # The parent still owns the segments: forget them, never unlink them.
         self._lock = threading.Lock()
-        if self._pool is not None:
-            self._pool.abandon()
-        if self.identity is not None:
-            self.identity.abandon()
-        self._pool = self._pins = self.identity = self.attacher = None
+        self._finalizer.detach()
+        self._parts.abandon()
+        self._parts = _Parts()
+        self._finalizer = weakref.finalize(self, self._parts.close)
         self._peers.clear()
         self._welcomes.clear()
         self._route, self._hello = None, None
@@ -466,8 +492,8 @@ class Engine:
 
     def release(self, slot: Optional[pool.Slot]) -> None:
         """The call that carried `slot` is over: nobody will read it any more."""
-        if slot is not None and self._pool is not None:
-            self._pool.release(slot)
+        if slot is not None and self._parts.pool is not None:
+            self._parts.pool.release(slot)
 
     def restore(self, raw, peer: session.Peer, deserializer: Callable) -> Any:
         """Rebuild the message a handle stands for. Raises a ShmGrpcError whose
@@ -520,19 +546,10 @@ class Engine:
         return message
 
 
-def _close_all() -> None:
-    for engine in list(_ENGINES):
-        try:
-            engine.close()
-        except Exception:  # interpreter exit: nothing useful to do but go on
-            pass
-
-
 def _after_fork_in_child() -> None:
     for engine in list(_ENGINES):
         engine._after_fork_in_child()
 
 
-atexit.register(_close_all)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
