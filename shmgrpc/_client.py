@@ -22,7 +22,7 @@ import grpc
 from . import wire
 from ._core import Engine, Route
 from .config import Config
-from .errors import ShmGrpcError
+from .errors import HandleError, ShmGrpcError
 
 try:  # protobuf >= 4.22
     from google.protobuf.unknown_fields import UnknownFieldSet as _UnknownFieldSet
@@ -82,12 +82,15 @@ def offload_request(engine: Engine, route: Optional[Route], request: Any):
 
 
 def restore_response(engine: Engine, route: Optional[Route], response: Any) -> Any:
-    """The application's response; raises ShmGrpcError on a bad handle."""
+    """The application's response; raises ShmGrpcError on a bad handle.
+
+    `route` is the one this call's hello named: a server offloads a response
+    only to a client whose hello named and proved that very server."""
     raw = handle_in(response)
     if raw is None:
         return response
     if route is None:
-        raise ShmGrpcError("server sent a shmgrpc handle without completing the handshake")
+        raise HandleError("server sent a shmgrpc handle, but this call had no shmgrpc session")
     return engine.restore(raw, route.peer, type(response).FromString)
 
 
@@ -174,9 +177,10 @@ class _Delegate:
 class UnaryResult(_Delegate, grpc.Call, grpc.Future):
     """A unary response that is restored the first time it is asked for."""
 
-    def __init__(self, inner, engine: Engine):
+    def __init__(self, inner, engine: Engine, route: Optional[Route]):
         super().__init__(inner)
         self._engine = engine
+        self._route = route
         self._restored = False
         self._value = None
         self._error: Optional[RestoreError] = None
@@ -185,8 +189,8 @@ class UnaryResult(_Delegate, grpc.Call, grpc.Future):
         response = self._inner.result(timeout)  # raises the call's own RpcError
         if not self._restored:
             try:
-                route = self._engine.client_welcome(self._inner.initial_metadata(), True)
-                self._value = restore_response(self._engine, route, response)
+                self._engine.client_welcome(self._inner.trailing_metadata())
+                self._value = restore_response(self._engine, self._route, response)
             except ShmGrpcError as err:
                 self._error = RestoreError(err, self._inner)
             self._restored = True
@@ -217,20 +221,20 @@ class UnaryResult(_Delegate, grpc.Call, grpc.Future):
 class StreamResult(_Delegate, grpc.Call, grpc.Future):
     """A response stream whose messages are restored as they are read."""
 
-    def __init__(self, inner, engine: Engine):
+    def __init__(self, inner, engine: Engine, route: Optional[Route]):
         super().__init__(inner)
         self._engine = engine
-        self._route: Optional[Route] = None
-        self._welcomed = False
+        self._route = route
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        response = next(self._inner)
-        if not self._welcomed:
-            self._route = self._engine.client_welcome(self._inner.initial_metadata(), True)
-            self._welcomed = True
+        try:
+            response = next(self._inner)
+        except StopIteration:
+            self._engine.client_welcome(self._inner.trailing_metadata())
+            raise
         try:
             return restore_response(self._engine, self._route, response)
         except ShmGrpcError as err:
@@ -250,8 +254,8 @@ class StreamResult(_Delegate, grpc.Call, grpc.Future):
 
 
 def _release_when_done(engine: Engine, call, slots: List) -> None:
-    if not slots:
-        return
+    """Free the request slots once the call is over (the list may still grow
+    while a request stream is being sent)."""
 
     def release(_):
         for slot in slots:
@@ -325,69 +329,75 @@ class ClientInterceptor(
         except Exception:
             return None
 
-    def _requests(self, requests, slots: List):
+    def _requests(self, requests, route: Optional[Route], slots: List):
         engine = self._engine
         for request in requests:
-            sent, slot = offload_request(engine, engine.client_route(), request)
+            sent, slot = offload_request(engine, route, request)
             if slot is not None:
                 slots.append(slot)
             yield sent
 
+    def _call_state(self, continuation, details, request=None):
+        """(hello, route) for this call, after the once-per-channel handshake.
+        `request` is the unary request (its type carries the probe), or None
+        for a request stream (the probe then sends no message)."""
+        engine = self._engine
+        state = engine.client_call_state()
+        if state is not None and engine.client_needs_handshake():
+            probe = iter(()) if request is None else self._empty_like(request)
+            if probe is not None:
+                self._handshake(continuation, details, probe)
+                state = engine.client_call_state()
+        return state
+
     def intercept_unary_unary(self, continuation, client_call_details, request):
         engine = self._engine
-        hello = engine.client_metadata()
-        if hello is None:
+        state = self._call_state(continuation, client_call_details, request)
+        if state is None:
             return continuation(client_call_details, request)
-        if engine.client_needs_handshake():
-            empty = self._empty_like(request)
-            if empty is not None:
-                self._handshake(continuation, client_call_details, empty)
-                hello = engine.client_metadata()
-        sent, slot = offload_request(engine, engine.client_route(), request)
+        hello, route = state
+        sent, slot = offload_request(engine, route, request)
         outcome = continuation(with_hello(client_call_details, hello), sent)
         _release_when_done(engine, outcome, [slot] if slot is not None else [])
         if slot is not None and _retry_inline(outcome):
-            engine.client_welcome(outcome.initial_metadata(), False)
-            outcome = continuation(with_hello(client_call_details, engine.client_metadata()), request)
-        return UnaryResult(outcome, engine)
+            engine.client_welcome(outcome.trailing_metadata())
+            hello, route = engine.client_call_state() or (hello, None)
+            outcome = continuation(with_hello(client_call_details, hello), request)
+        return UnaryResult(outcome, engine, route)
 
     def intercept_unary_stream(self, continuation, client_call_details, request):
         engine = self._engine
-        hello = engine.client_metadata()
-        if hello is None:
+        state = self._call_state(continuation, client_call_details, request)
+        if state is None:
             return continuation(client_call_details, request)
-        if engine.client_needs_handshake():
-            empty = self._empty_like(request)
-            if empty is not None:
-                self._handshake(continuation, client_call_details, empty)
-                hello = engine.client_metadata()
-        sent, slot = offload_request(engine, engine.client_route(), request)
+        hello, route = state
+        sent, slot = offload_request(engine, route, request)
         call = continuation(with_hello(client_call_details, hello), sent)
         _release_when_done(engine, call, [slot] if slot is not None else [])
-        return StreamResult(call, engine)
+        return StreamResult(call, engine, route)
 
     def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         engine = self._engine
-        hello = engine.client_metadata()
-        if hello is None:
+        state = self._call_state(continuation, client_call_details)
+        if state is None:
             return continuation(client_call_details, request_iterator)
-        if engine.client_needs_handshake():
-            self._handshake(continuation, client_call_details, iter(()))
-            hello = engine.client_metadata()
+        hello, route = state
         slots: List = []
-        outcome = continuation(with_hello(client_call_details, hello), self._requests(request_iterator, slots))
-        outcome.add_done_callback(lambda _: [engine.release(s) for s in slots])
-        return UnaryResult(outcome, engine)
+        outcome = continuation(
+            with_hello(client_call_details, hello), self._requests(request_iterator, route, slots)
+        )
+        _release_when_done(engine, outcome, slots)
+        return UnaryResult(outcome, engine, route)
 
     def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         engine = self._engine
-        hello = engine.client_metadata()
-        if hello is None:
+        state = self._call_state(continuation, client_call_details)
+        if state is None:
             return continuation(client_call_details, request_iterator)
-        if engine.client_needs_handshake():
-            self._handshake(continuation, client_call_details, iter(()))
-            hello = engine.client_metadata()
+        hello, route = state
         slots: List = []
-        call = continuation(with_hello(client_call_details, hello), self._requests(request_iterator, slots))
-        call.add_done_callback(lambda _: [engine.release(s) for s in slots])
-        return StreamResult(call, engine)
+        call = continuation(
+            with_hello(client_call_details, hello), self._requests(request_iterator, route, slots)
+        )
+        _release_when_done(engine, call, slots)
+        return StreamResult(call, engine, route)

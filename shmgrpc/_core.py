@@ -113,7 +113,7 @@ class Route:
     send_shm: bool
     send_cma: bool
     peer_key: Optional[bytes]  # the key the peer issued for our cma entries
-    welcome: Optional[Tuple[str, str]] = None  # server: metadata to send back
+    welcome: Optional[Tuple[str, str]] = None  # server: trailing metadata, if the client needs it
 
 
 def _protobuf_parser(deserializer: Callable) -> bool:
@@ -162,8 +162,9 @@ class Engine:
         self._finalizer = weakref.finalize(self, self._parts.close)
         self._peers: "collections.OrderedDict[bytes, session.Peer]" = collections.OrderedDict()
         self._welcomes: Dict[str, Route] = {}  # client: welcome text -> route
+        self._server_routes: "collections.OrderedDict[str, Route]" = collections.OrderedDict()
         self._route: Optional[Route] = None  # client: the server last heard from
-        self._hello: Optional[Tuple[str, str]] = None
+        self._hello: Optional[Tuple[Tuple[str, str], Optional[Route]]] = None
         self._probe = "todo"  # client: todo -> done | plain (the server has no shmgrpc)
         self._order = self._transport_order()
         _ENGINES.add(self)
@@ -276,6 +277,7 @@ class Engine:
         self._finalizer = weakref.finalize(self, self._parts.close)
         self._peers.clear()
         self._welcomes.clear()
+        self._server_routes.clear()
         self._route, self._hello = None, None
         self._probe = "todo"
         self._order = self._transport_order()
@@ -312,10 +314,17 @@ class Engine:
 
     def client_metadata(self) -> Optional[Tuple[str, str]]:
         """The hello to send with a call, or None when offload is off."""
+        state = self.client_call_state()
+        return state[0] if state else None
+
+    def client_call_state(self) -> Optional[Tuple[Tuple[str, str], Optional[Route]]]:
+        """(hello metadata, route) for one call, taken together: responses of
+        that call are restored against the route its hello named, even if
+        another call moves the channel to another server meanwhile."""
         if not self.ready():
             return None
-        hello = self._hello
-        if hello is None:
+        state = self._hello
+        if state is None:
             assert self.identity is not None
             route = self._route
             peer = route.peer if route else None
@@ -330,8 +339,8 @@ class Engine:
                     cma_key=self.identity.cma_key_for(peer.inst) if peer and "c" in accepts else None,
                 )
             )
-            hello = self._hello = (wire.HELLO_KEY, text)
-        return hello
+            state = self._hello = ((wire.HELLO_KEY, text), route)
+        return state
 
     def client_needs_handshake(self) -> bool:
         return self._probe == "todo" and self._route is None and self._state == "ready"
@@ -340,7 +349,7 @@ class Engine:
         """Take the result of the handshake call (a finished grpc.Call)."""
         try:
             code = call.code()
-            metadata = call.initial_metadata()
+            metadata = call.trailing_metadata()
         except Exception:  # the call could not even start: try again next time
             return
         if code == grpc.StatusCode.UNIMPLEMENTED:
@@ -348,34 +357,30 @@ class Engine:
             self.stats.note("server", "no shmgrpc on the server (handshake UNIMPLEMENTED): plain gRPC")
             return
         if code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL):  # INTERNAL: a non-protobuf stub
-            self.client_welcome(metadata, True)
+            self.client_welcome(metadata)
             self._probe = "done"
 
     def client_route(self) -> Optional[Route]:
         return self._route if self._state == "ready" else None
 
-    def client_welcome(self, initial_metadata, answered: bool) -> Optional[Route]:
-        """Take the server's welcome from a call's initial metadata.
+    def client_welcome(self, trailing_metadata) -> None:
+        """Take the server's welcome from a call's trailing metadata, if any.
 
-        Returns the route to that server (to restore its responses), or None.
-        A call that was `answered` without a welcome came from a plain server:
-        that ends offload to it. A failed call may carry no metadata at all, and
-        says nothing about the server."""
+        The server sends one only when our hello did not name it or did not
+        prove we read its id segment: the handshake, a reconnect to another
+        server process, a server restart."""
         text = None
-        for key, value in initial_metadata or ():
+        for key, value in trailing_metadata or ():
             if key == wire.WELCOME_KEY:
                 text = value
                 break
         if text is None:
-            if answered and self._route is not None:
-                with self._lock:
-                    self._route, self._hello = None, None
-            return None
+            return
         route = self._welcomes.get(text)
         if route is None:
             route = self._route_from_welcome(text)
             if route is None:
-                return None
+                return
             with self._lock:
                 if len(self._welcomes) > 256:
                     self._welcomes.clear()
@@ -383,7 +388,6 @@ class Engine:
         if route is not self._route:
             with self._lock:
                 self._route, self._hello = route, None
-        return route
 
     def _route_from_welcome(self, text: str) -> Optional[Route]:
         assert self.identity is not None
@@ -411,7 +415,10 @@ class Engine:
     # -- server handshake
 
     def server_route(self, invocation_metadata) -> Optional[Route]:
-        """Check the client's hello; None means step aside (plain gRPC)."""
+        """Check the client's hello; None means step aside (plain gRPC).
+
+        Routes are cached by hello text: after the first call of a client,
+        this is one dict lookup."""
         text = None
         for key, value in invocation_metadata or ():
             if key == wire.HELLO_KEY:
@@ -419,6 +426,18 @@ class Engine:
                 break
         if text is None or not self.ready():
             return None
+        route = self._server_routes.get(text)
+        if route is None:
+            route = self._server_route(text)
+            if route is None:
+                return None
+            with self._lock:
+                self._server_routes[text] = route
+                while len(self._server_routes) > 1024:
+                    self._server_routes.popitem(last=False)
+        return route
+
+    def _server_route(self, text: str) -> Optional[Route]:
         assert self.identity is not None
         try:
             h = wire.decode_hello(text)
@@ -430,21 +449,23 @@ class Engine:
         current = h.server_inst == me
         proved = current and h.proof == session.proof(self.identity.secret, session.LABEL_HELLO, h.inst)
         accepts = self._accepts(peer)
-        welcome = wire.encode_welcome(
-            wire.Welcome(
-                inst=me,
-                id_segment=self.identity.name,
-                accepts=accepts,
-                proof=session.proof(peer.secret, session.LABEL_WELCOME, me),
-                cma_key=self.identity.cma_key_for(peer.inst) if "c" in accepts else None,
+        welcome = None
+        if not proved:  # the client does not know us yet: tell it who we are
+            welcome = wire.encode_welcome(
+                wire.Welcome(
+                    inst=me,
+                    id_segment=self.identity.name,
+                    accepts=accepts,
+                    proof=session.proof(peer.secret, session.LABEL_WELCOME, me),
+                    cma_key=self.identity.cma_key_for(peer.inst) if "c" in accepts else None,
+                )
             )
-        )
         return Route(
             peer=peer,
             send_shm=proved and "s" in h.accepts and "shm" in self._order,
             send_cma=current and "c" in h.accepts and h.cma_key is not None and "cma" in self._order,
             peer_key=h.cma_key,
-            welcome=(wire.WELCOME_KEY, welcome),
+            welcome=(wire.WELCOME_KEY, welcome) if welcome else None,
         )
 
     # -- the two operations

@@ -10,9 +10,10 @@ deserializer into INTERNAL "Exception deserializing request!".
 Responses: the handler's response_serializer is wrapped; a large serialized
 response is written to our pool and the handle bytes are returned in its place.
 
-Welcome: the server's half of the handshake travels in the initial metadata.
-The handler gets a context proxy that merges it into the handler's own
-send_initial_metadata call, if the handler makes one.
+Welcome: the server's half of the handshake, sent only while the client's
+hello does not name and prove this server, travels in the trailing metadata
+(with the status: no extra operation). The handler then gets a context proxy
+that merges it into the handler's own set_trailing_metadata, if it makes one.
 """
 
 from __future__ import annotations
@@ -85,29 +86,19 @@ def abort_details(err: ShmGrpcError):
 
 
 class _Context:
-    """The handler's context, with our welcome merged into initial metadata."""
+    """The handler's context, with our welcome merged into the trailing
+    metadata (which travels with the status: no extra operation)."""
 
     def __init__(self, inner, welcome):
         self._inner = inner
         self._welcome = welcome
-        self._sent = False
+        inner.set_trailing_metadata((welcome,))
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def send_initial_metadata(self, initial_metadata):
-        if not self._sent:
-            self._sent = True
-            initial_metadata = tuple(initial_metadata) + (self._welcome,)
-        return self._inner.send_initial_metadata(initial_metadata)
-
-    def flush_welcome(self) -> None:
-        if not self._sent:
-            self._sent = True
-            try:
-                self._inner.send_initial_metadata((self._welcome,))
-            except ValueError:  # the call already sent its metadata or ended
-                pass
+    def set_trailing_metadata(self, trailing_metadata):
+        return self._inner.set_trailing_metadata(tuple(trailing_metadata) + (self._welcome,))
 
 
 grpc.ServicerContext.register(_Context)
@@ -134,45 +125,35 @@ def _resolving(glue: CallGlue, requests: Iterator, context) -> Iterator:
 
 def _wrap_behavior(handler, glue: CallGlue) -> Callable:
     welcome = glue.route.welcome
+
+    def context_for(context):
+        return context if welcome is None else _Context(context, welcome)
+
     if handler.request_streaming and handler.response_streaming:
         behavior = handler.stream_stream
 
         def stream_stream(requests, context):
-            ctx = _Context(context, welcome)
-            for response in behavior(_resolving(glue, requests, context), ctx):
-                ctx.flush_welcome()
-                yield response
+            return behavior(_resolving(glue, requests, context), context_for(context))
 
         return stream_stream
     if handler.request_streaming:
         behavior = handler.stream_unary
 
         def stream_unary(requests, context):
-            ctx = _Context(context, welcome)
-            response = behavior(_resolving(glue, requests, context), ctx)
-            ctx.flush_welcome()
-            return response
+            return behavior(_resolving(glue, requests, context), context_for(context))
 
         return stream_unary
     if handler.response_streaming:
         behavior = handler.unary_stream
 
         def unary_stream(request, context):
-            request = _resolved(glue, request, context)
-            ctx = _Context(context, welcome)
-            for response in behavior(request, ctx):
-                ctx.flush_welcome()
-                yield response
+            return behavior(_resolved(glue, request, context), context_for(context))
 
         return unary_stream
     behavior = handler.unary_unary
 
     def unary_unary(request, context):
-        request = _resolved(glue, request, context)
-        ctx = _Context(context, welcome)
-        response = behavior(request, ctx)
-        ctx.flush_welcome()
-        return response
+        return behavior(_resolved(glue, request, context), context_for(context))
 
     return unary_unary
 
@@ -205,8 +186,8 @@ def handshake_handler(engine: Engine, details):
     def hello(requests, context):
         for _ in requests:  # the client sends no message, or one empty one
             pass
-        if route is not None:
-            context.send_initial_metadata((route.welcome,))
+        if route is not None and route.welcome is not None:
+            context.set_trailing_metadata((route.welcome,))
         return b""
 
     return grpc.stream_unary_rpc_method_handler(hello)
