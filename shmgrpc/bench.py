@@ -151,6 +151,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help=f"sizes {QUICK_SIZES}, unary only (explicit options win)"
     )
+    parser.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="run every mode (plain gRPC too) with glibc malloc on transparent huge pages "
+        f"({HUGEPAGES_TUNABLE}): large-message CPython spends most of its time in page faults",
+    )
     parser.add_argument("--out", help="directory for results.json and throughput.png")
     args = parser.parse_args(argv)
     if args.repeat < 1:
@@ -999,12 +1005,29 @@ def measure(
             stop_server(server.process)
 
 
+HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def _reexec_with_hugepages() -> None:
+    """GLIBC_TUNABLES is read when a process starts: run this benchmark again
+    with it set; the server process inherits it, so both sides and all modes
+    get the same allocator."""
+    env = dict(os.environ)
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    env["GLIBC_TUNABLES"] = ":".join(tunables + [HUGEPAGES_TUNABLE])
+    os.execve(sys.executable, [sys.executable, "-m", "shmgrpc.bench", *sys.argv[1:]], env)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.hugepages and HUGEPAGES_TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
+        _reexec_with_hugepages()
     command = shlex.join(["python", "-m", "shmgrpc.bench", *(sys.argv[1:] if argv is None else argv)])
     notes: List[str] = []
     if args.repeat < DEFAULT_REPEAT:
         notes.append(f"--repeat {args.repeat}: a median of fewer than {DEFAULT_REPEAT} rounds is noisy")
+    if os.environ.get("GLIBC_TUNABLES"):
+        notes.append(f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} (client and server, every mode)")
     modes = available_modes(args.modes, notes)
     if not modes:
         progress("no mode left to run: " + "; ".join(notes))
