@@ -189,8 +189,10 @@ def _add_offload_counts(result: ModeResult, before: Optional[Dict], after: Optio
         count(after, kind, "count") - count(before, kind, "count") for kind in ("offloaded", "restored")
     )
     for transport in after.get("by_transport") or {}:
-        delta = count(after, "by_transport", transport, "count") - count(
-            before, "by_transport", transport, "count"
+        delta = sum(
+            count(after, "by_transport", transport, kind, "count")
+            - count(before, "by_transport", transport, kind, "count")
+            for kind in ("offloaded", "restored")
         )
         if delta > 0:
             result.transports[transport] += delta

@@ -52,7 +52,8 @@ def stats_summary(installed: bool) -> str:
         return f"{entry.get('count', 0)} ({entry.get('bytes', 0) / MiB:.1f} MiB)"
 
     by_transport = ", ".join(
-        f"{name} {entry.get('count', 0)}" for name, entry in sorted((stats.get("by_transport") or {}).items())
+        f"{name} {sum((entry.get(kind) or {}).get('count', 0) for kind in ('offloaded', 'restored'))}"
+        for name, entry in sorted((stats.get("by_transport") or {}).items())
     )
     fallbacks = ", ".join(f"{reason} {n}" for reason, n in sorted((stats.get("fallbacks") or {}).items()))
     pool = stats.get("pool") or {}
