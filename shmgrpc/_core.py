@@ -13,7 +13,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
 
@@ -160,6 +160,7 @@ class Engine:
         self._why_disabled = ""
         self._parts = _Parts()
         self._finalizer = weakref.finalize(self, self._parts.close)
+        self._buffers = pins.Buffers(self.config.cma_max_pinned)
         self._peers: "collections.OrderedDict[bytes, session.Peer]" = collections.OrderedDict()
         self._welcomes: Dict[str, Route] = {}  # client: welcome text -> route
         self._server_routes: "collections.OrderedDict[str, Route]" = collections.OrderedDict()
@@ -556,13 +557,27 @@ class Engine:
         if "cma" not in self._order:
             raise HandleError("received a cma handle, but cma is not enabled or not permitted here")
         assert self.identity is not None
-        payload = pins.read(
-            h, peer.pid, self.identity.inst, self.identity.cma_key_for(peer.inst), self.config.max_message
-        )
+        buffers = self._buffers
+        held: List[bytearray] = []
+
+        def dest(n: int) -> memoryview:
+            held.append(buffers.take(n))
+            return memoryview(held[0])[:n]
+
         try:
-            message = deserializer(payload if _protobuf_parser(deserializer) else bytes(payload))
-        except Exception as err:
-            raise DeserializeError(f"offloaded message does not parse: {err}") from err
+            payload = pins.read(
+                h, peer.pid, self.identity.inst, self.identity.cma_key_for(peer.inst),
+                self.config.max_message, dest,
+            )
+            try:
+                message = deserializer(payload if _protobuf_parser(deserializer) else bytes(payload))
+            except Exception as err:
+                raise DeserializeError(f"offloaded message does not parse: {err}") from err
+            finally:
+                payload.release()
+        finally:
+            if held:
+                buffers.give(held[0])
         self.stats.add("restored", "cma", 1, h.length)
         return message
 

@@ -163,9 +163,10 @@ def read(
     my_inst: bytes,
     my_key: bytes,
     max_message: int,
-) -> bytearray:
+    dest: Callable[[int], memoryview] = lambda n: memoryview(bytearray(n)),
+) -> memoryview:
     """Receiver side: check the handle against the sender's entry, pull the
-    payload, re-check, acknowledge. Returns the payload."""
+    payload into `dest(length)`, re-check, acknowledge. Returns that view."""
     if h.length > max_message:
         raise HandleTooLarge(
             f"handle offers {h.length} bytes; this receiver accepts at most {max_message} "
@@ -201,7 +202,7 @@ def read(
             f"cma handle range {[(hex(a), n) for a, n in h.iovecs]} is not the region "
             f"offered ({addr:#x}, {length})"
         )
-    payload = bytearray(h.length)
+    payload = dest(h.length)
     cma.read_into(h.pid, h.iovecs, payload)
     after = bytearray(8)
     cma.read_into(h.pid, [(h.entry_addr + _GEN_AT, 8)], after)
@@ -211,3 +212,31 @@ def read(
         )
     cma.write_from(h.pid, [(h.entry_addr + _STATE_AT, 4)], struct.pack("<I", pool.ACKED))
     return payload
+
+
+class Buffers:
+    """Receive buffers kept for reuse: a fresh buffer costs a page fault per
+    4 KiB on first touch, which at 64 MiB is most of a read's time."""
+
+    MAX_KEPT = 4  # buffers; enough for a few concurrent large reads
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()  # protects _kept
+        self._kept: List[bytearray] = []
+
+    def take(self, n: int) -> bytearray:
+        with self._lock:
+            fits = [b for b in self._kept if n <= len(b) <= 2 * n]
+            if fits:
+                buf = min(fits, key=len)
+                self._kept.remove(buf)
+                return buf
+        return bytearray(pool.size_class(n))
+
+    def give(self, buf: bytearray) -> None:
+        with self._lock:
+            self._kept.append(buf)
+            self._kept.sort(key=len)
+            while len(self._kept) > self.MAX_KEPT or sum(map(len, self._kept)) > self.max_bytes:
+                self._kept.pop(0)
