@@ -20,7 +20,7 @@ from typing import Any, List, Optional
 import grpc
 
 from . import wire
-from ._core import Engine, Route
+from ._core import Engine, EngineOwner, Route
 from .config import Config
 from .errors import HandleError, ShmGrpcError
 
@@ -276,6 +276,7 @@ def _retry_inline(outcome) -> bool:
 
 
 class ClientInterceptor(
+    EngineOwner,
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
@@ -288,18 +289,6 @@ class ClientInterceptor(
 
     def __init__(self, config: Optional[Config] = None):
         self._engine = Engine(config, "client")
-
-    @property
-    def transport(self) -> str:
-        return self._engine.transport
-
-    def stats(self):
-        snap = self._engine.stats.snapshot()
-        snap["pool"] = self._engine.pool_stats()
-        return snap
-
-    def close(self) -> None:
-        self._engine.close()
 
     def _handshake(self, continuation, details, request) -> None:
         """Once per channel, before the first call: the internal handshake

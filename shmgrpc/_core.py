@@ -180,6 +180,10 @@ class Engine:
     def transport(self) -> str:
         return self.config.transport
 
+    @property
+    def transports(self) -> Tuple[str, ...]:
+        return self._order if self._state in ("new", "ready") else ()
+
     def ready(self) -> bool:
         if self._state == "ready":
             return True
@@ -580,6 +584,32 @@ class Engine:
                 buffers.give(held[0])
         self.stats.add("restored", "cma", 1, h.length)
         return message
+
+
+class EngineOwner:
+    """What every interceptor, sync or aio, says about its engine."""
+
+    _engine: Engine
+
+    @property
+    def transport(self) -> str:
+        """The configured SHMGRPC_TRANSPORT."""
+        return self._engine.transport
+
+    @property
+    def transports(self) -> Tuple[str, ...]:
+        """The rungs in effect now, in order: cma drops out if its probe failed."""
+        return self._engine.transports
+
+    def stats(self) -> Dict[str, Any]:
+        """This interceptor's counters and pool (shmgrpc.stats() sums them all)."""
+        snap = self._engine.stats.snapshot()
+        snap["pool"] = self._engine.pool_stats()
+        return snap
+
+    def close(self) -> None:
+        """Unlink what this interceptor created; later calls go plain."""
+        self._engine.close()
 
 
 def _after_fork_in_child() -> None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import grpc
 
 from . import wire
-from ._core import Engine, Route
+from ._core import Engine, EngineOwner, Route
 from .config import Config
 from .errors import ShmGrpcError, StaleSessionError
 
@@ -193,24 +193,12 @@ def handshake_handler(engine: Engine, details):
     return grpc.stream_unary_rpc_method_handler(hello)
 
 
-class ServerInterceptor(grpc.ServerInterceptor):
+class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
     """Restores offloaded requests and offloads large responses for clients
     that proved they share this host. Everyone else is served untouched."""
 
     def __init__(self, config: Optional[Config] = None):
         self._engine = Engine(config, "server")
-
-    @property
-    def transport(self) -> str:
-        return self._engine.transport
-
-    def stats(self):
-        snap = self._engine.stats.snapshot()
-        snap["pool"] = self._engine.pool_stats()
-        return snap
-
-    def close(self) -> None:
-        self._engine.close()
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method == wire.HANDSHAKE_METHOD:
