@@ -11,6 +11,7 @@ import collections
 import logging
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -27,6 +28,14 @@ log = logging.getLogger("shmgrpc")
 # shm wins at every size on this kind of machine, because its slots stay
 # mapped and warm while cma's receive buffer is fresh memory each time.
 AUTO_ORDER = ("shm", "cma")
+
+HANDSHAKE_RETRY_SECONDS = 5.0  # after a transient failure, at most one handshake per interval
+_TRANSIENT = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
 
 
 class DeserializeError(ShmGrpcError):
@@ -167,6 +176,7 @@ class Engine:
         self._route: Optional[Route] = None  # client: the server last heard from
         self._hello: Optional[Tuple[Tuple[str, str], Optional[Route]]] = None
         self._probe = "todo"  # client: todo -> done | plain (the server has no shmgrpc)
+        self._probe_after = 0.0  # client: no handshake before this (after a transient failure)
         self._order = self._transport_order()
         _ENGINES.add(self)
 
@@ -348,22 +358,32 @@ class Engine:
         return state
 
     def client_needs_handshake(self) -> bool:
-        return self._probe == "todo" and self._route is None and self._state == "ready"
+        return (
+            self._probe == "todo"
+            and self._route is None
+            and self._state == "ready"
+            and time.monotonic() >= self._probe_after
+        )
 
     def client_handshake_done(self, call) -> None:
         """Take the result of the handshake call (a finished grpc.Call)."""
         try:
             code = call.code()
             metadata = call.trailing_metadata()
-        except Exception:  # the call could not even start: try again next time
-            return
-        if code == grpc.StatusCode.UNIMPLEMENTED:
-            self._probe = "plain"
-            self.stats.note("server", "no shmgrpc on the server (handshake UNIMPLEMENTED): plain gRPC")
-            return
+        except Exception:  # the call could not even start: try again later
+            code, metadata = grpc.StatusCode.UNAVAILABLE, ()
         if code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL):  # INTERNAL: a non-protobuf stub
             self.client_welcome(metadata)
             self._probe = "done"
+        elif code in _TRANSIENT:
+            # The server may be starting or busy: the real call will say. Try
+            # the handshake again, but never more than once per interval.
+            self._probe_after = time.monotonic() + HANDSHAKE_RETRY_SECONDS
+        else:
+            # UNIMPLEMENTED: a plain server. Anything else (an auth interceptor
+            # refusing an unknown method, ...) is as final for this channel.
+            self._probe = "plain"
+            self.stats.note("server", f"handshake answered {code.name}: plain gRPC on this channel")
 
     def client_route(self) -> Optional[Route]:
         return self._route if self._state == "ready" else None
