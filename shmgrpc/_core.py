@@ -336,7 +336,7 @@ class Engine:
         """(hello metadata, route) for one call, taken together: responses of
         that call are restored against the route its hello named, even if
         another call moves the channel to another server meanwhile."""
-        if not self.ready():
+        if self._probe == "plain" or not self.ready():
             return None
         state = self._hello
         if state is None:
@@ -374,7 +374,11 @@ class Engine:
             code, metadata = grpc.StatusCode.UNAVAILABLE, ()
         if code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL):  # INTERNAL: a non-protobuf stub
             self.client_welcome(metadata)
-            self._probe = "done"
+            if self._route is None:  # a shmgrpc server that cannot open our segments
+                self._probe = "plain"
+                self.stats.note("server", "the server could not prove co-location: plain gRPC")
+            else:
+                self._probe = "done"
         elif code in _TRANSIENT:
             # The server may be starting or busy: the real call will say. Try
             # the handshake again, but never more than once per interval.
