@@ -220,7 +220,7 @@ class Engine:
             return
         self._parts.attacher = pool.Attacher(shm_dir, self.config.max_message)
         if "cma" in self._order and not cma.available():
-            self._cma_unavailable("process_vm_readv is not available on this platform")
+            self._cma_unavailable("process_vm_readv is not available on this platform", everywhere=True)
         self._state = "ready"
 
     def _disable(self, why: str) -> None:
@@ -229,13 +229,20 @@ class Engine:
         self.stats.note("disabled", why)
         log.info("shmgrpc: offload disabled (%s); plain gRPC only", why)
 
-    def _cma_unavailable(self, why: str) -> None:
+    def _cma_unavailable(self, why: str, everywhere: bool = False) -> None:
+        """Record (once: stats note, one log line) why cma cannot be used.
+
+        A failed probe of one peer only means we cannot read *that* peer: our
+        accepts for it drop "c", so it sends us shm or inline. Only a missing
+        syscall takes cma out of our own ladder."""
         if "cma" not in self._order:
             return
-        self._order = tuple(t for t in self._order if t != "cma")
-        self.stats.note("cma", f"unavailable: {why}")
-        fallback = "shm" if self._order else "inline"
-        log.warning("shmgrpc: cma transport not permitted (%s); using %s", why, fallback)
+        if everywhere:
+            self._order = tuple(t for t in self._order if t != "cma")
+        if "cma" not in self.stats.notes:
+            self.stats.note("cma", f"not permitted: {why}")
+            fallback = "shm" if "shm" in self._order else "inline"
+            log.warning("shmgrpc: cma transport not permitted (%s); using %s", why, fallback)
 
     def _get_pool(self) -> pool.Pool:
         parts = self._parts
