@@ -53,7 +53,11 @@ def with_hello(details, hello):
 
 
 def handle_in(message: Any) -> Optional[bytes]:
-    """The handle a response message carries, as raw handle bytes, or None."""
+    """The handle a response message carries, as raw handle bytes, or None.
+    A call made without a response deserializer gets raw bytes: the handle
+    then is the whole response."""
+    if isinstance(message, (bytes, bytearray)):
+        return bytes(message) if wire.looks_like_handle(message) else None
     if _UnknownFieldSet is None:
         return None
     try:
@@ -66,14 +70,15 @@ def handle_in(message: Any) -> Optional[bytes]:
     return None
 
 
-def offload_request(engine: Engine, route: Optional[Route], request: Any):
-    """(message to send, slot or None): the request, or a carrier of its handle."""
+def offload_request(engine: Engine, route: Optional[Route], request: Any, keep=None):
+    """(message to send, slot or None): the request, or a carrier of its handle.
+    `keep`: see Engine.offload."""
     if route is None or not (route.send_shm or route.send_cma):
         return request, None
     serialize = getattr(request, "SerializeToString", None)
     if serialize is None:
         return request, None
-    handle, slot = engine.offload(serialize(), route)
+    handle, slot = engine.offload(serialize(), route, keep)
     if handle is None:
         return request, None
     carrier = type(request)()
@@ -91,7 +96,8 @@ def restore_response(engine: Engine, route: Optional[Route], response: Any) -> A
         return response
     if route is None:
         raise HandleError("server sent a shmgrpc handle, but this call had no shmgrpc session")
-    return engine.restore(raw, route.peer, type(response).FromString)
+    parse = bytes if isinstance(response, (bytes, bytearray)) else type(response).FromString
+    return engine.restore(raw, route.peer, parse)
 
 
 class RestoreError(grpc.RpcError, grpc.Call):
@@ -264,15 +270,42 @@ def _release_when_done(engine: Engine, call, slots: List) -> None:
     call.add_done_callback(release)
 
 
+def asks_inline_retry(trailing_metadata) -> bool:
+    """The server refused a handle addressed to another server process, and
+    asks for the request again, inline (sync and aio clients)."""
+    return any(key == wire.RETRY_KEY for key, _ in trailing_metadata or ())
+
+
 def _retry_inline(outcome) -> bool:
-    """The server refused a handle addressed to another server process."""
+    """`outcome` is a failed sync call that asks_inline_retry."""
     if not isinstance(outcome, grpc.RpcError) or not outcome.done():
         return False
     try:
         trailing = outcome.trailing_metadata() or ()
     except Exception:
         return False
-    return any(key == wire.RETRY_KEY for key, _ in trailing)
+    return asks_inline_retry(trailing)
+
+
+def handshake_details(details, hello):
+    """The details of the handshake call made before `details`' call: the
+    internal method, our hello as its only metadata (sync and aio clients)."""
+    return _CallDetails(
+        wire.HANDSHAKE_METHOD, details.timeout, [hello], details.credentials,
+        getattr(details, "wait_for_ready", None), getattr(details, "compression", None),
+    )
+
+
+def handshake_probe(request=None):
+    """What the handshake call sends: an empty message of the unary request's
+    type (the stub serializes it), no message at all for a request stream
+    (request None), or None when the request type cannot be built empty."""
+    if request is None:
+        return iter(())
+    try:
+        return type(request)()
+    except Exception:
+        return None
 
 
 class ClientInterceptor(
@@ -297,11 +330,7 @@ class ClientInterceptor(
         hello = engine.client_metadata()
         if hello is None:
             return
-        details = _CallDetails(
-            wire.HANDSHAKE_METHOD, details.timeout, [hello], details.credentials,
-            getattr(details, "wait_for_ready", None), getattr(details, "compression", None),
-        )
-        call = continuation(details, request)
+        call = continuation(handshake_details(details, hello), request)
         try:
             if hasattr(call, "__next__"):
                 for _ in call:
@@ -311,12 +340,6 @@ class ClientInterceptor(
         except Exception:  # an RpcError carries the code we look at below
             pass
         engine.client_handshake_done(call)
-
-    def _empty_like(self, request):
-        try:
-            return type(request)()
-        except Exception:
-            return None
 
     def _requests(self, requests, route: Optional[Route], slots: List):
         engine = self._engine
@@ -333,7 +356,7 @@ class ClientInterceptor(
         engine = self._engine
         state = engine.client_call_state()
         if state is not None and engine.client_needs_handshake():
-            probe = iter(()) if request is None else self._empty_like(request)
+            probe = handshake_probe(request)
             if probe is not None:
                 self._handshake(continuation, details, probe)
                 state = engine.client_call_state()
@@ -348,7 +371,7 @@ class ClientInterceptor(
         sent, slot = offload_request(engine, route, request)
         outcome = continuation(with_hello(client_call_details, hello), sent)
         _release_when_done(engine, outcome, [slot] if slot is not None else [])
-        if slot is not None and _retry_inline(outcome):
+        if sent is not request and _retry_inline(outcome):
             engine.client_welcome(outcome.trailing_metadata())
             hello, route = engine.client_call_state() or (hello, None)
             outcome = continuation(with_hello(client_call_details, hello), request)

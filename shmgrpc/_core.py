@@ -506,10 +506,14 @@ class Engine:
 
     # -- the two operations
 
-    def offload(self, data: bytes, route: Optional[Route]) -> Tuple[Optional[bytes], Optional[pool.Slot]]:
+    def offload(
+        self, data: bytes, route: Optional[Route], keep: Optional[Callable[[Any], None]] = None
+    ) -> "Tuple[Optional[bytes], Optional[pool.Ticket | pins.Ticket]]":
         """Put serialized `data` where `route`'s peer can read it.
 
-        Returns (handle bytes, slot or None), or (None, None): send inline."""
+        Returns (handle bytes, ticket), or (None, None): send inline. The
+        ticket (a pool.Ticket or a pins.Ticket) is for release() when the call
+        ends without its reader; `keep`, if given, is called with it too."""
         n = len(data)
         if route is None or n < self.config.threshold or self._state != "ready":
             self.stats.add("inline", "all", 1, n)
@@ -520,9 +524,11 @@ class Engine:
         else:
             for transport in self._order:
                 if transport == "shm" and route.send_shm:
-                    handle, slot, reason = self._offload_shm(data, route)
+                    handle, ticket, reason = self._offload_shm(data, route)
                     if handle is not None:
-                        return handle, slot
+                        if keep is not None:
+                            keep(ticket)
+                        return handle, ticket
                 elif transport == "cma" and route.send_cma and route.peer_key:
                     peer = route.peer
                     handle, reason = self._get_pins().pin(
@@ -530,7 +536,11 @@ class Engine:
                     )
                     if handle is not None:
                         self.stats.add("offloaded", "cma", 1, n)
-                        return handle, None
+                        h = wire.decode(handle)
+                        ticket = pins.Ticket(h.entry, h.generation)
+                        if keep is not None:
+                            keep(ticket)
+                        return handle, ticket
         self.stats.add("fallback", reason)
         self.stats.add("inline", "all", 1, n)
         return None, None
@@ -545,20 +555,24 @@ class Engine:
         slot.segment.mm[off : off + len(data)] = data
         pool_.publish(slot)
         self.stats.add("offloaded", "shm", 1, len(data))
-        return wire.encode_shm(slot.handle()), slot, ""
+        return wire.encode_shm(slot.handle()), pool.Ticket(slot, slot.generation), ""
 
-    def release(self, slot: Optional[pool.Slot]) -> None:
-        """The call that carried `slot` is over: nobody will read it any more."""
-        if slot is not None and self._parts.pool is not None:
-            self._parts.pool.release(slot)
+    def release(self, ticket: "Optional[pool.Ticket | pins.Ticket]") -> None:
+        """The call that carried `ticket` is over: nobody will read it any
+        more. A ticket whose slot or pin was reused since is ignored."""
+        if isinstance(ticket, pins.Ticket):
+            if self._parts.pins is not None:
+                self._parts.pins.release(ticket)
+        elif ticket is not None and self._parts.pool is not None:
+            self._parts.pool.release(ticket)
 
     def restore(self, raw, peer: session.Peer, deserializer: Callable) -> Any:
         """Rebuild the message a handle stands for. Raises a ShmGrpcError whose
         status_code says what went wrong."""
         if self._state != "ready":
             raise HandleError("received a shmgrpc handle, but offload is not enabled here")
-        h = wire.decode(raw)
         try:
+            h = wire.decode(raw)
             if isinstance(h, wire.ShmHandle):
                 message = self._restore_shm(h, peer, deserializer)
             else:

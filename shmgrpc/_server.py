@@ -45,11 +45,15 @@ def _identity(value):
 class CallGlue:
     """Everything one server call needs: its route and the wrapped functions."""
 
-    __slots__ = ("engine", "route")
+    __slots__ = ("engine", "route", "keep")
 
-    def __init__(self, engine: Engine, route: Route):
+    def __init__(self, engine: Engine, route: Route, keep: Optional[Callable] = None):
         self.engine = engine
         self.route = route
+        # Given to Engine.offload for each response (see there). The aio server
+        # passes one, to free what a cancelled call's client will never read;
+        # None here: the client's ack or the lease frees the slot.
+        self.keep = keep
 
     def wrap_deserializer(self, original: Optional[Callable]) -> Callable:
         original = original or _identity
@@ -63,11 +67,11 @@ class CallGlue:
 
     def wrap_serializer(self, original: Optional[Callable]) -> Callable:
         original = original or _identity
-        engine, route = self.engine, self.route
+        engine, route, keep = self.engine, self.route, self.keep
 
         def serialize(message: Any) -> bytes:
             data = original(message)
-            handle, _ = engine.offload(data, route)  # the slot is freed by ack or lease
+            handle, _ = engine.offload(data, route, keep)  # the slot is freed by ack or lease
             return data if handle is None else handle
 
         return serialize
@@ -104,6 +108,12 @@ class _Context:
 grpc.ServicerContext.register(_Context)
 
 
+def handler_context(context, welcome):
+    """The context the application sees: its own, or with our welcome merged
+    when this call must carry one (sync and aio servers)."""
+    return context if welcome is None else _Context(context, welcome)
+
+
 def _abort(context, err: ShmGrpcError):
     code, details, trailing = abort_details(err)
     if trailing:
@@ -127,7 +137,7 @@ def _wrap_behavior(handler, glue: CallGlue) -> Callable:
     welcome = glue.route.welcome
 
     def context_for(context):
-        return context if welcome is None else _Context(context, welcome)
+        return handler_context(context, welcome)
 
     if handler.request_streaming and handler.response_streaming:
         behavior = handler.stream_stream

@@ -51,6 +51,15 @@ _STATE_AT = 16
 DEFAULT_ENTRIES = 4096  # concurrent unacknowledged cma messages; past it, the next rung
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """One pin as its sender knows it: entry and generation. Releasing a
+    ticket whose entry was reused since (its generation moved on) is a no-op."""
+
+    entry: int
+    generation: int
+
+
 @dataclass
 class _Pin:
     payload: bytes  # holding the reference is what keeps the memory valid
@@ -124,6 +133,12 @@ class Pins:
     def reclaim(self) -> int:
         with self._lock:
             return self._reclaim_locked()
+
+    def release(self, ticket: Ticket) -> None:
+        """The call that carried this pin is over: nobody will read it any more."""
+        with self._lock:
+            if ticket.entry in self._busy and self._generations[ticket.entry] == ticket.generation:
+                self._unpin_locked(ticket.entry)
 
     @property
     def pinned_bytes(self) -> int:

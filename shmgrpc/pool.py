@@ -45,7 +45,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import wire
@@ -263,6 +263,16 @@ class Slot:
         )
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """One use of a slot as its sender knows it. Releasing a ticket whose slot
+    was reclaimed and handed out again since (its generation moved on) is a
+    no-op: that slot now belongs to another message."""
+
+    slot: Slot
+    generation: int
+
+
 @dataclass
 class PoolStats:
     capacity: int = 0
@@ -342,10 +352,13 @@ class Pool:
         base = SLOT_HEADER * slot.index + 64
         struct.pack_into("<I", slot.segment.mm, base + _STATE_AT, READY)
 
-    def release(self, slot: Slot) -> None:
-        """The sender knows nobody will read this slot any more (its call ended)."""
+    def release(self, ticket: Ticket) -> None:
+        """The sender knows nobody will read this use of a slot any more (its
+        call ended)."""
         with self._lock:
-            self._free_locked(slot)
+            slot = ticket.slot
+            if slot.segment.generations[slot.index] == ticket.generation:
+                self._free_locked(slot)
 
     def reclaim(self) -> int:
         with self._lock:
