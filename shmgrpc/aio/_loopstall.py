@@ -1,0 +1,244 @@
+"""How long the event loop stalls while shmgrpc.aio moves one large message.
+
+    python -m shmgrpc.aio._loopstall [--size 256MiB] [--calls 3] [--json]
+
+A grpc.aio client echoes one message of `--size` bytes through a grpc.aio
+server in another process, over a unix socket, `--calls` times after one
+warm-up call. In each process a ticker task sleeps 1 ms in a loop and keeps
+the longest gap beyond that: the longest time nothing else could run on that
+event loop. Both the request and the echoed response travel the same way, so
+each process offloads one message and restores one.
+
+Modes, each in a fresh server process:
+
+    plain          no shmgrpc: what grpc.aio itself costs (serialize, copy, parse)
+    shm, cma       shmgrpc.aio as shipped: large restores run in a worker thread
+    shm/on-loop,   the same with every restore on the loop (OFF_LOOP_BYTES
+    cma/on-loop    raised past the message size): what the worker thread buys
+
+The numbers are per call: the worst client stall, the worst server stall,
+and the call's wall time, as the median of the measured calls (and their
+maximum). The warm-up call is reported apart: it pays for creating and first
+touching the pool's segment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import grpc
+from google.protobuf.wrappers_pb2 import BytesValue
+
+from ..config import Config, parse_size
+from . import _common
+from ._client import client_interceptors
+from ._server import ServerInterceptor
+
+SERVICE = "shmgrpc.loopstall.Stall"
+ECHO = f"/{SERVICE}/Echo"  # unary: the request comes back
+WORST = f"/{SERVICE}/Worst"  # control: the server loop's worst stall since the last ask
+OPTIONS = [  # the largest message grpc takes (the option is a C int)
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+]
+MODES = ("plain", "shm", "shm/on-loop", "cma", "cma/on-loop")
+TICK = 0.001  # the ticker's sleep: stalls are measured beyond it
+READY = "loopstall-server ready"
+
+
+class Ticker:
+    """The longest time the running loop did not come back to a 1 ms sleep."""
+
+    def __init__(self):
+        self.worst = 0.0
+        self._task: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.perf_counter()
+            self.worst = max(self.worst, now - last - TICK)
+            last = now
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _config(mode: str) -> Optional[Config]:
+    if mode == "plain":
+        return None
+    return Config(transport=mode.split("/")[0])
+
+
+def _set_policy(mode: str) -> None:
+    if mode.endswith("/on-loop"):
+        _common.OFF_LOOP_BYTES = 2**63  # every restore on the loop
+
+
+# --- the server process ---------------------------------------------------------
+
+
+async def _serve(path: str, mode: str) -> None:
+    _set_policy(mode)
+    config = _config(mode)
+    interceptor = ServerInterceptor(config) if config is not None else None
+    ticker = Ticker()
+
+    async def echo(request, context):
+        return request
+
+    async def worst(request, context):
+        return BytesValue(value=json.dumps({"worst": ticker.take()}).encode())
+
+    def unary(fn):
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=BytesValue.FromString, response_serializer=BytesValue.SerializeToString
+        )
+
+    server = grpc.aio.server(interceptors=[interceptor] if interceptor else [], options=OPTIONS)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE, {"Echo": unary(echo), "Worst": unary(worst)}),)
+    )
+    server.add_insecure_port(f"unix:{path}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        ticker.start()
+        print(READY, flush=True)
+        await stop.wait()
+        await server.stop(None)
+    finally:
+        ticker.stop()
+        if interceptor is not None:
+            interceptor.close()
+
+
+# --- the client -------------------------------------------------------------------
+
+
+async def _measure(target: str, mode: str, size: int, calls: int) -> Dict:
+    _set_policy(mode)
+    config = _config(mode)
+    interceptors = client_interceptors(config) if config is not None else None
+    channel = grpc.aio.insecure_channel(target, options=OPTIONS, interceptors=interceptors)
+    unary = dict(request_serializer=BytesValue.SerializeToString, response_deserializer=BytesValue.FromString)
+    echo = channel.unary_unary(ECHO, **unary)
+    worst = channel.unary_unary(WORST, **unary)
+    request = BytesValue(value=bytes(range(256)) * (size // 256) + b"\x5a" * (size % 256))
+    ticker = Ticker()
+    ticker.start()
+    rows: List[Dict] = []
+    try:
+        await worst(BytesValue(), timeout=60)  # handshake, connection
+        for _ in range(calls + 1):
+            await worst(BytesValue(), timeout=60)
+            await asyncio.sleep(0.05)
+            ticker.take()
+            start = time.perf_counter()
+            response = await echo(request, timeout=600)
+            seconds = time.perf_counter() - start
+            client = ticker.take()
+            server = json.loads((await worst(BytesValue(), timeout=60)).value)["worst"]
+            if response.value != request.value:  # outside the measured window
+                raise SystemExit(f"loopstall: {mode}: the echo came back different")
+            del response
+            rows.append({"client": client, "server": server, "seconds": seconds})
+        stats = interceptors[0].stats() if interceptors else None
+    finally:
+        ticker.stop()
+        await channel.close()
+        if interceptors:
+            interceptors[0].close()
+    if stats is not None:  # the echo must really have been offloaded, both ways
+        transport = mode.split("/")[0]
+        moved = stats["by_transport"][transport]
+        if moved["offloaded"]["count"] < calls + 1 or moved["restored"]["count"] < calls + 1:
+            raise SystemExit(f"loopstall: {mode}: messages were not offloaded: {stats}")
+    measured = rows[1:]
+    summary = {
+        key: {"median": statistics.median(r[key] for r in measured), "max": max(r[key] for r in measured)}
+        for key in ("client", "server", "seconds")
+    }
+    return {"mode": mode, "warmup": rows[0], **summary}
+
+
+def _run_mode(mode: str, size: int, calls: int) -> Dict:
+    with tempfile.TemporaryDirectory(prefix="loopstall-") as tmp:
+        path = os.path.join(tmp, "s.sock")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "shmgrpc.aio._loopstall", "--serve", path, "--mode", mode],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            line = server.stdout.readline()
+            if not line.startswith(READY):
+                raise SystemExit(f"loopstall: the {mode} server did not start")
+            return asyncio.run(_measure(f"unix:{path}", mode, size, calls))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:7.1f}"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m shmgrpc.aio._loopstall", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="256MiB", help="message size (default 256MiB)")
+    parser.add_argument("--calls", type=int, default=3, help="measured calls per mode, after one warm-up")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--serve", metavar="PATH", help=argparse.SUPPRESS)  # the server process
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        asyncio.run(_serve(args.serve, args.mode))
+        return
+    size = parse_size(args.size, "--size")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown modes {unknown}; expected some of {', '.join(MODES)}")
+    results = [_run_mode(mode, size, args.calls) for mode in modes]
+    if args.json:
+        print(json.dumps({"size": size, "calls": args.calls, "results": results}, indent=2))
+        return
+    print(f"one {size / 2**20:g} MiB echo: worst event-loop stall per call, ms "
+          f"(median of {args.calls} calls, max in brackets; warm-up call apart)")
+    print(f"{'mode':12s} {'client':>17s} {'server':>17s} {'call':>17s}   warm-up: client server call")
+    for r in results:
+        cells = " ".join(f"{_ms(r[k]['median'])} [{_ms(r[k]['max'])}]" for k in ("client", "server", "seconds"))
+        w = r["warmup"]
+        print(f"{r['mode']:12s} {cells}   {_ms(w['client'])} {_ms(w['server'])} {_ms(w['seconds'])}")
+
+
+if __name__ == "__main__":
+    main()
