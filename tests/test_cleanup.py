@@ -1,0 +1,131 @@
+"""Nothing stays in /dev/shm: owners unlink what they made when they close,
+exit or are collected, and whatever a SIGKILLed process left is removed by
+the next shmgrpc process that sets up."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+
+from protos import echo_test_pb2 as pb
+from tests.conftest import (
+    CALL_TIMEOUT,
+    MiB,
+    THRESHOLD,
+    client_config,
+    counts,
+    data_segments,
+    run_client,
+    run_python,
+    server_env,
+    shm_names,
+)
+from tests.echo_server import pattern
+
+
+def exercise(make_client, server, transport: str) -> None:
+    """Offload both ways, so the server owns what the transport makes."""
+    client = make_client(server.unix_target, client_config(transport))
+    request = pb.Payload(seq=1, body=pattern(4 * MiB, 1))
+    assert client.stub.Unary(request, timeout=CALL_TIMEOUT).body == request.body
+    assert counts(client.stats(), transport) == (1, 1)
+    client.close()
+
+
+def test_server_that_exits_normally_leaves_nothing(fresh_server, make_client, transport):
+    server = fresh_server(server_env(transport))
+    exercise(make_client, server, transport)
+    names = shm_names(server.pid)
+    assert any(n.endswith("-id") for n in names)
+    if transport == "shm":
+        assert data_segments(server.pid)  # its pool, holding the response
+    assert server.stop(signal.SIGTERM) == 0
+    assert shm_names(server.pid) == []
+
+
+def test_sigkilled_server_is_reaped_by_the_next_process(fresh_server, make_client, servers, transport):
+    server = fresh_server(server_env(transport))
+    bystander = servers.shared(server_env(transport))  # alive: must keep its names
+    exercise(make_client, server, transport)
+    exercise(make_client, bystander, transport)
+    left = shm_names(server.pid)
+    assert left
+    assert server.kill() == -signal.SIGKILL
+    assert shm_names(server.pid) == left  # nobody cleaned up after it yet
+
+    # The next process that sets up an engine removes them.
+    out = run_client(
+        {
+            "target": bystander.unix_target,
+            "env": {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD)},
+            "calls": 1,
+            "size": 1 * MiB,
+        }
+    )
+    assert out["ok"] == 1
+    assert shm_names(server.pid) == []
+    assert any(n.endswith("-id") for n in shm_names(bystander.pid))
+    assert shm_names(out["pid"]) == []  # and that client cleaned up at exit
+
+
+def test_client_process_exiting_without_close_leaves_nothing(echo_server, transport):
+    """No close(): the engine's exit finalizer unlinks the pool and id segment."""
+    out = run_python(
+        """
+import json, os, sys
+import grpc, shmgrpc
+from protos import echo_test_pb2 as pb, echo_test_pb2_grpc as pb_grpc
+from tests.echo_server import GRPC_OPTIONS, pattern
+icpt = shmgrpc.ClientInterceptor(shmgrpc.Config.from_env(
+    {"SHMGRPC_TRANSPORT": sys.argv[2], "SHMGRPC_THRESHOLD": "64KiB"}))
+stub = pb_grpc.EchoStub(grpc.intercept_channel(grpc.insecure_channel(sys.argv[1], options=GRPC_OPTIONS), icpt))
+body = pattern(3 * 1024 * 1024, 5)
+assert stub.Unary(pb.Payload(seq=5, body=body), timeout=30).body == body
+mine = sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"shmgrpc-{os.getpid()}-"))
+print(json.dumps({"pid": os.getpid(), "names": mine}))
+""",
+        echo_server.unix_target,
+        transport,
+    )
+    assert any(n.endswith("-id") for n in out["names"])
+    if transport == "shm":
+        assert any(not n.endswith("-id") for n in out["names"])
+    assert shm_names(out["pid"]) == []
+
+
+def test_close_unlinks_at_once_and_twice_is_fine(make_client, echo_server, transport):
+    mine_before = set(shm_names(os.getpid()))
+    client = make_client(echo_server.unix_target, client_config(transport))
+    request = pb.Payload(seq=1, body=pattern(2 * MiB, 1))
+    assert client.stub.Unary(request, timeout=CALL_TIMEOUT).body == request.body
+    made = set(shm_names(os.getpid())) - mine_before
+    assert made and (transport == "cma" or any(not n.endswith("-id") for n in made))
+
+    client.interceptor.close()
+    client.interceptor.close()
+    assert set(shm_names(os.getpid())) - mine_before == set()
+    # Calls after close() are plain, and still right.
+    assert client.stub.Unary(request, timeout=CALL_TIMEOUT).body == request.body
+    assert counts(client.stats(), transport) == (1, 1)
+    assert set(shm_names(os.getpid())) - mine_before == set()
+
+
+def test_collected_interceptor_unlinks(echo_server, transport):
+    import grpc
+
+    import shmgrpc
+    from protos import echo_test_pb2_grpc as pb_grpc
+    from tests.echo_server import GRPC_OPTIONS
+
+    mine_before = set(shm_names(os.getpid()))
+    channel = grpc.insecure_channel(echo_server.unix_target, options=GRPC_OPTIONS)
+    icpt = shmgrpc.ClientInterceptor(client_config(transport))
+    stub = pb_grpc.EchoStub(grpc.intercept_channel(channel, icpt))
+    request = pb.Payload(seq=1, body=pattern(2 * MiB, 1))
+    assert stub.Unary(request, timeout=CALL_TIMEOUT).body == request.body
+    assert set(shm_names(os.getpid())) - mine_before
+    channel.close()
+    del stub, icpt
+    gc.collect()
+    assert set(shm_names(os.getpid())) - mine_before == set()

@@ -1,0 +1,131 @@
+"""Configuration: sizes and durations parse as documented, invalid values
+fail when an interceptor is built (never at import) with ConfigError naming
+the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+import shmgrpc
+from shmgrpc.config import ENV, Config
+from tests.conftest import run_python
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("65536", 65536),
+        ("64KiB", 64 * KiB),
+        ("64K", 64 * KiB),
+        ("64kb", 64 * KiB),
+        ("1MiB", MiB),
+        ("1M", MiB),
+        (" 2 GiB ", 2 * GiB),
+    ],
+)
+def test_sizes(text, value):
+    config = Config.from_env(
+        {"SHMGRPC_THRESHOLD": text, "SHMGRPC_POOL_SIZE": text if value >= MiB else "1GiB"}
+    )
+    assert config.threshold == value
+
+
+@pytest.mark.parametrize("text, seconds", [("30", 30.0), ("0.3s", 0.3), ("500ms", 0.5), ("2m", 120.0)])
+def test_lease(text, seconds):
+    assert Config.from_env({"SHMGRPC_LEASE": text}).lease_seconds == pytest.approx(seconds)
+
+
+def test_every_variable_is_read():
+    env = {
+        "SHMGRPC_THRESHOLD": "128K",
+        "SHMGRPC_TRANSPORT": "CMA",
+        "SHMGRPC_POOL_SIZE": "64MiB",
+        "SHMGRPC_SEGMENT_SIZE": "1MiB",
+        "SHMGRPC_MAX_MESSAGE": "32M",
+        "SHMGRPC_LEASE": "5s",
+        "SHMGRPC_CMA_MAX_PINNED": "16MiB",
+        "SHMGRPC_SHM_DIR": "/run/shm",
+    }
+    assert set(env) == set(ENV)
+    config = Config.from_env(env)
+    assert (config.threshold, config.transport, config.pool_size, config.segment_size) == (
+        128 * KiB,
+        "cma",
+        64 * MiB,
+        1 * MiB,
+    )
+    assert (config.max_message, config.lease_seconds, config.cma_max_pinned, config.shm_dir) == (
+        32 * MiB,
+        5.0,
+        16 * MiB,
+        "/run/shm",
+    )
+    # blank means unset; overrides beat the environment
+    assert Config.from_env({"SHMGRPC_THRESHOLD": "  "}).threshold == Config().threshold
+    assert Config.from_env({"SHMGRPC_THRESHOLD": "1M"}, threshold=5).threshold == 5
+
+
+BAD = {
+    "SHMGRPC_THRESHOLD": ["banana", "-1", "0", "1.5M", "64 Kibibytes"],
+    "SHMGRPC_TRANSPORT": ["tcp", "shm,cma"],
+    "SHMGRPC_POOL_SIZE": ["lots"],
+    "SHMGRPC_SEGMENT_SIZE": ["4K"],
+    "SHMGRPC_MAX_MESSAGE": ["1Q"],
+    "SHMGRPC_LEASE": ["0", "soon", "-1s"],
+    "SHMGRPC_CMA_MAX_PINNED": ["x"],
+    "SHMGRPC_SHM_DIR": ["relative/dir"],
+}
+
+
+@pytest.mark.parametrize(
+    "var, text", [(var, text) for var, texts in BAD.items() for text in texts], ids=lambda v: str(v)
+)
+@pytest.mark.parametrize("kind", ["client", "server"])
+def test_invalid_value_raises_when_an_interceptor_is_built(monkeypatch, kind, var, text):
+    monkeypatch.setenv(var, text)
+    make = shmgrpc.ClientInterceptor if kind == "client" else shmgrpc.ServerInterceptor
+    with pytest.raises(shmgrpc.ConfigError) as info:
+        make()
+    assert var in str(info.value) and repr(text) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_transport_error_lists_the_accepted_values(monkeypatch):
+    monkeypatch.setenv("SHMGRPC_TRANSPORT", "tcp")
+    with pytest.raises(shmgrpc.ConfigError, match="auto, shm, cma, off"):
+        shmgrpc.ClientInterceptor()
+
+
+def test_invalid_fields_raise_too():
+    with pytest.raises(shmgrpc.ConfigError, match="threshold"):
+        Config(threshold=0)
+    with pytest.raises(shmgrpc.ConfigError, match="transport"):
+        Config(transport="udp")
+
+
+def test_environment_is_read_at_build_not_import():
+    """Importing with garbage in the environment is fine; building is not.
+    And a value set after import is the one an interceptor uses."""
+    out = run_python(
+        """
+import json, os
+import shmgrpc
+imported = True
+try:
+    shmgrpc.ClientInterceptor()
+    error = None
+except shmgrpc.ConfigError as err:
+    error = str(err)
+os.environ["SHMGRPC_THRESHOLD"] = "1MiB"
+icpt = shmgrpc.ClientInterceptor()
+print(json.dumps({"imported": imported, "error": error,
+                  "threshold": icpt._engine.config.threshold, "transport": icpt.transport}))
+icpt.close()
+""",
+        env={"SHMGRPC_THRESHOLD": "banana"},
+    )
+    assert out["imported"] is True
+    assert out["error"] and "SHMGRPC_THRESHOLD" in out["error"] and "'banana'" in out["error"]
+    assert out["threshold"] == MiB and out["transport"] == "auto"
