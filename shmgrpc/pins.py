@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import cma, pool, wire
-from .errors import DataLossError, HandleError, HandleTooLarge, StaleSessionError
+from .errors import CmaBadAddress, DataLossError, HandleError, HandleTooLarge, StaleSessionError
 
 ENTRY = struct.Struct("<8sQI4xQ16s16sQ24x")
 ENTRY_MAGIC = b"SHMGCMA1"
@@ -172,6 +172,15 @@ class Pins:
         self._free.append(index)
 
 
+def _check_generation(h: wire.CmaHandle) -> None:
+    after = bytearray(8)
+    cma.read_into(h.pid, [(h.entry_addr + _GEN_AT, 8)], after)
+    if struct.unpack("<Q", after)[0] != h.generation:
+        raise DataLossError(
+            f"cma entry {h.entry} was revoked while it was read; the bytes are discarded"
+        )
+
+
 def read(
     h: wire.CmaHandle,
     peer_pid: int,
@@ -218,13 +227,14 @@ def read(
             f"offered ({addr:#x}, {length})"
         )
     payload = dest(h.length)
-    cma.read_into(h.pid, h.iovecs, payload)
-    after = bytearray(8)
-    cma.read_into(h.pid, [(h.entry_addr + _GEN_AT, 8)], after)
-    if struct.unpack("<Q", after)[0] != h.generation:
-        raise DataLossError(
-            f"cma entry {h.entry} was revoked while it was read; the bytes are discarded"
-        )
+    try:
+        cma.read_into(h.pid, h.iovecs, payload)
+    except CmaBadAddress:
+        # The sender may have revoked the pin and freed the bytes meanwhile:
+        # that is DATA_LOSS, not a bad handle.
+        _check_generation(h)
+        raise
+    _check_generation(h)
     cma.write_from(h.pid, [(h.entry_addr + _STATE_AT, 4)], struct.pack("<I", pool.ACKED))
     return payload
 

@@ -303,7 +303,8 @@ class Pool:
     ):
         self.shm_dir = shm_dir
         self.capacity = capacity
-        self.segment_size = segment_size
+        # A pool smaller than one segment still serves messages that fit it.
+        self.segment_size = max(MIN_CLASS * 2, min(segment_size, capacity))
         self.lease_seconds = lease_seconds
         self.owner_inst = owner_inst
         self._clock = clock
