@@ -153,10 +153,11 @@ class Pins:
 
     def _reclaim_locked(self) -> int:
         now = self._clock()
+        gone = pool.Liveness()
         freed = 0
         for index, pin in list(self._busy.items()):
             (state,) = struct.unpack_from("<I", self._table, index * ENTRY.size + _STATE_AT)
-            if state == pool.ACKED or now >= pin.deadline or not pool.alive(*pin.reader):
+            if state == pool.ACKED or now >= pin.deadline or gone(pin.reader):
                 self._unpin_locked(index)
                 freed += 1
         return freed

@@ -105,6 +105,19 @@ def alive(pid: int, start: int) -> bool:
 SELF_START = process_start(os.getpid()) or 0
 
 
+class Liveness:
+    """`gone(reader)` for one reclaim scan: each reader's /proc entry is read
+    once, however many of its slots are waiting (a fast stream has dozens)."""
+
+    def __init__(self):
+        self._known: Dict[Tuple[int, int], bool] = {}
+
+    def __call__(self, reader: Tuple[int, int]) -> bool:
+        if reader not in self._known:
+            self._known[reader] = not alive(*reader)
+        return self._known[reader]
+
+
 def new_base_name() -> str:
     """shmgrpc-<pid>-<start>-<64 random bits>: unguessable, and says who owns it."""
     pid = os.getpid()
@@ -408,11 +421,12 @@ class Pool:
 
     def _reclaim_locked(self) -> int:
         now = self._clock()
+        gone = Liveness()
         freed = 0
         for slot in list(self._busy.values()):
             base = SLOT_HEADER * slot.index + 64
             (state,) = struct.unpack_from("<I", slot.segment.mm, base + _STATE_AT)
-            if state == ACKED or now >= slot.deadline or not alive(*slot.reader):
+            if state == ACKED or now >= slot.deadline or gone(slot.reader):
                 self._free_locked(slot)
                 freed += 1
         return freed
