@@ -169,6 +169,20 @@ class _Interceptor(EngineOwner):
         self._channel = channel if channel is not None else _Channel(Engine(config, "client"))
         self._engine = self._channel.engine
 
+    async def _request_stream(self, continuation, details, request_iterator):
+        """Start a request-streaming call: (call, (route,)), or (plain call,
+        None) when offload is off for this channel. The route itself may be
+        None before a handshake has succeeded."""
+        channel = self._channel
+        state = await channel.call_state(continuation, details, handshake_probe())
+        if state is None:
+            return await continuation(details, request_iterator), None
+        hello, route = state
+        sent = Sent(channel.engine)
+        call = await continuation(with_hello(details, hello), channel.requests(request_iterator, route, sent))
+        sent.end_with(call)
+        return call, (route,)
+
 
 class _UnaryOutcome:
     """A call with one response, restored when it is awaited.
@@ -328,34 +342,16 @@ class StreamUnaryClientInterceptor(_Interceptor, aio.StreamUnaryClientIntercepto
     """Stream-unary calls; one of the four of client_interceptors()."""
 
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        channel = self._channel
-        state = await channel.call_state(continuation, client_call_details, handshake_probe())
-        if state is None:
-            return await continuation(client_call_details, request_iterator)
-        hello, route = state
-        sent = Sent(channel.engine)
-        call = await continuation(
-            with_hello(client_call_details, hello), channel.requests(request_iterator, route, sent)
-        )
-        sent.end_with(call)
-        return _StreamUnaryCall(call, channel, route)
+        call, offload = await self._request_stream(continuation, client_call_details, request_iterator)
+        return call if offload is None else _StreamUnaryCall(call, self._channel, offload[0])
 
 
 class StreamStreamClientInterceptor(_Interceptor, aio.StreamStreamClientInterceptor):
     """Stream-stream calls; one of the four of client_interceptors()."""
 
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        channel = self._channel
-        state = await channel.call_state(continuation, client_call_details, handshake_probe())
-        if state is None:
-            return await continuation(client_call_details, request_iterator)
-        hello, route = state
-        sent = Sent(channel.engine)
-        call = await continuation(
-            with_hello(client_call_details, hello), channel.requests(request_iterator, route, sent)
-        )
-        sent.end_with(call)
-        return channel.responses(call, route)
+        call, offload = await self._request_stream(continuation, client_call_details, request_iterator)
+        return call if offload is None else self._channel.responses(call, offload[0])
 
 
 def client_interceptors(config: Optional[Config] = None) -> List[_Interceptor]:
