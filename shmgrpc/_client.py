@@ -362,15 +362,38 @@ class ClientInterceptor(
                 state = engine.client_call_state()
         return state
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):
+    def _unary_request(self, continuation, details, request):
+        """Start a call with one request: (call, None) when offload is off for
+        this channel, else (call, (hello, route, message sent)). The route may
+        be None before a handshake has succeeded."""
         engine = self._engine
-        state = self._call_state(continuation, client_call_details, request)
+        state = self._call_state(continuation, details, request)
         if state is None:
-            return continuation(client_call_details, request)
+            return continuation(details, request), None
         hello, route = state
-        sent, slot = offload_request(engine, route, request)
-        outcome = continuation(with_hello(client_call_details, hello), sent)
-        _release_when_done(engine, outcome, [slot] if slot is not None else [])
+        sent, ticket = offload_request(engine, route, request)
+        call = continuation(with_hello(details, hello), sent)
+        _release_when_done(engine, call, [ticket] if ticket is not None else [])
+        return call, (hello, route, sent)
+
+    def _request_stream(self, continuation, details, request_iterator):
+        """Start a request-streaming call: (call, None) when offload is off for
+        this channel, else (call, (route,))."""
+        state = self._call_state(continuation, details)
+        if state is None:
+            return continuation(details, request_iterator), None
+        hello, route = state
+        tickets: List = []
+        call = continuation(with_hello(details, hello), self._requests(request_iterator, route, tickets))
+        _release_when_done(self._engine, call, tickets)
+        return call, (route,)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        outcome, offload = self._unary_request(continuation, client_call_details, request)
+        if offload is None:
+            return outcome
+        hello, route, sent = offload
+        engine = self._engine
         if sent is not request and _retry_inline(outcome):
             engine.client_welcome(outcome.trailing_metadata())
             hello, route = engine.client_call_state() or (hello, None)
@@ -378,38 +401,13 @@ class ClientInterceptor(
         return UnaryResult(outcome, engine, route)
 
     def intercept_unary_stream(self, continuation, client_call_details, request):
-        engine = self._engine
-        state = self._call_state(continuation, client_call_details, request)
-        if state is None:
-            return continuation(client_call_details, request)
-        hello, route = state
-        sent, slot = offload_request(engine, route, request)
-        call = continuation(with_hello(client_call_details, hello), sent)
-        _release_when_done(engine, call, [slot] if slot is not None else [])
-        return StreamResult(call, engine, route)
+        call, offload = self._unary_request(continuation, client_call_details, request)
+        return call if offload is None else StreamResult(call, self._engine, offload[1])
 
     def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        engine = self._engine
-        state = self._call_state(continuation, client_call_details)
-        if state is None:
-            return continuation(client_call_details, request_iterator)
-        hello, route = state
-        slots: List = []
-        outcome = continuation(
-            with_hello(client_call_details, hello), self._requests(request_iterator, route, slots)
-        )
-        _release_when_done(engine, outcome, slots)
-        return UnaryResult(outcome, engine, route)
+        outcome, offload = self._request_stream(continuation, client_call_details, request_iterator)
+        return outcome if offload is None else UnaryResult(outcome, self._engine, offload[0])
 
     def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        engine = self._engine
-        state = self._call_state(continuation, client_call_details)
-        if state is None:
-            return continuation(client_call_details, request_iterator)
-        hello, route = state
-        slots: List = []
-        call = continuation(
-            with_hello(client_call_details, hello), self._requests(request_iterator, route, slots)
-        )
-        _release_when_done(engine, call, slots)
-        return StreamResult(call, engine, route)
+        call, offload = self._request_stream(continuation, client_call_details, request_iterator)
+        return call if offload is None else StreamResult(call, self._engine, offload[0])

@@ -169,6 +169,21 @@ class _Interceptor(EngineOwner):
         self._channel = channel if channel is not None else _Channel(Engine(config, "client"))
         self._engine = self._channel.engine
 
+    async def _unary_request(self, continuation, details, request):
+        """Start a call with one request: (call, None) when offload is off for
+        this channel, else (call, (hello, route, message sent)). The route may
+        be None before a handshake has succeeded."""
+        channel = self._channel
+        state = await channel.call_state(continuation, details, handshake_probe(request))
+        if state is None:
+            return await continuation(details, request), None
+        hello, route = state
+        sent = Sent(channel.engine)
+        message = channel.offload(route, request, sent)
+        call = await continuation(with_hello(details, hello), message)
+        sent.end_with(call)
+        return call, (hello, route, message)
+
     async def _request_stream(self, continuation, details, request_iterator):
         """Start a request-streaming call: (call, (route,)), or (plain call,
         None) when offload is off for this channel. The route itself may be
@@ -309,33 +324,20 @@ class UnaryUnaryClientInterceptor(_Interceptor, aio.UnaryUnaryClientInterceptor)
     """Unary-unary calls; one of the four of client_interceptors()."""
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        channel = self._channel
-        state = await channel.call_state(continuation, client_call_details, handshake_probe(request))
-        if state is None:
-            return await continuation(client_call_details, request)
-        hello, route = state
-        sent = Sent(channel.engine)
-        message = channel.offload(route, request, sent)
-        call = await continuation(with_hello(client_call_details, hello), message)
-        sent.end_with(call)
+        call, offload = await self._unary_request(continuation, client_call_details, request)
+        if offload is None:
+            return call
+        hello, route, message = offload
         retry = (continuation, client_call_details, hello, request) if message is not request else None
-        return _UnaryUnaryCall(call, channel, route, retry)
+        return _UnaryUnaryCall(call, self._channel, route, retry)
 
 
 class UnaryStreamClientInterceptor(_Interceptor, aio.UnaryStreamClientInterceptor):
     """Unary-stream calls; one of the four of client_interceptors()."""
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        channel = self._channel
-        state = await channel.call_state(continuation, client_call_details, handshake_probe(request))
-        if state is None:
-            return await continuation(client_call_details, request)
-        hello, route = state
-        sent = Sent(channel.engine)
-        message = channel.offload(route, request, sent)
-        call = await continuation(with_hello(client_call_details, hello), message)
-        sent.end_with(call)
-        return channel.responses(call, route)
+        call, offload = await self._unary_request(continuation, client_call_details, request)
+        return call if offload is None else self._channel.responses(call, offload[1])
 
 
 class StreamUnaryClientInterceptor(_Interceptor, aio.StreamUnaryClientInterceptor):
