@@ -391,7 +391,11 @@ def test_cancel_and_deadline_mid_stream_leave_nothing_held(fresh_server, transpo
             await client.close()
 
     asyncio.run(run())
-    assert set(shm_names(os.getpid())) == mine_before
+    # Nothing new is left. Names may only go away: an interceptor of an
+    # earlier test can be garbage-collected meanwhile, and its finalizer
+    # rightly unlinks its id segment.
+    left = set(shm_names(os.getpid())) - mine_before
+    assert left == set(), f"this test left {sorted(left)} in /dev/shm"
     pid = server.pid
     server.stop()
     assert shm_names(pid) == []
