@@ -273,7 +273,7 @@ def _release_when_done(engine: Engine, call, slots: List) -> None:
 def asks_inline_retry(trailing_metadata) -> bool:
     """The server refused a handle addressed to another server process, and
     asks for the request again, inline (sync and aio clients)."""
-    return any(key == wire.RETRY_KEY for key, _ in trailing_metadata or ())
+    return wire.metadata_value(trailing_metadata, wire.RETRY_KEY) is not None
 
 
 def _retry_inline(outcome) -> bool:

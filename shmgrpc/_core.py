@@ -405,11 +405,7 @@ class Engine:
         The server sends one only when our hello did not name it or did not
         prove we read its id segment: the handshake, a reconnect to another
         server process, a server restart."""
-        text = None
-        for key, value in trailing_metadata or ():
-            if key == wire.WELCOME_KEY:
-                text = value
-                break
+        text = wire.metadata_value(trailing_metadata, wire.WELCOME_KEY)
         if text is None:
             return
         route = self._welcomes.get(text)
@@ -433,8 +429,7 @@ class Engine:
         except ShmGrpcError as err:
             self._not_colocated(err)
             return None
-        expected = session.proof(self.identity.secret, session.LABEL_WELCOME, w.inst)
-        proved = w.proof is not None and w.proof == expected
+        proved = session.proved(self.identity.secret, session.LABEL_WELCOME, w.inst, w.proof)
         return Route(
             peer=peer,
             send_shm=proved and "s" in w.accepts and "shm" in self._order,
@@ -455,11 +450,7 @@ class Engine:
 
         Routes are cached by hello text: after the first call of a client,
         this is one dict lookup."""
-        text = None
-        for key, value in invocation_metadata or ():
-            if key == wire.HELLO_KEY:
-                text = value
-                break
+        text = wire.metadata_value(invocation_metadata, wire.HELLO_KEY)
         if text is None or not self.ready():
             return None
         route = self._server_routes.get(text)
@@ -483,7 +474,7 @@ class Engine:
             return None
         me = self.identity.inst
         current = h.server_inst == me
-        proved = current and h.proof == session.proof(self.identity.secret, session.LABEL_HELLO, h.inst)
+        proved = current and session.proved(self.identity.secret, session.LABEL_HELLO, h.inst, h.proof)
         accepts = self._accepts(peer)
         welcome = None
         if not proved:  # the client does not know us yet: tell it who we are

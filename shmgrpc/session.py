@@ -46,6 +46,12 @@ def proof(secret: bytes, label: bytes, inst: bytes) -> bytes:
     return hmac.new(secret, label + inst, hashlib.sha256).digest()[:16]
 
 
+def proved(secret: bytes, label: bytes, inst: bytes, quoted: Optional[bytes]) -> bool:
+    """Did the peer `inst` quote the proof of having read the id segment that
+    holds `secret`? Constant time, like every other secret comparison."""
+    return quoted is not None and hmac.compare_digest(quoted, proof(secret, label, inst))
+
+
 class Identity:
     """This engine's id segment and the secrets that never leave the process."""
 

@@ -223,6 +223,14 @@ VERSION = "1"
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
+def metadata_value(metadata, key: str) -> Optional[str]:
+    """The first value of `key` in gRPC metadata (pairs), or None."""
+    for name, value in metadata or ():
+        if name == key:
+            return value
+    return None
+
+
 @dataclass(frozen=True)
 class Hello:
     inst: bytes
