@@ -522,13 +522,11 @@ class Engine:
                         return handle, ticket
                 elif transport == "cma" and route.send_cma and route.peer_key:
                     peer = route.peer
-                    handle, reason = self._get_pins().pin(
+                    handle, ticket, reason = self._get_pins().pin(
                         data, route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid()
                     )
                     if handle is not None:
                         self.stats.add("offloaded", "cma", 1, n)
-                        h = wire.decode(handle)
-                        ticket = pins.Ticket(h.entry, h.generation)
                         if keep is not None:
                             keep(ticket)
                         return handle, ticket

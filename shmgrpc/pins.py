@@ -90,16 +90,17 @@ class Pins:
 
     def pin(
         self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int
-    ) -> Tuple[Optional[bytes], str]:
-        """Pin `payload` for one read; returns (encoded handle, "") or (None, reason)."""
+    ) -> Tuple[Optional[bytes], Optional[Ticket], str]:
+        """Pin `payload` for one read; returns (encoded handle, its ticket, "")
+        or (None, None, reason)."""
         length = len(payload)
         with self._lock:
             if self._pinned + length > self.max_pinned or not self._free:
                 self._reclaim_locked()
             if self._pinned + length > self.max_pinned:
-                return None, "cma_pinned_full"
+                return None, None, "cma_pinned_full"
             if not self._free:
-                return None, "cma_entries_full"
+                return None, None, "cma_entries_full"
             index = self._free.pop()
             self._generations[index] += 1
             generation = self._generations[index]
@@ -128,7 +129,7 @@ class Pins:
             receiver=receiver,
             iovecs=((addr, length),),
         )
-        return wire.encode_cma(handle), ""
+        return wire.encode_cma(handle), Ticket(index, generation), ""
 
     def reclaim(self) -> int:
         with self._lock:

@@ -96,7 +96,7 @@ class Raw:
     def cma_pin(self, message: pb.Payload) -> wire.CmaHandle:
         """A real pin of the client's, offered to the server, holding `message`."""
         peer = self.route.peer
-        raw, reason = self.engine._get_pins().pin(
+        raw, _, reason = self.engine._get_pins().pin(
             message.SerializeToString(), self.route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid()
         )
         assert raw is not None, reason
