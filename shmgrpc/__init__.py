@@ -1,13 +1,14 @@
-"""shmgrpc: gRPC interceptors that move large messages through shared memory
-between co-located processes, and step aside everywhere else.
+"""shmgrpc: large gRPC messages through shared memory between co-located
+processes; plain gRPC everywhere else.
 
-    channel = grpc.intercept_channel(channel, shmgrpc.ClientInterceptor())
-    server = grpc.server(executor, interceptors=[shmgrpc.ServerInterceptor()])
+    channel = shmgrpc.insecure_channel(target, options)      # or intercept_channel(channel, options=...)
+    server = shmgrpc.server(executor, options=options)       # or interceptors=[shmgrpc.ServerInterceptor()]
 """
 
+from ._channel import Channel, channel_status, insecure_channel, intercept_channel, secure_channel
 from ._client import ClientInterceptor
-from ._core import stats
-from ._server import ServerInterceptor
+from ._core import ChannelStatus, stats
+from ._server import ServerInterceptor, server
 from .config import Config
 from .errors import (
     CmaBadAddress,
@@ -24,6 +25,8 @@ from .errors import (
 )
 
 __all__ = [
+    "Channel",
+    "ChannelStatus",
     "ClientInterceptor",
     "CmaBadAddress",
     "CmaError",
@@ -38,5 +41,10 @@ __all__ = [
     "ServerInterceptor",
     "ShmGrpcError",
     "StaleSessionError",
+    "channel_status",
+    "insecure_channel",
+    "intercept_channel",
+    "secure_channel",
+    "server",
     "stats",
 ]

@@ -1,12 +1,18 @@
-"""The engine behind every interceptor: handshake, offload, restore, stats.
+"""The engine behind every channel and server: handshake, offload, restore.
 
-One Engine per interceptor. It is cheap to build (only the config is checked);
-the id segment, pool and pin table are made on first use. The interceptors,
-sync and aio, are thin glue around `offload` and `restore`.
+One Engine per channel wrapper (it knows exactly one peer: the server that
+channel talks to) and one per server interceptor. What a process needs only
+once, its identity (id segment), pool, pin table, mappings of peers'
+segments and the peers it has checked, lives in a Node shared by every
+engine of that process with the same pool settings: SHMGRPC_POOL_SIZE is a
+cap per process, not per channel. Engines are cheap to build (only the
+config is checked); the node is made on first use and closed when its last
+engine is closed or collected.
 """
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
@@ -20,7 +26,7 @@ import grpc
 
 from . import cma, pins, pool, session, wire
 from .config import Config
-from .errors import HandleError, ShmGrpcError
+from .errors import HandleError, HandleTooLarge, ShmGrpcError
 
 log = logging.getLogger("shmgrpc")
 
@@ -36,10 +42,6 @@ _TRANSIENT = (
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
-
-
-class DeserializeError(ShmGrpcError):
-    """The restored bytes did not parse as the expected message."""
 
 
 # --- stats --------------------------------------------------------------------
@@ -103,8 +105,10 @@ def stats() -> Dict[str, Any]:
     """Process-wide counters, plus the pools of live engines."""
     snap = PROCESS_STATS.snapshot()
     total = {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
-    for engine in list(_ENGINES):
-        for key, value in engine.pool_stats().items():
+    with Node._lock:
+        nodes = list(Node._nodes.values())
+    for node in nodes:
+        for key, value in node.pool_stats().items():
             total[key] += value
     snap["pool"] = total
     return snap
@@ -116,13 +120,25 @@ def stats() -> Dict[str, Any]:
 @dataclass
 class Route:
     """What we know about the other side of a call: who it is, and how we may
-    send it large messages."""
+    send it large messages.
 
-    peer: session.Peer
+    Every call that carries a route is *framed*: each message in both
+    directions is a frame (a handle, or the message escaped if it merely
+    begins like one; see wire.py). The client frames a call whose hello names
+    a server; the server frames a call whose hello names one (any one: after
+    a reconnect the hello may name another process of the same host)."""
+
+    peer: Optional[session.Peer]  # None: framed, but the peer's id segment cannot be read
     send_shm: bool
     send_cma: bool
     peer_key: Optional[bytes]  # the key the peer issued for our cma entries
+    max_receive: int = wire.UNLIMITED  # the peer's receive limit: nothing longer is offloaded
+    framed: bool = True  # server: the hello named a server, so the client frames this call
     welcome: Optional[Tuple[str, str]] = None  # server: trailing metadata, if the client needs it
+
+    @property
+    def offloads(self) -> bool:
+        return self.send_shm or self.send_cma
 
 
 def _protobuf_parser(deserializer: Callable) -> bool:
@@ -132,18 +148,145 @@ def _protobuf_parser(deserializer: Callable) -> bool:
     return isinstance(owner, type) and hasattr(owner, "DESCRIPTOR") and deserializer.__name__ == "FromString"
 
 
-class _Parts:
-    """What an engine creates, kept apart from the engine so that a finalizer
-    can close it when the engine is garbage-collected (or at exit) without
-    keeping the engine alive."""
+# gRPC's defaults (grpc/_cython/_cygrpc/... GRPC_DEFAULT_MAX_RECV_MESSAGE_LENGTH):
+# a channel or server that was given no options receives at most 4 MiB and
+# sends without limit.
+GRPC_DEFAULT_MAX_RECEIVE = 4 * 1024 * 1024
 
-    def __init__(self):
+
+def limits_from_options(options) -> Tuple[int, int]:
+    """(max send, max receive) in bytes, -1 unlimited, as gRPC reads them from
+    channel or server options."""
+    send, receive = wire.UNLIMITED, GRPC_DEFAULT_MAX_RECEIVE
+    for key, value in options or ():
+        if key == "grpc.max_send_message_length":
+            send = _limit(value)
+        elif key == "grpc.max_receive_message_length":
+            receive = _limit(value)
+    return send, receive
+
+
+def _limit(value) -> int:
+    value = int(value)
+    return wire.UNLIMITED if value < 0 else value
+
+
+def within(n: int, limit: int) -> bool:
+    return limit < 0 or n <= limit
+
+
+class Node:
+    """What one process shares between its engines of the same pool settings:
+    identity (the id segment), pool, pin table, mappings of peers' segments,
+    receive buffers and the peers it has checked.
+
+    Made by the first engine that needs it (reaping what exited processes
+    left behind), closed (everything it created unlinked) when its last
+    engine is closed or collected, and at exit."""
+
+    _lock = threading.Lock()  # protects _nodes and every node's _users
+    _nodes: "Dict[Tuple, Node]" = {}
+
+    def __init__(self, config: Config, key: Tuple):
+        self.key = key
+        self.config = config
+        self._users = 0
+        self._setup_lock = threading.Lock()  # protects lazy pool / pins creation
+        self.why_disabled = ""
         self.identity: Optional[session.Identity] = None
         self.attacher: Optional[pool.Attacher] = None
         self.pool: Optional[pool.Pool] = None
         self.pins: Optional[pins.Pins] = None
+        self.buffers = pins.Buffers(config.cma_max_pinned)
+        self.cma_syscall = cma.available()
+        self.peers: "collections.OrderedDict[bytes, session.Peer]" = collections.OrderedDict()
+        self.peers_lock = threading.Lock()  # protects peers
+        shm_dir = config.shm_dir
+        if not os.path.isdir(shm_dir):
+            self.why_disabled = f"no shared-memory directory {shm_dir}"
+            return
+        pool.reap(shm_dir)
+        try:
+            self.identity = session.Identity(shm_dir)
+        except pool.NoSpace as err:
+            self.why_disabled = str(err)
+            return
+        # The receive limit is the engine's (it knows its gRPC options); the
+        # attacher only refuses what no engine here could accept.
+        self.attacher = pool.Attacher(shm_dir, config.max_message)
+
+    @classmethod
+    def acquire(cls, config: Config) -> "Node":
+        key = (config.shm_dir, config.pool_size, config.segment_size, config.max_message,
+               config.lease_seconds, config.cma_max_pinned)
+        with cls._lock:
+            node = cls._nodes.get(key)
+            if node is None:
+                node = cls._nodes[key] = Node(config, key)
+            node._users += 1
+            return node
+
+    def release(self) -> None:
+        """One engine is done with this node; the last one closes it."""
+        with Node._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            if Node._nodes.get(self.key) is self:
+                del Node._nodes[self.key]
+        self.close()
+
+    def get_pool(self) -> pool.Pool:
+        if self.pool is None:
+            with self._setup_lock:
+                if self.pool is None:
+                    assert self.identity is not None
+                    c = self.config
+                    self.pool = pool.Pool(c.shm_dir, c.pool_size, c.segment_size, c.lease_seconds,
+                                          self.identity.inst)
+        return self.pool
+
+    def get_pins(self) -> pins.Pins:
+        if self.pins is None:
+            with self._setup_lock:
+                if self.pins is None:
+                    self.pins = pins.Pins(self.config.cma_max_pinned, self.config.lease_seconds)
+        return self.pins
+
+    def pool_stats(self) -> Dict[str, int]:
+        out = {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
+        if self.pool is not None:
+            s = self.pool.stats()
+            out.update(capacity=s.capacity, bytes_mapped=s.bytes_mapped,
+                       bytes_in_use=s.bytes_in_use, segments=s.segments)
+        if self.pins is not None:
+            out["cma_pinned"] = self.pins.pinned_bytes
+        return out
+
+    def peer(self, inst: bytes, id_segment: str, probe_cma: bool) -> session.Peer:
+        """The peer `inst`, its id segment opened and checked (cached)."""
+        with self.peers_lock:
+            peer = self.peers.get(inst)
+            if peer is not None and peer.id_segment == id_segment:
+                self.peers.move_to_end(inst)
+                if peer.cma_probed or not probe_cma:
+                    return peer
+        if peer is None or peer.id_segment != id_segment:
+            peer = session.read_peer(self.config.shm_dir, id_segment, inst)
+        if probe_cma and not peer.cma_probed:
+            if self.cma_syscall:
+                peer.cma_reason = cma.probe(peer.pid, peer.probe_addr, peer.inst)
+            else:
+                peer.cma_reason = "process_vm_readv is not available on this platform"
+            peer.cma_probed = True
+        with self.peers_lock:
+            self.peers[inst] = peer
+            while len(self.peers) > 1024:  # a server sees many clients over its life
+                self.peers.popitem(last=False)
+        return peer
 
     def close(self) -> None:
+        """Unlink and unmap everything this node created. Safe to call twice."""
         parts = (self.pool, self.pins, self.identity, self.attacher)
         self.pool = self.pins = self.identity = self.attacher = None
         for part in parts:
@@ -158,26 +301,80 @@ class _Parts:
             self.identity.abandon()
         self.pool = self.pins = self.identity = self.attacher = None
 
+    @classmethod
+    def close_all(cls) -> None:
+        with cls._lock:
+            nodes, cls._nodes = list(cls._nodes.values()), {}
+        for node in nodes:
+            node.close()
+
+    @classmethod
+    def after_fork_in_child(cls) -> None:
+        cls._lock = threading.Lock()
+        nodes, cls._nodes = list(cls._nodes.values()), {}
+        for node in nodes:
+            node.abandon()
+
+
+atexit.register(Node.close_all)
+
+
+@dataclass(frozen=True)
+class ChannelStatus:
+    """Where a channel stands: what carries its large messages, and why.
+
+    transport: "shm" or "cma", the first rung a large message tries now, or
+        "inline" (every message travels through gRPC as it would without
+        shmgrpc);
+    transports: every rung in effect, in the order tried (empty when inline);
+    reason: why, in words: what the handshake found, or why offload is off;
+    settled: the handshake has concluded (False until the first call, or
+        while a transient failure leaves it to be tried again).
+    """
+
+    transport: str
+    transports: Tuple[str, ...]
+    reason: str
+    settled: bool
+
+
+class _Released:
+    """The finalizer's view of an engine: releases its node once."""
+
+    __slots__ = ("node",)
+
+    def __init__(self):
+        self.node: Optional[Node] = None
+
+    def __call__(self) -> None:
+        node, self.node = self.node, None
+        if node is not None:
+            node.release()
+
 
 class Engine:
-    def __init__(self, config: Optional[Config], role: str):
+    def __init__(self, config: Optional[Config], role: str, options=None, name: str = ""):
         self.config = Config.from_env() if config is None else config
         self.role = role
+        self.name = name  # for log lines: the channel's target, or "server"
+        self.max_send, self.max_receive = limits_from_options(options)
         self.stats = Stats(PROCESS_STATS)
-        self._lock = threading.Lock()  # protects setup, _routes, _peers, _route
+        self._lock = threading.Lock()  # protects setup, routes, hello, probe state
         self._state = "new"  # new -> ready | disabled; closed
-        self._why_disabled = ""
-        self._parts = _Parts()
-        self._finalizer = weakref.finalize(self, self._parts.close)
-        self._buffers = pins.Buffers(self.config.cma_max_pinned)
-        self._peers: "collections.OrderedDict[bytes, session.Peer]" = collections.OrderedDict()
+        self._why = ""  # why offload is off (disabled, plain peer), for status and logs
+        self._node: Optional[Node] = None
+        self._released = _Released()
+        self._finalizer = weakref.finalize(self, self._released)
         self._welcomes: Dict[str, Route] = {}  # client: welcome text -> route
-        self._server_routes: "collections.OrderedDict[str, Route]" = collections.OrderedDict()
+        self._server_routes: "collections.OrderedDict[str, Optional[Route]]" = collections.OrderedDict()
         self._route: Optional[Route] = None  # client: the server last heard from
         self._hello: Optional[Tuple[Tuple[str, str], Optional[Route]]] = None
-        self._probe = "todo"  # client: todo -> done | plain (the server has no shmgrpc)
+        self._probe = "todo"  # client: todo -> done | plain (the server has no shmgrpc) | calls
         self._probe_after = 0.0  # client: no handshake before this (after a transient failure)
+        self._handshaking = threading.Lock()  # client: one handshake at a time
         self._order = self._transport_order()
+        self._announced: Optional[str] = None  # client: the status last logged
+        self._limit_noted = False
         _ENGINES.add(self)
 
     # -- set-up and tear-down
@@ -192,7 +389,16 @@ class Engine:
 
     @property
     def transports(self) -> Tuple[str, ...]:
-        return self._order if self._state in ("new", "ready") else ()
+        """The rungs in effect. A client: towards its server now (empty before
+        the handshake, or when plain). A server: what it may use at all."""
+        if self.role == "client":
+            return self.status().transports
+        if self._state not in ("new", "ready"):
+            return ()
+        node = self._node
+        if node is not None and not node.cma_syscall:
+            return tuple(t for t in self._order if t != "cma")
+        return self._order
 
     def ready(self) -> bool:
         if self._state == "ready":
@@ -206,98 +412,64 @@ class Engine:
 
     def _setup_locked(self) -> None:
         if not self._order:
-            self._disable("SHMGRPC_TRANSPORT=off")
+            self._disable("SHMGRPC_TRANSPORT=off", level=logging.DEBUG)
             return
-        shm_dir = self.config.shm_dir
-        if not os.path.isdir(shm_dir):
-            self._disable(f"no shared-memory directory {shm_dir}")
+        node = Node.acquire(self.config)
+        self._released.node = node
+        if node.why_disabled:
+            self._disable(node.why_disabled)
             return
-        pool.reap(shm_dir)
-        try:
-            self._parts.identity = session.Identity(shm_dir)
-        except pool.NoSpace as err:
-            self._disable(str(err))
-            return
-        self._parts.attacher = pool.Attacher(shm_dir, self.config.max_message)
-        if "cma" in self._order and not cma.available():
-            self._cma_unavailable("process_vm_readv is not available on this platform", everywhere=True)
+        self._node = node
+        if "cma" in self._order and not node.cma_syscall:
+            self._cma_unavailable("process_vm_readv is not available on this platform")
         self._state = "ready"
 
-    def _disable(self, why: str) -> None:
+    def _disable(self, why: str, level: int = logging.INFO) -> None:
         self._state = "disabled"
-        self._why_disabled = why
+        self._why = why
         self.stats.note("disabled", why)
-        log.info("shmgrpc: offload disabled (%s); plain gRPC only", why)
+        log.log(level, "shmgrpc: offload disabled (%s); plain gRPC only", why)
 
-    def _cma_unavailable(self, why: str, everywhere: bool = False) -> None:
+    def _cma_unavailable(self, why: str) -> None:
         """Record (once: stats note, one log line) why cma cannot be used.
 
         A failed probe of one peer only means we cannot read *that* peer: our
-        accepts for it drop "c", so it sends us shm or inline. Only a missing
-        syscall takes cma out of our own ladder."""
-        if "cma" not in self._order:
+        accepts for it drop "c", so it sends us shm or inline. A WARNING only
+        when cma was asked for explicitly; under `auto` the next rung serves."""
+        if "cma" not in self._order or "cma" in self.stats.notes:
             return
-        if everywhere:
-            self._order = tuple(t for t in self._order if t != "cma")
-        if "cma" not in self.stats.notes:
-            self.stats.note("cma", f"not permitted: {why}")
-            fallback = "shm" if "shm" in self._order else "inline"
-            log.warning("shmgrpc: cma transport not permitted (%s); using %s", why, fallback)
+        self.stats.note("cma", f"not permitted: {why}")
+        if self._order == ("cma",):
+            log.warning("shmgrpc: SHMGRPC_TRANSPORT=cma, but cma is not permitted (%s); sending inline", why)
+        else:
+            log.info("shmgrpc: cma not permitted (%s); using shm", why)
 
-    def _get_pool(self) -> pool.Pool:
-        parts = self._parts
-        if parts.pool is None:
-            with self._lock:
-                if parts.pool is None:
-                    assert parts.identity is not None
-                    parts.pool = pool.Pool(
-                        self.config.shm_dir,
-                        self.config.pool_size,
-                        self.config.segment_size,
-                        self.config.lease_seconds,
-                        parts.identity.inst,
-                    )
-        return parts.pool
-
-    def _get_pins(self) -> pins.Pins:
-        parts = self._parts
-        if parts.pins is None:
-            with self._lock:
-                if parts.pins is None:
-                    parts.pins = pins.Pins(self.config.cma_max_pinned, self.config.lease_seconds)
-        return parts.pins
+    @property
+    def node(self) -> Optional[Node]:
+        return self._node
 
     def pool_stats(self) -> Dict[str, int]:
-        out = {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
-        parts = self._parts
-        if parts.pool is not None:
-            s = parts.pool.stats()
-            out.update(capacity=s.capacity, bytes_mapped=s.bytes_mapped,
-                       bytes_in_use=s.bytes_in_use, segments=s.segments)
-        if parts.pins is not None:
-            out["cma_pinned"] = parts.pins.pinned_bytes
-        return out
-
-    # The parts, by name.
-    identity = property(lambda self: self._parts.identity)
-    attacher = property(lambda self: self._parts.attacher)
+        node = self._node
+        if node is None:
+            return {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
+        return node.pool_stats()
 
     def close(self) -> None:
-        """Unlink everything this engine created. Safe to call twice; calls
-        after it go plain."""
+        """Let go of the node (the last engine closes it: everything it
+        created is unlinked). Safe to call twice; calls after it go plain."""
         with self._lock:
             self._state = "closed"
-            self._route, self._hello = None, None
+            self._why = "closed"
+            self._route, self._hello, self._node = None, None, None
         self._finalizer()
 
     def _after_fork_in_child(self) -> None:
-        # The parent still owns the segments: forget them, never unlink them.
+        # The parent still owns the node's segments (Node.after_fork_in_child
+        # drops them untouched); this engine makes a new node on first use.
         self._lock = threading.Lock()
-        self._finalizer.detach()
-        self._parts.abandon()
-        self._parts = _Parts()
-        self._finalizer = weakref.finalize(self, self._parts.close)
-        self._peers.clear()
+        self._handshaking = threading.Lock()
+        self._released.node = None
+        self._node = None
         self._welcomes.clear()
         self._server_routes.clear()
         self._route, self._hello = None, None
@@ -309,22 +481,10 @@ class Engine:
     # -- peers
 
     def _peer(self, inst: bytes, id_segment: str) -> session.Peer:
-        with self._lock:
-            peer = self._peers.get(inst)
-            if peer is not None and peer.id_segment == id_segment:
-                self._peers.move_to_end(inst)
-                return peer
-        peer = session.read_peer(self.config.shm_dir, id_segment, inst)
-        if "cma" in self._order:
-            peer.cma_reason = cma.probe(peer.pid, peer.probe_addr, peer.inst)
-            if peer.cma_reason is not None:
-                self._cma_unavailable(f"cannot read pid {peer.pid}: {peer.cma_reason}")
-        else:
-            peer.cma_reason = "cma not enabled here"
-        with self._lock:
-            self._peers[inst] = peer
-            while len(self._peers) > 1024:  # a server sees many clients over its life
-                self._peers.popitem(last=False)
+        assert self._node is not None
+        peer = self._node.peer(inst, id_segment, probe_cma="cma" in self._order)
+        if "cma" in self._order and peer.cma_reason is not None:
+            self._cma_unavailable(f"cannot read pid {peer.pid}: {peer.cma_reason}")
         return peer
 
     def _accepts(self, peer: Optional[session.Peer]) -> str:
@@ -332,33 +492,33 @@ class Engine:
         cma_ok = "c" if peer is not None and "cma" in self._order and peer.cma_reason is None else ""
         return shm + cma_ok
 
-    # -- client handshake
-
-    def client_metadata(self) -> Optional[Tuple[str, str]]:
-        """The hello to send with a call, or None when offload is off."""
-        state = self.client_call_state()
-        return state[0] if state else None
+    # -- client: handshake and status
 
     def client_call_state(self) -> Optional[Tuple[Tuple[str, str], Optional[Route]]]:
-        """(hello metadata, route) for one call, taken together: responses of
-        that call are restored against the route its hello named, even if
-        another call moves the channel to another server meanwhile."""
+        """(hello metadata, route) for one call, taken together, or None when
+        the call goes plain (no hello at all). Responses of a call are read
+        against the route its hello named, even if another call moves the
+        channel to another server meanwhile."""
         if self._probe == "plain" or not self.ready():
             return None
         state = self._hello
         if state is None:
-            assert self.identity is not None
+            node = self._node
+            if node is None or node.identity is None:
+                return None
+            identity = node.identity
             route = self._route
             peer = route.peer if route else None
             accepts = self._accepts(peer)
             text = wire.encode_hello(
                 wire.Hello(
-                    inst=self.identity.inst,
-                    id_segment=self.identity.name,
+                    inst=identity.inst,
+                    id_segment=identity.name,
                     accepts=accepts,
                     server_inst=peer.inst if peer else None,
-                    proof=session.proof(peer.secret, session.LABEL_HELLO, self.identity.inst) if peer else None,
-                    cma_key=self.identity.cma_key_for(peer.inst) if peer and "c" in accepts else None,
+                    proof=session.proof(peer.secret, session.LABEL_HELLO, identity.inst) if peer else None,
+                    cma_key=identity.cma_key_for(peer.inst) if peer and "c" in accepts else None,
+                    max_receive=self.max_receive,
                 )
             )
             state = self._hello = ((wire.HELLO_KEY, text), route)
@@ -372,32 +532,50 @@ class Engine:
             and time.monotonic() >= self._probe_after
         )
 
-    def client_handshake_done(self, call) -> None:
-        """Take the result of the handshake call (a finished grpc.Call)."""
-        try:
-            code = call.code()
-            metadata = call.trailing_metadata()
-        except Exception:  # the call could not even start: try again later
-            code, metadata = grpc.StatusCode.UNAVAILABLE, ()
-        if code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL):  # INTERNAL: a non-protobuf stub
-            self.client_welcome(metadata)
-            if self._route is None:  # a shmgrpc server that cannot open our segments
-                self._probe = "plain"
-                self.stats.note("server", "the server could not prove co-location: plain gRPC")
-            else:
-                self._probe = "done"
-        elif code in _TRANSIENT:
-            # The server may be starting or busy: the real call will say. Try
-            # the handshake again, but never more than once per interval.
-            self._probe_after = time.monotonic() + HANDSHAKE_RETRY_SECONDS
-        else:
-            # UNIMPLEMENTED: a plain server. Anything else (an auth interceptor
-            # refusing an unknown method, ...) is as final for this channel.
-            self._probe = "plain"
-            self.stats.note("server", f"handshake answered {code.name}: plain gRPC on this channel")
+    def client_handshake_lock(self) -> threading.Lock:
+        """Held by the one caller doing the handshake; others go on without
+        waiting (their calls carry the hello and learn from the answer)."""
+        return self._handshaking
 
-    def client_route(self) -> Optional[Route]:
-        return self._route if self._state == "ready" else None
+    def client_handshake_done(self, code: grpc.StatusCode, trailing_metadata) -> None:
+        """Take the result of the handshake call."""
+        if code == grpc.StatusCode.OK:
+            self.client_welcome(trailing_metadata)
+            if self._route is None:  # a shmgrpc server that cannot open our segments
+                self._go_plain(
+                    "the server could not prove it shares this host (different host, "
+                    "shm namespace or uid)"
+                )
+            elif self._probe == "todo":
+                self._probe = "done"
+        elif code == grpc.StatusCode.UNIMPLEMENTED:
+            self._go_plain("the server has no shmgrpc (handshake answered UNIMPLEMENTED)")
+        elif code in _TRANSIENT:
+            # The server may be starting or busy, or the deadline was short:
+            # the real call says. Try again, but at most once per interval.
+            self._probe_after = time.monotonic() + HANDSHAKE_RETRY_SECONDS
+            self.stats.note("server", f"handshake answered {code.name}; will try again")
+        else:
+            # An interceptor of the server refused the method (auth, allow
+            # lists): no more handshake calls, but every call still carries
+            # the hello, and a shmgrpc server answers it in its trailers.
+            self._probe = "calls"
+            self.stats.note("server", f"handshake answered {code.name}; learning from calls instead")
+            log.debug("shmgrpc: %s: handshake answered %s; learning from calls", self.name, code.name)
+
+    def _go_plain(self, why: str) -> None:
+        with self._lock:
+            self._probe = "plain"
+            self._why = why
+            self._route, self._hello = None, None
+        self.stats.note("server", why)
+        self._announce()
+
+    def client_lost_peer(self, why: str) -> None:
+        """A framed call reached a server without shmgrpc (a channel balancing
+        over a mix, or the server was replaced): plain from now on."""
+        self.stats.add("fallback", "peer_without_shmgrpc")
+        self._go_plain(why)
 
     def client_welcome(self, trailing_metadata) -> None:
         """Take the server's welcome from a call's trailing metadata, if any.
@@ -406,7 +584,7 @@ class Engine:
         prove we read its id segment: the handshake, a reconnect to another
         server process, a server restart."""
         text = wire.metadata_value(trailing_metadata, wire.WELCOME_KEY)
-        if text is None:
+        if text is None or self._state != "ready":
             return
         route = self._welcomes.get(text)
         if route is None:
@@ -419,29 +597,77 @@ class Engine:
                 self._welcomes[text] = route
         if route is not self._route:
             with self._lock:
+                if self._probe == "plain":
+                    return
                 self._route, self._hello = route, None
+            self._announce()
 
     def _route_from_welcome(self, text: str) -> Optional[Route]:
-        assert self.identity is not None
+        node = self._node
+        if node is None or node.identity is None:
+            return None
         try:
             w = wire.decode_welcome(text)
             peer = self._peer(w.inst, w.id_segment)
         except ShmGrpcError as err:
             self._not_colocated(err)
             return None
-        proved = session.proved(self.identity.secret, session.LABEL_WELCOME, w.inst, w.proof)
+        proved = session.proved(node.identity.secret, session.LABEL_WELCOME, w.inst, w.proof)
         return Route(
             peer=peer,
             send_shm=proved and "s" in w.accepts and "shm" in self._order,
-            send_cma="c" in w.accepts and w.cma_key is not None and "cma" in self._order,
+            send_cma=proved and "c" in w.accepts and w.cma_key is not None and "cma" in self._order,
             peer_key=w.cma_key,
+            max_receive=w.max_receive,
         )
 
     def _not_colocated(self, err: Exception) -> None:
         self.stats.add("fallback", "peer_not_colocated")
         if "not_colocated" not in self.stats.notes:
             self.stats.note("not_colocated", str(err))
-            log.info("shmgrpc: peer is not co-located (%s); plain gRPC", err)
+            log.debug("shmgrpc: %s: peer is not co-located (%s)", self.name, err)
+
+    def status(self) -> ChannelStatus:
+        """This channel's ChannelStatus (see there)."""
+        if self._state == "disabled" or self._state == "closed":
+            return ChannelStatus("inline", (), f"offload is off: {self._why}", True)
+        if self._probe == "plain":
+            return ChannelStatus("inline", (), self._why, True)
+        route = self._route
+        if route is None:
+            pending = self._probe != "done"
+            why = self.stats.notes.get("server") or "no call yet: the handshake comes with the first call"
+            if not pending:
+                why = self.stats.notes.get("not_colocated", "the server did not prove co-location")
+            return ChannelStatus("inline", (), why, not pending)
+        rungs = tuple(t for t in self._order if (t == "shm" and route.send_shm) or (t == "cma" and route.send_cma))
+        if not rungs:
+            why = "the server shares this host but can read none of our transports"
+            if "cma" in self.stats.notes:
+                why += f" (cma {self.stats.notes['cma']})"
+            return ChannelStatus("inline", (), why, True)
+        why = f"co-located server pid {route.peer.pid}" if route.peer else "co-located server"
+        skipped = [t for t in self._order if t not in rungs]
+        if skipped:
+            why += "; " + ", ".join(f"{t} unavailable" for t in skipped)
+            if "cma" in skipped and "cma" in self.stats.notes:
+                why += f" ({self.stats.notes['cma']})"
+        return ChannelStatus(rungs[0], rungs, why, True)
+
+    def _announce(self) -> None:
+        """One INFO line when the channel settles, one WARNING when a channel
+        that was offloading stops; nothing when nothing changed."""
+        st = self.status()
+        if st.transport == self._announced:
+            return
+        was = self._announced
+        self._announced = st.transport
+        if st.transport == "inline" and was not in (None, "inline"):
+            log.warning("shmgrpc: channel %s no longer offloads (was %s): %s", self.name, was, st.reason)
+        else:
+            log.info("shmgrpc: channel %s: %s (%s)", self.name,
+                     f"large messages via {st.transport}" if st.transport != "inline" else "plain gRPC",
+                     st.reason)
 
     # -- server handshake
 
@@ -453,89 +679,119 @@ class Engine:
         text = wire.metadata_value(invocation_metadata, wire.HELLO_KEY)
         if text is None or not self.ready():
             return None
-        route = self._server_routes.get(text)
-        if route is None:
-            route = self._server_route(text)
-            if route is None:
-                return None
-            with self._lock:
-                self._server_routes[text] = route
-                while len(self._server_routes) > 1024:
-                    self._server_routes.popitem(last=False)
+        try:
+            return self._server_routes[text]
+        except KeyError:
+            pass
+        route = self._server_route(text)
+        with self._lock:
+            self._server_routes[text] = route
+            while len(self._server_routes) > 1024:
+                self._server_routes.popitem(last=False)
         return route
 
     def _server_route(self, text: str) -> Optional[Route]:
-        assert self.identity is not None
+        node = self._node
+        if node is None or node.identity is None:
+            return None
         try:
             h = wire.decode_hello(text)
-            peer = self._peer(h.inst, h.id_segment)
         except ShmGrpcError as err:
             self._not_colocated(err)
             return None
-        me = self.identity.inst
+        try:
+            peer = self._peer(h.inst, h.id_segment)
+        except ShmGrpcError as err:
+            self._not_colocated(err)
+            if h.server_inst is None:
+                return None
+            # The client frames this call (its hello names a server): read its
+            # frames, offload nothing, and read no handle.
+            return Route(peer=None, send_shm=False, send_cma=False, peer_key=None, max_receive=h.max_receive)
+        identity = node.identity
+        me = identity.inst
         current = h.server_inst == me
-        proved = current and session.proved(self.identity.secret, session.LABEL_HELLO, h.inst, h.proof)
+        proved = current and session.proved(identity.secret, session.LABEL_HELLO, h.inst, h.proof)
         accepts = self._accepts(peer)
         welcome = None
         if not proved:  # the client does not know us yet: tell it who we are
             welcome = wire.encode_welcome(
                 wire.Welcome(
                     inst=me,
-                    id_segment=self.identity.name,
+                    id_segment=identity.name,
                     accepts=accepts,
                     proof=session.proof(peer.secret, session.LABEL_WELCOME, me),
-                    cma_key=self.identity.cma_key_for(peer.inst) if "c" in accepts else None,
+                    cma_key=identity.cma_key_for(peer.inst) if "c" in accepts else None,
+                    max_receive=self.max_receive,
                 )
             )
-        return Route(
+        route = Route(
             peer=peer,
             send_shm=proved and "s" in h.accepts and "shm" in self._order,
-            send_cma=current and "c" in h.accepts and h.cma_key is not None and "cma" in self._order,
+            send_cma=proved and "c" in h.accepts and h.cma_key is not None and "cma" in self._order,
             peer_key=h.cma_key,
+            max_receive=h.max_receive,
+            framed=h.server_inst is not None,  # else the welcome is all this call carries
             welcome=(wire.WELCOME_KEY, welcome) if welcome else None,
         )
+        return route
 
     # -- the two operations
 
     def offload(
-        self, data: bytes, route: Optional[Route], keep: Optional[Callable[[Any], None]] = None
-    ) -> "Tuple[Optional[bytes], Optional[pool.Ticket | pins.Ticket]]":
-        """Put serialized `data` where `route`'s peer can read it.
-
-        Returns (handle bytes, ticket), or (None, None): send inline. The
-        ticket (a pool.Ticket or a pins.Ticket) is for release() when the call
-        ends without its reader; `keep`, if given, is called with it too."""
+        self, data, route: Optional[Route], keep: Optional[Callable[[Any], None]] = None
+    ) -> Optional[bytes]:
+        """Put serialized `data` where `route`'s peer can read it and return
+        the handle, or None: send it inline. `keep`, if given, is called with
+        a ticket for release() when the call ends without its reader."""
         n = len(data)
-        if route is None or n < self.config.threshold or self._state != "ready":
+        if route is None or n < self.config.threshold or self._state != "ready" or not route.offloads:
             self.stats.add("inline", "all", 1, n)
-            return None, None
+            return None
         reason = "peer_cannot_read"
         if n > self.config.max_message:
             reason = "too_large"
+        elif not within(n, self.max_send) or not within(n, route.max_receive):
+            # gRPC refuses it (or it would): inline, so that gRPC itself does,
+            # with its own status and words.
+            reason = "over_grpc_limit"
+            self._note_limit(n, route)
         else:
+            node = self._node
+            assert node is not None and route.peer is not None
             for transport in self._order:
                 if transport == "shm" and route.send_shm:
-                    handle, ticket, reason = self._offload_shm(data, route)
-                    if handle is not None:
-                        if keep is not None:
-                            keep(ticket)
-                        return handle, ticket
+                    handle, ticket, reason = self._offload_shm(node, data, route)
                 elif transport == "cma" and route.send_cma and route.peer_key:
                     peer = route.peer
-                    handle, ticket, reason = self._get_pins().pin(
+                    handle, ticket, reason = node.get_pins().pin(
                         data, route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid()
                     )
                     if handle is not None:
                         self.stats.add("offloaded", "cma", 1, n)
-                        if keep is not None:
-                            keep(ticket)
-                        return handle, ticket
+                else:
+                    continue
+                if handle is not None:
+                    if keep is not None:
+                        keep(ticket)
+                    return handle
         self.stats.add("fallback", reason)
         self.stats.add("inline", "all", 1, n)
-        return None, None
+        return None
 
-    def _offload_shm(self, data: bytes, route: Route):
-        pool_ = self._get_pool()
+    def _note_limit(self, n: int, route: Route) -> None:
+        if self._limit_noted:
+            return
+        self._limit_noted = True
+        log.info(
+            "shmgrpc: %s: a %d-byte message went inline: it is over gRPC's message-size limit "
+            "(this side sends at most %s, the peer receives at most %s). Pass the channel's or "
+            "server's options to shmgrpc so it knows raised limits.",
+            self.name, n, self.max_send, route.max_receive,
+        )
+
+    def _offload_shm(self, node: Node, data, route: Route):
+        pool_ = node.get_pool()
         peer = route.peer
         slot, reason = pool_.alloc(len(data), (peer.pid, peer.start))
         if slot is None:
@@ -549,53 +805,67 @@ class Engine:
     def release(self, ticket: "Optional[pool.Ticket | pins.Ticket]") -> None:
         """The call that carried `ticket` is over: nobody will read it any
         more. A ticket whose slot or pin was reused since is ignored."""
+        node = self._node
+        if node is None or ticket is None:
+            return
         if isinstance(ticket, pins.Ticket):
-            if self._parts.pins is not None:
-                self._parts.pins.release(ticket)
-        elif ticket is not None and self._parts.pool is not None:
-            self._parts.pool.release(ticket)
+            if node.pins is not None:
+                node.pins.release(ticket)
+        elif node.pool is not None:
+            node.pool.release(ticket)
 
-    def restore(self, raw, peer: session.Peer, deserializer: Callable) -> Any:
-        """Rebuild the message a handle stands for. Raises a ShmGrpcError whose
-        status_code says what went wrong."""
-        if self._state != "ready":
-            raise HandleError("received a shmgrpc handle, but offload is not enabled here")
+    def restore(self, raw, route: Route, deserializer: Callable, reread: bool = False) -> Any:
+        """Rebuild the message a handle stands for, with `deserializer`.
+
+        `reread`: the handle may have been read before (a request the client
+        resent: gRPC retries and hedging); responses are read once. Raises a
+        ShmGrpcError whose status_code says what went wrong; an exception of
+        the deserializer itself propagates unchanged, as it would inline."""
         try:
+            if self._state != "ready":
+                raise HandleError("received a shmgrpc handle, but offload is not enabled here")
             h = wire.decode(raw)
+            if route.peer is None:
+                raise HandleError("received a shmgrpc handle from a peer whose id segment cannot be read")
+            if not within(h.length, self.max_receive):
+                raise HandleTooLarge(
+                    f"Received message larger than max ({h.length} vs. {self.max_receive})"
+                )
             if isinstance(h, wire.ShmHandle):
-                message = self._restore_shm(h, peer, deserializer)
-            else:
-                message = self._restore_cma(h, peer, deserializer)
+                return self._restore_shm(h, route.peer, deserializer, reread)
+            return self._restore_cma(h, route.peer, deserializer, reread)
         except ShmGrpcError as err:
             self.stats.add("error", type(err).__name__)
             raise
-        return message
 
-    def _restore_shm(self, h: wire.ShmHandle, peer: session.Peer, deserializer: Callable) -> Any:
+    def _restore_shm(self, h: wire.ShmHandle, peer: session.Peer, deserializer: Callable, reread: bool) -> Any:
         if "shm" not in self._order:
             raise HandleError("received an shm handle, but SHMGRPC_TRANSPORT does not allow shm")
-        assert self.attacher is not None
-        view, seg = self.attacher.open(h, peer.inst)
+        attacher = self._node.attacher if self._node else None
+        if attacher is None:
+            raise HandleError("received an shm handle, but this engine is closed")
+        view, seg = attacher.open(h, peer.inst, reread)
         failure = None
+        message = None
         try:
             message = deserializer(view if _protobuf_parser(deserializer) else bytes(view))
-        except Exception as err:  # the parser's own error; reported after the check below
+        except Exception as err:  # the parser's own error; re-raised after the check below
             failure = err
         finally:
             view.release()
             # Raises DataLossError if the slot changed while we parsed: that
             # explains a parse failure better than the parser could.
-            self.attacher.finish(h, seg)
+            attacher.finish(h, seg)
         if failure is not None:
-            raise DeserializeError(f"offloaded message does not parse: {failure}") from failure
+            raise failure
         self.stats.add("restored", "shm", 1, h.length)
         return message
 
-    def _restore_cma(self, h: wire.CmaHandle, peer: session.Peer, deserializer: Callable) -> Any:
-        if "cma" not in self._order:
+    def _restore_cma(self, h: wire.CmaHandle, peer: session.Peer, deserializer: Callable, reread: bool) -> Any:
+        node = self._node
+        if "cma" not in self._order or node is None or node.identity is None:
             raise HandleError("received a cma handle, but cma is not enabled or not permitted here")
-        assert self.identity is not None
-        buffers = self._buffers
+        buffers = node.buffers
         held: List[bytearray] = []
 
         def dest(n: int) -> memoryview:
@@ -604,13 +874,11 @@ class Engine:
 
         try:
             payload = pins.read(
-                h, peer.pid, self.identity.inst, self.identity.cma_key_for(peer.inst),
-                self.config.max_message, dest,
+                h, peer.pid, node.identity.inst, node.identity.cma_key_for(peer.inst),
+                self.config.max_message, dest, reread,
             )
             try:
                 message = deserializer(payload if _protobuf_parser(deserializer) else bytes(payload))
-            except Exception as err:
-                raise DeserializeError(f"offloaded message does not parse: {err}") from err
             finally:
                 payload.release()
         finally:
@@ -621,7 +889,8 @@ class Engine:
 
 
 class EngineOwner:
-    """What every interceptor, sync or aio, says about its engine."""
+    """What every shmgrpc object with an engine (channel wrappers, server
+    interceptors) says about it."""
 
     _engine: Engine
 
@@ -632,21 +901,24 @@ class EngineOwner:
 
     @property
     def transports(self) -> Tuple[str, ...]:
-        """The rungs in effect now, in order: cma drops out if its probe failed."""
+        """The rungs in effect now, in order (see Engine.transports)."""
         return self._engine.transports
 
     def stats(self) -> Dict[str, Any]:
-        """This interceptor's counters and pool (shmgrpc.stats() sums them all)."""
+        """This object's counters and its process's pool (shmgrpc.stats()
+        sums every engine's counters)."""
         snap = self._engine.stats.snapshot()
         snap["pool"] = self._engine.pool_stats()
         return snap
 
     def close(self) -> None:
-        """Unlink what this interceptor created; later calls go plain."""
+        """Let go of shared memory; later calls go plain. The last user of
+        the process's pool unlinks it."""
         self._engine.close()
 
 
 def _after_fork_in_child() -> None:
+    Node.after_fork_in_child()
     for engine in list(_ENGINES):
         engine._after_fork_in_child()
 

@@ -1,86 +1,32 @@
-"""The sync server interceptor, and the per-call glue the aio one reuses.
+"""The sync server side: ServerInterceptor, shmgrpc.server(), and the per-call
+glue the aio server reuses.
 
-Requests: the handler's own request_deserializer is wrapped, not replaced. When
-the raw bytes are a handle it returns a small _Pending marker instead of
-parsing; the wrapped behavior resolves the marker before the application sees
-the request. Resolving there (not inside the deserializer) lets a bad handle
-end the call with its own status: grpc turns any exception raised by a
-deserializer into INTERNAL "Exception deserializing request!".
+Per call from a client whose hello names this server (a framed call), the
+handler is rebuilt around the *handler's own* request_deserializer and
+response_serializer, wrapped by a CallCodec (see _codec.py): a request handle
+is restored inside the deserializer, so the application and every
+interceptor outside shmgrpc see the real request; a large response is
+written out inside the serializer. A handle that cannot be restored becomes a
+`Failed` value, and the wrapped behavior ends the call with its own status
+(gRPC would turn an exception of the deserializer into INTERNAL).
 
-Responses: the handler's response_serializer is wrapped; a large serialized
-response is written to our pool and the handle bytes are returned in its place.
-
-Welcome: the server's half of the handshake, sent only while the client's
-hello does not name and prove this server, travels in the trailing metadata
-(with the status: no extra operation). The handler then gets a context proxy
-that merges it into the handler's own set_trailing_metadata, if it makes one.
+The application's context is a proxy: invocation_metadata() without
+shmgrpc's hello, and set_trailing_metadata() merged with the welcome (the
+server's half of the handshake, sent only while the client's hello does not
+name and prove this server; it travels with the status: no extra operation).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import grpc
 
 from . import wire
+from ._codec import CallCodec, Failed
 from ._core import Engine, EngineOwner, Route
 from .config import Config
 from .errors import ShmGrpcError, StaleSessionError
-
-
-class _Pending:
-    """A request that arrived as a handle; resolved by the wrapped behavior."""
-
-    __slots__ = ("raw", "deserializer")
-
-    def __init__(self, raw: bytes, deserializer: Callable):
-        self.raw = raw
-        self.deserializer = deserializer
-
-
-def _identity(value):
-    return value
-
-
-class CallGlue:
-    """Everything one server call needs: its route and the wrapped functions."""
-
-    __slots__ = ("engine", "route", "keep")
-
-    def __init__(self, engine: Engine, route: Route, keep: Optional[Callable] = None):
-        self.engine = engine
-        self.route = route
-        # Given to Engine.offload for each response (see there). The aio server
-        # passes one, to free what a cancelled call's client will never read;
-        # None here: the client's ack or the lease frees the slot.
-        self.keep = keep
-
-    def wrap_deserializer(self, original: Optional[Callable]) -> Callable:
-        original = original or _identity
-
-        def deserialize(raw: bytes) -> Any:
-            if wire.looks_like_handle(raw):
-                return _Pending(raw, original)
-            return original(raw)
-
-        return deserialize
-
-    def wrap_serializer(self, original: Optional[Callable]) -> Callable:
-        original = original or _identity
-        engine, route, keep = self.engine, self.route, self.keep
-
-        def serialize(message: Any) -> bytes:
-            data = original(message)
-            handle, _ = engine.offload(data, route, keep)  # the slot is freed by ack or lease
-            return data if handle is None else handle
-
-        return serialize
-
-    def resolve(self, request: Any) -> Any:
-        """The application's message for `request`; raises ShmGrpcError."""
-        if type(request) is _Pending:
-            return self.engine.restore(request.raw, self.route.peer, request.deserializer)
-        return request
 
 
 def abort_details(err: ShmGrpcError):
@@ -89,29 +35,31 @@ def abort_details(err: ShmGrpcError):
     return err.status_code, f"shmgrpc: {err}", trailing
 
 
-class _Context:
-    """The handler's context, with our welcome merged into the trailing
-    metadata (which travels with the status: no extra operation)."""
+def without_hello(metadata) -> Tuple:
+    return tuple(m for m in metadata or () if m[0] != wire.HELLO_KEY)
 
-    def __init__(self, inner, welcome):
+
+class _Context:
+    """The application's context: no hello in invocation_metadata(), our
+    welcome merged into its trailing metadata."""
+
+    def __init__(self, inner, welcome: Optional[Tuple[str, str]]):
         self._inner = inner
-        self._welcome = welcome
-        inner.set_trailing_metadata((welcome,))
+        self._welcome = (welcome,) if welcome is not None else ()
+        if welcome is not None:
+            inner.set_trailing_metadata(self._welcome)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
+    def invocation_metadata(self):
+        return without_hello(self._inner.invocation_metadata())
+
     def set_trailing_metadata(self, trailing_metadata):
-        return self._inner.set_trailing_metadata(tuple(trailing_metadata) + (self._welcome,))
+        return self._inner.set_trailing_metadata(tuple(trailing_metadata or ()) + self._welcome)
 
 
 grpc.ServicerContext.register(_Context)
-
-
-def handler_context(context, welcome):
-    """The context the application sees: its own, or with our welcome merged
-    when this call must carry one (sync and aio servers)."""
-    return context if welcome is None else _Context(context, welcome)
 
 
 def _abort(context, err: ShmGrpcError):
@@ -121,49 +69,46 @@ def _abort(context, err: ShmGrpcError):
     context.abort(code, details)
 
 
-def _resolved(glue: CallGlue, request, context):
-    try:
-        return glue.resolve(request)
-    except ShmGrpcError as err:
-        _abort(context, err)
+def _checked(request, context):
+    if type(request) is Failed:
+        _abort(context, request.error)
+    return request
 
 
-def _resolving(glue: CallGlue, requests: Iterator, context) -> Iterator:
+def _checking(requests: Iterator, context) -> Iterator:
     for request in requests:
-        yield _resolved(glue, request, context)
+        yield _checked(request, context)
 
 
-def _wrap_behavior(handler, glue: CallGlue) -> Callable:
-    welcome = glue.route.welcome
-
-    def context_for(context):
-        return handler_context(context, welcome)
+def _wrap_behavior(handler, welcome) -> Callable:
+    """The handler's behavior, with our context and failed restores ended
+    with their own status."""
 
     if handler.request_streaming and handler.response_streaming:
         behavior = handler.stream_stream
 
         def stream_stream(requests, context):
-            return behavior(_resolving(glue, requests, context), context_for(context))
+            return behavior(_checking(requests, context), _Context(context, welcome))
 
         return stream_stream
     if handler.request_streaming:
         behavior = handler.stream_unary
 
         def stream_unary(requests, context):
-            return behavior(_resolving(glue, requests, context), context_for(context))
+            return behavior(_checking(requests, context), _Context(context, welcome))
 
         return stream_unary
     if handler.response_streaming:
         behavior = handler.unary_stream
 
         def unary_stream(request, context):
-            return behavior(_resolved(glue, request, context), context_for(context))
+            return behavior(_checked(request, context), _Context(context, welcome))
 
         return unary_stream
     behavior = handler.unary_unary
 
     def unary_unary(request, context):
-        return behavior(_resolved(glue, request, context), context_for(context))
+        return behavior(_checked(request, context), _Context(context, welcome))
 
     return unary_unary
 
@@ -176,14 +121,20 @@ _FACTORIES = {
 }
 
 
-def rebuild_handler(handler, glue: CallGlue, behavior: Callable):
+def rebuild_handler(handler, codec: CallCodec, behavior: Callable):
     """A new RpcMethodHandler of the same shape, with wrapped functions."""
     factory = _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
     return factory(
         behavior,
-        request_deserializer=glue.wrap_deserializer(handler.request_deserializer),
-        response_serializer=glue.wrap_serializer(handler.response_serializer),
+        request_deserializer=codec.deserializer(handler.request_deserializer),
+        response_serializer=codec.serializer(handler.response_serializer),
     )
+
+
+def call_codec(engine: Engine, route: Optional[Route], keep=None) -> CallCodec:
+    """A server call's codec: requests may be read again (retries), a failed
+    restore is a Failed value."""
+    return CallCodec(engine, route, keep=keep, reread=True, failed_value=True)
 
 
 def handshake_handler(engine: Engine, details):
@@ -193,31 +144,48 @@ def handshake_handler(engine: Engine, details):
         return None
     route = engine.server_route(details.invocation_metadata)
 
-    def hello(requests, context):
-        for _ in requests:  # the client sends no message, or one empty one
-            pass
+    def hello(request, context):
         if route is not None and route.welcome is not None:
             context.set_trailing_metadata((route.welcome,))
         return b""
 
-    return grpc.stream_unary_rpc_method_handler(hello)
+    return grpc.unary_unary_rpc_method_handler(hello)
 
 
 class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
     """Restores offloaded requests and offloads large responses for clients
-    that proved they share this host. Everyone else is served untouched."""
+    that proved they share this host. Everyone else is served untouched.
 
-    def __init__(self, config: Optional[Config] = None):
-        self._engine = Engine(config, "server")
+    shmgrpc.server() installs one; to install it yourself, pass the server's
+    options here too, so that offloaded messages meet the same size limits
+    as inline ones (without them gRPC's defaults are assumed: receive 4 MiB,
+    send unlimited)."""
+
+    def __init__(self, config: Optional[Config] = None, *, options=None):
+        self._engine = Engine(config, "server", options, "server")
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method == wire.HANDSHAKE_METHOD:
             return handshake_handler(self._engine, handler_call_details)
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        route = self._engine.server_route(handler_call_details.invocation_metadata)
-        if route is None:
+        metadata = handler_call_details.invocation_metadata
+        if handler is None or wire.metadata_value(metadata, wire.HELLO_KEY) is None:
             return handler
-        glue = CallGlue(self._engine, route)
-        return rebuild_handler(handler, glue, _wrap_behavior(handler, glue))
+        route = self._engine.server_route(metadata)
+        welcome = route.welcome if route is not None else None
+        return rebuild_handler(handler, call_codec(self._engine, route), _wrap_behavior(handler, welcome))
+
+
+def server(thread_pool=None, handlers=None, interceptors=None, options=None, maximum_concurrent_rpcs=None,
+           compression=None, xds=False, *, config: Optional[Config] = None) -> grpc.Server:
+    """grpc.server(...) with shmgrpc installed, innermost: your interceptors
+    run first and see the real requests; shmgrpc knows the server's options.
+
+    The ServerInterceptor is reachable as `server.shmgrpc` (stats, close)."""
+    icpt = ServerInterceptor(config, options=options)
+    srv = grpc.server(
+        thread_pool, handlers=handlers, interceptors=[*(interceptors or ()), icpt], options=options,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs, compression=compression, xds=xds,
+    )
+    srv.shmgrpc = icpt
+    return srv

@@ -190,9 +190,13 @@ def read(
     my_key: bytes,
     max_message: int,
     dest: Callable[[int], memoryview] = lambda n: memoryview(bytearray(n)),
+    reread: bool = False,
 ) -> memoryview:
     """Receiver side: check the handle against the sender's entry, pull the
-    payload into `dest(length)`, re-check, acknowledge. Returns that view."""
+    payload into `dest(length)`, re-check, acknowledge. Returns that view.
+
+    `reread`: an entry we acknowledged already may be read again (a request
+    gRPC resent; its sender keeps it pinned until the call ends)."""
     if h.length > max_message:
         raise HandleTooLarge(
             f"handle offers {h.length} bytes; this receiver accepts at most {max_message} "
@@ -221,7 +225,7 @@ def read(
         )
     if not hmac.compare_digest(token, h.token):
         raise HandleError("cma entry was not offered for this message (token mismatch)")
-    if state != pool.READY:
+    if state != pool.READY and not (reread and state == pool.ACKED):
         raise HandleError(f"cma entry {h.entry} is not ready (state {state}); handles are single-use")
     if length != h.length or h.iovecs != ((addr, length),):
         raise HandleError(

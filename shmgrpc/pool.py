@@ -494,10 +494,12 @@ class Attacher:
         self._lock = threading.Lock()  # protects _cache
         self._cache: "OrderedDict[str, _Attached]" = OrderedDict()
 
-    def open(self, h: wire.ShmHandle, owner_inst: bytes) -> Tuple[memoryview, _Attached]:
+    def open(self, h: wire.ShmHandle, owner_inst: bytes, reread: bool = False) -> Tuple[memoryview, _Attached]:
         """A read-only view of the payload `h` names, after checking it.
 
-        The caller must call finish() when done with the view."""
+        `reread`: a slot we acknowledged already may be read again (a request
+        gRPC resent; its sender keeps it until the call ends). The caller must
+        call finish() when done with the view."""
         if h.length > self.max_message:
             raise HandleTooLarge(
                 f"handle offers {h.length} bytes; this receiver accepts at most "
@@ -523,7 +525,7 @@ class Attacher:
             )
         if not secrets.compare_digest(token, h.token):
             raise HandleError(f"slot {h.slot} of {h.name} was not offered for this message (token mismatch)")
-        if state != READY or length != h.length:
+        if (state != READY and not (reread and state == ACKED)) or length != h.length:
             raise HandleError(
                 f"slot {h.slot} of {h.name} is not ready for reading (state {state}); "
                 "handles are single-use"

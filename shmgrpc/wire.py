@@ -3,11 +3,21 @@
 Pure: no grpc, no I/O. One decoder checks magic, kind, bounds and names and
 raises HandleError, never struct.error or IndexError from deep inside.
 
-A handle travels as a protobuf field: field number 536870911 (the largest
-legal number, so no real schema uses it) with wire type 2 (length-delimited).
-A protobuf parser keeps an unknown field, so a message holding only this field
-parses as *any* message type; that is how the client interceptor hands a
-handle to an unmodified stub (see DESIGN.md, "Carrying a handle").
+A frame is what crosses the socket in place of a message's bytes, on a call
+whose hello named a shmgrpc peer (a *framed* call; no other call is ever
+read as a frame):
+
+    PREFIX (4) | varint n | body (n bytes)      a handle; n >= 32
+    PREFIX (4) | 0x00     | the message's bytes  a message that merely begins
+                                                 with PREFIX, escaped
+
+PREFIX is 07 fe 53 47. 0x07 is a protobuf tag with field number 0 and wire
+type 7, both invalid, so no protobuf parser accepts a frame as a message;
+0xfe never occurs in UTF-8, so text and JSON codecs refuse it too. A handle
+that reaches a server without shmgrpc therefore fails to deserialize there
+(INTERNAL) instead of parsing as an empty message. The escape makes framed
+calls unambiguous for any codec: raw bytes that begin like a frame are sent
+escaped and delivered untouched.
 
 Handle body, little-endian, common part (32 bytes):
 
@@ -46,7 +56,8 @@ from typing import Optional, Tuple
 
 from .errors import HandleError
 
-FIELD_NUMBER = 536870911  # 2**29 - 1: the largest field number protobuf allows
+PREFIX = b"\x07\xfeSG"  # field 0 + wire type 7 (invalid protobuf), 0xfe (invalid UTF-8), "SG"
+ESCAPE = PREFIX + b"\x00"  # a body length of 0: the message itself follows
 MAGIC = b"SGH1"
 KIND_SHM = 1
 KIND_CMA = 2
@@ -75,9 +86,8 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-TAG = _varint((FIELD_NUMBER << 3) | 2)  # 5 bytes: fa ff ff ff 0f
 MAX_BODY = _CMA.size + _COMMON.size + MAX_IOVECS * _IOV.size + MAX_NAME
-MAX_HANDLE = len(TAG) + 2 + MAX_BODY  # body length fits a 2-byte varint
+MAX_HANDLE = len(PREFIX) + 2 + MAX_BODY  # body length fits a 2-byte varint
 
 
 @dataclass(frozen=True)
@@ -103,8 +113,26 @@ class CmaHandle:
 
 
 def frame(body: bytes) -> bytes:
-    """The handle field around a body: what a message carrying it serializes to."""
-    return TAG + _varint(len(body)) + body
+    """A handle body framed: what crosses the socket instead of the message."""
+    return PREFIX + _varint(len(body)) + body
+
+
+def escape(data):
+    """`data` as sent on a framed call when it is not offloaded: unchanged,
+    unless it begins like a frame (then ESCAPE + data, read back by unescape)."""
+    if data[: len(PREFIX)] == PREFIX:
+        return ESCAPE + bytes(data)
+    return data
+
+
+def is_frame(data) -> bool:
+    """On a framed call: is this message a frame (a handle or an escape)?"""
+    return data[: len(PREFIX)] == PREFIX
+
+
+def escaped(data) -> bool:
+    """Is this frame an escaped message rather than a handle?"""
+    return data[: len(ESCAPE)] == ESCAPE
 
 
 def encode_shm(h: ShmHandle) -> bytes:
@@ -126,17 +154,14 @@ def encode_cma(h: CmaHandle) -> bytes:
     return frame(b"".join(body))
 
 
-def looks_like_handle(data) -> bool:
-    """Cheap test on raw message bytes: could this be a handle at all?"""
-    return len(data) <= MAX_HANDLE and data[: len(TAG)] == TAG
-
-
 def decode(data) -> "ShmHandle | CmaHandle":
     """Parse a handle from the raw bytes of a message; HandleError if malformed."""
-    data = bytes(data)
-    if not data.startswith(TAG):
-        raise HandleError("not a shmgrpc handle: missing the handle field tag")
-    pos = len(TAG)
+    data = bytes(data[:MAX_HANDLE + 1])
+    if len(data) > MAX_HANDLE:
+        raise HandleError(f"malformed handle: longer than {MAX_HANDLE} bytes")
+    if not data.startswith(PREFIX):
+        raise HandleError("not a shmgrpc handle: missing the frame prefix")
+    pos = len(PREFIX)
     body_len, shift = 0, 0
     while True:
         if pos >= len(data) or shift > 14:
@@ -199,28 +224,37 @@ def _decode_cma(body: bytes, length: int, token: bytes) -> CmaHandle:
 
 
 # --- handshake metadata -----------------------------------------------------
-# Values are short ASCII, space separated, "-" for an empty field. Version 1.
+# Values are short ASCII, space separated, "-" for an empty field. Version 2
+# (version 1 carried handles as a protobuf field; the two do not interoperate,
+# and a peer of the other version is treated as one without shmgrpc).
 #
 # client -> server, on every call, key HELLO_KEY:
-#     1 <client inst> <client id segment> <accepts> <server inst> <proof> <cma key>
-# server -> client, initial metadata, key WELCOME_KEY:
-#     1 <server inst> <server id segment> <accepts> <proof> <cma key>
+#     2 <client inst> <client id segment> <accepts> <server inst> <proof> <cma key> <max receive>
+# server -> client, trailing metadata, key WELCOME_KEY:
+#     2 <server inst> <server id segment> <accepts> <proof> <cma key> <max receive>
 #
 # accepts: "s" the sender of this value reads the other side's shm segments,
 # "c" it can read the other side's memory with process_vm_readv ("-": none).
 # proof: HMAC of the other side's id-segment secret: shows we opened it.
 # cma key: what the other side must write beside cma payloads addressed to us.
+# max receive: the largest message the sender of this value accepts (its
+# gRPC max_receive_message_length; -1 unlimited). The other side offloads
+# nothing longer: such a message goes inline, and gRPC itself refuses it
+# exactly as it would without shmgrpc.
 HELLO_KEY = "shmgrpc-hello"
 WELCOME_KEY = "shmgrpc-welcome"
 RETRY_KEY = "shmgrpc-retry"  # trailing metadata: resend this call inline
 # The one extra round trip per channel: a client that has no route yet calls
-# this method first. The server interceptor answers it (any message count in,
-# one empty message out, welcome in the initial metadata); a plain server
-# answers UNIMPLEMENTED and the client stays plain.
-HANDSHAKE_METHOD = "/shmgrpc.v1.Handshake/Hello"
-VERSION = "1"
+# this method first (unary, empty request and response, the caller's own
+# metadata and credentials beside the hello). A plain server answers
+# UNIMPLEMENTED and the client stays plain.
+HANDSHAKE_SERVICE = "shmgrpc.v1.Handshake"
+HANDSHAKE_METHOD = f"/{HANDSHAKE_SERVICE}/Hello"
+VERSION = "2"
+UNLIMITED = -1
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_LIMIT = re.compile(r"^(-1|\d{1,19})$")
 
 
 def metadata_value(metadata, key: str) -> Optional[str]:
@@ -239,6 +273,7 @@ class Hello:
     server_inst: Optional[bytes]
     proof: Optional[bytes]
     cma_key: Optional[bytes]
+    max_receive: int = UNLIMITED
 
 
 @dataclass(frozen=True)
@@ -248,6 +283,7 @@ class Welcome:
     accepts: str
     proof: Optional[bytes]
     cma_key: Optional[bytes]
+    max_receive: int = UNLIMITED
 
 
 def _hex_or_dash(value: Optional[bytes]) -> str:
@@ -262,6 +298,12 @@ def _parse_hex(text: str, what: str) -> Optional[bytes]:
     return bytes.fromhex(text)
 
 
+def _parse_limit(text: str) -> int:
+    if not _LIMIT.match(text):
+        raise HandleError(f"malformed handshake: max receive {text[:20]!r} is not a byte count or -1")
+    return int(text)
+
+
 def _parse_id(inst: str, segment: str, accepts: str) -> Tuple[bytes, str, str]:
     ident = _parse_hex(inst, "instance id")
     if ident is None:
@@ -274,6 +316,13 @@ def _parse_id(inst: str, segment: str, accepts: str) -> Tuple[bytes, str, str]:
     return ident, segment, accepts.replace("-", "")
 
 
+def _split(text: str, fields: int):
+    parts = str(text).split(" ")
+    if len(parts) != fields or parts[0] != VERSION:
+        raise HandleError(f"unsupported handshake {str(text)[:40]!r}: expected version {VERSION}")
+    return parts
+
+
 def encode_hello(h: Hello) -> str:
     return " ".join(
         (
@@ -284,14 +333,13 @@ def encode_hello(h: Hello) -> str:
             _hex_or_dash(h.server_inst),
             _hex_or_dash(h.proof),
             _hex_or_dash(h.cma_key),
+            str(h.max_receive),
         )
     )
 
 
 def decode_hello(text: str) -> Hello:
-    parts = str(text).split(" ")
-    if len(parts) != 7 or parts[0] != VERSION:
-        raise HandleError(f"unsupported handshake {str(text)[:40]!r}: expected version {VERSION}")
+    parts = _split(text, 8)
     inst, segment, accepts = _parse_id(parts[1], parts[2], parts[3])
     return Hello(
         inst,
@@ -300,6 +348,7 @@ def decode_hello(text: str) -> Hello:
         _parse_hex(parts[4], "server instance"),
         _parse_hex(parts[5], "proof"),
         _parse_hex(parts[6], "cma key"),
+        _parse_limit(parts[7]),
     )
 
 
@@ -312,14 +361,13 @@ def encode_welcome(w: Welcome) -> str:
             w.accepts or "-",
             _hex_or_dash(w.proof),
             _hex_or_dash(w.cma_key),
+            str(w.max_receive),
         )
     )
 
 
 def decode_welcome(text: str) -> Welcome:
-    parts = str(text).split(" ")
-    if len(parts) != 6 or parts[0] != VERSION:
-        raise HandleError(f"unsupported handshake {str(text)[:40]!r}: expected version {VERSION}")
+    parts = _split(text, 7)
     inst, segment, accepts = _parse_id(parts[1], parts[2], parts[3])
     return Welcome(
         inst,
@@ -327,4 +375,5 @@ def decode_welcome(text: str) -> Welcome:
         accepts,
         _parse_hex(parts[4], "proof"),
         _parse_hex(parts[5], "cma key"),
+        _parse_limit(parts[6]),
     )

@@ -1,0 +1,144 @@
+"""Offload at the codec: one call's wrapped serializer and deserializer.
+
+Both sides wrap the caller's *own* (de)serializers, never the messages: the
+bytes the application's codec produced are what is offloaded, and the
+application's codec parses the restored bytes. So any codec works (protobuf,
+JSON, raw bytes), a message is serialized once, and every interceptor on
+either side, inside or outside shmgrpc, sees the real messages.
+
+Only a *framed* call (its hello named a shmgrpc peer, see _core.Route) reads
+frames: there a message that merely begins like one was escaped by its
+sender, so raw bytes are never mistaken for a handle. Any other call passes
+bytes through untouched both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+from . import wire
+from ._core import Engine, Route
+from .errors import ShmGrpcError
+
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def _identity(value):
+    return value
+
+
+class Failed:
+    """What a server's deserializer returns for a handle it could not restore.
+
+    gRPC turns any exception of a request deserializer into INTERNAL
+    ("Exception deserializing request!"); returning this instead lets the
+    wrapped behavior end the call with the failure's own status (DATA_LOSS,
+    INVALID_ARGUMENT, RESOURCE_EXHAUSTED), with details saying what was wrong."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ShmGrpcError):
+        self.error = error
+
+
+class CallCodec:
+    """One call's codec: `serializer(original)` and `deserializer(original)`
+    wrap the application's functions for this call's route.
+
+    `keep`: called with the ticket of each message offloaded (the caller
+    frees them when the call ends). `reread`: handles this side reads may be
+    read again (requests: gRPC retries resend them). `failure`: the first
+    handle this call could not restore."""
+
+    __slots__ = ("engine", "route", "keep", "reread", "failure", "failed_value", "sent_frame")
+
+    def __init__(
+        self,
+        engine: Engine,
+        route: Optional[Route],
+        keep: Optional[Callable[[Any], None]] = None,
+        reread: bool = False,
+        failed_value: bool = False,
+    ):
+        self.engine = engine
+        self.route = route if route is not None and route.framed else None
+        self.keep = keep
+        self.reread = reread
+        self.failure: Optional[ShmGrpcError] = None
+        # Server: a failed restore returns Failed (see there); client: raises.
+        self.failed_value = failed_value
+        self.sent_frame = False  # a handle or an escaped message went out
+
+    @property
+    def framed(self) -> bool:
+        return self.route is not None
+
+    def serializer(self, original: Optional[Callable]) -> Callable:
+        original = original or _identity
+        if self.route is None:
+            return original
+        engine, route, keep = self.engine, self.route, self.keep
+
+        def serialize(message: Any):
+            data = original(message)
+            if not isinstance(data, _BYTES):
+                return data  # not ours to judge: gRPC reports it as it would
+            out = engine.offload(data, route, keep)
+            if out is None:
+                out = wire.escape(data)
+                if out is data:
+                    return data
+            self.sent_frame = True
+            return out
+
+        return serialize
+
+    def deserializer(self, original: Optional[Callable]) -> Callable:
+        original = original or _identity
+        if self.route is None:
+            return original
+        route = self.route
+
+        def deserialize(raw: bytes) -> Any:
+            if not wire.is_frame(raw):
+                return original(raw)
+            if wire.escaped(raw):
+                return original(raw[len(wire.ESCAPE):])
+            try:
+                return self.engine.restore(raw, route, original, self.reread)
+            except ShmGrpcError as err:
+                if self.failure is None:
+                    self.failure = err
+                if self.failed_value:
+                    return Failed(err)
+                raise
+
+        return deserialize
+
+
+class Tickets:
+    """The offloaded messages of one client call, freed when it ends: by then
+    the server has read them or never will (a resent request is read within
+    the call). Thread-safe enough for its use: appends from gRPC's request
+    thread, one release when the call is done; a ticket added after that is
+    freed at once."""
+
+    __slots__ = ("_engine", "_tickets", "_open")
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._tickets: List[Any] = []
+        self._open = True
+
+    def add(self, ticket) -> None:
+        if self._open:
+            self._tickets.append(ticket)
+            if self._open:
+                return
+        self._engine.release(ticket)
+
+    def release(self, _call=None) -> None:
+        self._open = False
+        tickets, self._tickets = self._tickets, []
+        for ticket in tickets:
+            self._engine.release(ticket)
