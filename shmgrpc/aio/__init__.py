@@ -1,11 +1,12 @@
 """shmgrpc for grpc.aio: the same offload for asyncio clients and servers.
 
-    channel = grpc.aio.insecure_channel(target, interceptors=shmgrpc.aio.client_interceptors())
-    server = grpc.aio.server(interceptors=[shmgrpc.aio.ServerInterceptor()])
+    channel = shmgrpc.aio.insecure_channel(target, options)   # or intercept_channel(channel, options=...)
+    server = shmgrpc.aio.server(options=options)              # or interceptors=[shmgrpc.aio.ServerInterceptor()]
 
-Both interoperate with the sync interceptors in the other process.
+Both interoperate with the sync side in the other process.
 """
 
+from ._channel import Channel, insecure_channel, intercept_channel, secure_channel
 from ._client import (
     StreamStreamClientInterceptor,
     StreamUnaryClientInterceptor,
@@ -13,13 +14,18 @@ from ._client import (
     UnaryUnaryClientInterceptor,
     client_interceptors,
 )
-from ._server import ServerInterceptor
+from ._server import ServerInterceptor, server
 
 __all__ = [
+    "Channel",
     "ServerInterceptor",
     "StreamStreamClientInterceptor",
     "StreamUnaryClientInterceptor",
     "UnaryStreamClientInterceptor",
     "UnaryUnaryClientInterceptor",
     "client_interceptors",
+    "insecure_channel",
+    "intercept_channel",
+    "secure_channel",
+    "server",
 ]

@@ -1,24 +1,24 @@
-"""The grpc.aio server interceptor.
+"""The grpc.aio server side.
 
-Per call it is the sync server's glue (shmgrpc._server): the same CallGlue
-wraps the handler's own (de)serializers, a handle arrives as the same
-_Pending marker, the welcome is merged by the same context proxy and the
-internal handshake method has the same handler. What differs is the
-behavior wrapper, because grpc.aio dispatches on what the behavior *is*
-(grpc/_cython/_cygrpc/aio/server.pyx.pxi, _is_async_handler and
-_finish_handler_with_stream_responses):
+Per call it is the sync server's glue (shmgrpc._server): the same CallCodec
+wraps the handler's own (de)serializers, so a request handle is restored in
+the deserializer (on the event loop, where grpc.aio deserializes) and the
+application and every interceptor see the real request; the same context
+proxy strips the hello and merges the welcome; the same handshake handler.
+What differs is the behavior wrapper, because grpc.aio dispatches on what the
+behavior *is* (grpc/_cython/_cygrpc/aio/server.pyx.pxi, _is_async_handler
+and _finish_handler_with_stream_responses):
 
 - a coroutine function or async generator function: wrapped here by one of
-  the same kind, which resolves pending requests (off the loop when large)
-  and hands the application a context whose read() resolves them too;
+  the same kind, which ends a call whose handle could not be restored with
+  its own status, and hands the application a context whose read() does too;
 - a plain function (a sync handler on an aio server, run in grpc's thread
   pool with a sync context): wrapped by the sync server's own wrapper.
 
 A cancelled call (client cancel, deadline, server stop) frees the slots and
 pins of the responses it offloaded: their reader will never read them. A
 call that ended normally leaves them to the client's ack (its messages may
-still be in flight). Sync handlers are served as the sync server serves
-them: what a cancelled one offloaded waits for its lease.
+still be in flight).
 """
 
 from __future__ import annotations
@@ -32,19 +32,11 @@ import grpc
 from grpc import aio
 
 from .. import wire
+from .._codec import CallCodec, Failed
 from .._core import Engine, EngineOwner
-from .._server import (
-    CallGlue,
-    _Pending,
-    _wrap_behavior,
-    abort_details,
-    handler_context,
-    handshake_handler,
-    rebuild_handler,
-)
+from .._server import _Context as _SyncContext
+from .._server import _wrap_behavior, abort_details, call_codec, handshake_handler, rebuild_handler
 from ..config import Config
-from ..errors import ShmGrpcError
-from . import _common
 from ._common import Sent
 
 log = logging.getLogger("shmgrpc")
@@ -65,45 +57,34 @@ def _is_async(behavior) -> bool:
     )
 
 
-async def _resolved(glue: CallGlue, request, context):
-    """The application's request for `request` (a _Pending is restored, in a
-    worker thread when large); a bad handle aborts the call with its status."""
-    if type(request) is not _Pending:
-        return request
-    try:
-        return await _common.run(_common.handle_length(request.raw), glue.resolve, request)
-    except ShmGrpcError as err:
-        code, details, trailing = abort_details(err)
+async def _checked(request, context):
+    """`request`, unless it is a handle that could not be restored: then the
+    call ends with that failure's status."""
+    if type(request) is Failed:
+        code, details, trailing = abort_details(request.error)
         if trailing:
             context.set_trailing_metadata(trailing)
         await context.abort(code, details)
+    return request
 
 
-async def _resolving(glue: CallGlue, requests, context):
+async def _checking(requests, context):
     async for request in requests:
-        yield await _resolved(glue, request, context)
+        yield await _checked(request, context)
 
 
-class _Context:
-    """The application's context: reads resolve pending requests; the rest,
-    welcome included, is the sync glue's context (handler_context)."""
-
-    def __init__(self, context, glue: CallGlue):
-        self._raw = context
-        self._inner = handler_context(context, glue.route.welcome)
-        self._glue = glue
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
+class _Context(_SyncContext):
+    """The application's context (hello stripped, welcome merged), whose
+    read() ends the call on a handle that could not be restored."""
 
     async def read(self):
-        return await _resolved(self._glue, await self._inner.read(), self._raw)
+        return await _checked(await self._inner.read(), self._inner)
 
 
 aio.ServicerContext.register(_Context)
 
 
-def _aio_behavior(handler, glue: CallGlue, sent: Sent) -> Callable:
+def _aio_behavior(handler, welcome, sent: Sent) -> Callable:
     """An async behavior of the same shape and kind as the handler's."""
     streaming_in, streaming_out = bool(handler.request_streaming), bool(handler.response_streaming)
     behavior = {
@@ -119,10 +100,10 @@ def _aio_behavior(handler, glue: CallGlue, sent: Sent) -> Callable:
         # call was cancelled (client, deadline, server stop): free its slots.
         context.add_done_callback(lambda ctx: sent.end(release=not ctx.done()))
         if streaming_in:
-            request = _resolving(glue, request, context)
+            request = _checking(request, context)
         else:
-            request = await _resolved(glue, request, context)
-        return request, _Context(context, glue)
+            request = await _checked(request, context)
+        return request, _Context(context, welcome)
 
     if inspect.isasyncgenfunction(behavior):  # a response stream, as an async generator
 
@@ -141,13 +122,15 @@ def _aio_behavior(handler, glue: CallGlue, sent: Sent) -> Callable:
 
 
 class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
-    """Use as grpc.aio.server(interceptors=[shmgrpc.aio.ServerInterceptor()]).
+    """Use shmgrpc.aio.server(), or grpc.aio.server(interceptors=[...,
+    shmgrpc.aio.ServerInterceptor(options=options)]) with the server's
+    options (see shmgrpc.ServerInterceptor).
 
     Restores offloaded requests and offloads large responses for clients that
     proved they share this host; everyone else is served untouched."""
 
-    def __init__(self, config: Optional[Config] = None):
-        self._engine = Engine(config, "server")
+    def __init__(self, config: Optional[Config] = None, *, options=None):
+        self._engine = Engine(config, "server", options, "server")
         self._warned = False
 
     # Not `async def`: grpc.aio awaits what this returns, a sync grpc.server
@@ -168,18 +151,18 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
             # A sync handler: grpc.aio runs it in its thread pool, once per channel.
             return handshake_handler(engine, details)
         handler = await continuation(details)
-        if handler is None:
-            return None
-        route = engine.server_route(details.invocation_metadata)
-        if route is None:
+        metadata = details.invocation_metadata
+        if handler is None or wire.metadata_value(metadata, wire.HELLO_KEY) is None:
             return handler
+        route = engine.server_route(metadata)
+        welcome = route.welcome if route is not None else None
         behavior = (handler.unary_unary, handler.unary_stream, handler.stream_unary, handler.stream_stream)
         if not any(b is not None and _is_async(b) for b in behavior):
-            glue = CallGlue(engine, route)  # a sync handler: the sync glue, in grpc's threads
-            return rebuild_handler(handler, glue, _wrap_behavior(handler, glue))
+            # A sync handler: the sync glue, in grpc's threads.
+            return rebuild_handler(handler, call_codec(engine, route), _wrap_behavior(handler, welcome))
         sent = Sent(engine)
-        glue = CallGlue(engine, route, keep=sent.add)
-        return rebuild_handler(handler, glue, _aio_behavior(handler, glue, sent))
+        codec: CallCodec = call_codec(engine, route, keep=sent.add)
+        return rebuild_handler(handler, codec, _aio_behavior(handler, welcome, sent))
 
     def _refuse(self, continuation, details):
         """On a sync server: a handler of the call's shape that fails it with
@@ -199,3 +182,16 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
             factory = grpc.unary_stream_rpc_method_handler if handler.response_streaming \
                 else grpc.unary_unary_rpc_method_handler
         return factory(refuse)
+
+
+def server(migration_thread_pool=None, handlers=None, interceptors=None, options=None,
+           maximum_concurrent_rpcs=None, compression=None, *, config: Optional[Config] = None) -> aio.Server:
+    """grpc.aio.server(...) with shmgrpc installed, innermost (see
+    shmgrpc.server). The ServerInterceptor is reachable as `server.shmgrpc`."""
+    icpt = ServerInterceptor(config, options=options)
+    srv = aio.server(
+        migration_thread_pool, handlers=handlers, interceptors=[*(interceptors or ()), icpt], options=options,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs, compression=compression,
+    )
+    srv.shmgrpc = icpt
+    return srv
