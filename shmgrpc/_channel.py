@@ -154,13 +154,24 @@ def _converted(err: grpc.RpcError, codec: Optional[CallCodec]) -> grpc.RpcError:
     return err
 
 
-class _CallProxy(grpc.Call, grpc.Future):
+class _CallProxy(grpc.RpcError, grpc.Call, grpc.Future):
     """A call (future, response iterator) of the wrapped channel, whose
-    errors are converted (see _converted)."""
+    errors are converted (see _converted). Like gRPC's own, it is itself a
+    grpc.RpcError, and raises itself when the call fails."""
 
     def __init__(self, inner, codec: Optional[CallCodec]):
+        super().__init__()
         self._inner = inner
         self._codec = codec
+
+    def _raised(self, err: grpc.RpcError) -> grpc.RpcError:
+        converted = _converted(err, self._codec)
+        return self if converted is err and err is self._inner else converted
+
+    def __repr__(self):
+        return repr(self._inner)
+
+    __str__ = __repr__
 
     def _error(self) -> Optional[RestoreError]:
         codec = self._codec
@@ -213,11 +224,11 @@ class _CallProxy(grpc.Call, grpc.Future):
         try:
             return self._inner.result(timeout)
         except grpc.RpcError as err:
-            raise _converted(err, self._codec) from None
+            raise self._raised(err) from None
 
     def exception(self, timeout=None):
         err = self._inner.exception(timeout)
-        return _converted(err, self._codec) if isinstance(err, grpc.RpcError) else err
+        return self._raised(err) if isinstance(err, grpc.RpcError) else err
 
     def traceback(self, timeout=None):
         return self._inner.traceback(timeout)
@@ -233,7 +244,7 @@ class _CallProxy(grpc.Call, grpc.Future):
         try:
             return next(self._inner)
         except grpc.RpcError as err:
-            raise _converted(err, self._codec) from None
+            raise self._raised(err) from None
 
     next = __next__
 
