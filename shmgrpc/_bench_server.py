@@ -4,10 +4,10 @@
 
     python -m shmgrpc._bench_server --unix PATH --parent PID
 
-It serves on PATH and on a free 127.0.0.1 TCP port, always through
-shmgrpc's server interceptor (a plain client simply gets inline messages),
-prints one JSON line with its addresses on stdout once it serves, and stops
-cleanly on SIGTERM or SIGINT, or when the bench process dies.
+It serves on PATH and on a free 127.0.0.1 TCP port, always as a
+shmgrpc.server() (a plain client simply gets inline messages), prints one
+JSON line with its addresses on stdout once it serves, and stops cleanly on
+SIGTERM or SIGINT, or when the bench process dies.
 
 Messages are `google.protobuf.wrappers_pb2.BytesValue` with generic handlers:
 no generated code is needed, and every call pays real protobuf serialize and
@@ -31,6 +31,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import grpc
 from google.protobuf.wrappers_pb2 import BytesValue
+
+import shmgrpc
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -195,13 +197,10 @@ def reset_peak() -> bool:
         return False
 
 
-def shmgrpc_stats() -> Optional[dict]:
-    """shmgrpc.stats() of this process, or None while the library lacks it."""
-    try:
-        from shmgrpc import stats
-    except ImportError:
-        return None
-    return stats()
+def shmgrpc_stats() -> dict:
+    """shmgrpc.stats() of this process: every engine's counters (the bench
+    runs one call at a time, so a difference belongs to that call)."""
+    return shmgrpc.stats()
 
 
 # --- Handlers ---------------------------------------------------------------
@@ -273,15 +272,6 @@ def _handlers(bench: _Bench) -> grpc.GenericRpcHandler:
     )
 
 
-def _interceptors() -> Tuple[list, Optional[str]]:
-    """shmgrpc's server interceptor, or none and a note saying why."""
-    try:
-        from shmgrpc import ServerInterceptor
-    except ImportError:
-        return [], "shmgrpc.ServerInterceptor is not available: the server runs plain gRPC"
-    return [ServerInterceptor()], None
-
-
 # --- Process ----------------------------------------------------------------
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -297,12 +287,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def serve(unix_path: str) -> None:
-    interceptors, note = _interceptors()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=SERVER_THREADS),
-        interceptors=interceptors,
-        options=GRPC_OPTIONS,
-    )
+    # grpc.server() with shmgrpc installed innermost and told the server's
+    # options (its message-size limits); the config comes from SHMGRPC_*.
+    server = shmgrpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((_handlers(_Bench()),))
     tcp_port = server.add_insecure_port("127.0.0.1:0")
     server.add_insecure_port(f"unix:{unix_path}")
@@ -312,25 +299,14 @@ def serve(unix_path: str) -> None:
         signal.signal(signum, lambda *_: stop.set())
     server.start()
     try:
-        ready = {"pid": os.getpid(), "tcp_port": tcp_port, "unix": unix_path, "note": note}
+        ready = {"pid": os.getpid(), "tcp_port": tcp_port, "unix": unix_path}
         print(json.dumps(ready), flush=True)
         stop.wait()
     finally:
         server.stop(grace=1).wait()
-        close_all(interceptors)
-
-
-def close_all(interceptors) -> None:
-    """Have each interceptor remove the shared memory it created.
-
-    Done here rather than left to exit: the library's exit hook reaches only
-    interceptors still alive then, and once the server is gone nothing keeps
-    ours alive.
-    """
-    for interceptor in interceptors:
-        close = getattr(interceptor, "close", None)
-        if close is not None:
-            close()
+        # Let go of the shared memory now rather than at exit: the library's
+        # exit hook reaches only engines still alive then.
+        server.shmgrpc.close()
 
 
 def main(argv: Optional[List[str]] = None) -> None:

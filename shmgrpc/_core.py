@@ -679,6 +679,9 @@ class Engine:
         text = wire.metadata_value(invocation_metadata, wire.HELLO_KEY)
         if text is None or not self.ready():
             return None
+        attacher = self._node.attacher if self._node is not None else None
+        if attacher is not None:
+            attacher.maybe_trim()  # clients come and go: let their segments go too
         try:
             return self._server_routes[text]
         except KeyError:

@@ -1,17 +1,17 @@
 """How much faster shmgrpc makes large messages, measured: `python -m shmgrpc.bench`.
 
-One server process (shmgrpc._bench_server, always with shmgrpc's server
-interceptor) and this client, on the same host. Each *mode* is a way for the
-client to reach it:
+One server process (shmgrpc._bench_server, always a shmgrpc.server()) and
+this client, on the same host. Each *mode* is a way for the client to reach
+it, over a channel of its own:
 
-    grpc-tcp    plain gRPC over 127.0.0.1 TCP, no interceptor
-    grpc-unix   plain gRPC over a unix socket, no interceptor (the baseline)
-    shm         shmgrpc.ClientInterceptor, transport=shm, over the unix socket
-    cma         shmgrpc.ClientInterceptor, transport=cma, over the unix socket
+    grpc-tcp    plain gRPC over 127.0.0.1 TCP
+    grpc-unix   plain gRPC over a unix socket (the baseline)
+    shm         shmgrpc.intercept_channel, transport=shm, over the unix socket
+    cma         shmgrpc.intercept_channel, transport=cma, over the unix socket
 
-Messages below shmgrpc's threshold (64 KiB unless SHMGRPC_THRESHOLD says
+Messages below shmgrpc's threshold (128 KiB unless SHMGRPC_THRESHOLD says
 otherwise) travel inline in every mode, so at 4 KiB the shm and cma rows
-measure what merely having the interceptor costs.
+measure what merely having shmgrpc on the channel costs.
 
 Each *shape* is an RPC pattern: unary (echo: the payload goes and comes
 back), server_stream (download), client_stream (upload) and bidi (echo
@@ -51,6 +51,8 @@ import grpc
 from google.protobuf import __version__ as protobuf_version
 from google.protobuf.wrappers_pb2 import BytesValue
 
+import shmgrpc
+
 from . import _bench_server as srv
 from .config import Config, parse_size
 from .errors import ConfigError
@@ -67,7 +69,7 @@ QUICK_SHAPES = ("unary",)
 PLAIN_MODES = ("grpc-tcp", "grpc-unix")
 SHMGRPC_MODES = ("shm", "cma")  # each is also the transport it forces
 MODES = PLAIN_MODES + SHMGRPC_MODES
-BASELINE = "grpc-unix"  # what shmgrpc replaces: the same socket, no interceptor
+BASELINE = "grpc-unix"  # what shmgrpc replaces: the same socket, plain gRPC
 
 # Fewer rounds make the median a coin toss on a busy machine.
 DEFAULT_REPEAT = 5
@@ -202,7 +204,6 @@ class Server:
     process: subprocess.Popen
     tcp_port: int
     unix_path: str
-    note: Optional[str]
 
 
 def start_server(unix_path: str) -> Server:
@@ -221,7 +222,7 @@ def start_server(unix_path: str) -> Server:
     except BaseException:
         stop_server(process)
         raise
-    return Server(process, ready["tcp_port"], ready["unix"], ready.get("note"))
+    return Server(process, ready["tcp_port"], ready["unix"])
 
 
 def _read_ready_line(process: subprocess.Popen) -> dict:
@@ -277,50 +278,47 @@ class Stubs:
         )
 
 
-def shmgrpc_client_interceptor():
-    """shmgrpc.ClientInterceptor, or None while the library lacks it."""
-    try:
-        from shmgrpc import ClientInterceptor
-    except ImportError:
-        return None
-    return ClientInterceptor
+# Each mode gets connections of its own: by default gRPC shares one
+# connection between channels with equal targets and options, and then plain
+# and shmgrpc calls would interleave on it.
+CHANNEL_OPTIONS = srv.GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]
 
 
 def open_channel(target: str) -> grpc.Channel:
-    # Each mode gets connections of its own: by default gRPC shares one
-    # connection between channels with equal targets and options, and then
-    # plain and intercepted calls would interleave on it.
-    options = srv.GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]
-    channel = grpc.insecure_channel(target, options=options)
+    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     grpc.channel_ready_future(channel).result(timeout=SERVER_START_TIMEOUT)
     return channel
 
 
 @dataclasses.dataclass
 class Clients:
-    """Stubs per mode, and what to close when done."""
+    """Stubs per mode, and the channels to close when done."""
 
     stubs: Dict[str, Stubs] = dataclasses.field(default_factory=dict)
     channels: List[grpc.Channel] = dataclasses.field(default_factory=list)
-    interceptors: list = dataclasses.field(default_factory=list)
+    shmgrpc: Dict[str, "shmgrpc.Channel"] = dataclasses.field(default_factory=dict)  # by mode
 
     def close(self) -> None:
+        # A shmgrpc channel closes the grpc channel it wraps and lets go of
+        # its shared memory.
         for channel in self.channels:
             channel.close()
-        srv.close_all(self.interceptors)
+
+    def statuses(self) -> Dict[str, "shmgrpc.ChannelStatus"]:
+        return {mode: shmgrpc.channel_status(channel) for mode, channel in self.shmgrpc.items()}
 
 
 def open_modes(names: Sequence[str], server: Server, clients: Clients) -> None:
     """Open a channel per mode into `clients`."""
-    interceptor_class = shmgrpc_client_interceptor()
     for name in names:
         target = f"127.0.0.1:{server.tcp_port}" if name == "grpc-tcp" else f"unix:{server.unix_path}"
         channel = open_channel(target)
-        clients.channels.append(channel)
         if name in SHMGRPC_MODES:
-            interceptor = interceptor_class(Config.from_env(transport=name))
-            clients.interceptors.append(interceptor)
-            channel = grpc.intercept_channel(channel, interceptor)
+            # Told the channel's options, shmgrpc offloads replies up to the
+            # raised receive limit (without them it assumes gRPC's 4 MiB).
+            channel = shmgrpc.intercept_channel(channel, Config.from_env(transport=name), options=CHANNEL_OPTIONS)
+            clients.shmgrpc[name] = channel
+        clients.channels.append(channel)
         clients.stubs[name] = Stubs.on(channel)
 
 
@@ -600,8 +598,10 @@ class Bench:
         self.modes = list(stubs)
         self.control = control
         self.threshold = threshold
-        # Without shmgrpc.stats() nothing can show whether the fast path was taken.
-        self.probe = StatsProbe(control) if srv.shmgrpc_stats() is not None else None
+        # shmgrpc.stats() shows whether the big messages took the fast path.
+        self.probe = StatsProbe(control)
+        # Each shmgrpc mode's channel status at the end of the run.
+        self.channels: Dict[str, shmgrpc.ChannelStatus] = {}
         self.cells: Dict[Tuple[str, int, str], Cell] = {}
         self.floors: Dict[int, List[int]] = {}
         self.warnings: List[str] = []
@@ -655,8 +655,7 @@ class Bench:
                 cell.peak = measure_peak(self.stubs[mode], self.control, job)
             except grpc.RpcError as exc:
                 self.warn(f"peak memory, {human_size(job.size)} {mode}: {exc.code().name}: {exc.details()}")
-        if self.probe is not None:
-            self.probe.delta()  # these calls belong to no cell
+        self.probe.delta()  # these calls belong to no cell
 
     def sample(self, cell: Cell, job: Job, record: bool) -> None:
         if cell.errors:  # one broken mode must not stop the others
@@ -675,8 +674,6 @@ class Bench:
     def account(self, cell: Cell, job: Job, record: bool) -> None:
         """Attribute shmgrpc's counters since the last sample to this one, and
         check that a big message took the mode's fast path."""
-        if self.probe is None:
-            return
         client, server = self.probe.delta()
         if not record:
             return
@@ -688,6 +685,14 @@ class Bench:
                 self.warn(f"{job.shape} {human_size(job.size)} {cell.mode}: {shortfall}")
             if shortfall:
                 cell.shortfalls.append(shortfall)
+
+    def record_channels(self, statuses: Dict[str, shmgrpc.ChannelStatus]) -> None:
+        """Each shmgrpc mode's channel status; a warning for a channel that
+        does not (or no longer does) use its mode's transport."""
+        self.channels = dict(statuses)
+        for mode, status in statuses.items():
+            if status.transport != mode:
+                self.warn(f"the {mode} channel ends the run with transport {status.transport}: {status.reason}")
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -751,7 +756,7 @@ def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def below_threshold_note(bench: Bench, shape: str) -> List[str]:
-    """What the interceptor costs where it only passes messages through."""
+    """What shmgrpc on the channel costs where it only passes messages through."""
     notes = []
     for size in bench.args.sizes:
         if size >= bench.threshold:
@@ -764,7 +769,7 @@ def below_threshold_note(bench: Bench, shape: str) -> List[str]:
                 notes.append(
                     f"{human_size(size)} is below the {human_size(bench.threshold)} threshold: "
                     f"{mode} costs {100 * (overhead - 1):+.1f}% vs {BASELINE} "
-                    "(interceptor present, message inline)"
+                    "(shmgrpc channel, message inline)"
                 )
     return notes
 
@@ -799,6 +804,12 @@ def _align(rows: List[List[str]]) -> str:
     return "\n".join("  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in rows)
 
 
+def status_text(status: shmgrpc.ChannelStatus) -> str:
+    """'transport shm; co-located server pid 42' ("inline": plain gRPC)."""
+    transports = ", then ".join(status.transports) or status.transport
+    return f"transport {transports}; {status.reason}" + ("" if status.settled else " (not settled)")
+
+
 def print_report(bench: Bench, notes: List[str]) -> None:
     print(
         f"\nmedian of {bench.args.repeat} interleaved rounds; speedup = {BASELINE} time / mode time; "
@@ -821,6 +832,10 @@ def print_report(bench: Bench, notes: List[str]) -> None:
         print(peaks)
         if any(not c.peak["client"]["peak_was_reset"] for c in bench.cells.values() if c.peak):
             print("  (the peak could not be reset here: VmHWM is each process's lifetime peak)")
+    if bench.channels:
+        print("\nshmgrpc channels at the end of the run:")
+        for mode, status in bench.channels.items():
+            print(f"  {mode}: {status_text(status)}")
     for line in notes + bench.warnings:
         print(f"note: {line}")
 
@@ -922,7 +937,8 @@ def results(bench: Bench, command: str, notes: List[str], elapsed_s: float, inte
             }
             for size, samples in bench.floors.items()
         ],
-        "shmgrpc_pool": (srv.shmgrpc_stats() or {}).get("pool"),
+        "shmgrpc_pool": srv.shmgrpc_stats().get("pool"),
+        "shmgrpc_channels": {mode: dataclasses.asdict(status) for mode, status in bench.channels.items()},
         "notes": notes,
         "warnings": bench.warnings,
     }
@@ -978,15 +994,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def available_modes(requested: Sequence[str], notes: List[str]) -> List[str]:
-    if shmgrpc_client_interceptor() is not None:
-        return list(requested)
-    skipped = [mode for mode in requested if mode in SHMGRPC_MODES]
-    if skipped:
-        notes.append(f"shmgrpc.ClientInterceptor is not available: mode(s) {', '.join(skipped)} skipped")
-    return [mode for mode in requested if mode not in SHMGRPC_MODES]
-
-
 def measure(
     args: argparse.Namespace, modes: List[str], threshold: int, notes: List[str]
 ) -> Tuple[Bench, bool]:
@@ -995,21 +1002,17 @@ def measure(
         server = start_server(os.path.join(directory, "bench.sock"))
         clients = Clients()
         try:
-            if server.note:
-                notes.append(server.note)
             open_modes(modes, server, clients)
             clients.channels.append(open_channel(f"unix:{server.unix_path}"))
             bench = Bench(args, clients.stubs, Stubs.on(clients.channels[-1]), threshold)
-            if bench.probe is None and any(mode in SHMGRPC_MODES for mode in modes):
-                notes.append(
-                    "shmgrpc.stats() is not available: whether big messages took the fast path is unchecked"
-                )
+            interrupted = False
             try:
                 bench.run()
             except KeyboardInterrupt:
                 progress("interrupted: reporting what was measured so far")
-                return bench, True
-            return bench, False
+                interrupted = True
+            bench.record_channels(clients.statuses())
+            return bench, interrupted
         finally:
             clients.close()
             stop_server(server.process)
@@ -1038,10 +1041,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         notes.append(f"--repeat {args.repeat}: a median of fewer than {DEFAULT_REPEAT} rounds is noisy")
     if os.environ.get("GLIBC_TUNABLES"):
         notes.append(f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} (client and server, every mode)")
-    modes = available_modes(args.modes, notes)
-    if not modes:
-        progress("no mode left to run: " + "; ".join(notes))
-        return 2
+    modes = list(args.modes)
     threshold = Config.from_env().threshold
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()

@@ -254,22 +254,31 @@ def write_from(pid: int, remote: Sequence[Tuple[int, int]], src) -> None:
 
 
 def probe(pid: int, address: int, expected: bytes) -> Optional[str]:
-    """Read len(expected) bytes of `pid` at `address`: None when they equal
-    `expected`, otherwise a short reason. OS errors never escape."""
+    """Can we use cma with `pid`? Reads len(expected) bytes of `pid` at
+    `address` (the read of a payload) and writes the same bytes back (the
+    ack is a process_vm_writev: a seccomp profile may allow one and deny the
+    other). None when both work and the bytes equal `expected`, otherwise a
+    short reason. OS errors never escape."""
     got = bytearray(len(expected))
+    step = "process_vm_readv"
     try:
         read_into(pid, [(address, len(expected))], got)
+        if got != expected:
+            return "content mismatch"
+        step = "process_vm_writev"
+        write_from(pid, [(address, len(expected))], expected)  # the same bytes: changes nothing
     except CmaNotPermitted as err:
         name = _errno.errorcode.get(err.errno, str(err.errno))
         scope = ptrace_scope()
-        return f"not permitted: {name}" + ("" if scope is None else f" (kernel.yama.ptrace_scope={scope})")
+        which = "" if step == "process_vm_readv" else " for process_vm_writev (the ack)"
+        return f"not permitted: {name}{which}" + ("" if scope is None else f" (kernel.yama.ptrace_scope={scope})")
     except CmaPeerGone:
         return "peer gone"
     except CmaBadAddress:
-        return "bad address"
+        return f"{step}: bad address"
     except CmaError as err:
-        return f"failed: {err}"
-    return None if got == expected else "content mismatch"
+        return f"{step} failed: {err}"
+    return None
 
 
 __all__ = ["address_of", "available", "probe", "ptrace_scope", "read_into", "write_from"]

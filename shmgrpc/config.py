@@ -23,24 +23,32 @@ TRANSPORTS = ("auto", "shm", "cma", "off")
 # Binary multiples only: "64K", "64KB" and "64KiB" all mean 65536. A storage
 # library that read "1MB" as 10**6 would round slot sizes to odd numbers.
 _UNITS = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d{1,20})\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SIZE_FORMS = "a byte count such as 65536, 64K, 64KiB, 1M, 1MiB or 2G (binary units)"
-_SECONDS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$", re.IGNORECASE)
+_SECONDS_RE = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,12})?)\s*(ms|s|m)?\s*$", re.IGNORECASE)
 _SECONDS_FORMS = "seconds such as 30, 30s, 500ms or 2m"
+
+
+def _shown(text) -> str:
+    """A value as quoted in an error: repr, cut short (a 5000-digit number
+    should not fill the log)."""
+    text = repr(text)
+    return text if len(text) <= 42 else text[:30] + "..." + text[-8:]
 
 
 def parse_size(text: str, name: str = "size") -> int:
     """Parse '65536', '64KiB', '1MiB', '1M' into bytes; ConfigError otherwise."""
     match = _SIZE_RE.match(str(text))
     if not match:
-        raise ConfigError(f"{name}={text!r} is not {_SIZE_FORMS}")
+        raise ConfigError(f"{name}={_shown(text)} is not {_SIZE_FORMS}")
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 def parse_seconds(text: str, name: str = "seconds") -> float:
+    """Parse '30', '30s', '500ms', '2m' into seconds; ConfigError otherwise."""
     match = _SECONDS_RE.match(str(text))
     if not match:
-        raise ConfigError(f"{name}={text!r} is not {_SECONDS_FORMS}")
+        raise ConfigError(f"{name}={_shown(text)} is not {_SECONDS_FORMS}")
     value = float(match.group(1))
     unit = (match.group(2) or "s").lower()
     return value / 1000.0 if unit == "ms" else value * 60.0 if unit == "m" else value
@@ -81,7 +89,7 @@ class Config:
         for field in dataclasses.fields(self):
             problem = _problem(field.name, getattr(self, field.name))
             if problem:
-                raise ConfigError(f"{field.name}={getattr(self, field.name)!r}: {problem}")
+                raise ConfigError(f"{field.name}={_shown(getattr(self, field.name))}: {problem}")
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> "Config":
@@ -95,7 +103,7 @@ class Config:
             value = parse(raw, var)
             problem = _problem(field, value)
             if problem:
-                raise ConfigError(f"{var}={raw!r}: {problem}")
+                raise ConfigError(f"{var}={_shown(raw)}: {problem}")
             values[field] = value
         values.update(overrides)
         return cls(**values)
@@ -104,27 +112,52 @@ class Config:
         return dataclasses.replace(self, transport=transport)
 
 
+# The accepted range of each field, (least, most); sizes in bytes. Values out
+# of range are refused when the Config is built, never found out later.
+MAX_BYTES = 1 << 50  # 1 PiB: anything larger is a typo, not a plan
+LEASE_RANGE = (0.1, 86400.0)  # a lease shorter than a read fails every read; a day is plenty
+SIZE_RANGES = {
+    "threshold": (1, MAX_BYTES),
+    # zero would be "offload nothing": that is SHMGRPC_TRANSPORT=off, said plainly
+    "pool_size": (64 * KiB, MAX_BYTES),
+    "segment_size": (64 * KiB, MAX_BYTES),
+    "max_message": (1, MAX_BYTES),
+    "cma_max_pinned": (0, MAX_BYTES),  # 0: this process never pins for cma
+}
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("PiB", 1 << 50), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
 def _problem(field: str, value) -> Optional[str]:
     """Why `value` is not acceptable for `field`, or None."""
     if field == "transport":
         return None if value in TRANSPORTS else f"expected one of {', '.join(TRANSPORTS)}"
     if field == "lease_seconds":
-        return None if isinstance(value, (int, float)) and value > 0 else "expected seconds > 0"
+        least, most = LEASE_RANGE
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and least <= value <= most
+        return None if ok else f"expected seconds from {least} to {most:.0f}"
     if field == "shm_dir":
-        return None if isinstance(value, str) and os.path.isabs(value) else "expected an absolute path"
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        return "expected a whole number of bytes >= 0"
-    if field == "threshold" and value < 1:
-        return "expected at least 1 byte"
-    if field == "segment_size" and value < 64 * KiB:
-        return "expected at least 64KiB"
+        if not isinstance(value, str) or not os.path.isabs(value):
+            return "expected an absolute directory path"
+        if os.path.exists(value) and not os.path.isdir(value):
+            return "exists but is not a directory"
+        return None  # missing: offload is off on this machine, with a note saying why
+    least, most = SIZE_RANGES[field]
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
+        hint = " (to turn offload off, set SHMGRPC_TRANSPORT=off)" if field == "pool_size" and value == 0 else ""
+        return f"expected a whole number of bytes from {_fmt(least)} to {_fmt(most)}{hint}"
     return None
 
 
 def _transport(text: str, name: str) -> str:
     value = text.strip().lower()
     if value not in TRANSPORTS:
-        raise ConfigError(f"{name}={text!r}: expected one of {', '.join(TRANSPORTS)}")
+        raise ConfigError(f"{name}={_shown(text)}: expected one of {', '.join(TRANSPORTS)}")
     return value
 
 
@@ -137,9 +170,7 @@ def _seconds(text: str, name: str) -> float:
 
 
 def _path(text: str, name: str) -> str:
-    if not os.path.isabs(text):
-        raise ConfigError(f"{name}={text!r}: expected an absolute directory path")
-    return text
+    return text  # checked by _problem, like a Config field
 
 
 # Environment variable -> (Config field, parser). The README's table mirrors this.

@@ -174,6 +174,15 @@ class Pins:
         self._free.append(index)
 
 
+# Single-use handles being read in this process, by (pid, entry address,
+# generation): the entry's state lives in the sender's memory, so "check
+# READY, then ack" cannot be one step there; two readers of one handle can
+# only race inside one receiving process, and this set makes the second one
+# fail as a replay.
+_reading: set = set()
+_reading_lock = threading.Lock()  # protects _reading
+
+
 def _check_generation(h: wire.CmaHandle) -> None:
     after = bytearray(8)
     cma.read_into(h.pid, [(h.entry_addr + _GEN_AT, 8)], after)
@@ -232,16 +241,27 @@ def read(
             f"cma handle range {[(hex(a), n) for a, n in h.iovecs]} is not the region "
             f"offered ({addr:#x}, {length})"
         )
-    payload = dest(h.length)
+    claim = None if reread else (h.pid, h.entry_addr, h.generation)
+    if claim is not None:
+        with _reading_lock:
+            if claim in _reading:
+                raise HandleError(f"cma entry {h.entry} is being read already; handles are single-use")
+            _reading.add(claim)
     try:
-        cma.read_into(h.pid, h.iovecs, payload)
-    except CmaBadAddress:
-        # The sender may have revoked the pin and freed the bytes meanwhile:
-        # that is DATA_LOSS, not a bad handle.
+        payload = dest(h.length)
+        try:
+            cma.read_into(h.pid, h.iovecs, payload)
+        except CmaBadAddress:
+            # The sender may have revoked the pin and freed the bytes meanwhile:
+            # that is DATA_LOSS, not a bad handle.
+            _check_generation(h)
+            raise
         _check_generation(h)
-        raise
-    _check_generation(h)
-    cma.write_from(h.pid, [(h.entry_addr + _STATE_AT, 4)], struct.pack("<I", pool.ACKED))
+        cma.write_from(h.pid, [(h.entry_addr + _STATE_AT, 4)], struct.pack("<I", pool.ACKED))
+    finally:
+        if claim is not None:
+            with _reading_lock:
+                _reading.discard(claim)
     return payload
 
 

@@ -26,8 +26,8 @@ Segment layout, little-endian:
 
 Slot header:
 
-    0      8    generation   bumped each time the slot is handed out
-    8      4    state        0 free, 1 writing, 2 ready, 3 acked
+    0      8    generation   bumped each time the slot is handed out or freed
+    8      4    state        0 free, 1 writing, 2 ready, 3 acked, 4 being read
     12     4    reserved
     16     8    length       payload bytes in this use
     24     16   token        random per use; the handle must carry the same
@@ -62,7 +62,7 @@ _SLOT = struct.Struct("<QI4xQ16s24x")
 SEG_MAGIC = b"SHMGSEG1"
 SLOT_HEADER = _SLOT.size  # 64: one cache line per slot header
 _STATE_AT = 8  # offset of `state` inside a slot header
-FREE, WRITING, READY, ACKED = 0, 1, 2, 3
+FREE, WRITING, READY, ACKED, READING = 0, 1, 2, 3, 4  # READING: a single-use reader claimed it
 
 
 def round_up(n: int, to: int) -> int:
@@ -102,9 +102,6 @@ def alive(pid: int, start: int) -> bool:
     return process_start(pid) == start
 
 
-SELF_START = process_start(os.getpid()) or 0
-
-
 class Liveness:
     """`gone(reader)` for one reclaim scan: each reader's /proc entry is read
     once, however many of its slots are waiting (a fast stream has dozens)."""
@@ -132,8 +129,9 @@ class NoSpace(Exception):
     """The shm directory cannot hold another segment (ENOSPC, EMFILE, ...)."""
 
 
-def create_mapping(shm_dir: str, name: str, size: int) -> mmap.mmap:
-    """Create name (O_EXCL, 0600), reserve `size` bytes, map it shared."""
+def create_mapping(shm_dir: str, name: str, size: int, keep_fd: bool = False):
+    """Create name (O_EXCL, 0600), reserve `size` bytes, map it shared.
+    Returns the mapping, or (mapping, fd) with `keep_fd`."""
     path = os.path.join(shm_dir, name)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -146,12 +144,29 @@ def create_mapping(shm_dir: str, name: str, size: int) -> mmap.mmap:
             os.posix_fallocate(fd, 0, size)
         except OSError as err:
             raise NoSpace(f"cannot reserve {size} bytes in {shm_dir}: {err.strerror}") from err
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         _unlink(path)  # a constructor that fails half-way undoes what it made
-        raise
-    finally:
         os.close(fd)
+        raise
+    if keep_fd:
+        return mm, fd
+    os.close(fd)
+    return mm
+
+
+def intact(fd: int, size: int) -> bool:
+    """Does the file behind `fd` still hold `size` bytes?
+
+    Any process of our uid can ftruncate a segment. Touching a mapping past
+    the end of its file is SIGBUS, which kills the process: so every access
+    to a segment's mapping is preceded by this check (one fstat). A
+    truncation racing with the access itself is not caught; sealed memfd
+    segments are what closes that window."""
+    try:
+        return os.fstat(fd).st_size >= size
+    except OSError:
+        return False
 
 
 def open_peer_file(shm_dir: str, name: str, writable: bool) -> Tuple[int, os.stat_result]:
@@ -230,7 +245,7 @@ class Segment:
         self.count = count
         self.header_size = round_up(64 + SLOT_HEADER * count, PAGE)
         self.size = self.header_size + slot_size * count
-        self.mm = create_mapping(shm_dir, name, self.size)
+        self.mm, self.fd = create_mapping(shm_dir, name, self.size, keep_fd=True)
         _SEG.pack_into(
             self.mm, 0, SEG_MAGIC, self.header_size, count, slot_size, os.getpid(), 0, owner_inst
         )
@@ -239,13 +254,23 @@ class Segment:
     def data_offset(self, index: int) -> int:
         return self.header_size + index * self.slot_size
 
+    def intact(self) -> bool:
+        return self.fd >= 0 and intact(self.fd, self.size)
+
+    def close_fd(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
     def destroy(self) -> None:
         """Owner only: mark retired (attached readers drop their mapping), unlink, unmap."""
         try:
-            struct.pack_into("<I", self.mm, 28, 1)
+            if self.intact():
+                struct.pack_into("<I", self.mm, 28, 1)
         except ValueError:
             pass  # already closed
         _unlink(self.path)
+        self.close_fd()
         try:
             self.mm.close()
         except (BufferError, ValueError):
@@ -342,6 +367,9 @@ class Pool:
             if slot is None:
                 self._reclaim_locked()
                 slot = self._take(cls)
+            if slot is not None and not slot.segment.intact():
+                self._drop_broken_locked(slot.segment)
+                slot = None
             if slot is None:
                 slot, reason = self._grow(cls)
                 if slot is None:
@@ -404,6 +432,8 @@ class Pool:
         """After fork, in the child: forget the parent's segments without touching them."""
         with self._lock:
             self._closed = True
+            for segment in self._segments.values():
+                segment.close_fd()  # the child's copy of the descriptor only
             self._segments, self._free, self._busy, self._mapped = {}, {}, {}, 0
 
     # internals, lock held
@@ -415,17 +445,50 @@ class Pool:
     def _free_locked(self, slot: Slot) -> None:
         if self._busy.pop((slot.segment.name, slot.index), None) is None:
             return
+        segment = slot.segment
+        if not segment.intact():
+            self._drop_broken_locked(segment)
+            return
+        # A new generation now, not only at reuse: a reader that comes after
+        # the call ended or the lease expired gets DATA_LOSS, not "not ready".
+        segment.generations[slot.index] += 1
         base = SLOT_HEADER * slot.index + 64
-        struct.pack_into("<I", slot.segment.mm, base + _STATE_AT, FREE)
-        self._free.setdefault(slot.segment.slot_size, []).append(slot)
+        struct.pack_into("<QI", segment.mm, base, segment.generations[slot.index], FREE)
+        self._free.setdefault(segment.slot_size, []).append(slot)
+
+    def _drop_broken_locked(self, segment: Segment) -> None:
+        """Somebody truncated one of our segments: never touch its mapping
+        again. Its slots are gone (a reader of them gets DATA_LOSS)."""
+        if self._segments.pop(segment.name, None) is None:
+            return
+        log.warning("shmgrpc: segment %s was truncated by another process; dropping it", segment.name)
+        self._mapped -= segment.size
+        self._free[segment.slot_size] = [s for s in self._free.get(segment.slot_size, []) if s.segment is not segment]
+        for key in [k for k, s in self._busy.items() if s.segment is segment]:
+            del self._busy[key]
+        _unlink(segment.path)
+        segment.close_fd()
+        try:
+            segment.mm.close()  # unmapping a truncated mapping is safe; touching it is not
+        except (BufferError, ValueError):
+            pass
 
     def _reclaim_locked(self) -> int:
         now = self._clock()
         gone = Liveness()
         freed = 0
+        checked: Dict[str, bool] = {}
         for slot in list(self._busy.values()):
+            segment = slot.segment
+            ok = checked.get(segment.name)
+            if ok is None:
+                ok = checked[segment.name] = segment.intact()
+                if not ok:
+                    self._drop_broken_locked(segment)
+            if not ok:
+                continue
             base = SLOT_HEADER * slot.index + 64
-            (state,) = struct.unpack_from("<I", slot.segment.mm, base + _STATE_AT)
+            (state,) = struct.unpack_from("<I", segment.mm, base + _STATE_AT)
             if state == ACKED or now >= slot.deadline or gone(slot.reader):
                 self._free_locked(slot)
                 freed += 1
@@ -475,24 +538,35 @@ class Pool:
 class _Attached:
     name: str
     mm: mmap.mmap
+    fd: int  # kept open: fstat before every access (see intact())
+    size: int
+    owner: Tuple[int, int]  # owner pid and start time, from the name
     owner_inst: bytes
     header_size: int
     count: int
     slot_size: int
-    views: int = 0  # payload views handed out and not finished yet
+    views: int = 0  # readers inside open()..finish(); never unmapped while > 0
+    dropped: bool = False  # out of the cache; unmapped by the last reader
 
 
 class Attacher:
     """Maps peers' segments (cached), checks handles against slot headers,
-    and acknowledges slots once their bytes are consumed."""
+    and acknowledges slots once their bytes are consumed.
+
+    A mapping is dropped (unmapped, its descriptor closed, so the tmpfs
+    space can return) when its owner retires the segment or exits, when the
+    cache is over MAX_CACHED, or when the file was truncated; never while a
+    reader is inside it."""
 
     MAX_CACHED = 64  # mappings kept for reuse; older ones are unmapped
+    TRIM_SECONDS = 1.0  # at most this long between checks for retired or dead owners
 
     def __init__(self, shm_dir: str, max_message: int):
         self.shm_dir = shm_dir
         self.max_message = max_message
-        self._lock = threading.Lock()  # protects _cache
+        self._lock = threading.Lock()  # protects _cache, every views/dropped, _trimmed
         self._cache: "OrderedDict[str, _Attached]" = OrderedDict()
+        self._trimmed = time.monotonic()
 
     def open(self, h: wire.ShmHandle, owner_inst: bytes, reread: bool = False) -> Tuple[memoryview, _Attached]:
         """A read-only view of the payload `h` names, after checking it.
@@ -505,34 +579,43 @@ class Attacher:
                 f"handle offers {h.length} bytes; this receiver accepts at most "
                 f"{self.max_message} (SHMGRPC_MAX_MESSAGE)"
             )
-        seg = self._attach(h.name)
-        if seg.owner_inst != owner_inst:
-            raise HandleError(
-                f"segment {h.name} belongs to another shmgrpc instance, not to this call's peer"
-            )
-        if h.slot >= seg.count:
-            raise HandleError(f"slot {h.slot} is outside segment {h.name} ({seg.count} slots)")
-        if h.offset != seg.header_size + h.slot * seg.slot_size or h.length > seg.slot_size:
-            raise HandleError(
-                f"handle range offset {h.offset} length {h.length} is outside slot {h.slot} "
-                f"of {h.name}"
-            )
-        generation, state, length, token = _SLOT.unpack_from(seg.mm, 64 + SLOT_HEADER * h.slot)
-        if generation != h.generation:
-            raise DataLossError(
-                f"slot {h.slot} of {h.name} was reused (generation {generation}, handle has "
-                f"{h.generation}): the lease expired before it was read"
-            )
-        if not secrets.compare_digest(token, h.token):
-            raise HandleError(f"slot {h.slot} of {h.name} was not offered for this message (token mismatch)")
-        if (state != READY and not (reread and state == ACKED)) or length != h.length:
-            raise HandleError(
-                f"slot {h.slot} of {h.name} is not ready for reading (state {state}); "
-                "handles are single-use"
-            )
-        with self._lock:
-            seg.views += 1
-        return memoryview(seg.mm)[h.offset : h.offset + h.length].toreadonly(), seg
+        seg = self._attach(h.name)  # holds a view reference from here
+        try:
+            if seg.owner_inst != owner_inst:
+                raise HandleError(
+                    f"segment {h.name} belongs to another shmgrpc instance, not to this call's peer"
+                )
+            if h.slot >= seg.count:
+                raise HandleError(f"slot {h.slot} is outside segment {h.name} ({seg.count} slots)")
+            if h.offset != seg.header_size + h.slot * seg.slot_size or h.length > seg.slot_size:
+                raise HandleError(
+                    f"handle range offset {h.offset} length {h.length} is outside slot {h.slot} "
+                    f"of {h.name}"
+                )
+            self._check_intact(seg)
+            base = 64 + SLOT_HEADER * h.slot
+            with self._lock:  # check and claim as one step: a single-use handle is read once
+                generation, state, length, token = _SLOT.unpack_from(seg.mm, base)
+                claim = state == READY and not reread and generation == h.generation and length == h.length
+                if claim and secrets.compare_digest(token, h.token):
+                    struct.pack_into("<I", seg.mm, base + _STATE_AT, READING)
+            if generation != h.generation:
+                raise DataLossError(
+                    f"slot {h.slot} of {h.name} was reused (generation {generation}, handle has "
+                    f"{h.generation}): the lease expired or the call ended before it was read"
+                )
+            if not secrets.compare_digest(token, h.token):
+                raise HandleError(f"slot {h.slot} of {h.name} was not offered for this message (token mismatch)")
+            readable = (READY, ACKED, READING) if reread else (READY,)
+            if state not in readable or length != h.length:
+                raise HandleError(
+                    f"slot {h.slot} of {h.name} is not ready for reading (state {state}); "
+                    "handles are single-use"
+                )
+            return memoryview(seg.mm)[h.offset : h.offset + h.length].toreadonly(), seg
+        except BaseException:
+            self._unref(seg)
+            raise
 
     def finish(self, h: wire.ShmHandle, seg: _Attached, consumed: bool = True) -> None:
         """Check nothing changed while we read, then acknowledge the slot.
@@ -540,6 +623,7 @@ class Attacher:
         Raises DataLossError if the slot was reused under us."""
         base = 64 + SLOT_HEADER * h.slot
         try:
+            self._check_intact(seg)
             generation, _, _, token = _SLOT.unpack_from(seg.mm, base)
             if generation != h.generation or token != h.token:
                 raise DataLossError(
@@ -549,52 +633,120 @@ class Attacher:
             if consumed:
                 struct.pack_into("<I", seg.mm, base + _STATE_AT, ACKED)
         finally:
+            self._unref(seg)
+        self.maybe_trim()
+
+    def maybe_trim(self) -> None:
+        """trim(), if the last one is TRIM_SECONDS old (cheap to call per call)."""
+        if time.monotonic() - self._trimmed >= self.TRIM_SECONDS:
+            self.trim()
+
+    def _check_intact(self, seg: _Attached) -> None:
+        if not intact(seg.fd, seg.size):
             with self._lock:
-                seg.views -= 1
+                if self._cache.get(seg.name) is seg:
+                    del self._cache[seg.name]
+                    seg.dropped = True
+            raise DataLossError(f"segment {seg.name} was truncated by another process; its bytes are gone")
+
+    def _unref(self, seg: _Attached) -> None:
+        with self._lock:
+            seg.views -= 1
+            last = seg.dropped and seg.views == 0
+        if last:
+            _unmap(seg)
 
     def _attach(self, name: str) -> _Attached:
+        """The cached mapping of `name` (made if needed), with a view
+        reference taken under the lock: no trim can unmap it before the
+        caller's _unref."""
         with self._lock:
             seg = self._cache.get(name)
             if seg is not None:
                 self._cache.move_to_end(name)
+                seg.views += 1
                 return seg
+        match = wire.NAME_RE.match(name)
         fd, st = open_peer_file(self.shm_dir, name, writable=True)
         try:
             if st.st_size < 64 + SLOT_HEADER:
                 raise HandleError(f"segment {name} is too small ({st.st_size} bytes)")
             mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         magic, header_size, count, slot_size, _pid, _retired, owner = _SEG.unpack_from(mm, 0)
         if magic != SEG_MAGIC or header_size < 64 + SLOT_HEADER * count or (
             header_size + count * slot_size != st.st_size
         ):
             mm.close()
+            os.close(fd)
             raise HandleError(f"segment {name} has a corrupt or foreign header")
-        seg = _Attached(name, mm, owner, header_size, count, slot_size)
+        seg = _Attached(name, mm, fd, st.st_size, (int(match.group(1)), int(match.group(2))), owner,
+                        header_size, count, slot_size, views=1)
         with self._lock:
             existing = self._cache.get(name)
             if existing is not None:  # another thread attached it meanwhile
-                mm.close()
-                return existing
-            self._cache[name] = seg
-            self._trim_locked()
+                existing.views += 1
+                seg.views, seg.dropped = 0, True
+            else:
+                self._cache[name] = seg
+                drop = self._trim_locked(over_only=True)
+        if existing is not None:
+            _unmap(seg)
+            return existing
+        for old in drop:
+            _unmap(old)
         return seg
 
-    def _trim_locked(self) -> None:
-        """Unmap segments their owner retired, and the oldest past MAX_CACHED."""
+    def trim(self) -> None:
+        """Drop mappings whose owner retired them or exited (a small tmpfs
+        gets its space back once the owner has let go)."""
+        with self._lock:
+            drop = self._trim_locked(over_only=False)
+        for seg in drop:
+            _unmap(seg)
+
+    def _trim_locked(self, over_only: bool) -> List[_Attached]:
+        """Take out of the cache what should go; returns those nobody reads
+        now (the caller unmaps them outside the lock; the others are unmapped
+        by their last reader)."""
+        out = []
+        if not over_only:
+            self._trimmed = time.monotonic()
+        gone = Liveness()
         for name, seg in list(self._cache.items()):
-            retired = struct.unpack_from("<I", seg.mm, 28)[0]
             over = len(self._cache) > self.MAX_CACHED
-            if (retired or over) and seg.views == 0:
-                del self._cache[name]
-                seg.mm.close()
+            if not over and over_only:
+                break
+            if not over:
+                if not intact(seg.fd, seg.size):
+                    stale = True
+                else:
+                    stale = struct.unpack_from("<I", seg.mm, 28)[0] != 0 or gone(seg.owner)
+                if not stale:
+                    continue
+            del self._cache[name]
+            seg.dropped = True
+            if seg.views == 0:
+                out.append(seg)
+        return out
 
     def close(self) -> None:
         with self._lock:
             cached, self._cache = list(self._cache.values()), OrderedDict()
+            for seg in cached:
+                seg.dropped = True
         for seg in cached:
-            try:
-                seg.mm.close()
-            except (BufferError, ValueError):
-                pass
+            if seg.views == 0:
+                _unmap(seg)
+
+
+def _unmap(seg: _Attached) -> None:
+    try:
+        seg.mm.close()
+    except (BufferError, ValueError):
+        pass
+    fd, seg.fd = seg.fd, -1
+    if fd >= 0:
+        os.close(fd)

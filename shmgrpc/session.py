@@ -71,7 +71,7 @@ class Identity:
             0,
             ID_MAGIC,
             os.getpid(),
-            pool.SELF_START,
+            pool.process_start(os.getpid()) or 0,  # not cached at import: a forked child has its own
             self.inst,
             self.secret,
             ctypes.addressof(self._probe),
