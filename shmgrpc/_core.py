@@ -717,6 +717,12 @@ class Engine:
         proved = current and session.proved(identity.secret, session.LABEL_HELLO, h.inst, h.proof)
         accepts = self._accepts(peer)
         welcome = None
+        if current and not proved:
+            # It names us but cannot prove it read our id segment: not a
+            # client we welcomed. No welcome, nothing offloaded, no handle read.
+            self.stats.add("error", "hello_proof_mismatch")
+            log.debug("shmgrpc: hello naming this server with a wrong proof (client pid %d)", peer.pid)
+            return Route(peer=None, send_shm=False, send_cma=False, peer_key=None, max_receive=h.max_receive)
         if not proved:  # the client does not know us yet: tell it who we are
             welcome = wire.encode_welcome(
                 wire.Welcome(

@@ -36,6 +36,7 @@ Slot header:
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -145,6 +146,11 @@ def create_mapping(shm_dir: str, name: str, size: int, keep_fd: bool = False):
         except OSError as err:
             raise NoSpace(f"cannot reserve {size} bytes in {shm_dir}: {err.strerror}") from err
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # The owner's mark of life: a shared lock held while the descriptor is
+        # open, i.e. until the owner closes it or exits. The reaper removes a
+        # file only if it can take an exclusive lock, whatever pid namespace
+        # the owner runs in (see reap()).
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BaseException:
         _unlink(path)  # a constructor that fails half-way undoes what it made
         os.close(fd)
@@ -153,6 +159,32 @@ def create_mapping(shm_dir: str, name: str, size: int, keep_fd: bool = False):
         return mm, fd
     os.close(fd)
     return mm
+
+
+def owner_alive(shm_dir: str, name: str) -> bool:
+    """Is the owner of segment `name` still running?
+
+    Cheap first: the pid and start time in the name, if that process is
+    visible here. A process in another pid namespace (the other container of
+    a pod, sharing /dev/shm) is not, so then the lock decides: every owner
+    holds a shared flock on each of its files for as long as it lives, and
+    an exclusive lock can be taken only once it is gone."""
+    match = wire.NAME_RE.match(name)
+    if match is None:
+        return True  # not ours to judge
+    if alive(int(match.group(1)), int(match.group(2))):
+        return True
+    try:
+        fd = os.open(os.path.join(shm_dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return True  # gone already, or not a file we may open: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True  # somebody holds it: alive
+    finally:
+        os.close(fd)  # also drops our lock
+    return False
 
 
 def intact(fd: int, size: int) -> bool:
@@ -175,14 +207,21 @@ def open_peer_file(shm_dir: str, name: str, writable: bool) -> Tuple[int, os.sta
     if not wire.NAME_RE.match(name):
         raise HandleError(f"{name!r} is not a shmgrpc segment name")
     path = os.path.join(shm_dir, name)
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: a FIFO (or device) planted under a segment's name must not
+    # block this thread in open(); O_NOFOLLOW: a symlink must not redirect us.
+    # fstat below then refuses anything but a regular file of ours.
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise DataLossError(f"segment {name} does not exist (its owner exited or freed it)") from None
     except OSError as err:
         raise HandleError(f"cannot open segment {name}: {err.strerror}") from None
-    st = os.fstat(fd)
+    try:
+        st = os.fstat(fd)
+    except OSError as err:
+        os.close(fd)
+        raise HandleError(f"cannot stat segment {name}: {err.strerror}") from None
     problem = None
     if not stat.S_ISREG(st.st_mode):
         problem = "is not a regular file"
@@ -204,7 +243,8 @@ def _unlink(path: str) -> None:
 
 
 def reap(shm_dir: str) -> List[str]:
-    """Remove segments whose owner process is gone (killed, crashed). Only files
+    """Remove segments whose owner process is gone (killed, crashed); never a
+    live owner's, in whatever pid namespace it runs (owner_alive). Only files
     of our own uid, only names of our prefix. Returns the names removed."""
     removed = []
     try:
@@ -213,15 +253,11 @@ def reap(shm_dir: str) -> List[str]:
         return removed
     uid = os.geteuid()
     for name in names:
-        match = wire.NAME_RE.match(name)
-        if not match:
-            continue
-        pid, start = int(match.group(1)), int(match.group(2))
-        if alive(pid, start):
+        if not wire.NAME_RE.match(name):
             continue
         path = os.path.join(shm_dir, name)
         try:
-            if os.lstat(path).st_uid != uid:
+            if os.lstat(path).st_uid != uid or owner_alive(shm_dir, name):
                 continue
             os.unlink(path)
             removed.append(name)

@@ -65,7 +65,7 @@ class Identity:
         self._master = secrets.token_bytes(32)
         self._probe = ctypes.create_string_buffer(self.inst, len(self.inst))
         self.name = pool.new_base_name() + "-id"
-        self._mm = pool.create_mapping(shm_dir, self.name, ID_SIZE)
+        self._mm, self._fd = pool.create_mapping(shm_dir, self.name, ID_SIZE, keep_fd=True)
         _ID.pack_into(
             self._mm,
             0,
@@ -80,16 +80,24 @@ class Identity:
     def cma_key_for(self, peer_inst: bytes) -> bytes:
         return hmac.new(self._master, LABEL_CMA_KEY + peer_inst, hashlib.sha256).digest()[:16]
 
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
     def close(self) -> None:
         """Owner: unlink and unmap. Safe to call twice."""
         pool._unlink(os.path.join(self.shm_dir, self.name))
+        self._close_fd()
         try:
             self._mm.close()
-        except (BufferError, ValueError):
+        except (BufferError, ValueError, AttributeError):
             pass
 
     def abandon(self) -> None:
-        """After fork, in the child: the parent still owns the file."""
+        """After fork, in the child: the parent still owns the file (and its
+        lock; the child's copy of the descriptor is closed)."""
+        self._close_fd()
         self._mm = None  # type: ignore[assignment]
 
 
