@@ -400,6 +400,13 @@ class Engine:
             return tuple(t for t in self._order if t != "cma")
         return self._order
 
+    def offload_limit(self) -> int:
+        """The largest message this side accepts as a handle, told to the
+        peer in the handshake: its gRPC receive limit and SHMGRPC_MAX_MESSAGE.
+        A peer sends anything larger inline (where only gRPC's limit applies)."""
+        limit = self.config.max_message
+        return limit if self.max_receive < 0 else min(limit, self.max_receive)
+
     def ready(self) -> bool:
         if self._state == "ready":
             return True
@@ -518,7 +525,7 @@ class Engine:
                     server_inst=peer.inst if peer else None,
                     proof=session.proof(peer.secret, session.LABEL_HELLO, identity.inst) if peer else None,
                     cma_key=identity.cma_key_for(peer.inst) if peer and "c" in accepts else None,
-                    max_receive=self.max_receive,
+                    max_receive=self.offload_limit(),
                 )
             )
             state = self._hello = ((wire.HELLO_KEY, text), route)
@@ -731,7 +738,7 @@ class Engine:
                     accepts=accepts,
                     proof=session.proof(peer.secret, session.LABEL_WELCOME, me),
                     cma_key=identity.cma_key_for(peer.inst) if "c" in accepts else None,
-                    max_receive=self.max_receive,
+                    max_receive=self.offload_limit(),
                 )
             )
         route = Route(
@@ -761,9 +768,10 @@ class Engine:
         if n > self.config.max_message:
             reason = "too_large"
         elif not within(n, self.max_send) or not within(n, route.max_receive):
-            # gRPC refuses it (or it would): inline, so that gRPC itself does,
-            # with its own status and words.
-            reason = "over_grpc_limit"
+            # Over this side's gRPC send limit, or over what the peer accepts
+            # offloaded: inline, where gRPC accepts it or refuses it with its
+            # own status and words, as it would without shmgrpc.
+            reason = "over_limit"
             self._note_limit(n, route)
         else:
             node = self._node
@@ -793,9 +801,10 @@ class Engine:
             return
         self._limit_noted = True
         log.info(
-            "shmgrpc: %s: a %d-byte message went inline: it is over gRPC's message-size limit "
-            "(this side sends at most %s, the peer receives at most %s). Pass the channel's or "
-            "server's options to shmgrpc so it knows raised limits.",
+            "shmgrpc: %s: a %d-byte message went inline: this side sends at most %s (gRPC "
+            "max_send_message_length) and the peer accepts at most %s offloaded (its gRPC "
+            "max_receive_message_length and SHMGRPC_MAX_MESSAGE; -1: no limit). If you raised "
+            "gRPC's limits, pass the same options to shmgrpc.",
             self.name, n, self.max_send, route.max_receive,
         )
 

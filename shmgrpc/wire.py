@@ -237,9 +237,10 @@ def _decode_cma(body: bytes, length: int, token: bytes) -> CmaHandle:
 # "c" it can read the other side's memory with process_vm_readv ("-": none).
 # proof: HMAC of the other side's id-segment secret: shows we opened it.
 # cma key: what the other side must write beside cma payloads addressed to us.
-# max receive: the largest message the sender of this value accepts (its
-# gRPC max_receive_message_length; -1 unlimited). The other side offloads
-# nothing longer: such a message goes inline, and gRPC itself refuses it
+# max receive: the largest message the sender of this value accepts as a
+# handle (the smaller of its gRPC max_receive_message_length and its
+# SHMGRPC_MAX_MESSAGE; -1 unlimited). The other side offloads nothing
+# longer: such a message goes inline, where gRPC accepts it or refuses it
 # exactly as it would without shmgrpc.
 HELLO_KEY = "shmgrpc-hello"
 WELCOME_KEY = "shmgrpc-welcome"
