@@ -39,11 +39,26 @@ def run_benchmark(
         for mode in modes:
             warm_up(mode, threshold)
         progress("connected: " + ", ".join(f"{mode.name} ({mode.target})" for mode in modes))
+        # After the warm-up: each shmgrpc channel has made its handshake.
+        settled = {mode.name: mode.status() for mode in modes if mode.offloads}
+        if settled:
+            print("\n".join(status_line(name, status) for name, status in settled.items()) + "\n", file=out)
         for size in sizes:
             results = run_size(modes, size, repeat, progress)
             print(render(size, repeat, calls_per_round(size), results, BASELINE), file=out)
             print(file=out, flush=True)
         checker = next((mode for mode in modes if mode.offloads), modes[0])
         print(run_checks(checker), file=out, flush=True)
+        for mode in modes:  # a channel that stopped offloading (or started) meanwhile says so
+            if mode.offloads and mode.status() != settled[mode.name]:
+                print(status_line(mode.name, mode.status(), now=True), file=out, flush=True)
     finally:
         close_all(modes)
+
+
+def status_line(name: str, status: shmgrpc.ChannelStatus, now: bool = False) -> str:
+    """'shmgrpc shm channel: transport shm; co-located server pid 42': the
+    transport its large messages take ("inline": plain gRPC), and why."""
+    transports = ", then ".join(status.transports) or status.transport
+    pending = "" if status.settled else " (not settled yet)"
+    return f"{name} channel{' now' if now else ''}: transport {transports}; {status.reason}{pending}"

@@ -2,17 +2,18 @@
 
     grpc tcp     plain gRPC over loopback TCP
     grpc unix    plain gRPC over the unix socket: the baseline
-    shmgrpc shm  shmgrpc's client interceptor, transport "shm", unix socket
-    shmgrpc cma  shmgrpc's client interceptor, transport "cma", unix socket
+    shmgrpc shm  a channel wrapped by shmgrpc, transport "shm", unix socket
+    shmgrpc cma  a channel wrapped by shmgrpc, transport "cma", unix socket
 
-This module is the only place the client touches shmgrpc's interceptor; it
-is all an application needs: build the channel, wrap it, use the stub.
+This module is the only place the client touches shmgrpc's channel wrapper;
+it is all an application needs: build the channel with shmgrpc (with the same
+options it would give grpc), use the stub.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import grpc
 
@@ -29,18 +30,23 @@ BASELINE = "grpc unix"
 class Mode:
     name: str
     target: str
-    channel: grpc.Channel
+    channel: grpc.Channel  # a shmgrpc.Channel for the shmgrpc modes
     stub: blobstore_pb2_grpc.BlobStoreStub
-    interceptor: Optional[Any] = None  # shmgrpc.ClientInterceptor, for the shmgrpc modes
 
     @property
     def offloads(self) -> bool:
-        return self.interceptor is not None
+        return isinstance(self.channel, shmgrpc.Channel)
+
+    def stats(self) -> Optional[Dict[str, Any]]:
+        """The channel's shmgrpc counters; None for a plain channel."""
+        return self.channel.stats() if self.offloads else None
+
+    def status(self) -> Optional[shmgrpc.ChannelStatus]:
+        """Which transport carries the channel's large messages now, and why."""
+        return shmgrpc.channel_status(self.channel) if self.offloads else None
 
     def close(self) -> None:
-        self.channel.close()
-        if self.interceptor is not None:
-            self.interceptor.close()
+        self.channel.close()  # a shmgrpc.Channel closes its grpc channel and lets go of shared memory
 
 
 def channel_options(max_message_mib: int) -> List[Tuple[str, int]]:
@@ -62,15 +68,11 @@ def plain(name: str, target: str, max_message_mib: int) -> Mode:
 
 def offloading(name: str, target: str, transport: str, max_message_mib: int) -> Mode:
     # Other SHMGRPC_* settings (threshold, pool size) still come from the
-    # environment; the transport is what this row is about.
-    interceptor = shmgrpc.ClientInterceptor(shmgrpc.Config.from_env(transport=transport))
-    try:
-        raw = grpc.insecure_channel(target, options=channel_options(max_message_mib))
-        channel = grpc.intercept_channel(raw, interceptor)
-    except BaseException:
-        interceptor.close()
-        raise
-    return Mode(name, target, channel, blobstore_pb2_grpc.BlobStoreStub(channel), interceptor)
+    # environment; the transport is what this row is about. The options go to
+    # shmgrpc too: it offloads nothing the channel's size limits would refuse.
+    config = shmgrpc.Config.from_env(transport=transport)
+    channel = shmgrpc.insecure_channel(target, options=channel_options(max_message_mib), config=config)
+    return Mode(name, target, channel, blobstore_pb2_grpc.BlobStoreStub(channel))
 
 
 def open_modes(
@@ -79,7 +81,6 @@ def open_modes(
     """(modes, notes): notes say which wanted modes were skipped and why."""
     modes: List[Mode] = []
     notes: List[str] = []
-    has_interceptor = hasattr(shmgrpc, "ClientInterceptor")
     try:
         for key in MODES:
             if key not in wanted:
@@ -91,10 +92,8 @@ def open_modes(
                     notes.append("grpc tcp skipped: no --tcp-target")
             elif key == "unix":
                 modes.append(plain(NAMES[key], target, max_message_mib))
-            elif has_interceptor:
-                modes.append(offloading(NAMES[key], target, key, max_message_mib))
             else:
-                notes.append(f"{NAMES[key]} skipped: this shmgrpc has no ClientInterceptor yet")
+                modes.append(offloading(NAMES[key], target, key, max_message_mib))
     except BaseException:
         close_all(modes)
         raise

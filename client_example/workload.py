@@ -18,7 +18,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import grpc
 
-import shmgrpc
 from protos import blobstore_pb2
 from server_example import memory
 
@@ -42,7 +41,7 @@ class ModeResult:
     """One mode at one size, over the timed rounds."""
 
     name: str
-    offloads: bool  # a shmgrpc mode (has a client interceptor)
+    offloads: bool  # a shmgrpc mode (its channel is wrapped by shmgrpc)
     latencies: List[float] = dataclasses.field(default_factory=list)
     # Peak RSS in bytes, highest over the rounds; and the most it rose above
     # the RSS at the start of a batch. The rise is what one mode's calls cost:
@@ -52,7 +51,7 @@ class ModeResult:
     server_peak: Optional[int] = None
     server_rise: Optional[int] = None
     messages: int = 0  # requests + replies sent
-    out_of_band: Optional[int] = 0  # of those, how many shmgrpc moved (client's count)
+    out_of_band: Optional[int] = 0  # of those, how many shmgrpc moved (the channel's count)
     transports: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     fallbacks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -144,9 +143,9 @@ def _batch(mode: Mode, payloads: List[bytes], tag: str, result: Optional[ModeRes
     client_start = memory.current_rss() if memory.reset_peak() else None
     server = _status(mode, reset_peak=True)
     server_start = server.vm_rss if server.peak_reset else None
-    before = _client_stats()
+    before = mode.stats()
     latencies = [echo(mode, payload, f"echo-{tag}-{i}") for i, payload in enumerate(payloads)]
-    after = _client_stats()
+    after = mode.stats()
     client_peak = memory.peak_rss() if client_start is not None else None
     server_peak = _status(mode, reset_peak=False).vm_hwm if server_start is not None else None
     if result is not None:
@@ -168,16 +167,11 @@ def _status(mode: Mode, reset_peak: bool) -> blobstore_pb2.StatusReply:
         raise rpc_failure(f"Status over {mode.name}", error) from None
 
 
-def _client_stats() -> Optional[Dict]:
-    stats = getattr(shmgrpc, "stats", None)
-    return stats() if stats else None
-
-
 def _add_offload_counts(result: ModeResult, before: Optional[Dict], after: Optional[Dict]) -> None:
-    """What this process's shmgrpc did meanwhile: requests it offloaded plus
+    """What the mode's channel did meanwhile: requests it offloaded plus
     replies it restored are the messages that skipped the socket."""
     if before is None or after is None or result.out_of_band is None:
-        result.out_of_band = None  # unknown: this shmgrpc has no stats()
+        result.out_of_band = None  # unknown
         return
 
     def count(stats: Dict, *path: str) -> int:

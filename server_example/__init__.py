@@ -1,6 +1,6 @@
 """The demo BlobStore server: `python -m server_example --help`.
 
-It always installs shmgrpc's server interceptor; co-located clients that use
-shmgrpc's client interceptor get large messages through shared memory, every
-other client is served by plain gRPC on the same port.
+It is always built with shmgrpc.server() (shmgrpc.aio.server() with --aio);
+co-located clients whose channel shmgrpc wraps get large messages through
+shared memory, every other client is served by plain gRPC on the same port.
 """

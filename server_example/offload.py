@@ -1,51 +1,47 @@
-"""The only place the server touches shmgrpc: build its interceptor, and
-summarise shmgrpc.stats() for StatusReply.offload.
+"""The only place the server touches shmgrpc: build the gRPC server with
+shmgrpc installed, and summarise its stats() for StatusReply.offload.
 
-The server always installs the interceptor: clients that never handshake
-(plain gRPC, other hosts) are served inline by it, so one server serves both.
+shmgrpc.server() / shmgrpc.aio.server() take grpc.server's / grpc.aio.server's
+arguments plus a Config, and install shmgrpc's interceptor innermost, told
+the server's options (so offloaded messages meet the same size limits as
+inline ones). Clients that never handshake (plain gRPC, other hosts) are
+served untouched, so one server serves both.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import shmgrpc
+import shmgrpc.aio
 
 MiB = 1024 * 1024
 
 
-def server_interceptor(aio: bool) -> Tuple[Optional[Any], str]:
-    """(interceptor, description); interceptor is None if this shmgrpc has none.
+def make_server(aio: bool, options: Sequence[Tuple[str, Any]], thread_pool=None) -> Tuple[Any, str]:
+    """(server, description): a grpc.Server (or grpc.aio.Server) with shmgrpc.
 
     The Config comes from SHMGRPC_* variables, read now (not at import), so a
     bad value stops the server at start with shmgrpc's own ConfigError.
     """
-    module = _module("shmgrpc.aio") if aio else shmgrpc
-    factory = getattr(module, "ServerInterceptor", None) if module else None
-    name = "shmgrpc.aio.ServerInterceptor" if aio else "shmgrpc.ServerInterceptor"
-    if factory is None:
-        return None, f"{name} not available: serving plain gRPC only"
     config = shmgrpc.Config.from_env()
-    interceptor = factory(config)
-    transport = getattr(interceptor, "transport", config.transport)
-    return interceptor, f"shmgrpc on (transport {transport}, threshold {config.threshold} B)"
+    if aio:
+        server = shmgrpc.aio.server(thread_pool, options=options, config=config)
+    else:
+        server = shmgrpc.server(thread_pool, options=options, config=config)
+    return server, f"shmgrpc on (transport {server.shmgrpc.transport}, threshold {config.threshold} B)"
 
 
-def close(interceptor: Optional[Any]) -> None:
-    closer = getattr(interceptor, "close", None)
-    if closer is not None:
-        closer()
+def close(server: Optional[Any]) -> None:
+    """Let go of the server's shared memory; after the server has stopped."""
+    interceptor = getattr(server, "shmgrpc", None)
+    if interceptor is not None:
+        interceptor.close()
 
 
-def stats_summary(installed: bool) -> str:
-    """One line from shmgrpc.stats(); tolerant of fields this version lacks."""
-    if not installed:
-        return "off (shmgrpc server interceptor not available)"
-    stats_fn = getattr(shmgrpc, "stats", None)
-    if stats_fn is None:
-        return "on (shmgrpc.stats() not available)"
-    stats = stats_fn()
+def stats_summary(server: Any) -> str:
+    """One line from the server's shmgrpc stats()."""
+    stats = server.shmgrpc.stats()
 
     def count(key: str) -> str:
         entry = stats.get(key) or {}
@@ -56,17 +52,12 @@ def stats_summary(installed: bool) -> str:
         for name, entry in sorted((stats.get("by_transport") or {}).items())
     )
     fallbacks = ", ".join(f"{reason} {n}" for reason, n in sorted((stats.get("fallbacks") or {}).items()))
+    errors = ", ".join(f"{reason} {n}" for reason, n in sorted((stats.get("errors") or {}).items()))
     pool = stats.get("pool") or {}
     return (
         f"offloaded {count('offloaded')}, restored {count('restored')}, inline {count('inline')}; "
         f"by transport: {by_transport or 'none'}; fallbacks: {fallbacks or 'none'}; "
+        f"errors: {errors or 'none'}; "
         f"pool {pool.get('bytes_in_use', 0) / MiB:.1f}/{pool.get('capacity', 0) / MiB:.0f} MiB "
         f"in {pool.get('segments', 0)} segments"
     )
-
-
-def _module(name: str):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None

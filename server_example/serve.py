@@ -12,8 +12,6 @@ import signal
 from concurrent import futures
 from typing import Callable, List, Sequence
 
-import grpc
-
 from protos import blobstore_pb2_grpc
 
 from . import offload
@@ -66,14 +64,13 @@ def serve(options: ServeOptions, on_ready: OnReady) -> None:
 
 
 def _run_sync(options: ServeOptions, on_ready: OnReady, stop: StopSignals) -> None:
-    interceptor, note = offload.server_interceptor(aio=False)
+    server, note = offload.make_server(
+        aio=False,
+        options=options.grpc_options(),
+        thread_pool=futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="blobstore"),
+    )
     try:
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="blobstore"),
-            interceptors=[interceptor] if interceptor else [],
-            options=options.grpc_options(),
-        )
-        servicer = BlobStoreServicer(Store(), lambda: offload.stats_summary(interceptor is not None))
+        servicer = BlobStoreServicer(Store(), lambda: offload.stats_summary(server))
         blobstore_pb2_grpc.add_BlobStoreServicer_to_server(servicer, server)
         bound = [_bind(server, address) for address in options.listen]
         server.start()
@@ -83,7 +80,7 @@ def _run_sync(options: ServeOptions, on_ready: OnReady, stop: StopSignals) -> No
         finally:
             server.stop(options.grace_seconds).wait()
     finally:
-        offload.close(interceptor)
+        offload.close(server)
 
 
 async def _run_aio(options: ServeOptions, on_ready: OnReady, stop: StopSignals) -> None:
@@ -94,13 +91,9 @@ async def _run_aio(options: ServeOptions, on_ready: OnReady, stop: StopSignals) 
     stop.on_stop = lambda: loop.call_soon_threadsafe(stopped.set)
     if stop.stopping:  # a signal came before on_stop was set
         stopped.set()
-    interceptor, note = offload.server_interceptor(aio=True)
+    server, note = offload.make_server(aio=True, options=options.grpc_options())
     try:
-        server = grpc.aio.server(
-            interceptors=[interceptor] if interceptor else [],
-            options=options.grpc_options(),
-        )
-        servicer = AioBlobStoreServicer(Store(), lambda: offload.stats_summary(interceptor is not None))
+        servicer = AioBlobStoreServicer(Store(), lambda: offload.stats_summary(server))
         blobstore_pb2_grpc.add_BlobStoreServicer_to_server(servicer, server)
         bound = [_bind(server, address) for address in options.listen]
         await server.start()
@@ -110,7 +103,7 @@ async def _run_aio(options: ServeOptions, on_ready: OnReady, stop: StopSignals) 
         finally:
             await server.stop(options.grace_seconds)
     finally:
-        offload.close(interceptor)
+        offload.close(server)
 
 
 def _bind(server, address: str) -> str:

@@ -1,7 +1,8 @@
 """BlobStore servicers, sync and asyncio side by side; the rules are in store.py.
 
-Nothing here knows about shmgrpc: the interceptor restores large requests
-before these methods see them and offloads large replies after they return.
+Nothing here knows about shmgrpc: the server it installed itself in restores
+large requests before these methods see them and offloads large replies after
+they return.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import grpc
 from grpc import aio
 
 from .. import wire
-from .._channel import handshake_timeout, remaining, resend_reason, with_hello
+from .._channel import _target_of, handshake_timeout, remaining, resend_reason, with_hello
 from .._codec import CallCodec, Tickets
 from .._core import ChannelStatus, Engine, EngineOwner
 from ..config import Config
@@ -406,7 +406,7 @@ class Channel(EngineOwner, aio.Channel):
 def intercept_channel(channel: aio.Channel, config: Optional[Config] = None, *,
                       options: Optional[Sequence[Tuple[str, Any]]] = None) -> Channel:
     """Wrap a grpc.aio channel (see shmgrpc.intercept_channel for `options`)."""
-    return Channel(channel, config, options)
+    return Channel(channel, config, options, name=_target_of(channel))
 
 
 def insecure_channel(target: str, options=None, compression=None, interceptors=None, *,
