@@ -24,16 +24,19 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
 
-from . import cma, pins, pool, session, wire
+from . import cma, pins, pool, session, side, wire
 from .config import Config
-from .errors import HandleError, HandleTooLarge, ShmGrpcError
+from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError
 
 log = logging.getLogger("shmgrpc")
 
-# The order `auto` tries transports in. Measured (README, "shm or cma"):
-# shm wins at every size on this kind of machine, because its slots stay
-# mapped and warm while cma's receive buffer is fresh memory each time.
-AUTO_ORDER = ("shm", "cma")
+# The order `auto` tries transports in. memfd and shm are the same slots in
+# the same kind of warm mapping (measured alike, README "Transports"); memfd
+# comes first because it needs less (no shared /dev/shm, no shared pid
+# namespace) and leaves nothing behind. cma is last: its receive buffer is
+# fresh memory each time.
+AUTO_ORDER = ("memfd", "shm", "cma")
+TRANSPORTS = ("memfd", "shm", "cma")
 
 HANDSHAKE_RETRY_SECONDS = 5.0  # after a transient failure, at most one handshake per interval
 _TRANSIENT = (
@@ -76,7 +79,7 @@ class Stats:
         def pair(kind: str, key: str) -> Dict[str, int]:
             return {"count": counts.get((kind, key), 0), "bytes": counts.get((kind, key + ":bytes"), 0)}
 
-        transports = ("shm", "cma")
+        transports = TRANSPORTS
         return {
             "offloaded": {
                 "count": sum(counts.get(("offloaded", t), 0) for t in transports),
@@ -132,13 +135,17 @@ class Route:
     send_shm: bool
     send_cma: bool
     peer_key: Optional[bytes]  # the key the peer issued for our cma entries
+    send_memfd: bool = False  # over the side connection to the peer's node
     max_receive: int = wire.UNLIMITED  # the peer's receive limit: nothing longer is offloaded
     framed: bool = True  # server: the hello named a server, so the client frames this call
     welcome: Optional[Tuple[str, str]] = None  # server: trailing metadata, if the client needs it
 
     @property
     def offloads(self) -> bool:
-        return self.send_shm or self.send_cma
+        return self.send_shm or self.send_cma or self.send_memfd
+
+    def sends(self, transport: str) -> bool:
+        return getattr(self, "send_" + transport)
 
 
 def _protobuf_parser(deserializer: Callable) -> bool:
@@ -187,42 +194,51 @@ class Node:
     _lock = threading.Lock()  # protects _nodes and every node's _users
     _nodes: "Dict[Tuple, Node]" = {}
 
-    def __init__(self, config: Config, key: Tuple):
+    def __init__(self, config: Config, key: Tuple, named: bool = True):
         self.key = key
         self.config = config
         self._users = 0
         self._setup_lock = threading.Lock()  # protects lazy pool / pins creation
-        self.why_disabled = ""
         self.identity: Optional[session.Identity] = None
         self.attacher: Optional[pool.Attacher] = None
         self.pool: Optional[pool.Pool] = None
         self.pins: Optional[pins.Pins] = None
         self.buffers = pins.Buffers(config.cma_max_pinned)
         self.cma_syscall = cma.available()
+        self.memfd_ok = side.available()
+        self.side: Optional[side.Side] = None
         self.peers: "collections.OrderedDict[bytes, session.Peer]" = collections.OrderedDict()
         self.peers_lock = threading.Lock()  # protects peers
+        self.shm_problem = ""  # why shm and cma are out (no id segment), if they are
         shm_dir = config.shm_dir
-        if not os.path.isdir(shm_dir):
-            self.why_disabled = f"no shared-memory directory {shm_dir}"
-            return
-        pool.reap(shm_dir)
-        try:
-            self.identity = session.Identity(shm_dir)
-        except pool.NoSpace as err:
-            self.why_disabled = str(err)
-            return
+        if not named:
+            self.shm_problem = "SHMGRPC_TRANSPORT=memfd: no id segment"
+        elif not os.path.isdir(shm_dir):
+            self.shm_problem = f"no shared-memory directory {shm_dir}"
+        else:
+            pool.reap(shm_dir)
+            try:
+                self.identity = session.Identity(shm_dir)
+            except pool.NoSpace as err:
+                self.shm_problem = str(err)
+        if self.identity is None:
+            # memfd needs no shm directory: the process proves itself over
+            # its side connection instead.
+            self.identity = session.Identity(shm_dir, named=False)
         # The receive limit is the engine's (it knows its gRPC options); the
         # attacher only refuses what no engine here could accept.
         self.attacher = pool.Attacher(shm_dir, config.max_message)
 
     @classmethod
-    def acquire(cls, config: Config) -> "Node":
+    def acquire(cls, config: Config, named: bool = True) -> "Node":
+        """The node for these settings; `named`: with an id segment (shm and
+        cma need one; a memfd-only process writes nothing to any shm dir)."""
         key = (config.shm_dir, config.pool_size, config.segment_size, config.max_message,
-               config.lease_seconds, config.cma_max_pinned)
+               config.lease_seconds, config.cma_max_pinned, config.side_dir, config.side_uids, named)
         with cls._lock:
             node = cls._nodes.get(key)
             if node is None:
-                node = cls._nodes[key] = Node(config, key)
+                node = cls._nodes[key] = Node(config, key, named)
             node._users += 1
             return node
 
@@ -253,6 +269,34 @@ class Node:
                     self.pins = pins.Pins(self.config.cma_max_pinned, self.config.lease_seconds)
         return self.pins
 
+    def get_side(self) -> Optional[side.Side]:
+        """The side channel (memfd), made on first use; None where memfd
+        cannot work."""
+        if self.side is None and self.memfd_ok and self.identity is not None:
+            with self._setup_lock:
+                if self.side is None:
+                    c = self.config
+                    self.side = side.Side(self.identity.inst, c.side_dir, c.side_uids, self._segment_arrived,
+                                          self._segment_retired, self._conn_lost)
+        return self.side
+
+    def _segment_arrived(self, conn, number: int, mm, size: int) -> None:
+        attacher = self.attacher
+        if attacher is None or not attacher.add_memfd((conn.id, number), mm, size):
+            log.debug("shmgrpc: memfd segment %d from the side connection is not a shmgrpc segment", number)
+
+    def _segment_retired(self, conn, number: int) -> None:
+        if self.attacher is not None:
+            self.attacher.drop_memfd(conn.id, number)
+
+    def _conn_lost(self, conn) -> None:
+        """A side connection closed: the peer is gone (or replaced). Unmap
+        what it sent us and free what it was reading, now."""
+        if self.attacher is not None:
+            self.attacher.drop_memfd(conn.id)
+        if self.pool is not None:
+            self.pool.reclaim()
+
     def pool_stats(self) -> Dict[str, int]:
         out = {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
         if self.pool is not None:
@@ -265,6 +309,10 @@ class Node:
 
     def peer(self, inst: bytes, id_segment: str, probe_cma: bool) -> session.Peer:
         """The peer `inst`, its id segment opened and checked (cached)."""
+        if id_segment == session.NO_SEGMENT:
+            raise HandleError("the peer has no id segment (no shared shm directory)")
+        if self.identity is None or not self.identity.named:
+            raise HandleError(f"no id segment here ({self.shm_problem})")
         with self.peers_lock:
             peer = self.peers.get(inst)
             if peer is not None and peer.id_segment == id_segment:
@@ -287,14 +335,17 @@ class Node:
 
     def close(self) -> None:
         """Unlink and unmap everything this node created. Safe to call twice."""
-        parts = (self.pool, self.pins, self.identity, self.attacher)
-        self.pool = self.pins = self.identity = self.attacher = None
+        parts = (self.side, self.pool, self.pins, self.identity, self.attacher)
+        self.side = self.pool = self.pins = self.identity = self.attacher = None
         for part in parts:
             if part is not None:
                 part.close()
 
     def abandon(self) -> None:
         """In a forked child: the parent owns these; drop them untouched."""
+        if self.side is not None:
+            self.side.abandon()
+            self.side = None
         if self.pool is not None:
             self.pool.abandon()
         if self.identity is not None:
@@ -421,11 +472,20 @@ class Engine:
         if not self._order:
             self._disable("SHMGRPC_TRANSPORT=off", level=logging.DEBUG)
             return
-        node = Node.acquire(self.config)
+        node = Node.acquire(self.config, named=self._order != ("memfd",))
         self._released.node = node
-        if node.why_disabled:
-            self._disable(node.why_disabled)
+        order = self._order
+        if "memfd" in order and not node.memfd_ok:
+            order = tuple(t for t in order if t != "memfd")
+            self.stats.note("memfd", "not available here (memfd_create, SCM_RIGHTS or SO_PEERCRED missing)")
+        if not node.identity.named and ("shm" in order or "cma" in order):
+            # shm and cma both start from the peer opening our id segment
+            order = tuple(t for t in order if t == "memfd")
+            self.stats.note("shm", f"not available: {node.shm_problem}")
+        if not order:
+            self._disable(node.shm_problem or "no transport available")
             return
+        self._order = order
         self._node = node
         if "cma" in self._order and not node.cma_syscall:
             self._cma_unavailable("process_vm_readv is not available on this platform")
@@ -495,9 +555,13 @@ class Engine:
         return peer
 
     def _accepts(self, peer: Optional[session.Peer]) -> str:
-        shm = "s" if "shm" in self._order else ""
-        cma_ok = "c" if peer is not None and "cma" in self._order and peer.cma_reason is None else ""
-        return shm + cma_ok
+        """What we can read from `peer` (None: a first contact, not known yet).
+        shm and cma need its id segment opened; memfd needs nothing more."""
+        order = self._order
+        shm = "s" if "shm" in order and (peer is None or peer.named) else ""
+        cma_ok = "c" if peer is not None and peer.named and "cma" in order and peer.cma_reason is None else ""
+        memfd = "m" if "memfd" in order else ""
+        return shm + cma_ok + memfd
 
     # -- client: handshake and status
 
@@ -615,15 +679,36 @@ class Engine:
             return None
         try:
             w = wire.decode_welcome(text)
-            peer = self._peer(w.inst, w.id_segment)
         except ShmGrpcError as err:
             self._not_colocated(err)
             return None
-        proved = session.proved(node.identity.secret, session.LABEL_WELCOME, w.inst, w.proof)
+        peer = None
+        try:
+            peer = self._peer(w.inst, w.id_segment)
+        except ShmGrpcError as err:
+            if w.side is None:
+                self._not_colocated(err)
+                return None
+        conn = None
+        if w.side is not None and w.ticket is not None and "memfd" in self._order and "m" in w.accepts:
+            side_ = node.get_side()
+            try:
+                conn = side_.connect(w.side, w.ticket, w.inst) if side_ is not None else None
+            except (OSError, ConnectionError) as err:
+                self.stats.note("memfd", f"side socket {w.side}: {err}")
+                log.debug("shmgrpc: %s: cannot use the side socket %s: %s", self.name, w.side, err)
+        if peer is None:
+            if conn is None:
+                self._not_colocated(HandleError("neither the server's id segment nor its side socket is reachable"))
+                return None
+            peer = session.side_peer(w.inst, w.ticket, conn.pid)
+        # The server read our id segment (proof), so it reads our shm slots.
+        proved = peer.named and session.proved(node.identity.secret, session.LABEL_WELCOME, w.inst, w.proof)
         return Route(
             peer=peer,
             send_shm=proved and "s" in w.accepts and "shm" in self._order,
             send_cma=proved and "c" in w.accepts and w.cma_key is not None and "cma" in self._order,
+            send_memfd=conn is not None,
             peer_key=w.cma_key,
             max_receive=w.max_receive,
         )
@@ -647,13 +732,16 @@ class Engine:
             if not pending:
                 why = self.stats.notes.get("not_colocated", "the server did not prove co-location")
             return ChannelStatus("inline", (), why, not pending)
-        rungs = tuple(t for t in self._order if (t == "shm" and route.send_shm) or (t == "cma" and route.send_cma))
+        rungs = tuple(t for t in self._order if route.sends(t))
         if not rungs:
             why = "the server shares this host but can read none of our transports"
             if "cma" in self.stats.notes:
                 why += f" (cma {self.stats.notes['cma']})"
             return ChannelStatus("inline", (), why, True)
-        why = f"co-located server pid {route.peer.pid}" if route.peer else "co-located server"
+        peer = route.peer
+        why = f"co-located server pid {peer.pid}" if peer is not None and peer.pid else "co-located server"
+        if peer is not None and not peer.named:
+            why += " (side connection only: another shm directory or pid namespace)"
         skipped = [t for t in self._order if t not in rungs]
         if skipped:
             why += "; " + ", ".join(f"{t} unavailable" for t in skipped)
@@ -709,48 +797,61 @@ class Engine:
         except ShmGrpcError as err:
             self._not_colocated(err)
             return None
+        side_ = node.get_side() if "m" in h.accepts and "memfd" in self._order else None
+        peer = None
         try:
             peer = self._peer(h.inst, h.id_segment)
         except ShmGrpcError as err:
-            self._not_colocated(err)
-            if h.server_inst is None:
-                return None
-            # The client frames this call (its hello names a server): read its
-            # frames, offload nothing, and read no handle.
-            return Route(peer=None, send_shm=False, send_cma=False, peer_key=None, max_receive=h.max_receive)
+            if side_ is None:
+                self._not_colocated(err)
+                if h.server_inst is None:
+                    return None
+                # The client frames this call (its hello names a server): read
+                # its frames, offload nothing, and read no handle.
+                return Route(peer=None, send_shm=False, send_cma=False, peer_key=None, max_receive=h.max_receive)
         identity = node.identity
         me = identity.inst
         current = h.server_inst == me
-        proved = current and session.proved(identity.secret, session.LABEL_HELLO, h.inst, h.proof)
-        accepts = self._accepts(peer)
-        welcome = None
+        ticket = side_.ticket_of(h.inst) if side_ is not None else None
+        if peer is None:
+            peer = session.side_peer(h.inst, ticket or b"")
+        # The client proves it read our id segment, or that it holds the
+        # ticket of its side connection to us.
+        proved = current and (
+            session.proved(identity.secret, session.LABEL_HELLO, h.inst, h.proof)
+            or (ticket is not None and session.proved(ticket, session.LABEL_HELLO, h.inst, h.proof))
+        )
         if current and not proved:
-            # It names us but cannot prove it read our id segment: not a
-            # client we welcomed. No welcome, nothing offloaded, no handle read.
+            # It names us but cannot prove it: not a client we welcomed. No
+            # welcome, nothing offloaded, no handle read.
             self.stats.add("error", "hello_proof_mismatch")
             log.debug("shmgrpc: hello naming this server with a wrong proof (client pid %d)", peer.pid)
             return Route(peer=None, send_shm=False, send_cma=False, peer_key=None, max_receive=h.max_receive)
+        accepts = self._accepts(peer)
+        welcome = None
         if not proved:  # the client does not know us yet: tell it who we are
             welcome = wire.encode_welcome(
                 wire.Welcome(
                     inst=me,
                     id_segment=identity.name,
-                    accepts=accepts,
-                    proof=session.proof(peer.secret, session.LABEL_WELCOME, me),
+                    accepts=accepts if side_ is not None else accepts.replace("m", ""),
+                    proof=session.proof(peer.secret, session.LABEL_WELCOME, me) if peer.named else None,
                     cma_key=identity.cma_key_for(peer.inst) if "c" in accepts else None,
                     max_receive=self.offload_limit(),
+                    side=side_.listen() if side_ is not None else None,
+                    ticket=side_.issue_ticket(h.inst) if side_ is not None else None,
                 )
             )
-        route = Route(
+        return Route(
             peer=peer,
-            send_shm=proved and "s" in h.accepts and "shm" in self._order,
-            send_cma=proved and "c" in h.accepts and h.cma_key is not None and "cma" in self._order,
+            send_shm=proved and peer.named and "s" in h.accepts and "shm" in self._order,
+            send_cma=proved and peer.named and "c" in h.accepts and h.cma_key is not None and "cma" in self._order,
+            send_memfd=proved and ticket is not None and "m" in h.accepts,
             peer_key=h.cma_key,
             max_receive=h.max_receive,
             framed=h.server_inst is not None,  # else the welcome is all this call carries
             welcome=(wire.WELCOME_KEY, welcome) if welcome else None,
         )
-        return route
 
     # -- the two operations
 
@@ -777,7 +878,9 @@ class Engine:
             node = self._node
             assert node is not None and route.peer is not None
             for transport in self._order:
-                if transport == "shm" and route.send_shm:
+                if transport == "memfd" and route.send_memfd:
+                    handle, ticket, reason = self._offload_memfd(node, data, route)
+                elif transport == "shm" and route.send_shm:
                     handle, ticket, reason = self._offload_shm(node, data, route)
                 elif transport == "cma" and route.send_cma and route.peer_key:
                     peer = route.peer
@@ -807,6 +910,26 @@ class Engine:
             "gRPC's limits, pass the same options to shmgrpc.",
             self.name, n, self.max_send, route.max_receive,
         )
+
+    def _offload_memfd(self, node: Node, data, route: Route):
+        side_ = node.side
+        conn = side_.conn_for(route.peer.inst) if side_ is not None else None
+        if conn is None:
+            return None, None, "side_closed"
+        pool_ = node.get_pool()
+        slot, reason = pool_.alloc(len(data), conn, "memfd")
+        if slot is None:
+            return None, None, reason
+        segment = slot.segment
+        segment.conns.add(conn)
+        if not conn.send_segment(segment.number, segment.size, segment.fd):
+            pool_.release(pool.Ticket(slot, slot.generation))
+            return None, None, "side_closed"
+        off = slot.offset
+        segment.mm[off : off + len(data)] = data
+        pool_.publish(slot)
+        self.stats.add("offloaded", "memfd", 1, len(data))
+        return wire.encode_memfd(slot.handle()), pool.Ticket(slot, slot.generation), ""
 
     def _offload_shm(self, node: Node, data, route: Route):
         pool_ = node.get_pool()
@@ -851,18 +974,32 @@ class Engine:
                 )
             if isinstance(h, wire.ShmHandle):
                 return self._restore_shm(h, route.peer, deserializer, reread)
+            if isinstance(h, wire.MemfdHandle):
+                return self._restore_shm(h, route.peer, deserializer, reread)
             return self._restore_cma(h, route.peer, deserializer, reread)
         except ShmGrpcError as err:
             self.stats.add("error", type(err).__name__)
             raise
 
-    def _restore_shm(self, h: wire.ShmHandle, peer: session.Peer, deserializer: Callable, reread: bool) -> Any:
-        if "shm" not in self._order:
-            raise HandleError("received an shm handle, but SHMGRPC_TRANSPORT does not allow shm")
-        attacher = self._node.attacher if self._node else None
+    def _restore_shm(self, h, peer: session.Peer, deserializer: Callable, reread: bool) -> Any:
+        """Restore an shm or a memfd handle: both are slots of a mapped segment."""
+        memfd = isinstance(h, wire.MemfdHandle)
+        transport = "memfd" if memfd else "shm"
+        if transport not in self._order:
+            raise HandleError(f"received a {transport} handle, but SHMGRPC_TRANSPORT does not allow {transport}")
+        node = self._node
+        attacher = node.attacher if node else None
         if attacher is None:
-            raise HandleError("received an shm handle, but this engine is closed")
-        view, seg = attacher.open(h, peer.inst, reread)
+            raise HandleError(f"received a {transport} handle, but this engine is closed")
+        if memfd:
+            conn = node.side.conn_for(peer.inst) if node.side is not None else None
+            if conn is None:
+                raise DataLossError("received a memfd handle, but the side connection to its sender is closed")
+            view, seg = attacher.open_memfd((conn.id, h.segment), h, peer.inst, reread)
+        elif not peer.named:
+            raise HandleError("received an shm handle from a peer whose id segment we cannot open")
+        else:
+            view, seg = attacher.open(h, peer.inst, reread)
         failure = None
         message = None
         try:
@@ -876,7 +1013,7 @@ class Engine:
             attacher.finish(h, seg)
         if failure is not None:
             raise failure
-        self.stats.add("restored", "shm", 1, h.length)
+        self.stats.add("restored", transport, 1, h.length)
         return message
 
     def _restore_cma(self, h: wire.CmaHandle, peer: session.Peer, deserializer: Callable, reread: bool) -> Any:

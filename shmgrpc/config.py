@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -18,7 +18,7 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
-TRANSPORTS = ("auto", "shm", "cma", "off")
+TRANSPORTS = ("auto", "memfd", "shm", "cma", "off")
 
 # Binary multiples only: "64K", "64KB" and "64KiB" all mean 65536. A storage
 # library that read "1MB" as 10**6 would round slot sizes to odd numbers.
@@ -84,6 +84,12 @@ class Config:
     # Where POSIX shared memory lives (a tmpfs). Names under it always start
     # with the fixed prefix "shmgrpc-".
     shm_dir: str = "/dev/shm"
+    # Where a server's side socket (memfd transport) lives: "" for the
+    # abstract namespace (reachable from the same network namespace, e.g. the
+    # containers of one pod), or a directory (a volume shared by containers).
+    side_dir: str = ""
+    # Uids besides our own whose processes may use our side socket.
+    side_uids: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -141,6 +147,15 @@ def _problem(field: str, value) -> Optional[str]:
         least, most = LEASE_RANGE
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and least <= value <= most
         return None if ok else f"expected seconds from {least} to {most:.0f}"
+    if field == "side_dir":
+        if value == "":
+            return None
+        if not isinstance(value, str) or not os.path.isabs(value) or " " in value:
+            return "expected an absolute directory path without spaces, or empty for the abstract namespace"
+        return None if os.path.isdir(value) else "is not a directory"
+    if field == "side_uids":
+        ok = isinstance(value, tuple) and all(isinstance(u, int) and 0 <= u < 2**32 for u in value)
+        return None if ok else "expected uids (whole numbers), comma separated"
     if field == "shm_dir":
         if not isinstance(value, str) or not os.path.isabs(value):
             return "expected an absolute directory path"
@@ -159,6 +174,13 @@ def _transport(text: str, name: str) -> str:
     if value not in TRANSPORTS:
         raise ConfigError(f"{name}={_shown(text)}: expected one of {', '.join(TRANSPORTS)}")
     return value
+
+
+def _uids(text: str, name: str) -> Tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(re.match(r"^\d{1,10}$", p) for p in parts):
+        raise ConfigError(f"{name}={_shown(text)}: expected uids (whole numbers), comma separated")
+    return tuple(int(p) for p in parts)
 
 
 def _size(text: str, name: str) -> int:
@@ -183,4 +205,6 @@ ENV = {
     "SHMGRPC_LEASE": ("lease_seconds", _seconds),
     "SHMGRPC_CMA_MAX_PINNED": ("cma_max_pinned", _size),
     "SHMGRPC_SHM_DIR": ("shm_dir", _path),
+    "SHMGRPC_SIDE_DIR": ("side_dir", _path),
+    "SHMGRPC_SIDE_UIDS": ("side_uids", _uids),
 }

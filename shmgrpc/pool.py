@@ -45,6 +45,7 @@ import stat
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -108,9 +109,11 @@ class Liveness:
     once, however many of its slots are waiting (a fast stream has dozens)."""
 
     def __init__(self):
-        self._known: Dict[Tuple[int, int], bool] = {}
+        self._known: Dict[Tuple[int, int], bool] = {}  # (pid, start) -> gone
 
-    def __call__(self, reader: Tuple[int, int]) -> bool:
+    def __call__(self, reader) -> bool:
+        if not isinstance(reader, tuple):  # a side.Conn: gone when its connection is
+            return not reader.alive
         if reader not in self._known:
             self._known[reader] = not alive(*reader)
         return self._known[reader]
@@ -272,7 +275,10 @@ def reap(shm_dir: str) -> List[str]:
 
 
 class Segment:
-    """One mapped segment of the owner's pool, cut into equal slots."""
+    """One mapped segment of the owner's pool, cut into equal slots: a named
+    file in the shm directory (kind "shm")."""
+
+    kind = "shm"
 
     def __init__(self, shm_dir: str, name: str, slot_size: int, count: int, owner_inst: bytes):
         self.name = name
@@ -313,6 +319,54 @@ class Segment:
             pass  # a view is still alive somewhere; the mapping dies with it
 
 
+class MemfdSegment(Segment):
+    """A segment with no name (kind "memfd"): memfd_create, sealed against
+    shrinking and growing, passed to each reader's node once over the side
+    connection (side.Conn.send_segment). Freed by the kernel with the last
+    descriptor and mapping, in whichever process that is."""
+
+    kind = "memfd"
+
+    def __init__(self, number: int, slot_size: int, count: int, owner_inst: bytes):
+        from . import side  # imports pool's neighbours only
+
+        self.number = number
+        self.name = f"memfd-{os.getpid()}-{number}"  # for keys and logs; nothing has this name
+        self.path = ""
+        self.slot_size = slot_size
+        self.count = count
+        self.header_size = round_up(64 + SLOT_HEADER * count, PAGE)
+        self.size = self.header_size + slot_size * count
+        try:
+            self.fd = side.memfd_segment(self.name, self.size)
+        except OSError as err:
+            raise NoSpace(f"cannot reserve a {self.size}-byte memfd segment: {err.strerror}") from err
+        try:
+            self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        _SEG.pack_into(self.mm, 0, SEG_MAGIC, self.header_size, count, slot_size, os.getpid(), 0, owner_inst)
+        self.generations = [0] * count
+        self.conns: "weakref.WeakSet" = weakref.WeakSet()  # side connections that hold it
+
+    def intact(self) -> bool:
+        return self.fd >= 0  # sealed: nobody can shrink it
+
+    def destroy(self) -> None:
+        try:
+            struct.pack_into("<I", self.mm, 28, 1)
+        except ValueError:
+            pass
+        for conn in list(self.conns):
+            conn.retire(self.number)
+        self.close_fd()
+        try:
+            self.mm.close()
+        except (BufferError, ValueError):
+            pass
+
+
 @dataclass
 class Slot:
     segment: Segment
@@ -320,7 +374,7 @@ class Slot:
     generation: int = 0
     token: bytes = b""
     length: int = 0
-    reader: Tuple[int, int] = (0, 0)  # (pid, start) of the process that will read it
+    reader: object = (0, 0)  # (pid, start) of the process that will read it, or its side.Conn
     deadline: float = 0.0
 
     @property
@@ -331,7 +385,11 @@ class Slot:
     def offset(self) -> int:
         return self.segment.data_offset(self.index)
 
-    def handle(self) -> wire.ShmHandle:
+    def handle(self) -> "wire.ShmHandle | wire.MemfdHandle":
+        if self.segment.kind == "memfd":
+            return wire.MemfdHandle(
+                self.length, self.token, self.generation, self.offset, self.index, self.segment.number
+            )
         return wire.ShmHandle(
             self.length, self.token, self.generation, self.offset, self.index, self.segment.name
         )
@@ -390,12 +448,15 @@ class Pool:
         self._busy: Dict[Tuple[str, int], Slot] = {}
         self._mapped = 0
         self._closed = False
+        self._no_space_logged = False
 
     # sender side
 
-    def alloc(self, length: int, reader: Tuple[int, int]) -> Tuple[Optional[Slot], str]:
-        """A slot for `length` bytes, or (None, reason)."""
-        cls = size_class(length)
+    def alloc(self, length: int, reader, kind: str = "shm") -> Tuple[Optional[Slot], str]:
+        """A slot for `length` bytes in a segment of `kind` ("shm" or
+        "memfd"), or (None, reason). `reader`: (pid, start) of the process
+        that will read it, or its side.Conn (memfd)."""
+        cls = (kind, size_class(length))
         with self._lock:
             if self._closed:
                 return None, "pool_closed"
@@ -474,7 +535,7 @@ class Pool:
 
     # internals, lock held
 
-    def _take(self, cls: int) -> Optional[Slot]:
+    def _take(self, cls: Tuple[str, int]) -> Optional[Slot]:
         free = self._free.get(cls)
         return free.pop() if free else None
 
@@ -490,7 +551,7 @@ class Pool:
         segment.generations[slot.index] += 1
         base = SLOT_HEADER * slot.index + 64
         struct.pack_into("<QI", segment.mm, base, segment.generations[slot.index], FREE)
-        self._free.setdefault(segment.slot_size, []).append(slot)
+        self._free.setdefault((segment.kind, segment.slot_size), []).append(slot)
 
     def _drop_broken_locked(self, segment: Segment) -> None:
         """Somebody truncated one of our segments: never touch its mapping
@@ -499,7 +560,8 @@ class Pool:
             return
         log.warning("shmgrpc: segment %s was truncated by another process; dropping it", segment.name)
         self._mapped -= segment.size
-        self._free[segment.slot_size] = [s for s in self._free.get(segment.slot_size, []) if s.segment is not segment]
+        key = (segment.kind, segment.slot_size)
+        self._free[key] = [s for s in self._free.get(key, []) if s.segment is not segment]
         for key in [k for k, s in self._busy.items() if s.segment is segment]:
             del self._busy[key]
         _unlink(segment.path)
@@ -530,7 +592,8 @@ class Pool:
                 freed += 1
         return freed
 
-    def _grow(self, cls: int) -> Tuple[Optional[Slot], str]:
+    def _grow(self, key: Tuple[str, int]) -> Tuple[Optional[Slot], str]:
+        kind, cls = key
         count = max(1, self.segment_size // cls) if cls * 2 <= self.segment_size else 1
         header = round_up(64 + SLOT_HEADER * count, PAGE)
         size = header + cls * count
@@ -539,16 +602,20 @@ class Pool:
         if self._mapped + size > self.capacity and not self._evict_free(size):
             return None, "pool_full"
         self._counter += 1
-        name = f"{self._base}-{self._counter}"
         try:
-            segment = Segment(self.shm_dir, name, cls, count, self.owner_inst)
+            if kind == "memfd":
+                segment: Segment = MemfdSegment(self._counter, cls, count, self.owner_inst)
+            else:
+                segment = Segment(self.shm_dir, f"{self._base}-{self._counter}", cls, count, self.owner_inst)
         except NoSpace as err:
-            log.warning("shmgrpc: %s; sending inline", err)
-            return None, "shm_no_space"
-        self._segments[name] = segment
+            if not self._no_space_logged:  # once: every large message would say it again
+                self._no_space_logged = True
+                log.info("shmgrpc: %s; such messages take the next transport, or go inline", err)
+            return None, f"{kind}_no_space"
+        self._segments[segment.name] = segment
         self._mapped += segment.size
         slots = [Slot(segment, i) for i in range(count)]
-        self._free.setdefault(cls, []).extend(reversed(slots[1:]))
+        self._free.setdefault(key, []).extend(reversed(slots[1:]))
         return slots[0], ""
 
     def _evict_free(self, needed: int) -> bool:
@@ -559,8 +626,8 @@ class Pool:
                 break
             if name in busy_names:
                 continue
-            free = self._free.get(segment.slot_size, [])
-            self._free[segment.slot_size] = [s for s in free if s.segment is not segment]
+            key = (segment.kind, segment.slot_size)
+            self._free[key] = [s for s in self._free.get(key, []) if s.segment is not segment]
             del self._segments[name]
             self._mapped -= segment.size
             segment.destroy()
@@ -583,6 +650,7 @@ class _Attached:
     slot_size: int
     views: int = 0  # readers inside open()..finish(); never unmapped while > 0
     dropped: bool = False  # out of the cache; unmapped by the last reader
+    kind: str = "shm"  # "memfd": came over a side connection, sealed, no name
 
 
 class Attacher:
@@ -600,8 +668,12 @@ class Attacher:
     def __init__(self, shm_dir: str, max_message: int):
         self.shm_dir = shm_dir
         self.max_message = max_message
-        self._lock = threading.Lock()  # protects _cache, every views/dropped, _trimmed
+        self._lock = threading.Lock()  # protects _cache, _memfd, every views/dropped, _trimmed
         self._cache: "OrderedDict[str, _Attached]" = OrderedDict()
+        # memfd segments by (side connection id, the sender's segment number);
+        # they go when their sender retires them or its connection closes.
+        self._memfd: Dict[Tuple[int, int], _Attached] = {}
+        self._arrived = threading.Condition(self._lock)
         self._trimmed = time.monotonic()
 
     def open(self, h: wire.ShmHandle, owner_inst: bytes, reread: bool = False) -> Tuple[memoryview, _Attached]:
@@ -615,18 +687,79 @@ class Attacher:
                 f"handle offers {h.length} bytes; this receiver accepts at most "
                 f"{self.max_message} (SHMGRPC_MAX_MESSAGE)"
             )
-        seg = self._attach(h.name)  # holds a view reference from here
+        return self._view(self._attach(h.name), h, owner_inst, reread)
+
+    def open_memfd(self, key: Tuple[int, int], h, owner_inst: bytes, reread: bool = False, wait: float = 5.0):
+        """open() for a memfd handle: the segment came, or is coming, over the
+        side connection `key[0]` (its descriptor was sent before the handle)."""
+        if h.length > self.max_message:
+            raise HandleTooLarge(
+                f"handle offers {h.length} bytes; this receiver accepts at most "
+                f"{self.max_message} (SHMGRPC_MAX_MESSAGE)"
+            )
+        deadline = time.monotonic() + wait
+        with self._lock:
+            while key not in self._memfd:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DataLossError(
+                        f"memfd segment {key[1]} never arrived on the side connection (its sender "
+                        "closed it, or the handle is forged)"
+                    )
+                self._arrived.wait(left)
+            seg = self._memfd[key]
+            seg.views += 1
+        return self._view(seg, h, owner_inst, reread)
+
+    def add_memfd(self, key: Tuple[int, int], mm: mmap.mmap, size: int) -> bool:
+        """Take a mapped memfd segment that arrived on side connection key[0]."""
+        try:
+            magic, header_size, count, slot_size, _pid, _retired, owner = _SEG.unpack_from(mm, 0)
+        except struct.error:
+            magic = None
+        if magic != SEG_MAGIC or header_size < 64 + SLOT_HEADER * count or header_size + count * slot_size != size:
+            mm.close()
+            return False
+        seg = _Attached(f"memfd:{key[0]}:{key[1]}", mm, -1, size, (0, 0), owner, header_size, count, slot_size,
+                        kind="memfd")
+        with self._lock:
+            old = self._memfd.pop(key, None)
+            self._memfd[key] = seg
+            self._arrived.notify_all()
+            unmap_old = old is not None and self._drop_locked(old)
+        if unmap_old:
+            _unmap(old)
+        return True
+
+    def drop_memfd(self, conn_id: int, number: Optional[int] = None) -> None:
+        """Forget one memfd segment of a connection (its sender retired it),
+        or all of them (the connection closed: the peer is gone)."""
+        with self._lock:
+            keys = [k for k in self._memfd if k[0] == conn_id and (number is None or k[1] == number)]
+            gone = [self._memfd.pop(k) for k in keys]
+            unmap = [seg for seg in gone if self._drop_locked(seg)]
+        for seg in unmap:
+            _unmap(seg)
+
+    @staticmethod
+    def _drop_locked(seg: _Attached) -> bool:
+        """Mark dropped; True if nobody reads it now (the caller unmaps)."""
+        seg.dropped = True
+        return seg.views == 0
+
+    def _view(self, seg: _Attached, h, owner_inst: bytes, reread: bool) -> Tuple[memoryview, _Attached]:
+        """The checks of open(), on a segment we hold a view reference of."""
         try:
             if seg.owner_inst != owner_inst:
                 raise HandleError(
-                    f"segment {h.name} belongs to another shmgrpc instance, not to this call's peer"
+                    f"segment {seg.name} belongs to another shmgrpc instance, not to this call's peer"
                 )
             if h.slot >= seg.count:
-                raise HandleError(f"slot {h.slot} is outside segment {h.name} ({seg.count} slots)")
+                raise HandleError(f"slot {h.slot} is outside segment {seg.name} ({seg.count} slots)")
             if h.offset != seg.header_size + h.slot * seg.slot_size or h.length > seg.slot_size:
                 raise HandleError(
                     f"handle range offset {h.offset} length {h.length} is outside slot {h.slot} "
-                    f"of {h.name}"
+                    f"of {seg.name}"
                 )
             self._check_intact(seg)
             base = 64 + SLOT_HEADER * h.slot
@@ -637,15 +770,15 @@ class Attacher:
                     struct.pack_into("<I", seg.mm, base + _STATE_AT, READING)
             if generation != h.generation:
                 raise DataLossError(
-                    f"slot {h.slot} of {h.name} was reused (generation {generation}, handle has "
+                    f"slot {h.slot} of {seg.name} was reused (generation {generation}, handle has "
                     f"{h.generation}): the lease expired or the call ended before it was read"
                 )
             if not secrets.compare_digest(token, h.token):
-                raise HandleError(f"slot {h.slot} of {h.name} was not offered for this message (token mismatch)")
+                raise HandleError(f"slot {h.slot} of {seg.name} was not offered for this message (token mismatch)")
             readable = (READY, ACKED, READING) if reread else (READY,)
             if state not in readable or length != h.length:
                 raise HandleError(
-                    f"slot {h.slot} of {h.name} is not ready for reading (state {state}); "
+                    f"slot {h.slot} of {seg.name} is not ready for reading (state {state}); "
                     "handles are single-use"
                 )
             return memoryview(seg.mm)[h.offset : h.offset + h.length].toreadonly(), seg
@@ -663,7 +796,7 @@ class Attacher:
             generation, _, _, token = _SLOT.unpack_from(seg.mm, base)
             if generation != h.generation or token != h.token:
                 raise DataLossError(
-                    f"slot {h.slot} of {h.name} changed while it was read "
+                    f"slot {h.slot} of {seg.name} changed while it was read "
                     f"(generation {h.generation} -> {generation}); the bytes are discarded"
                 )
             if consumed:
@@ -678,6 +811,8 @@ class Attacher:
             self.trim()
 
     def _check_intact(self, seg: _Attached) -> None:
+        if seg.kind == "memfd":
+            return  # sealed against shrinking: side.check_sealed before it was mapped
         if not intact(seg.fd, seg.size):
             with self._lock:
                 if self._cache.get(seg.name) is seg:
@@ -771,6 +906,8 @@ class Attacher:
     def close(self) -> None:
         with self._lock:
             cached, self._cache = list(self._cache.values()), OrderedDict()
+            cached += list(self._memfd.values())
+            self._memfd = {}
             for seg in cached:
                 seg.dropped = True
         for seg in cached:

@@ -52,10 +52,16 @@ def proved(secret: bytes, label: bytes, inst: bytes, quoted: Optional[bytes]) ->
     return quoted is not None and hmac.compare_digest(quoted, proof(secret, label, inst))
 
 
-class Identity:
-    """This engine's id segment and the secrets that never leave the process."""
+NO_SEGMENT = "-"  # the id segment name of a process that has none
 
-    def __init__(self, shm_dir: str):
+
+class Identity:
+    """This process's id segment and the secrets that never leave it.
+
+    `named=False`: no id segment (no usable shm directory); the process can
+    still prove itself over a side connection (memfd)."""
+
+    def __init__(self, shm_dir: str, named: bool = True):
         self.shm_dir = shm_dir
         self.inst = secrets.token_bytes(16)
         self.secret = secrets.token_bytes(32)
@@ -64,6 +70,10 @@ class Identity:
         # still cannot forge what we issued to a peer over its connection.
         self._master = secrets.token_bytes(32)
         self._probe = ctypes.create_string_buffer(self.inst, len(self.inst))
+        self._mm, self._fd = None, -1
+        self.name = NO_SEGMENT
+        if not named:
+            return
         self.name = pool.new_base_name() + "-id"
         self._mm, self._fd = pool.create_mapping(shm_dir, self.name, ID_SIZE, keep_fd=True)
         _ID.pack_into(
@@ -85,9 +95,14 @@ class Identity:
         if fd >= 0:
             os.close(fd)
 
+    @property
+    def named(self) -> bool:
+        return self.name != NO_SEGMENT
+
     def close(self) -> None:
         """Owner: unlink and unmap. Safe to call twice."""
-        pool._unlink(os.path.join(self.shm_dir, self.name))
+        if self.named:
+            pool._unlink(os.path.join(self.shm_dir, self.name))
         self._close_fd()
         try:
             self._mm.close()
@@ -113,6 +128,17 @@ class Peer:
     probe_addr: int
     cma_reason: Optional[str] = None  # why we cannot read its memory, None if we can
     cma_probed: bool = False
+
+    @property
+    def named(self) -> bool:
+        """We opened its id segment (same shm directory): shm and cma may work."""
+        return self.id_segment != NO_SEGMENT
+
+
+def side_peer(inst: bytes, ticket: bytes, pid: int = 0) -> Peer:
+    """A peer known only through a side connection (another /dev/shm, maybe
+    another pid namespace): its secret is the connection's ticket."""
+    return Peer(inst, pid, 0, ticket, NO_SEGMENT, 0, "no shared shm directory", True)
 
 
 def read_peer(shm_dir: str, name: str, inst: bytes) -> Peer:

@@ -23,7 +23,7 @@ Handle body, little-endian, common part (32 bytes):
 
     offset size field
     0      4    magic       b"SGH1"
-    4      1    kind        1 = shm, 2 = cma
+    4      1    kind        1 = shm, 2 = cma, 3 = memfd
     5      3    reserved    zero
     8      8    length      payload bytes
     16     16   token       random per message; the slot / cma entry holds it too
@@ -35,6 +35,14 @@ shm part (kind 1):
     48     4    slot        slot index inside the segment
     52     1    n           length of the segment name
     53     n    name        segment name, ASCII, "shmgrpc-..." (see pool.py)
+
+memfd part (kind 3): a slot of a segment whose descriptor the sender passed
+over the side connection (see side.py) before sending this handle:
+
+    32     8    generation  slot generation when it was written
+    40     8    offset      first payload byte inside the segment
+    48     4    slot        slot index inside the segment
+    52     4    segment     the sender's segment number on that connection
 
 cma part (kind 2):
 
@@ -61,12 +69,14 @@ ESCAPE = PREFIX + b"\x00"  # a body length of 0: the message itself follows
 MAGIC = b"SGH1"
 KIND_SHM = 1
 KIND_CMA = 2
+KIND_MEMFD = 3
 MAX_IOVECS = 16  # the sender offers one buffer today; room for scatter lists
 MAX_NAME = 100  # segment names are ~50 characters; anything longer is forged
 
 _COMMON = struct.Struct("<4sB3xQ16s")
 _SHM = struct.Struct("<QQIB")
 _CMA = struct.Struct("<QIIQ16sH")
+_MEMFD = struct.Struct("<QQII")
 _IOV = struct.Struct("<QQ")
 
 # Segment names: shmgrpc-<pid>-<start ticks>-<16 hex random>-<id | counter>.
@@ -98,6 +108,16 @@ class ShmHandle:
     offset: int
     slot: int
     name: str
+
+
+@dataclass(frozen=True)
+class MemfdHandle:
+    length: int
+    token: bytes
+    generation: int
+    offset: int
+    slot: int
+    segment: int
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,12 @@ def encode_shm(h: ShmHandle) -> bytes:
     return frame(body)
 
 
+def encode_memfd(h: MemfdHandle) -> bytes:
+    return frame(
+        _COMMON.pack(MAGIC, KIND_MEMFD, h.length, h.token) + _MEMFD.pack(h.generation, h.offset, h.slot, h.segment)
+    )
+
+
 def encode_cma(h: CmaHandle) -> bytes:
     body = [
         _COMMON.pack(MAGIC, KIND_CMA, h.length, h.token),
@@ -154,7 +180,7 @@ def encode_cma(h: CmaHandle) -> bytes:
     return frame(b"".join(body))
 
 
-def decode(data) -> "ShmHandle | CmaHandle":
+def decode(data) -> "ShmHandle | CmaHandle | MemfdHandle":
     """Parse a handle from the raw bytes of a message; HandleError if malformed."""
     data = bytes(data[:MAX_HANDLE + 1])
     if len(data) > MAX_HANDLE:
@@ -186,6 +212,11 @@ def decode(data) -> "ShmHandle | CmaHandle":
         return _decode_shm(body, length, token)
     if kind == KIND_CMA:
         return _decode_cma(body, length, token)
+    if kind == KIND_MEMFD:
+        if len(body) != _COMMON.size + _MEMFD.size:
+            raise HandleError("malformed memfd handle: wrong size")
+        generation, offset, slot, segment = _MEMFD.unpack_from(body, _COMMON.size)
+        return MemfdHandle(length, token, generation, offset, slot, segment)
     raise HandleError(f"malformed handle: unknown kind {kind}")
 
 
@@ -231,10 +262,14 @@ def _decode_cma(body: bytes, length: int, token: bytes) -> CmaHandle:
 # client -> server, on every call, key HELLO_KEY:
 #     2 <client inst> <client id segment> <accepts> <server inst> <proof> <cma key> <max receive>
 # server -> client, trailing metadata, key WELCOME_KEY:
-#     2 <server inst> <server id segment> <accepts> <proof> <cma key> <max receive>
+#     2 <server inst> <server id segment> <accepts> <proof> <cma key> <max receive> <side> <ticket>
 #
+# id segment: "-" when the sender has none (no usable shm directory).
 # accepts: "s" the sender of this value reads the other side's shm segments,
-# "c" it can read the other side's memory with process_vm_readv ("-": none).
+# "c" it can read the other side's memory with process_vm_readv, "m" it
+# takes memfd segments over a side connection ("-": none).
+# side, ticket: where the server's side socket is ("@name" abstract, or a
+# path) and the one-time ticket that lets this client in ("-": no memfd).
 # proof: HMAC of the other side's id-segment secret: shows we opened it.
 # cma key: what the other side must write beside cma payloads addressed to us.
 # max receive: the largest message the sender of this value accepts as a
@@ -285,6 +320,11 @@ class Welcome:
     proof: Optional[bytes]
     cma_key: Optional[bytes]
     max_receive: int = UNLIMITED
+    side: Optional[str] = None
+    ticket: Optional[bytes] = None
+
+
+_SIDE = re.compile(r"^(@shmgrpc-\d{1,10}-[0-9a-f]{16}|/[^\s]{1,200}\.sock)$")
 
 
 def _hex_or_dash(value: Optional[bytes]) -> str:
@@ -310,9 +350,9 @@ def _parse_id(inst: str, segment: str, accepts: str) -> Tuple[bytes, str, str]:
     if ident is None:
         raise HandleError("malformed handshake: no instance id")
     match = NAME_RE.match(segment)
-    if not match or match.group(4) != "id":
-        raise HandleError(f"malformed handshake: {segment!r} is not a shmgrpc id segment")
-    if accepts != "-" and not set(accepts) <= set("sc"):
+    if segment != "-" and (not match or match.group(4) != "id"):
+        raise HandleError(f"malformed handshake: {segment[:60]!r} is not a shmgrpc id segment")
+    if accepts != "-" and not set(accepts) <= set("scm"):
         raise HandleError(f"malformed handshake: accepts {accepts!r}")
     return ident, segment, accepts.replace("-", "")
 
@@ -363,12 +403,14 @@ def encode_welcome(w: Welcome) -> str:
             _hex_or_dash(w.proof),
             _hex_or_dash(w.cma_key),
             str(w.max_receive),
+            w.side or "-",
+            _hex_or_dash(w.ticket),
         )
     )
 
 
 def decode_welcome(text: str) -> Welcome:
-    parts = _split(text, 7)
+    parts = _split(text, 9)
     inst, segment, accepts = _parse_id(parts[1], parts[2], parts[3])
     return Welcome(
         inst,
@@ -377,4 +419,14 @@ def decode_welcome(text: str) -> Welcome:
         _parse_hex(parts[4], "proof"),
         _parse_hex(parts[5], "cma key"),
         _parse_limit(parts[6]),
+        _parse_side(parts[7]),
+        _parse_hex(parts[8], "ticket"),
     )
+
+
+def _parse_side(text: str) -> Optional[str]:
+    if text == "-":
+        return None
+    if not _SIDE.match(text) or ".." in text:
+        raise HandleError(f"malformed handshake: side socket {text[:60]!r}")
+    return text
