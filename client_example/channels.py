@@ -1,9 +1,11 @@
 """The modes the benchmark compares, one channel each, created once.
 
     grpc tcp     plain gRPC over loopback TCP
-    grpc unix    plain gRPC over the unix socket: the baseline
-    shmgrpc shm  a channel wrapped by shmgrpc, transport "shm", unix socket
-    shmgrpc cma  a channel wrapped by shmgrpc, transport "cma", unix socket
+    grpc unix      plain gRPC over the unix socket: the baseline
+    shmgrpc auto   a channel wrapped by shmgrpc, transport "auto" (what an
+                   application gets by default: memfd where it works), unix socket
+    shmgrpc shm    the same, transport "shm"
+    shmgrpc cma    the same, transport "cma"
 
 This module is the only place the client touches shmgrpc's channel wrapper;
 it is all an application needs: build the channel with shmgrpc (with the same
@@ -21,8 +23,8 @@ import shmgrpc
 from protos import blobstore_pb2_grpc
 
 MiB = 1024 * 1024
-MODES = ("tcp", "unix", "shm", "cma")  # --modes names, in table order
-NAMES = {"tcp": "grpc tcp", "unix": "grpc unix", "shm": "shmgrpc shm", "cma": "shmgrpc cma"}
+MODES = ("tcp", "unix", "auto", "shm", "cma")  # --modes names, in table order
+NAMES = {"tcp": "grpc tcp", "unix": "grpc unix", "auto": "shmgrpc auto", "shm": "shmgrpc shm", "cma": "shmgrpc cma"}
 BASELINE = "grpc unix"
 
 

@@ -741,7 +741,7 @@ class Engine:
         peer = route.peer
         why = f"co-located server pid {peer.pid}" if peer is not None and peer.pid else "co-located server"
         if peer is not None and not peer.named:
-            why += " (side connection only: another shm directory or pid namespace)"
+            why += " (known by its side connection; no shared shm directory in use)"
         skipped = [t for t in self._order if t not in rungs]
         if skipped:
             why += "; " + ", ".join(f"{t} unavailable" for t in skipped)

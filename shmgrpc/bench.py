@@ -6,11 +6,12 @@ it, over a channel of its own:
 
     grpc-tcp    plain gRPC over 127.0.0.1 TCP
     grpc-unix   plain gRPC over a unix socket (the baseline)
+    memfd       shmgrpc.intercept_channel, transport=memfd, over the unix socket
     shm         shmgrpc.intercept_channel, transport=shm, over the unix socket
     cma         shmgrpc.intercept_channel, transport=cma, over the unix socket
 
 Messages below shmgrpc's threshold (128 KiB unless SHMGRPC_THRESHOLD says
-otherwise) travel inline in every mode, so at 4 KiB the shm and cma rows
+otherwise) travel inline in every mode, so at 4 KiB the shmgrpc rows
 measure what merely having shmgrpc on the channel costs.
 
 Each *shape* is an RPC pattern: unary (echo: the payload goes and comes
@@ -67,7 +68,7 @@ DEFAULT_SIZES = "4KiB,64KiB,1MiB,16MiB,64MiB,256MiB"
 QUICK_SIZES = "4KiB,1MiB,64MiB"
 QUICK_SHAPES = ("unary",)
 PLAIN_MODES = ("grpc-tcp", "grpc-unix")
-SHMGRPC_MODES = ("shm", "cma")  # each is also the transport it forces
+SHMGRPC_MODES = ("memfd", "shm", "cma")  # each is also the transport it forces
 MODES = PLAIN_MODES + SHMGRPC_MODES
 BASELINE = "grpc-unix"  # what shmgrpc replaces: the same socket, plain gRPC
 
