@@ -57,6 +57,16 @@ def with_hello(metadata, hello: Tuple[str, str]):
     return (*(metadata or ()), hello)
 
 
+def without_welcome(metadata):
+    """Metadata as the application sees it: no shmgrpc-welcome (a server sends
+    one in a call's trailers while the channel has not settled its route)."""
+    if metadata is None or not any(m[0] == wire.WELCOME_KEY for m in metadata):
+        return metadata
+    return tuple(m for m in metadata if m[0] != wire.WELCOME_KEY)
+
+
+
+
 def resend_reason(error: grpc.RpcError, codec: Optional[CallCodec]) -> Optional[str]:
     """Why a failed framed call should be sent again, plain, or None.
 
@@ -105,7 +115,7 @@ class RestoreError(grpc.RpcError, grpc.Call, grpc.Future):
         return self._call.initial_metadata() if self._call is not None else None
 
     def trailing_metadata(self):
-        return self._call.trailing_metadata() if self._call is not None else None
+        return without_welcome(self._call.trailing_metadata()) if self._call is not None else None
 
     def is_active(self):
         return False
@@ -165,8 +175,12 @@ class _CallProxy(grpc.RpcError, grpc.Call, grpc.Future):
         self._codec = codec
 
     def _raised(self, err: grpc.RpcError) -> grpc.RpcError:
+        """What the application gets raised: the restore's own error, or this
+        proxy (metadata without shmgrpc's keys) for the call's error."""
         converted = _converted(err, self._codec)
-        return self if converted is err and err is self._inner else converted
+        if converted is not err:
+            return converted
+        return self if err is self._inner else _CallProxy(err, self._codec)
 
     def __repr__(self):
         return repr(self._inner)
@@ -184,7 +198,7 @@ class _CallProxy(grpc.RpcError, grpc.Call, grpc.Future):
         return self._inner.initial_metadata()
 
     def trailing_metadata(self):
-        return self._inner.trailing_metadata()
+        return without_welcome(self._inner.trailing_metadata())
 
     def code(self):
         error = self._error()
@@ -289,24 +303,25 @@ class _MultiCallable:
         self._serializer = serializer
         self._deserializer = deserializer
         self._registered = registered
-        self._plain = None  # the inner multicallable with the caller's own codec
+        # The inner multicallable with the caller's own codec, made now, as a
+        # stub makes its multicallables: registering a method on a channel
+        # that was closed since is what gRPC must never be asked to do.
+        factory = getattr(channel._inner, self._kind)
+        kwargs = {"_registered_method": True} if registered else {}
+        self._plain = factory(method, serializer, deserializer, **kwargs)
 
     def _plain_multicallable(self):
-        if self._plain is None:
-            factory = getattr(self._channel._inner, self._kind)
-            kwargs = {"_registered_method": True} if self._registered else {}
-            self._plain = factory(self._method, self._serializer, self._deserializer, **kwargs)
         return self._plain
 
-    def _start(self, timeout, metadata, credentials, wait_for_ready, compression) -> _Call:
+    def _start(self, request, timeout, metadata, credentials, wait_for_ready, compression, plain=False) -> _Call:
         channel = self._channel
         engine = channel._engine
-        state = engine.client_call_state()
+        state = None if plain else engine.client_call_state()
         if state is not None and engine.client_needs_handshake():
             deadline = None if timeout is None else time.monotonic() + timeout
-            if channel._handshake(timeout, metadata, credentials, wait_for_ready, compression):
-                timeout = remaining(deadline)
-                state = engine.client_call_state()
+            channel._handshake(timeout, metadata, credentials, wait_for_ready, compression)
+            timeout = remaining(deadline)  # the handshake's time is the caller's, never extra
+            state = engine.client_call_state()
         if state is None:
             return _Call(self._plain_multicallable(), metadata, timeout)
         hello, route = state
@@ -336,7 +351,7 @@ class _UnaryRequest(_MultiCallable):
 
     def _invoke(self, request, timeout, metadata, credentials, wait_for_ready, compression, resend: bool):
         engine = self._channel._engine
-        call = self._start(timeout, metadata, credentials, wait_for_ready, compression)
+        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression, plain=not resend)
         deadline = None if call.timeout is None else time.monotonic() + call.timeout
         try:
             response, outcome = call.multicallable.with_call(
@@ -346,23 +361,25 @@ class _UnaryRequest(_MultiCallable):
         except grpc.RpcError as err:
             if call.tickets is not None:
                 call.watch(engine, err)
-            reason = resend_reason(err, call.codec) if resend else None
+            reason = resend_reason(err, call.codec) if resend and self._resendable else None
             if reason is None:
-                raise _converted(err, call.codec) from None
+                raise (_converted(err, call.codec) if call.codec is None else _CallProxy(err, call.codec)._raised(err))
             self._resend(reason, err, call)
+            # Sent again plain: no hello, no frame, whatever server it reaches.
             return self._invoke(request, remaining(deadline), metadata, credentials, wait_for_ready, compression, False)
         if call.tickets is not None:
             call.watch(engine, outcome)
+            return response, _CallProxy(outcome, call.codec)
         return response, outcome
 
     def with_call(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):
-        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression, self._resendable)
+        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression, True)
 
     def __call__(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):
-        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression, self._resendable)[0]
+        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression, True)[0]
 
     def future(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):
-        call = self._start(timeout, metadata, credentials, wait_for_ready, compression)
+        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
         inner = call.multicallable.future(
             request, timeout=call.timeout, metadata=call.metadata, credentials=credentials,
             wait_for_ready=wait_for_ready, compression=compression,
@@ -385,7 +402,7 @@ class StreamUnaryMultiCallable(_UnaryRequest, grpc.StreamUnaryMultiCallable):
 
 class _StreamResponse(_MultiCallable):
     def __call__(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):
-        call = self._start(timeout, metadata, credentials, wait_for_ready, compression)
+        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
         inner = call.multicallable(
             request, timeout=call.timeout, metadata=call.metadata, credentials=credentials,
             wait_for_ready=wait_for_ready, compression=compression,
@@ -411,36 +428,47 @@ class Channel(EngineOwner, grpc.Channel):
     One wrapper per channel: it knows the one server its channel talks to."""
 
     def __init__(self, channel: grpc.Channel, config: Optional[Config] = None, options=None, name: str = ""):
+        if not isinstance(channel, grpc.Channel):
+            hint = " (a grpc.aio channel: use shmgrpc.aio.intercept_channel)" if isinstance(
+                channel, grpc.aio.Channel) else ""
+            raise TypeError(f"shmgrpc.intercept_channel needs a grpc.Channel, not {type(channel).__name__}{hint}")
         self._inner = channel
         self._engine = Engine(config, "client", options, name or type(channel).__name__)
 
     # the once-per-channel handshake
 
-    def _handshake(self, timeout, metadata, credentials, wait_for_ready, compression) -> bool:
-        """Call the handshake method, unless another thread is at it. True if
-        this thread made the call (its time is then off the caller's)."""
+    def _handshake(self, timeout, metadata, credentials, wait_for_ready, compression) -> None:
+        """Call the handshake method once per channel. Threads starting calls
+        meanwhile wait for it (at most its timeout), so their first large
+        messages are offloaded too.
+
+        A request stream of no message: it needs no serializer and no message
+        of the caller's type, and interceptors inside the wrapper that only
+        handle the caller's shapes are not even called for it. Nothing it
+        raises reaches the caller."""
         engine = self._engine
         lock = engine.client_handshake_lock()
-        if not lock.acquire(blocking=False):
-            return False
+        if not lock.acquire(timeout=handshake_timeout(timeout)):
+            return
         try:
             if not engine.client_needs_handshake():
-                return False
+                return  # another thread's handshake settled it
             state = engine.client_call_state()
             if state is None:
-                return False
+                return
             hello = state[0]
-            shake = self._inner.unary_unary(wire.HANDSHAKE_METHOD)
             try:
+                shake = self._inner.stream_unary(wire.HANDSHAKE_METHOD)
                 _, call = shake.with_call(
-                    b"", timeout=handshake_timeout(timeout), metadata=with_hello(metadata, hello),
+                    iter(()), timeout=handshake_timeout(timeout), metadata=with_hello(metadata, hello),
                     credentials=credentials, wait_for_ready=wait_for_ready, compression=compression,
                 )
                 engine.client_handshake_done(grpc.StatusCode.OK, call.trailing_metadata())
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
                 engine.client_handshake_done(code, err.trailing_metadata() if hasattr(err, "trailing_metadata") else ())
-            return True
+            except Exception as err:  # the caller's own interceptor or serializer, on our call
+                engine.client_handshake_failed(err)
         finally:
             lock.release()
 

@@ -31,7 +31,7 @@ DEPRECATED = (
 _warned = False
 
 
-def warn_deprecated(stacklevel: int = 3) -> None:
+def warn_deprecated(stacklevel: int = 2) -> None:
     global _warned
     warnings.warn(DEPRECATED, DeprecationWarning, stacklevel=stacklevel)
     if not _warned:
@@ -42,10 +42,10 @@ def warn_deprecated(stacklevel: int = 3) -> None:
 class PassThrough:
     """What the deprecated interceptors still answer: nothing in effect."""
 
-    def __init__(self, config: Optional[Config] = None):
+    def __init__(self, config: Optional[Config] = None, *, _stacklevel: int = 3):
         self._config = Config.from_env() if config is None else config
         self._stats = Stats()
-        warn_deprecated(stacklevel=4)
+        warn_deprecated(stacklevel=_stacklevel)  # 1 warn_deprecated, 2 __init__, 3 who built it
 
     @property
     def transport(self) -> str:

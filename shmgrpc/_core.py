@@ -509,7 +509,8 @@ class Engine:
         if self._order == ("cma",):
             log.warning("shmgrpc: SHMGRPC_TRANSPORT=cma, but cma is not permitted (%s); sending inline", why)
         else:
-            log.info("shmgrpc: cma not permitted (%s); using shm", why)
+            others = " or ".join(t for t in self._order if t != "cma")
+            log.info("shmgrpc: cma not permitted (%s); %s carries large messages where it can", why, others)
 
     @property
     def node(self) -> Optional[Node]:
@@ -604,8 +605,7 @@ class Engine:
         )
 
     def client_handshake_lock(self) -> threading.Lock:
-        """Held by the one caller doing the handshake; others go on without
-        waiting (their calls carry the hello and learn from the answer)."""
+        """Held by the one thread doing the handshake; others wait for it."""
         return self._handshaking
 
     def client_handshake_done(self, code: grpc.StatusCode, trailing_metadata) -> None:
@@ -633,6 +633,16 @@ class Engine:
             self._probe = "calls"
             self.stats.note("server", f"handshake answered {code.name}; learning from calls instead")
             log.debug("shmgrpc: %s: handshake answered %s; learning from calls", self.name, code.name)
+
+    def client_handshake_failed(self, err: BaseException) -> None:
+        """The handshake call raised something other than an RpcError: an
+        interceptor or serializer of the caller's that does not expect it.
+        Never the caller's problem: no more handshake calls; the calls
+        themselves carry the hello and learn the route from their trailers."""
+        self._probe = "calls"
+        self.stats.note("server", f"handshake call failed on this side ({type(err).__name__}: {err}); "
+                                  "learning from calls instead")
+        log.debug("shmgrpc: %s: handshake call raised %r; learning from calls", self.name, err)
 
     def _go_plain(self, why: str) -> None:
         with self._lock:
@@ -862,7 +872,7 @@ class Engine:
         the handle, or None: send it inline. `keep`, if given, is called with
         a ticket for release() when the call ends without its reader."""
         n = len(data)
-        if route is None or n < self.config.threshold or self._state != "ready" or not route.offloads:
+        if route is None or n < self.config.threshold or self._state != "ready":
             self.stats.add("inline", "all", 1, n)
             return None
         reason = "peer_cannot_read"
@@ -876,8 +886,8 @@ class Engine:
             self._note_limit(n, route)
         else:
             node = self._node
-            assert node is not None and route.peer is not None
-            for transport in self._order:
+            assert node is not None
+            for transport in self._order if route.peer is not None else ():
                 if transport == "memfd" and route.send_memfd:
                     handle, ticket, reason = self._offload_memfd(node, data, route)
                 elif transport == "shm" and route.send_shm:
@@ -885,7 +895,8 @@ class Engine:
                 elif transport == "cma" and route.send_cma and route.peer_key:
                     peer = route.peer
                     handle, ticket, reason = node.get_pins().pin(
-                        data, route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid()
+                        data, route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid(),
+                        held=self.role == "client",
                     )
                     if handle is not None:
                         self.stats.add("offloaded", "cma", 1, n)
@@ -917,7 +928,7 @@ class Engine:
         if conn is None:
             return None, None, "side_closed"
         pool_ = node.get_pool()
-        slot, reason = pool_.alloc(len(data), conn, "memfd")
+        slot, reason = pool_.alloc(len(data), conn, "memfd", held=self.role == "client")
         if slot is None:
             return None, None, reason
         segment = slot.segment
@@ -934,7 +945,7 @@ class Engine:
     def _offload_shm(self, node: Node, data, route: Route):
         pool_ = node.get_pool()
         peer = route.peer
-        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start))
+        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=self.role == "client")
         if slot is None:
             return None, None, reason
         off = slot.offset

@@ -82,33 +82,39 @@ def _checking(requests: Iterator, context) -> Iterator:
 
 def _wrap_behavior(handler, welcome) -> Callable:
     """The handler's behavior, with our context and failed restores ended
-    with their own status."""
+    with their own status. The context comes first: its welcome must reach
+    the trailers of a call that fails too (a client that reconnected to
+    another server process learns it from exactly that failure)."""
 
     if handler.request_streaming and handler.response_streaming:
         behavior = handler.stream_stream
 
         def stream_stream(requests, context):
-            return behavior(_checking(requests, context), _Context(context, welcome))
+            ctx = _Context(context, welcome)
+            return behavior(_checking(requests, ctx), ctx)
 
         return stream_stream
     if handler.request_streaming:
         behavior = handler.stream_unary
 
         def stream_unary(requests, context):
-            return behavior(_checking(requests, context), _Context(context, welcome))
+            ctx = _Context(context, welcome)
+            return behavior(_checking(requests, ctx), ctx)
 
         return stream_unary
     if handler.response_streaming:
         behavior = handler.unary_stream
 
         def unary_stream(request, context):
-            return behavior(_checked(request, context), _Context(context, welcome))
+            ctx = _Context(context, welcome)
+            return behavior(_checked(request, ctx), ctx)
 
         return unary_stream
     behavior = handler.unary_unary
 
     def unary_unary(request, context):
-        return behavior(_checked(request, context), _Context(context, welcome))
+        ctx = _Context(context, welcome)
+        return behavior(_checked(request, ctx), ctx)
 
     return unary_unary
 
@@ -144,12 +150,14 @@ def handshake_handler(engine: Engine, details):
         return None
     route = engine.server_route(details.invocation_metadata)
 
-    def hello(request, context):
+    def hello(requests, context):
+        for _ in requests:  # none (a request-streaming caller), or one empty message of the caller's type
+            pass
         if route is not None and route.welcome is not None:
             context.set_trailing_metadata((route.welcome,))
         return b""
 
-    return grpc.unary_unary_rpc_method_handler(hello)
+    return grpc.stream_unary_rpc_method_handler(hello)
 
 
 class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):

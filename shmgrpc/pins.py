@@ -65,6 +65,7 @@ class _Pin:
     payload: bytes  # holding the reference is what keeps the memory valid
     reader: Tuple[int, int]
     deadline: float
+    held: bool = False  # a request: readable until its call ends (see pool.Slot.held)
 
 
 class Pins:
@@ -89,14 +90,14 @@ class Pins:
         self._pinned = 0
 
     def pin(
-        self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int
+        self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int, held: bool = False
     ) -> Tuple[Optional[bytes], Optional[Ticket], str]:
-        """Pin `payload` for one read; returns (encoded handle, its ticket, "")
-        or (None, None, reason)."""
+        """Pin `payload`; returns (encoded handle, its ticket, "") or (None,
+        None, reason). `held`: see pool.Slot.held."""
         length = len(payload)
         with self._lock:
             if self._pinned + length > self.max_pinned or not self._free:
-                self._reclaim_locked()
+                self._reclaim_locked(pressure=True)
             if self._pinned + length > self.max_pinned:
                 return None, None, "cma_pinned_full"
             if not self._free:
@@ -117,7 +118,7 @@ class Pins:
                 key,
                 addr,
             )
-            self._busy[index] = _Pin(payload, reader, self._clock() + self.lease_seconds)
+            self._busy[index] = _Pin(payload, reader, self._clock() + self.lease_seconds, held)
             self._pinned += length
         handle = wire.CmaHandle(
             length=length,
@@ -152,13 +153,14 @@ class Pins:
             for index in list(self._busy):
                 self._unpin_locked(index)
 
-    def _reclaim_locked(self) -> int:
+    def _reclaim_locked(self, pressure: bool = False) -> int:
         now = self._clock()
         gone = pool.Liveness()
         freed = 0
         for index, pin in list(self._busy.items()):
             (state,) = struct.unpack_from("<I", self._table, index * ENTRY.size + _STATE_AT)
-            if state == pool.ACKED or now >= pin.deadline or gone(pin.reader):
+            acked = state == pool.ACKED and (pressure or not pin.held)
+            if acked or now >= pin.deadline or gone(pin.reader):
                 self._unpin_locked(index)
                 freed += 1
         return freed

@@ -376,6 +376,10 @@ class Slot:
     length: int = 0
     reader: object = (0, 0)  # (pid, start) of the process that will read it, or its side.Conn
     deadline: float = 0.0
+    # A request: its reader may read it again (gRPC retries, hedging) until
+    # the sender's call ends and releases it. An ack frees it only when the
+    # pool needs the room; a response (not held) is freed by its ack.
+    held: bool = False
 
     @property
     def size(self) -> int:
@@ -452,17 +456,17 @@ class Pool:
 
     # sender side
 
-    def alloc(self, length: int, reader, kind: str = "shm") -> Tuple[Optional[Slot], str]:
+    def alloc(self, length: int, reader, kind: str = "shm", held: bool = False) -> Tuple[Optional[Slot], str]:
         """A slot for `length` bytes in a segment of `kind` ("shm" or
         "memfd"), or (None, reason). `reader`: (pid, start) of the process
-        that will read it, or its side.Conn (memfd)."""
+        that will read it, or its side.Conn (memfd). `held`: see Slot.held."""
         cls = (kind, size_class(length))
         with self._lock:
             if self._closed:
                 return None, "pool_closed"
             slot = self._take(cls)
             if slot is None:
-                self._reclaim_locked()
+                self._reclaim_locked(pressure=True)
                 slot = self._take(cls)
             if slot is not None and not slot.segment.intact():
                 self._drop_broken_locked(slot.segment)
@@ -477,6 +481,7 @@ class Pool:
             slot.token = secrets.token_bytes(16)
             slot.length = length
             slot.reader = reader
+            slot.held = held
             slot.deadline = self._clock() + self.lease_seconds
             # Generation first, then the bytes: a reader that checks the generation
             # after its copy sees any reuse that overlapped it.
@@ -571,7 +576,9 @@ class Pool:
         except (BufferError, ValueError):
             pass
 
-    def _reclaim_locked(self) -> int:
+    def _reclaim_locked(self, pressure: bool = False) -> int:
+        """Free busy slots that are done with; `pressure`: an alloc needs room,
+        so held slots that were acknowledged go too."""
         now = self._clock()
         gone = Liveness()
         freed = 0
@@ -587,7 +594,8 @@ class Pool:
                 continue
             base = SLOT_HEADER * slot.index + 64
             (state,) = struct.unpack_from("<I", segment.mm, base + _STATE_AT)
-            if state == ACKED or now >= slot.deadline or gone(slot.reader):
+            acked = state == ACKED and (pressure or not slot.held)
+            if acked or now >= slot.deadline or gone(slot.reader):
                 self._free_locked(slot)
                 freed += 1
         return freed

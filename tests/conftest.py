@@ -96,13 +96,13 @@ def run_python(code: str, *args: str, env: Optional[Dict[str, str]] = None, time
 
 # A client process: `python -c CLIENT_SCRIPT SPEC`, SPEC a JSON object:
 #   target     where to connect
-#   env        SHMGRPC_* of its ClientInterceptor (null: a plain channel)
+#   env        SHMGRPC_* of its shmgrpc channel wrapper (null: a plain channel)
 #   calls, size, seed   `calls` unary echoes of pattern(size, seed * 1000 + i)
 #   reply_size when set, the server answers with bodies of this size
 #   deny       install the seccomp filter that denies process_vm_readv first
 #   uid        build everything as root, then drop to this uid before calling
 # It prints {"pid", "uid", "ok", "bad", "stats", "log"}: calls whose answer was
-# right, the indexes of those that were not, its interceptor's stats() and
+# right, the indexes of those that were not, its wrapper's stats() and
 # what logger "shmgrpc" said.
 CLIENT_SCRIPT = """
 import json, logging, os, sys
@@ -123,11 +123,12 @@ class Keep(logging.Handler):
 
 logging.getLogger("shmgrpc").addHandler(Keep())
 logging.getLogger("shmgrpc").setLevel(logging.DEBUG)
-channel = grpc.insecure_channel(spec["target"], options=GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)])
-icpt = None
+options = GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]
+channel = grpc.insecure_channel(spec["target"], options=options)
+wrapper = None
 if spec.get("env") is not None:
-    icpt = shmgrpc.ClientInterceptor(shmgrpc.Config.from_env(spec["env"]))
-    channel = grpc.intercept_channel(channel, icpt)
+    wrapper = channel = shmgrpc.intercept_channel(
+        channel, shmgrpc.Config.from_env(spec["env"]), options=options)
 stub = pb_grpc.EchoStub(channel)
 if spec.get("uid") is not None:
     os.setgroups([])
@@ -145,10 +146,8 @@ for i in range(spec["calls"]):
     else:
         bad.append(i)
 out = {"pid": os.getpid(), "uid": os.getuid(), "ok": ok, "bad": bad,
-       "stats": icpt.stats() if icpt else None, "log": records}
-if icpt is not None:
-    icpt.close()
-channel.close()
+       "stats": wrapper.stats() if wrapper else None, "log": records}
+channel.close()  # the wrapper's close() closes the channel it wraps too
 print(json.dumps(out))
 """
 
@@ -368,28 +367,39 @@ def client_config(transport: str = "auto", **env: str) -> shmgrpc.Config:
 
 
 class Client:
-    """A channel, its stub, and (unless plain) the shmgrpc interceptor on it."""
+    """A channel, its stub, and (unless plain) the shmgrpc wrapper around it.
+
+    `raw_channel` is the grpc channel; `channel` is what the stub uses: the
+    wrapper made by shmgrpc.intercept_channel (told the channel's options, so
+    it knows the raised message-size limits), or the raw channel when plain.
+    `wrapper` is that wrapper (None when plain); `interceptor` is another name
+    for it, kept for the tests written against the old interceptor API."""
 
     def __init__(self, target: str, config: Optional[shmgrpc.Config], options: Iterable = ()):
-        self.raw_channel = grpc.insecure_channel(
-            target,
-            options=[*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1), *options],
+        self.options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1), *options]
+        self.raw_channel = grpc.insecure_channel(target, options=self.options)
+        self.wrapper: Optional[shmgrpc.Channel] = (
+            shmgrpc.intercept_channel(self.raw_channel, config, options=self.options)
+            if config is not None
+            else None
         )
-        self.interceptor = shmgrpc.ClientInterceptor(config) if config is not None else None
-        self.channel = (
-            grpc.intercept_channel(self.raw_channel, self.interceptor)
-            if self.interceptor
-            else self.raw_channel
-        )
+        self.interceptor = self.wrapper
+        self.channel = self.wrapper if self.wrapper is not None else self.raw_channel
         self.stub = pb_grpc.EchoStub(self.channel)
 
+    @property
+    def engine(self):
+        """The wrapper's engine (white-box tests)."""
+        return self.wrapper._engine
+
     def stats(self) -> dict:
-        return self.interceptor.stats()
+        return self.wrapper.stats()
 
     def close(self) -> None:
-        self.raw_channel.close()
-        if self.interceptor is not None:
-            self.interceptor.close()
+        if self.wrapper is not None:
+            self.wrapper.close()  # closes the raw channel too
+        else:
+            self.raw_channel.close()
 
 
 @pytest.fixture

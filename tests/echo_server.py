@@ -3,8 +3,9 @@
     python -m tests.echo_server --listen unix:/path/to/sock --listen 127.0.0.1:0
 
 Serves on every --listen address (a unix socket, or host:port where port 0
-picks a free one) through shmgrpc.ServerInterceptor built from the SHMGRPC_*
-environment, or with no interceptor at all under --plain. Once it serves it
+picks a free one) through shmgrpc.server() (its ServerInterceptor built from
+the SHMGRPC_* environment and told GRPC_OPTIONS), or with no interceptor at
+all under --plain. Once it serves it
 prints one line, READY followed by JSON:
 
     {"pid": 123, "addresses": ["unix:/path/to/sock", "127.0.0.1:40123"], "offload": true}
@@ -310,12 +311,14 @@ def _watch_parent(parent: int, stop: threading.Event) -> None:
 
 
 def serve_sync(args, stop: threading.Event, ready: Callable[[List[str], bool], None]) -> None:
-    interceptor = None if args.plain else shmgrpc.ServerInterceptor()
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="echo"),
-        interceptors=[interceptor] if interceptor is not None else [],
-        options=GRPC_OPTIONS,
-    )
+    executor = futures.ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="echo")
+    if args.plain:
+        server, interceptor = grpc.server(executor, options=GRPC_OPTIONS), None
+    else:
+        # shmgrpc.server() installs its ServerInterceptor innermost and tells
+        # it the server's options (the raised message-size limits).
+        server = shmgrpc.server(executor, options=GRPC_OPTIONS)
+        interceptor = server.shmgrpc
     pb_grpc.add_EchoServicer_to_server(SyncEcho(EchoLogic(interceptor)), server)
     try:
         addresses = [_bind(server, address) for address in args.listen]
@@ -420,11 +423,13 @@ def serve_aio(args, stop: threading.Event, ready: Callable[[List[str], bool], No
 async def _serve_aio(args, stop: threading.Event, ready: Callable[[List[str], bool], None]) -> None:
     import shmgrpc.aio
 
-    interceptor = None if args.plain else shmgrpc.aio.ServerInterceptor()
-    server = grpc.aio.server(
-        interceptors=[interceptor] if interceptor is not None else [],
-        options=GRPC_OPTIONS,
-    )
+    if args.plain:
+        server, interceptor = grpc.aio.server(options=GRPC_OPTIONS), None
+    else:
+        # shmgrpc.aio.server() installs its ServerInterceptor innermost and
+        # tells it the server's options (the raised message-size limits).
+        server = shmgrpc.aio.server(options=GRPC_OPTIONS)
+        interceptor = server.shmgrpc
     pb_grpc.add_EchoServicer_to_server(AioEcho(EchoLogic(interceptor)), server)
     try:
         addresses = [_bind(server, address) for address in args.listen]

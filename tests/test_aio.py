@@ -3,9 +3,12 @@
 Cross-process, every mix of an aio side with either kind of other side:
 aio client x {sync, aio} server and sync client x aio server, all four RPC
 shapes, shm and cma, offload proven by the counters of both processes. Then
-what only asyncio has: the reader/writer APIs and sync handlers on an aio
-server (in one process), a server interceptor of the wrong kind, and calls
-cancelled or timed out in the middle of an offloaded stream.
+what only asyncio has: the call objects of the aio channel wrapper (their
+reader/writer API, cancel() before the channel's handshake finished), the
+reader/writer APIs and sync handlers on an aio server (in one process), a
+response handle forged by a fake server, interceptors of the wrong kind and
+the deprecated client interceptors, and calls cancelled or timed out in the
+middle of an offloaded stream.
 
 Each aio test body runs in its own event loop (asyncio.run): a grpc.aio
 channel belongs to the loop it was made in.
@@ -15,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
+import warnings
 from concurrent import futures
 
 import grpc
@@ -26,6 +31,7 @@ import pytest
 from google.protobuf.wrappers_pb2 import BytesValue
 
 import shmgrpc
+import shmgrpc._client
 import shmgrpc.aio
 from shmgrpc import wire
 from protos import echo_test_pb2 as pb
@@ -45,6 +51,7 @@ from tests.echo_server import GRPC_OPTIONS, EchoLogic, SyncEcho, digest, fingerp
 
 # (client kind, server kind): every mix that has an aio side.
 MIXES = [("aio", "sync"), ("aio", "aio"), ("sync", "aio")]
+CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 
 
 def message(seq: int, size: int, **knobs) -> pb.Payload:
@@ -61,24 +68,31 @@ def drained(pool: dict) -> bool:
 
 
 class AioClient:
-    """A grpc.aio channel with shmgrpc.aio's interceptors, and its stub.
-    Make it inside the loop that uses it."""
+    """A grpc.aio channel wrapped by shmgrpc.aio (told the channel's options,
+    so it knows the raised message-size limits), and its stub. Make it inside
+    the loop that uses it.
 
-    def __init__(self, target: str, config: shmgrpc.Config):
-        self.interceptors = shmgrpc.aio.client_interceptors(config)
-        self.channel = grpc.aio.insecure_channel(
-            target,
-            options=[*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)],
-            interceptors=self.interceptors,
-        )
+    `make`: "intercept" wraps a channel of our own with
+    shmgrpc.aio.intercept_channel(); "insecure" lets
+    shmgrpc.aio.insecure_channel() build it (`interceptors` then run inside
+    the wrapper, on the inner channel)."""
+
+    def __init__(self, target: str, config: shmgrpc.Config, make: str = "intercept", interceptors=None):
+        if make == "intercept":
+            raw = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+            self.channel = shmgrpc.aio.intercept_channel(raw, config, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = shmgrpc.aio.insecure_channel(
+                target, CHANNEL_OPTIONS, interceptors=interceptors, config=config
+            )
+        assert isinstance(self.channel, shmgrpc.aio.Channel) and isinstance(self.channel, grpc.aio.Channel)
         self.stub = pb_grpc.EchoStub(self.channel)
 
     def stats(self) -> dict:
-        return self.interceptors[0].stats()  # any of the four: one engine
+        return self.channel.stats()
 
     async def close(self) -> None:
-        await self.channel.close()
-        self.interceptors[0].close()
+        await self.channel.close()  # closes the wrapped channel too
 
 
 async def eventually(predicate, timeout: float = 5.0):
@@ -89,6 +103,25 @@ async def eventually(predicate, timeout: float = 5.0):
         if value or time.monotonic() > deadline:
             return value
         await asyncio.sleep(0.05)
+
+
+async def pool_drained(stats_of) -> dict:
+    """The pool of stats_of() once nothing is in use (or its last state)."""
+    last = {}
+
+    def check():
+        last["pool"] = stats_of()["pool"]
+        return drained(last["pool"])
+
+    await eventually(check)
+    return last["pool"]
+
+
+def check_settled(channel, transport: str) -> None:
+    status = shmgrpc.channel_status(channel)
+    assert status == channel.status()
+    assert (status.transport, status.transports, status.settled) == (transport, (transport,), True), status
+    assert channel.transports == (transport,)
 
 
 # --- the matrix -----------------------------------------------------------------
@@ -140,6 +173,7 @@ async def aio_workload(stub):
         await call.write(request)
         bidi.append(await call.read())
     await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
     assert await call.code() == grpc.StatusCode.OK
     return unary, server_stream, client_stream, bidi
 
@@ -152,12 +186,15 @@ def test_every_shape_offloads_both_ways(servers, make_client, transport, client_
     if client_kind == "sync":
         client = make_client(server.unix_target, config)
         answers, stats = sync_workload(client.stub), client.stats()
+        check_settled(client.channel, transport)
     else:
 
         async def run():
             client = AioClient(server.unix_target, config)
             try:
-                return await aio_workload(client.stub), client.stats()
+                answers = await aio_workload(client.stub)
+                check_settled(client.channel, transport)
+                return answers, client.stats()
             finally:
                 await client.close()
 
@@ -171,22 +208,401 @@ def test_every_shape_offloads_both_ways(servers, make_client, transport, client_
     assert delta(after, before, "fallbacks", "peer_cannot_read") == 0
 
 
+class Methods:
+    """Records the method of every call of the channel its `interceptors` are
+    installed on (inside the shmgrpc wrapper, so the handshake call too,
+    whatever its shape). grpc.aio files an interceptor under its first
+    matching kind: one per kind."""
+
+    def __init__(self):
+        self.seen = []
+        seen = self.seen
+
+        def note(details):
+            method = details.method
+            seen.append(method.decode() if isinstance(method, bytes) else method)
+
+        class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+            async def intercept_unary_unary(self, continuation, details, request):
+                note(details)
+                return await continuation(details, request)
+
+        class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+            async def intercept_unary_stream(self, continuation, details, request):
+                note(details)
+                return await continuation(details, request)
+
+        class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+            async def intercept_stream_unary(self, continuation, details, requests):
+                note(details)
+                return await continuation(details, requests)
+
+        class StreamStream(grpc.aio.StreamStreamClientInterceptor):
+            async def intercept_stream_stream(self, continuation, details, requests):
+                note(details)
+                return await continuation(details, requests)
+
+        self.interceptors = [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
+
+
 def test_concurrent_first_calls_share_one_handshake(servers, transport):
-    """Eight calls start at once on a new channel: all wait for the one
-    handshake, so even these first large messages are offloaded."""
+    """Eight calls start at once on a new channel: one of them makes the
+    channel's one handshake and the others make none: they join it (as
+    shmgrpc.aio._channel documents), so every first large message is
+    offloaded too, every answer is right, and no handshake follows."""
+    server = servers.shared(server_env(transport), ["--aio"])
+    before = server.stats()["interceptor"]
+
+    async def run():
+        methods = Methods()
+        client = AioClient(server.unix_target, client_config(transport), make="insecure", interceptors=methods.interceptors)
+        try:
+            assert client.channel.status().settled is False
+            requests = [message(i, 256 * KiB) for i in range(8)]
+            answers = await asyncio.gather(*(client.stub.Unary(r, timeout=CALL_TIMEOUT) for r in requests))
+            assert [a.body for a in answers] == [r.body for r in requests]
+            assert methods.seen.count(wire.HANDSHAKE_METHOD) == 1, methods.seen
+            # Every call waited for the one handshake, so all were offloaded both ways.
+            first = counts(client.stats(), transport)
+            assert first == (8, 8), first
+            after = server.stats()["interceptor"]
+            for direction in ("offloaded", "restored"):
+                assert delta(after, before, "by_transport", transport, direction, "count") == 8, after
+            check_settled(client.channel, transport)
+
+            before_more = server.stats()["interceptor"]
+            more = [message(10 + i, 256 * KiB) for i in range(8)]
+            answers = await asyncio.gather(*(client.stub.Unary(r, timeout=CALL_TIMEOUT) for r in more))
+            assert [a.body for a in answers] == [r.body for r in more]
+            assert methods.seen.count(wire.HANDSHAKE_METHOD) == 1
+            assert counts(client.stats(), transport) == (first[0] + 8, first[1] + 8)
+            after = server.stats()["interceptor"]
+            for direction in ("offloaded", "restored"):
+                assert delta(after, before_more, "by_transport", transport, direction, "count") == 8, after
+            stats = client.stats()
+            assert stats["errors"] == {} and stats["fallbacks"] == {}
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+
+
+# --- the aio wrapper's call objects ---------------------------------------------------------
+
+
+def test_response_stream_read_and_async_for_through_the_wrapper(servers, transport):
+    """A unary-stream call of the wrapper read both ways grpc.aio offers:
+    read() until EOF, and async iteration; each offloaded response arrives
+    intact, and the call ends OK with the server's metadata."""
+    server = servers.shared(server_env(transport), ["--aio"])
+
+    async def run():
+        client = AioClient(server.unix_target, client_config(transport), make="insecure")
+        try:
+            call = client.stub.ServerStream(pb.Payload(seq=4, reply_size=300 * KiB), timeout=CALL_TIMEOUT)
+            assert isinstance(call, grpc.aio.UnaryStreamCall)
+            read = []
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    break
+                read.append(response)
+            assert [(r.seq, r.body) for r in read] == [(i, pattern(300 * KiB, i)) for i in range(4)]
+            assert await call.code() == grpc.StatusCode.OK and call.done()
+            assert await call.read() is grpc.aio.EOF  # and it stays at the end
+            assert await call.initial_metadata() is not None
+            assert await call.trailing_metadata() is not None
+
+            call = client.stub.ServerStream(pb.Payload(seq=3, reply_size=300 * KiB), timeout=CALL_TIMEOUT)
+            iterated = [r async for r in call]
+            assert [(r.seq, r.body) for r in iterated] == [(i, pattern(300 * KiB, i)) for i in range(3)]
+            assert await call.code() == grpc.StatusCode.OK
+
+            # requests: 2 small; responses: 4 + 3
+            assert counts(client.stats(), transport) == (0, 7)
+            assert client.stats()["errors"] == {}
+            assert drained(await pool_drained(client.stats))
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+
+
+def test_write_done_writing_read_through_the_wrapper(servers, transport):
+    """The reader/writer API of the wrapper's request streams: a client
+    stream written with write() and done_writing() then awaited, and a bidi
+    stream that writes everything, says done_writing(), then read()s every
+    answer until EOF."""
     server = servers.shared(server_env(transport), ["--aio"])
 
     async def run():
         client = AioClient(server.unix_target, client_config(transport))
         try:
-            requests = [message(i, 256 * KiB) for i in range(8)]
-            answers = await asyncio.gather(*(client.stub.Unary(r, timeout=CALL_TIMEOUT) for r in requests))
-            assert [a.body for a in answers] == [r.body for r in requests]
-            return client.stats()
+            requests = stream_requests()
+            call = client.stub.ClientStream(timeout=CALL_TIMEOUT)
+            assert isinstance(call, grpc.aio.StreamUnaryCall)
+            for request in requests:
+                await call.write(request)
+            await call.done_writing()
+            summary = await call
+            assert [item.data for item in summary.items] == [fingerprint(m) for m in requests]
+            assert summary.body == pattern(100 * KiB, 0)
+            assert await call.code() == grpc.StatusCode.OK
+
+            call = client.stub.BidiStream(timeout=CALL_TIMEOUT)
+            assert isinstance(call, grpc.aio.StreamStreamCall)
+            requests = bidi_requests()
+            for request in requests:
+                await call.write(request)
+            await call.done_writing()
+            answers = []
+            while (response := await call.read()) is not grpc.aio.EOF:
+                answers.append(response)
+            assert [r.body for r in answers] == [m.body for m in requests]
+            assert await call.code() == grpc.StatusCode.OK
+
+            # requests: 3 + 3; responses: 1 summary + 3
+            assert counts(client.stats(), transport) == (6, 4)
+            assert drained(await pool_drained(client.stats))
         finally:
             await client.close()
 
-    assert counts(asyncio.run(run()), transport) == (8, 8)
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("when", ["at-once", "mid-handshake"])
+def test_cancel_before_the_handshake_finished(servers, transport, when):
+    """The first call of a fresh channel is cancelled while its start (the
+    channel's handshake) is pending: before the task began, or while the
+    handshake call is in flight. The call is cancelled as a grpc.aio call
+    would be (cancel() True, cancelled(), done(), its done callbacks run,
+    awaiting it raises CancelledError), nothing is held, and the channel
+    shakes hands with its next call and offloads."""
+    server = servers.shared(server_env(transport), ["--aio"])
+    mine_before = set(shm_names(os.getpid()))
+
+    async def run():
+        methods = Methods()
+        client = AioClient(server.unix_target, client_config(transport), interceptors=methods.interceptors)
+        try:
+            call = client.stub.Unary(message(1, 1 * MiB), timeout=CALL_TIMEOUT)
+            assert isinstance(call, grpc.aio.UnaryUnaryCall)
+            done = []
+            call.add_done_callback(done.append)
+            if when == "mid-handshake":
+                for _ in range(20):  # the start task runs and sends the handshake call
+                    if wire.HANDSHAKE_METHOD in methods.seen:
+                        break
+                    await asyncio.sleep(0)
+                assert methods.seen == [wire.HANDSHAKE_METHOD]
+            else:
+                assert methods.seen == []
+            assert client.channel.status().settled is False
+            assert not call.done()
+            assert call.cancel() is True
+            assert call.cancel() is False  # once
+            assert call.cancelled() and call.done()
+            assert done == [call]
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            call.add_done_callback(done.append)  # on a done call: at once
+            assert done == [call, call]
+
+            # A stream call cancelled before its handshake: its writer and
+            # reader say so the way grpc.aio's do.
+            fresh = AioClient(server.unix_target, client_config(transport))
+            try:
+                bidi = fresh.stub.BidiStream(timeout=CALL_TIMEOUT)
+                assert bidi.cancel() is True
+                with pytest.raises(asyncio.CancelledError):
+                    await bidi.write(message(2, 1 * MiB))
+                with pytest.raises(asyncio.CancelledError):
+                    await bidi.read()
+            finally:
+                await fresh.close()
+
+            assert counts(client.stats(), transport) == (0, 0)
+            assert drained(client.stats()["pool"])
+            assert methods.seen in ([], [wire.HANDSHAKE_METHOD])  # the cancelled call itself never went out
+            request = message(3, 1 * MiB)
+            assert (await client.stub.Unary(request, timeout=CALL_TIMEOUT)).body == request.body
+            assert counts(client.stats(), transport) == (1, 1)
+            assert methods.seen[-2:] == [wire.HANDSHAKE_METHOD, "/shmgrpc.testing.v1.Echo/Unary"]
+            check_settled(client.channel, transport)
+            assert drained(await pool_drained(client.stats))
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+    left = set(shm_names(os.getpid())) - mine_before
+    assert left == set(), f"this test left {sorted(left)} in /dev/shm"
+
+
+def test_a_call_cancelled_before_its_handshake_reports_cancelled(servers):
+    """grpc.aio's Call contract, for a call cancelled before it started:
+    code() is CANCELLED and the metadata methods return, as they do for a
+    plain grpc.aio call cancelled at once. They must not raise
+    CancelledError into a task nobody cancelled."""
+    server = servers.shared(server_env("shm"), ["--aio"])
+
+    async def run():
+        plain = grpc.aio.insecure_channel(server.unix_target, options=CHANNEL_OPTIONS)
+        client = AioClient(server.unix_target, client_config("shm"))
+        try:
+            outcomes = []
+            for channel in (plain, client.channel):
+                call = pb_grpc.EchoStub(channel).Unary(pb.Payload(), timeout=CALL_TIMEOUT)
+                assert call.cancel()
+                outcome = {}
+                for name in ("code", "details", "initial_metadata", "trailing_metadata"):
+                    try:
+                        outcome[name] = await getattr(call, name)()
+                    except asyncio.CancelledError:
+                        outcome[name] = "raised CancelledError"
+                outcomes.append(outcome)
+            plain_outcome, wrapped = outcomes
+            assert plain_outcome["code"] == grpc.StatusCode.CANCELLED
+            assert wrapped["code"] == grpc.StatusCode.CANCELLED, wrapped
+            for name in ("details", "initial_metadata", "trailing_metadata"):
+                assert wrapped[name] != "raised CancelledError", wrapped
+        finally:
+            await plain.close()
+            await client.close()
+
+    asyncio.run(run())
+
+
+# --- a forged response handle ---------------------------------------------------------------
+
+FORGE = "shmgrpc.testing.Forge"
+
+
+def _forged_shm(length: int, name: str = "shmgrpc-1-1-0123456789abcdef-1") -> bytes:
+    return wire.encode_shm(wire.ShmHandle(length, bytes(16), 1, 0, 0, name))
+
+
+# What the fake server answers, by the request's bytes: (frame, status, words in the details).
+FORGED = {
+    b"bad-magic": (
+        wire.frame(wire._COMMON.pack(b"EVIL", wire.KIND_SHM, 100, bytes(16)) + bytes(40)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "bad magic",
+    ),
+    b"no-segment": (_forged_shm(100), grpc.StatusCode.DATA_LOSS, "does not exist"),
+    b"too-long": (_forged_shm(2**31), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+}
+GOOD = BytesValue(value=b"genuine").SerializeToString()
+
+
+class HandshakeOnly(grpc.aio.ServerInterceptor):
+    """A fake shmgrpc server: a genuine shmgrpc engine answers the handshake
+    (so the client's calls are framed and it reads their response frames),
+    but nothing of shmgrpc touches the calls themselves: their handlers send
+    raw bytes, forged frames included."""
+
+    def __init__(self, config: shmgrpc.Config):
+        self.shmgrpc = shmgrpc.aio.ServerInterceptor(config, options=GRPC_OPTIONS)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method == wire.HANDSHAKE_METHOD:
+            return await self.shmgrpc.intercept_service(continuation, handler_call_details)
+        return await continuation(handler_call_details)
+
+
+def forge_handler():
+    async def unary(request, context):
+        assert wire.metadata_value(context.invocation_metadata(), wire.HELLO_KEY) is not None  # framed
+        return FORGED[request][0] if request in FORGED else GOOD
+
+    async def stream(request, context):  # a genuine message first, then the forgery
+        yield GOOD
+        yield FORGED[request][0]
+
+    async def bidi(requests, context):
+        async for request in requests:
+            yield GOOD
+            yield FORGED[request][0]
+
+    return grpc.method_handlers_generic_handler(
+        FORGE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        },
+    )
+
+
+def test_a_forged_response_handle_is_an_aio_error_with_its_own_status(tmp_path):
+    """A server the client shook hands with answers framed calls with forged
+    handles: the aio caller gets an AioRpcError with the failure's own status
+    (INVALID_ARGUMENT, DATA_LOSS, RESOURCE_EXHAUSTED) and details starting
+    "shmgrpc: " (grpc.aio itself would hand it None with status OK), from
+    await, read() and async iteration alike; what was read before is intact,
+    nothing is held, and the channel goes on."""
+    config = client_config("shm")
+
+    async def run():
+        fake = HandshakeOnly(config)
+        server = grpc.aio.server(interceptors=[fake], options=GRPC_OPTIONS)
+        server.add_generic_rpc_handlers((forge_handler(),))
+        target = f"unix:{tmp_path / 'forge.sock'}"
+        server.add_insecure_port(target)
+        await server.start()
+        client = AioClient(target, config)
+        channel = client.channel
+        ser = dict(request_serializer=None, response_deserializer=BytesValue.FromString)
+        unary = channel.unary_unary(f"/{FORGE}/Unary", **ser)
+        stream = channel.unary_stream(f"/{FORGE}/Stream", **ser)
+        bidi = channel.stream_stream(f"/{FORGE}/Bidi", **ser)
+        try:
+            assert (await unary(b"hello", timeout=CALL_TIMEOUT)).value == b"genuine"  # after the handshake
+            check_settled(channel, "shm")
+
+            def check(err: grpc.aio.AioRpcError, key: bytes):
+                _, code, words = FORGED[key]
+                assert err.code() == code, (key, err.code(), err.details())
+                assert err.details().startswith("shmgrpc: ") and words in err.details(), err.details()
+
+            for key in FORGED:
+                call = unary(key, timeout=CALL_TIMEOUT)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                check(info.value, key)
+                assert await call.code() == FORGED[key][1]
+                assert (await call.details()).startswith("shmgrpc: ")
+
+            call = stream(b"no-segment", timeout=CALL_TIMEOUT)  # read()
+            assert (await call.read()).value == b"genuine"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            check(info.value, b"no-segment")
+            assert await call.code() == grpc.StatusCode.DATA_LOSS
+
+            got = []
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # async for
+                async for response in stream(b"bad-magic", timeout=CALL_TIMEOUT):
+                    got.append(response.value)
+            assert got == [b"genuine"]
+            check(info.value, b"bad-magic")
+
+            call = bidi(timeout=CALL_TIMEOUT)  # write() / read()
+            await call.write(b"too-long")
+            assert (await call.read()).value == b"genuine"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            check(info.value, b"too-long")
+
+            errors = client.stats()["errors"]
+            assert errors == {"HandleError": 2, "DataLossError": 2, "HandleTooLarge": 2}, errors
+            assert drained(client.stats()["pool"])
+            assert (await unary(b"again", timeout=CALL_TIMEOUT)).value == b"genuine"
+        finally:
+            await client.close()
+            await server.stop(None)
+            fake.shmgrpc.close()
+
+    asyncio.run(run())
 
 
 # --- in one process: the APIs only grpc.aio has ---------------------------------------------
@@ -198,7 +614,13 @@ def bytes_handler(factory, fn):
     return factory(fn, request_deserializer=BytesValue.FromString, response_serializer=BytesValue.SerializeToString)
 
 
+def no_hello(context) -> None:
+    keys = [key for key, _ in context.invocation_metadata()]
+    assert wire.HELLO_KEY not in keys, keys
+
+
 async def pull(request_iterator, context):  # stream-unary, reading with context.read()
+    no_hello(context)
     total = []
     while True:
         request = await context.read()
@@ -209,15 +631,18 @@ async def pull(request_iterator, context):  # stream-unary, reading with context
 
 
 async def push(request, context):  # unary-stream, writing with context.write()
+    no_hello(context)
     for i in range(3):
         await context.write(BytesValue(value=request.value[i:] + request.value[:i]))
 
 
 def sync_echo(request, context):  # a sync handler on the aio server: grpc runs it in a thread
+    no_hello(context)
     return request
 
 
 def sync_bidi(request_iterator, context):
+    no_hello(context)
     for request in request_iterator:
         yield request
 
@@ -235,13 +660,15 @@ def shapes_handler():
 
 
 def test_reader_writer_and_sync_handlers_on_an_aio_server(transport, tmp_path):
+    """shmgrpc.aio.server(): handlers that read with context.read() and write
+    with context.write(), and sync handlers grpc runs in its thread pool; none
+    of them sees shmgrpc's hello in invocation_metadata()."""
     config = client_config(transport)
 
     async def run():
-        interceptor = shmgrpc.aio.ServerInterceptor(config)
-        server = grpc.aio.server(
-            futures.ThreadPoolExecutor(4), interceptors=[interceptor], options=GRPC_OPTIONS
-        )
+        server = shmgrpc.aio.server(futures.ThreadPoolExecutor(4), options=GRPC_OPTIONS, config=config)
+        interceptor = server.shmgrpc
+        assert isinstance(interceptor, shmgrpc.aio.ServerInterceptor)
         server.add_generic_rpc_handlers((shapes_handler(),))
         target = f"unix:{tmp_path / 'shapes.sock'}"
         server.add_insecure_port(target)
@@ -265,6 +692,7 @@ def test_reader_writer_and_sync_handlers_on_an_aio_server(transport, tmp_path):
             # requests: 3 pulled + 1 push + 1 echo + 3 bidi; responses: 1 pull + 3 push + 1 echo + 3 bidi
             assert counts(client.stats(), transport) == (8, 8)
             assert counts(interceptor.stats(), transport) == (8, 8)
+            assert client.stats()["errors"] == {} and interceptor.stats()["errors"] == {}
         finally:
             await client.close()
             await server.stop(None)
@@ -273,7 +701,7 @@ def test_reader_writer_and_sync_handlers_on_an_aio_server(transport, tmp_path):
     asyncio.run(run())
 
 
-# --- a server interceptor of the wrong kind --------------------------------------------
+# --- interceptors of the wrong kind, and the deprecated client interceptors --------------------
 
 
 def test_sync_interceptor_on_an_aio_server_fails_at_construction():
@@ -291,12 +719,13 @@ def test_aio_interceptor_on_a_sync_server_fails_every_call_at_once():
     """A sync grpc.server gives an interceptor no hook before the first call,
     and would choke on the coroutine of an `async def intercept_service`
     (its serving thread dies, calls hang until their deadline). Ours
-    notices it is not on a loop and fails each call with the reason."""
+    notices it is not on a loop and fails each call with the reason, the
+    shmgrpc client's handshake included."""
     server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=[shmgrpc.aio.ServerInterceptor()])
     pb_grpc.add_EchoServicer_to_server(SyncEcho(EchoLogic()), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    channel = grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{port}"), shmgrpc.ClientInterceptor())
+    channel = shmgrpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{port}"))
     try:
         stub = pb_grpc.EchoStub(channel)
         calls = [
@@ -313,20 +742,71 @@ def test_aio_interceptor_on_a_sync_server_fails_every_call_at_once():
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "grpc.aio.server()" in info.value.details()
             assert "shmgrpc.ServerInterceptor" in info.value.details()
+        assert channel.status().transport == "inline"
     finally:
         channel.close()
         server.stop(None)
 
 
 def test_client_interceptors_of_the_wrong_kind_fail_at_construction():
-    with pytest.raises(TypeError):
-        grpc.intercept_channel(grpc.insecure_channel("127.0.0.1:1"), *shmgrpc.aio.client_interceptors())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(TypeError):
+            grpc.intercept_channel(grpc.insecure_channel("127.0.0.1:1"), *shmgrpc.aio.client_interceptors())
 
-    async def build():
-        grpc.aio.insecure_channel("127.0.0.1:1", interceptors=[shmgrpc.ClientInterceptor()])
+        async def build():
+            grpc.aio.insecure_channel("127.0.0.1:1", interceptors=[shmgrpc.ClientInterceptor()])
 
-    with pytest.raises(ValueError):
-        asyncio.run(build())
+        with pytest.raises(ValueError):
+            asyncio.run(build())
+
+
+def test_deprecated_aio_client_interceptors_pass_through_and_warn(servers, monkeypatch, caplog):
+    """shmgrpc.aio.client_interceptors() and the four aio interceptor classes
+    still build and run, but offload nothing: calls through them are plain
+    gRPC (the server restores and offloads nothing), each construction warns
+    (DeprecationWarning) and the process logs one WARNING naming the fix."""
+    server = servers.shared(server_env("shm"), ["--aio"])
+    monkeypatch.setattr(shmgrpc._client, "_warned", False)
+    caplog.set_level(logging.WARNING, logger="shmgrpc")
+    with pytest.warns(DeprecationWarning, match="intercept_channel") as warned:
+        interceptors = shmgrpc.aio.client_interceptors(client_config("shm"))
+        others = [
+            shmgrpc.aio.UnaryStreamClientInterceptor(),
+            shmgrpc.aio.StreamUnaryClientInterceptor(),
+            shmgrpc.aio.StreamStreamClientInterceptor(),
+        ]
+    assert len([w for w in warned if issubclass(w.category, DeprecationWarning)]) == 4
+    logged = [r for r in caplog.records if r.name == "shmgrpc" and r.levelno == logging.WARNING]
+    assert len(logged) == 1 and "shmgrpc.aio.intercept_channel" in logged[0].getMessage()
+    assert isinstance(interceptors[0], shmgrpc.aio.UnaryUnaryClientInterceptor)
+    before = server.stats()["interceptor"]
+
+    async def run():
+        channel = grpc.aio.insecure_channel(
+            server.unix_target, options=CHANNEL_OPTIONS, interceptors=[*interceptors, *others]
+        )
+        try:
+            stub = pb_grpc.EchoStub(channel)
+            request = message(1, 1 * MiB)
+            assert (await stub.Unary(request, timeout=CALL_TIMEOUT)).body == request.body
+            got = [r async for r in stub.ServerStream(pb.Payload(seq=2, reply_size=1 * MiB), timeout=CALL_TIMEOUT)]
+            assert [r.body for r in got] == [pattern(1 * MiB, i) for i in range(2)]
+            summary = await stub.ClientStream(iter([request]), timeout=CALL_TIMEOUT)
+            assert [item.data for item in summary.items] == [fingerprint(request)]
+            assert [r.body async for r in stub.BidiStream(iter([request]), timeout=CALL_TIMEOUT)] == [request.body]
+        finally:
+            await channel.close()
+
+    asyncio.run(run())
+    after = server.stats()["interceptor"]
+    assert delta(after, before, "offloaded", "count") == 0
+    assert delta(after, before, "restored", "count") == 0
+    for icpt in [*interceptors, *others]:
+        assert icpt.transports == () and icpt.stats()["offloaded"]["count"] == 0
+        assert "deprecated" in icpt.stats()["notes"]
+        icpt.close()
+    assert len([r for r in caplog.records if r.name == "shmgrpc" and r.levelno == logging.WARNING]) == 1
 
 
 # --- calls that end in the middle of an offloaded stream ------------------------------------
@@ -353,7 +833,7 @@ def test_cancel_and_deadline_mid_stream_leave_nothing_held(fresh_server, transpo
                 got.append(response)
                 if len(got) == 2:
                     break
-            call.cancel()
+            assert call.cancel()
             assert [r.body for r in got] == [pattern(1 * MiB, i) for i in range(2)]
 
             # 2. A bidi stream past its deadline: the server sleeps after each
@@ -375,13 +855,11 @@ def test_cancel_and_deadline_mid_stream_leave_nothing_held(fresh_server, transpo
 
             offloaded, restored = counts(client.stats(), transport)
             assert offloaded >= 3 and restored >= 2
-            pool = await eventually(lambda: (lambda p: p if drained(p) else None)(client.stats()["pool"]))
-            assert pool, client.stats()["pool"]
+            pool = await pool_drained(client.stats)
+            assert drained(pool), pool
             if server_kind == "aio":
-                pool = await eventually(
-                    lambda: (lambda p: p if drained(p) else None)(server.stats()["interceptor"]["pool"])
-                )
-                assert pool, server.stats()["interceptor"]["pool"]
+                pool = await pool_drained(lambda: server.stats()["interceptor"])
+                assert drained(pool), pool
 
             # Still serving, both ways.
             request = message(99, 2 * MiB)
@@ -391,9 +869,9 @@ def test_cancel_and_deadline_mid_stream_leave_nothing_held(fresh_server, transpo
             await client.close()
 
     asyncio.run(run())
-    # Nothing new is left. Names may only go away: an interceptor of an
-    # earlier test can be garbage-collected meanwhile, and its finalizer
-    # rightly unlinks its id segment.
+    # Nothing new is left. Names may only go away: an engine of an earlier
+    # test can be garbage-collected meanwhile, and its finalizer rightly
+    # unlinks what its node made.
     left = set(shm_names(os.getpid())) - mine_before
     assert left == set(), f"this test left {sorted(left)} in /dev/shm"
     pid = server.pid
@@ -448,10 +926,12 @@ def test_a_reused_response_slot_is_data_loss_as_an_aio_error(servers):
                     if len(got) == 1:
                         await asyncio.sleep(2.0)
             assert info.value.code() == grpc.StatusCode.DATA_LOSS, info.value
-            assert "reused" in info.value.details()
+            details = info.value.details()
+            assert details.startswith("shmgrpc: ") and "reused" in details, details
+            assert await call.code() == grpc.StatusCode.DATA_LOSS
             for i, response in enumerate(got):
                 assert response.seq == i and response.body == pattern(2 * MiB, i)
-            assert client.stats()["errors"] == {"DataLossError": 1}
+            assert client.stats()["errors"] == {"DataLossError": 1}, client.stats()
         finally:
             await client.close()
 
@@ -481,6 +961,7 @@ def test_server_restart_behind_the_same_address(fresh_server, server_kind, tmp_p
             assert [await call(client, 10 + i) for i in range(3)] == [second.pid] * 3
             # 1 + the refused one + 2 after the new welcome; responses: 1 + 2
             assert counts(client.stats(), "cma") == (4, 3)
+            assert client.stats()["fallbacks"] == {"resent_inline": 1}
             assert delta(second.stats()["interceptor"], {}, "by_transport", "cma", "restored", "count") == 2
         finally:
             await client.close()
@@ -496,7 +977,9 @@ def test_a_bad_handle_ends_an_aio_call_with_its_own_status(servers, make_client)
     server = servers.shared(server_env("shm"), ["--aio"])
     client = make_client(server.unix_target, client_config("shm"))
     client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # the handshake
-    hello = client.interceptor._engine.client_metadata()
+    state = client.engine.client_call_state()
+    assert state is not None and state[1] is not None  # a hello that names the server
+    hello = state[0]
     bad = wire.frame(wire._COMMON.pack(b"EVIL", wire.KIND_SHM, 100, bytes(16)) + bytes(40))
     raw = dict(request_serializer=None, response_deserializer=None)
     unary = client.raw_channel.unary_unary("/shmgrpc.testing.v1.Echo/Unary", **raw)

@@ -3,7 +3,9 @@ and a message naming the problem, and the server keeps serving.
 
 The client performs a real handshake first, then sends raw bytes through a
 generic method on the same connection, with the hello its engine would send:
-to the server this is a proven co-located peer that sends a bad handle.
+to the server this is a framed call (its hello names the server) from a
+proven co-located peer that sends a bad handle. A handle is a frame (see
+shmgrpc/wire.py): wire.PREFIX, a varint body length, the body.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import pytest
 
 from protos import echo_test_pb2 as pb
 from shmgrpc import pins, pool, wire
+from shmgrpc._core import Route
+from shmgrpc.errors import HandleError
 from tests.conftest import (
     CALL_TIMEOUT,
     SHM_DIR,
@@ -49,25 +53,28 @@ def strict_server(servers):
 
 
 class Raw:
-    """Raw bytes on a connection whose engine has shaken hands with the server."""
+    """Raw bytes on a framed call of a channel whose engine has shaken hands
+    with the server."""
 
     def __init__(self, client):
         self.client = client
         reply = client.stub.Unary(pb.Payload(seq=1, body=b"hi"), timeout=CALL_TIMEOUT)  # the handshake
         self.server_pid = reply.server_pid
-        self.engine = client.interceptor._engine
-        self.hello = self.engine.client_metadata()
-        self.route = self.engine.client_route()
-        assert self.hello is not None and self.route is not None
+        self.engine = client.engine
+        state = self.engine.client_call_state()
+        assert state is not None
+        self.hello, self.route = state  # the hello metadata pair, the route it names
+        assert self.route is not None and self.route.framed
         assert self.route.send_shm and self.route.send_cma  # both transports proven
-        self._call = client.raw_channel.unary_unary(
-            UNARY, request_serializer=None, response_deserializer=None
-        )
+        # bytes in, bytes out: no shmgrpc codec on this side
+        self._call = client.raw_channel.unary_unary(UNARY)
 
-    def send(self, raw: bytes):
-        """(response bytes, None) or (None, RpcError)."""
+    def send(self, raw: bytes, metadata=None):
+        """(response bytes, None) or (None, RpcError). The hello goes with it
+        unless `metadata` says otherwise."""
         try:
-            return self._call(raw, metadata=[self.hello], timeout=CALL_TIMEOUT), None
+            return self._call(raw, metadata=[self.hello] if metadata is None else metadata,
+                              timeout=CALL_TIMEOUT), None
         except grpc.RpcError as err:
             return None, err
 
@@ -83,24 +90,31 @@ class Raw:
 
     # handles of this client's own making
 
-    def shm_slot(self, message: pb.Payload):
-        """A real, published slot of the client's pool holding `message`."""
-        data = message.SerializeToString()
+    def shm_slot_and_ticket(self, data: bytes):
+        """A real, published slot of the client's pool holding `data`, and
+        the ticket that releases it."""
         peer = self.route.peer
-        slot, reason = self.engine._get_pool().alloc(len(data), (peer.pid, peer.start))
+        slot, reason = self.engine.node.get_pool().alloc(len(data), (peer.pid, peer.start))
         assert slot is not None, reason
         slot.segment.mm[slot.offset : slot.offset + len(data)] = data
         pool.Pool.publish(slot)
-        return slot.handle()
+        return slot.handle(), pool.Ticket(slot, slot.generation)
 
-    def cma_pin(self, message: pb.Payload) -> wire.CmaHandle:
-        """A real pin of the client's, offered to the server, holding `message`."""
+    def shm_slot(self, message: pb.Payload) -> wire.ShmHandle:
+        return self.shm_slot_and_ticket(message.SerializeToString())[0]
+
+    def cma_pin_and_ticket(self, data: bytes):
+        """A real pin of the client's, offered to the server, holding `data`,
+        and the ticket that releases it."""
         peer = self.route.peer
-        raw, _, reason = self.engine._get_pins().pin(
-            message.SerializeToString(), self.route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid()
+        raw, ticket, reason = self.engine.node.get_pins().pin(
+            data, self.route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid()
         )
         assert raw is not None, reason
-        return wire.decode(raw)
+        return wire.decode(raw), ticket
+
+    def cma_pin(self, message: pb.Payload) -> wire.CmaHandle:
+        return self.cma_pin_and_ticket(message.SerializeToString())[0]
 
 
 @pytest.fixture
@@ -122,18 +136,94 @@ def common(
 # --- the genuine article first: the raw path itself works ----------------------------------
 
 
-def test_genuine_handles_are_accepted_once(raw):
-    for handle in (raw.shm_slot(pb.Payload(seq=5, body=b"via shm")), None):
-        if handle is None:
-            h = raw.cma_pin(pb.Payload(seq=5, body=b"via cma"))
-            encoded, body = wire.encode_cma(h), b"via cma"
-        else:
-            encoded, body = wire.encode_shm(handle), b"via shm"
+def genuine(raw: Raw, kind: str, data: bytes):
+    """(encoded handle, ticket) of a real slot or pin holding `data`."""
+    if kind == "shm":
+        handle, ticket = raw.shm_slot_and_ticket(data)
+        return wire.encode_shm(handle), ticket
+    handle, ticket = raw.cma_pin_and_ticket(data)
+    return wire.encode_cma(handle), ticket
+
+
+@pytest.mark.parametrize("kind", ["shm", "cma"])
+def test_genuine_request_handles_are_read_again_until_released(raw, kind):
+    """A request handle may be read again while its sender holds it (gRPC
+    retries resend the same bytes); once the sender lets go of it (its call
+    ended), a replay is refused, never answered with other bytes."""
+    body = f"via {kind}".encode()
+    encoded, ticket = genuine(raw, kind, pb.Payload(seq=5, body=body).SerializeToString())
+    for _ in range(2):  # the read, and a re-read of the acknowledged slot or pin
         response, err = raw.send(encoded)
         assert err is None, err
         assert pb.Payload.FromString(response).body == body
-        # a handle is single-use: the replay is refused
-        raw.refused(encoded, INVALID, "handles are single-use")
+    raw.engine.release(ticket)
+    raw.refused(encoded, DATA_LOSS, "was reused")  # a freed slot or pin has a new generation
+    still_serving(raw)
+
+
+def test_response_handles_are_single_use(raw):
+    """The reading side of a response: restore(reread=False), as the client
+    reads responses, accepts a handle once; restore(reread=True), as a server
+    reads requests, accepts it again. (In process: the engine reads a slot of
+    its own node, offered to itself.)"""
+    engine = raw.engine
+    identity = engine.node.identity
+    me = engine.node.peer(identity.inst, identity.name, probe_cma=False)
+    route = Route(peer=me, send_shm=True, send_cma=False, peer_key=None)
+    data = pb.Payload(seq=6, body=b"response").SerializeToString()
+    slot, reason = engine.node.get_pool().alloc(len(data), (me.pid, me.start))
+    assert slot is not None, reason
+    slot.segment.mm[slot.offset : slot.offset + len(data)] = data
+    pool.Pool.publish(slot)
+    encoded = wire.encode_shm(slot.handle())
+    assert engine.restore(encoded, route, pb.Payload.FromString).body == b"response"
+    with pytest.raises(HandleError, match="single-use"):
+        engine.restore(encoded, route, pb.Payload.FromString)
+    assert engine.restore(encoded, route, pb.Payload.FromString, reread=True).body == b"response"
+    engine.release(pool.Ticket(slot, slot.generation))
+
+
+def test_frames_are_read_only_on_framed_calls(raw):
+    """A genuine handle sent without the hello (a call that is not framed) is
+    handed to the application's deserializer like any bytes: protobuf refuses
+    it, as gRPC refuses any unparsable request. The slot is not touched: the
+    same handle then works on a framed call."""
+    handle = raw.shm_slot(pb.Payload(seq=7, body=b"unframed"))
+    encoded = wire.encode_shm(handle)
+    response, err = raw.send(encoded, metadata=())
+    assert err is not None, f"a frame was read on a call without hello: {response!r}"
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert err.details() == "Exception deserializing request!"
+    response, err = raw.send(encoded)
+    assert err is None, err
+    assert pb.Payload.FromString(response).body == b"unframed"
+    still_serving(raw)
+
+
+def test_escaped_message_is_delivered_without_its_escape(raw):
+    """On a framed call, wire.ESCAPE + bytes means those bytes (a message that
+    merely begins like a frame is sent that way)."""
+    message = pb.Payload(seq=8, body=b"escaped")
+    response, err = raw.send(wire.ESCAPE + message.SerializeToString())
+    assert err is None, err
+    assert pb.Payload.FromString(response).body == b"escaped"
+    # and escaping is the sender's job only when needed
+    assert wire.escape(message.SerializeToString()) == message.SerializeToString()
+    assert wire.escape(wire.PREFIX + b"x") == wire.ESCAPE + wire.PREFIX + b"x"
+
+
+@pytest.mark.parametrize("kind", ["shm", "cma"])
+def test_restored_request_the_application_cannot_parse(raw, kind):
+    """Bytes that arrive through a handle but do not parse fail exactly as
+    the same bytes inline do: gRPC's own INTERNAL, no shmgrpc error."""
+    garbage = b"\xff" * 100_000  # field 0x1fffff..., an invalid protobuf tag
+    inline_response, inline_err = raw.send(garbage)
+    assert inline_err is not None, inline_response
+    encoded, _ = genuine(raw, kind, garbage)
+    response, err = raw.send(encoded)
+    assert err is not None, response
+    assert (err.code(), err.details()) == (inline_err.code(), inline_err.details())
+    assert err.code() == grpc.StatusCode.INTERNAL and err.details() == "Exception deserializing request!"
     still_serving(raw)
 
 
@@ -141,8 +231,8 @@ def test_genuine_handles_are_accepted_once(raw):
 
 MALFORMED = {
     "too short": (wire.frame(b"\x00" * 10), "shorter than its header"),
-    "bad length prefix": (wire.TAG + b"\xff\xff\xff", "bad length prefix"),
-    "length prefix lies": (wire.TAG + b"\x40" + common(), "length prefix says 64 bytes, 32 follow"),
+    "bad length prefix": (wire.PREFIX + b"\xff\xff\xff", "bad length prefix"),
+    "length prefix lies": (wire.PREFIX + b"\x40" + common(), "length prefix says 64 bytes, 32 follow"),
     "bad magic": (wire.frame(common(magic=b"EVIL") + bytes(40)), "bad magic"),
     "unknown kind": (wire.frame(common(kind=7) + bytes(40)), "unknown kind 7"),
     "truncated shm part": (wire.frame(common() + bytes(10)), "truncated"),
@@ -168,7 +258,7 @@ MALFORMED = {
 @pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
 def test_malformed_handles(raw, case):
     data, words = MALFORMED[case]
-    assert wire.looks_like_handle(data)
+    assert wire.is_frame(data) and not wire.escaped(data)  # a handle, as the server reads it
     raw.refused(data, INVALID, "malformed" if case != "length prefix lies" else "", words)
     still_serving(raw)
 
@@ -250,7 +340,7 @@ reader_pid = int(sys.argv[2])
 engine = Engine(Config.from_env({"SHMGRPC_TRANSPORT": "shm"}), "client")
 assert engine.ready()
 data = pb.Payload(seq=1, body=secret).SerializeToString()
-slot, reason = engine._get_pool().alloc(len(data), (reader_pid, pool.process_start(reader_pid)))
+slot, reason = engine.node.get_pool().alloc(len(data), (reader_pid, pool.process_start(reader_pid)))
 assert slot is not None, reason
 slot.segment.mm[slot.offset:slot.offset + len(data)] = data
 pool.Pool.publish(slot)

@@ -9,8 +9,10 @@ import os
 import signal
 
 from protos import echo_test_pb2 as pb
+from shmgrpc import pool
 from tests.conftest import (
     CALL_TIMEOUT,
+    SHM_DIR,
     MiB,
     THRESHOLD,
     client_config,
@@ -70,16 +72,19 @@ def test_sigkilled_server_is_reaped_by_the_next_process(fresh_server, make_clien
 
 
 def test_client_process_exiting_without_close_leaves_nothing(echo_server, transport):
-    """No close(): the engine's exit finalizer unlinks the pool and id segment."""
+    """No close(): the exit handler unlinks the process's pool and id segment."""
     out = run_python(
         """
 import json, os, sys
 import grpc, shmgrpc
 from protos import echo_test_pb2 as pb, echo_test_pb2_grpc as pb_grpc
 from tests.echo_server import GRPC_OPTIONS, pattern
-icpt = shmgrpc.ClientInterceptor(shmgrpc.Config.from_env(
-    {"SHMGRPC_TRANSPORT": sys.argv[2], "SHMGRPC_THRESHOLD": "64KiB"}))
-stub = pb_grpc.EchoStub(grpc.intercept_channel(grpc.insecure_channel(sys.argv[1], options=GRPC_OPTIONS), icpt))
+channel = shmgrpc.intercept_channel(
+    grpc.insecure_channel(sys.argv[1], options=GRPC_OPTIONS),
+    shmgrpc.Config.from_env({"SHMGRPC_TRANSPORT": sys.argv[2], "SHMGRPC_THRESHOLD": "64KiB"}),
+    options=GRPC_OPTIONS,
+)
+stub = pb_grpc.EchoStub(channel)
 body = pattern(3 * 1024 * 1024, 5)
 assert stub.Unary(pb.Payload(seq=5, body=body), timeout=30).body == body
 mine = sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"shmgrpc-{os.getpid()}-"))
@@ -101,17 +106,52 @@ def test_close_unlinks_at_once_and_twice_is_fine(make_client, echo_server, trans
     assert client.stub.Unary(request, timeout=CALL_TIMEOUT).body == request.body
     made = set(shm_names(os.getpid())) - mine_before
     assert made and (transport == "cma" or any(not n.endswith("-id") for n in made))
-
-    client.interceptor.close()
-    client.interceptor.close()
-    assert set(shm_names(os.getpid())) - mine_before == set()
-    # Calls after close() are plain, and still right.
-    assert client.stub.Unary(request, timeout=CALL_TIMEOUT).body == request.body
     assert counts(client.stats(), transport) == (1, 1)
+
+    client.wrapper.close()
+    client.wrapper.close()
     assert set(shm_names(os.getpid())) - mine_before == set()
+    # Closed: nothing offloads any more (for a call on it, see the next test).
+    assert client.wrapper.status().transport == "inline"
+    assert client.wrapper.transports == ()
 
 
-def test_collected_interceptor_unlinks(echo_server, transport):
+# A wrapped channel is used, closed, and used again: the call must fail as
+# it does on a closed grpc channel (ValueError), not take the process down.
+CALL_AFTER_CLOSE = """
+import json, sys
+import grpc, shmgrpc
+from protos import echo_test_pb2 as pb, echo_test_pb2_grpc as pb_grpc
+from tests.echo_server import GRPC_OPTIONS, pattern
+channel = shmgrpc.intercept_channel(
+    grpc.insecure_channel(sys.argv[1], options=GRPC_OPTIONS),
+    shmgrpc.Config.from_env({"SHMGRPC_TRANSPORT": sys.argv[2], "SHMGRPC_THRESHOLD": "64KiB"}),
+    options=GRPC_OPTIONS,
+)
+stub = pb_grpc.EchoStub(channel)
+body = pattern(2 * 1024 * 1024, 1)
+assert stub.Unary(pb.Payload(seq=1, body=body), timeout=30).body == body
+channel.close()
+try:
+    stub.Unary(pb.Payload(seq=2, body=body), timeout=30)
+    error = None
+except ValueError as err:
+    error = str(err)
+print(json.dumps({"error": error}))
+"""
+
+
+def test_a_call_after_close_fails_like_grpc(echo_server, transport):
+    try:
+        out = run_python(CALL_AFTER_CLOSE, echo_server.unix_target, transport)
+    finally:
+        pool.reap(SHM_DIR)  # what a child that crashed left behind
+    assert out["error"] == "Cannot invoke RPC on closed channel!"
+
+
+def test_collected_wrapper_unlinks(echo_server, transport):
+    """A wrapper dropped without close() (its channel closed by hand) lets go
+    of shared memory when it is collected."""
     import grpc
 
     import shmgrpc
@@ -120,12 +160,13 @@ def test_collected_interceptor_unlinks(echo_server, transport):
 
     mine_before = set(shm_names(os.getpid()))
     channel = grpc.insecure_channel(echo_server.unix_target, options=GRPC_OPTIONS)
-    icpt = shmgrpc.ClientInterceptor(client_config(transport))
-    stub = pb_grpc.EchoStub(grpc.intercept_channel(channel, icpt))
+    wrapper = shmgrpc.intercept_channel(channel, client_config(transport), options=GRPC_OPTIONS)
+    stub = pb_grpc.EchoStub(wrapper)
     request = pb.Payload(seq=1, body=pattern(2 * MiB, 1))
     assert stub.Unary(request, timeout=CALL_TIMEOUT).body == request.body
+    assert counts(wrapper.stats(), transport) == (1, 1)
     assert set(shm_names(os.getpid())) - mine_before
     channel.close()
-    del stub, icpt
+    del stub, wrapper
     gc.collect()
     assert set(shm_names(os.getpid())) - mine_before == set()

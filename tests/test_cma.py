@@ -16,6 +16,7 @@ import pytest
 
 from protos import echo_test_pb2 as pb
 from shmgrpc import cma
+from shmgrpc._core import AUTO_ORDER
 from tests.conftest import (
     CALL_TIMEOUT,
     MiB,
@@ -80,9 +81,12 @@ def test_cma_puts_no_payload_in_dev_shm(servers, make_client):
 def test_client_denied_process_vm_readv(servers, client_transport, server_transport):
     """A client process under a seccomp filter that makes process_vm_readv
     fail with EPERM, as a locked-down host would. It cannot pull responses:
-    with explicit cma they come inline; with auto they come through shm. The
+    with explicit cma they come inline; with auto the next rung carries them
+    (memfd or shm: auto's ladder without cma), both ways. The
     server can still pull the client's requests. Calls succeed either way, and
-    the reason is in the stats note and in exactly one warning."""
+    the reason is in the stats note and in exactly one log line: a WARNING
+    when cma was asked for explicitly, an INFO line under auto (another rung
+    serves)."""
     server = servers.shared(server_env(server_transport))
     before = server.stats()["shmgrpc"]
     out = run_client(
@@ -100,8 +104,18 @@ def test_client_denied_process_vm_readv(servers, client_transport, server_transp
     note = stats["notes"]["cma"]
     assert "not permitted" in note and "EPERM" in note, note
     warnings = [r for r in out["log"] if r["level"] == "WARNING"]
-    assert len(warnings) == 1, out["log"]
-    assert "cma" in warnings[0]["message"] and "not permitted" in warnings[0]["message"]
+    about_cma = [r for r in out["log"] if "cma" in r["message"] and "not permitted" in r["message"]]
+    assert len(about_cma) == 1, out["log"]
+    if client_transport == "cma":
+        assert warnings == about_cma, out["log"]
+    else:
+        assert warnings == [], out["log"]
+        assert about_cma[0]["level"] == "INFO", out["log"]
+    # auto: the first rung of the ladder that is not cma carries both ways
+    rung = "cma" if client_transport == "cma" else next(t for t in AUTO_ORDER if t != "cma")
+    settled = [r for r in out["log"] if r["message"].startswith("shmgrpc: channel ")]
+    assert [r["level"] for r in settled] == ["INFO"], out["log"]  # the channel settles once
+    assert f"via {rung}" in settled[0]["message"], out["log"]
     assert not stats["errors"]
     after = server.stats()["shmgrpc"]
 
@@ -111,11 +125,12 @@ def test_client_denied_process_vm_readv(servers, client_transport, server_transp
         assert stats["inline"]["count"] == 0
         assert delta(after, before, "by_transport", "cma", "restored", "count") == CALLS
         assert delta(after, before, "offloaded", "count") == 0
-        assert delta(after, before, "fallbacks", "peer_cannot_read") == CALLS  # responses inline
+        assert delta(after, before, "inline", "count") == CALLS  # responses inline,
+        assert delta(after, before, "fallbacks", "peer_cannot_read") == CALLS  # and why
     else:
-        assert counts(stats, "shm") == (CALLS, CALLS)
+        assert counts(stats, rung) == (CALLS, CALLS)
         assert counts(stats, "cma") == (0, 0)
-        assert delta(after, before, "by_transport", "shm", "offloaded", "count") == CALLS
+        assert delta(after, before, "by_transport", rung, "offloaded", "count") == CALLS
 
 
 # The client that dies: it starts a client stream whose first message tells
@@ -128,10 +143,12 @@ import grpc, shmgrpc
 from protos import echo_test_pb2 as pb, echo_test_pb2_grpc as pb_grpc
 from tests.echo_server import GRPC_OPTIONS, digest, pattern
 target, threshold = sys.argv[1], sys.argv[2]
-icpt = shmgrpc.ClientInterceptor(shmgrpc.Config.from_env(
-    {"SHMGRPC_TRANSPORT": "cma", "SHMGRPC_THRESHOLD": threshold}))
-channel = grpc.intercept_channel(
-    grpc.insecure_channel(target, options=GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]), icpt)
+options = GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]
+channel = shmgrpc.intercept_channel(
+    grpc.insecure_channel(target, options=options),
+    shmgrpc.Config.from_env({"SHMGRPC_TRANSPORT": "cma", "SHMGRPC_THRESHOLD": threshold}),
+    options=options,
+)
 stub = pb_grpc.EchoStub(channel)
 stub.Unary(pb.Payload(seq=0), timeout=30)  # handshake
 
@@ -145,7 +162,7 @@ def requests():
         time.sleep(30)
         os._exit(0)
     print(json.dumps({"pid": os.getpid(), "child": child,
-                      "offloaded": icpt.stats()["by_transport"]["cma"]["offloaded"]["count"]}), flush=True)
+                      "offloaded": channel.stats()["by_transport"]["cma"]["offloaded"]["count"]}), flush=True)
     time.sleep(60)
 
 call = stub.ClientStream.future(requests(), timeout=60)

@@ -280,7 +280,7 @@ def test_partial_transfer_stops_inside_an_iovec(holder):
     assert f"0x{base + 2 * PAGE:x}+40" in str(info.value)
     assert dest[: 2 * PAGE - 10] == content(3, 4 * PAGE)[10 : 2 * PAGE]
     # probe() goes through the same loop: 8 good bytes, then the hole
-    assert cma.probe(holder.pid, base + 2 * PAGE - 8, bytes(16)) == "bad address"
+    assert cma.probe(holder.pid, base + 2 * PAGE - 8, bytes(16)) == "process_vm_readv: bad address"
 
 
 def test_peer_gone_zombie_then_reaped(procs):
@@ -330,7 +330,7 @@ def test_seccomp_denied(holder, tmp_path, err):
         assert scoped_error[2].endswith("(kernel.yama.ptrace_scope=2)")
         assert scoped_probe == "not permitted: EPERM (kernel.yama.ptrace_scope=2)"
     else:
-        assert report["probe"].startswith("failed: ") and "ENOSYS" in report["probe"]
+        assert report["probe"].startswith("process_vm_readv failed: ") and "ENOSYS" in report["probe"]
         assert "ptrace_scope" not in scoped_error[2]
 
 
@@ -415,6 +415,6 @@ def test_probe_and_ptrace_scope(holder):
     data = content(1, size)
     assert cma.probe(holder.pid, address, data[:64]) is None
     assert cma.probe(holder.pid, address + 1, data[:64]) == "content mismatch"
-    assert cma.probe(holder.pid, -1, b"x") == "bad address"
+    assert cma.probe(holder.pid, -1, b"x") == "process_vm_readv: bad address"
     assert cma.ptrace_scope() in (None, 0, 1, 2, 3)
 

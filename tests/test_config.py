@@ -1,9 +1,10 @@
 """Configuration: sizes and durations parse as documented, invalid values
-fail when an interceptor is built (never at import) with ConfigError naming
-the variable."""
+fail when a channel wrapper or server interceptor is built (never at import)
+with ConfigError naming the variable."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 import shmgrpc
@@ -37,7 +38,7 @@ def test_lease(text, seconds):
     assert Config.from_env({"SHMGRPC_LEASE": text}).lease_seconds == pytest.approx(seconds)
 
 
-def test_every_variable_is_read():
+def test_every_variable_is_read(tmp_path):
     env = {
         "SHMGRPC_THRESHOLD": "128K",
         "SHMGRPC_TRANSPORT": "CMA",
@@ -47,6 +48,8 @@ def test_every_variable_is_read():
         "SHMGRPC_LEASE": "5s",
         "SHMGRPC_CMA_MAX_PINNED": "16MiB",
         "SHMGRPC_SHM_DIR": "/run/shm",
+        "SHMGRPC_SIDE_DIR": str(tmp_path),
+        "SHMGRPC_SIDE_UIDS": "1000, 1001",
     }
     assert set(env) == set(ENV)
     config = Config.from_env(env)
@@ -62,6 +65,7 @@ def test_every_variable_is_read():
         16 * MiB,
         "/run/shm",
     )
+    assert (config.side_dir, config.side_uids) == (str(tmp_path), (1000, 1001))
     # blank means unset; overrides beat the environment
     assert Config.from_env({"SHMGRPC_THRESHOLD": "  "}).threshold == Config().threshold
     assert Config.from_env({"SHMGRPC_THRESHOLD": "1M"}, threshold=5).threshold == 5
@@ -76,26 +80,47 @@ BAD = {
     "SHMGRPC_LEASE": ["0", "soon", "-1s"],
     "SHMGRPC_CMA_MAX_PINNED": ["x"],
     "SHMGRPC_SHM_DIR": ["relative/dir"],
+    "SHMGRPC_SIDE_DIR": ["relative/dir"],
+    "SHMGRPC_SIDE_UIDS": ["root", "-1"],
 }
+
+
+def build(kind: str):
+    """What reads the SHMGRPC_* environment: a channel wrapper (both ways of
+    making one) or a server interceptor (both ways of installing one)."""
+    if kind == "intercept_channel":
+        channel = grpc.insecure_channel("127.0.0.1:1")
+        try:
+            return shmgrpc.intercept_channel(channel)
+        finally:
+            channel.close()
+    if kind == "insecure_channel":
+        return shmgrpc.insecure_channel("127.0.0.1:1")
+    if kind == "server":
+        return shmgrpc.server(None)
+    return shmgrpc.ServerInterceptor()
+
+
+KINDS = ["intercept_channel", "insecure_channel", "server", "ServerInterceptor"]
 
 
 @pytest.mark.parametrize(
     "var, text", [(var, text) for var, texts in BAD.items() for text in texts], ids=lambda v: str(v)
 )
-@pytest.mark.parametrize("kind", ["client", "server"])
-def test_invalid_value_raises_when_an_interceptor_is_built(monkeypatch, kind, var, text):
+@pytest.mark.parametrize("kind", KINDS)
+def test_invalid_value_raises_when_a_wrapper_or_interceptor_is_built(monkeypatch, kind, var, text):
     monkeypatch.setenv(var, text)
-    make = shmgrpc.ClientInterceptor if kind == "client" else shmgrpc.ServerInterceptor
     with pytest.raises(shmgrpc.ConfigError) as info:
-        make()
+        build(kind)
     assert var in str(info.value) and repr(text) in str(info.value)
     assert isinstance(info.value, ValueError)
 
 
-def test_transport_error_lists_the_accepted_values(monkeypatch):
+@pytest.mark.parametrize("kind", KINDS)
+def test_transport_error_lists_the_accepted_values(monkeypatch, kind):
     monkeypatch.setenv("SHMGRPC_TRANSPORT", "tcp")
-    with pytest.raises(shmgrpc.ConfigError, match="auto, shm, cma, off"):
-        shmgrpc.ClientInterceptor()
+    with pytest.raises(shmgrpc.ConfigError, match="auto, memfd, shm, cma, off"):
+        build(kind)
 
 
 def test_invalid_fields_raise_too():
@@ -107,22 +132,22 @@ def test_invalid_fields_raise_too():
 
 def test_environment_is_read_at_build_not_import():
     """Importing with garbage in the environment is fine; building is not.
-    And a value set after import is the one an interceptor uses."""
+    And a value set after import is the one a wrapper uses."""
     out = run_python(
         """
 import json, os
 import shmgrpc
 imported = True
 try:
-    shmgrpc.ClientInterceptor()
+    shmgrpc.insecure_channel("127.0.0.1:1")
     error = None
 except shmgrpc.ConfigError as err:
     error = str(err)
 os.environ["SHMGRPC_THRESHOLD"] = "1MiB"
-icpt = shmgrpc.ClientInterceptor()
+channel = shmgrpc.insecure_channel("127.0.0.1:1")
 print(json.dumps({"imported": imported, "error": error,
-                  "threshold": icpt._engine.config.threshold, "transport": icpt.transport}))
-icpt.close()
+                  "threshold": channel._engine.config.threshold, "transport": channel.transport}))
+channel.close()
 """,
         env={"SHMGRPC_THRESHOLD": "banana"},
     )

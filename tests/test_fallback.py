@@ -4,9 +4,14 @@ and the call still succeeds with the right bytes."""
 from __future__ import annotations
 
 import os
+import types
+import warnings
 
+import grpc
 import pytest
 
+import shmgrpc
+from protos import echo_test_pb2_grpc as pb_grpc
 from tests.conftest import (
     CALL_TIMEOUT,
     MiB,
@@ -15,9 +20,10 @@ from tests.conftest import (
     delta,
     payload_of_size,
     run_client,
+    run_python,
     server_env,
 )
-from tests.echo_server import pattern
+from tests.echo_server import GRPC_OPTIONS, pattern
 
 NOBODY = 65534  # the conventional uid of "nobody"
 SIZE = 2 * MiB
@@ -100,7 +106,7 @@ def test_peer_in_another_shm_directory_is_not_colocated(make_client, echo_server
     client = make_client(echo_server.unix_target, client_config(transport, shm_dir=str(tmp_path)))
     echo_all_shapes(client)
     assert_nothing_offloaded(client.stats())
-    assert "could not prove co-location" in client.stats()["notes"]["server"]
+    assert "could not prove it shares this host" in client.stats()["notes"]["server"]
     after = echo_server.stats()["shmgrpc"]
     assert_server_untouched(after, before)
     assert delta(after, before, "fallbacks", "peer_not_colocated") >= 1
@@ -181,3 +187,66 @@ def test_sender_limits_send_inline(make_client, echo_server, transport, limit):
     assert stats["inline"] == {"count": 1, "bytes": SIZE}
     after = echo_server.stats()["shmgrpc"]
     assert delta(after, before, "restored", "count") == 1
+
+
+# --- the deprecated client interceptor: plain gRPC, and it says so ----------------------
+
+
+def test_deprecated_client_interceptor_passes_calls_through(echo_server, transport):
+    """shmgrpc.ClientInterceptor no longer offloads: every shape works as
+    plain gRPC (no hello reaches the server, nothing is offloaded), and
+    building one warns."""
+    before = echo_server.stats()["shmgrpc"]
+    with pytest.warns(DeprecationWarning, match="no longer offloads"):
+        icpt = shmgrpc.ClientInterceptor(client_config(transport))
+    raw = grpc.insecure_channel(echo_server.unix_target, options=GRPC_OPTIONS)
+    try:
+        echo_all_shapes(types.SimpleNamespace(stub=pb_grpc.EchoStub(grpc.intercept_channel(raw, icpt))))
+    finally:
+        raw.close()
+    stats = icpt.stats()
+    assert stats["offloaded"]["count"] == 0 and stats["restored"]["count"] == 0
+    assert "intercept_channel" in stats["notes"]["deprecated"]
+    assert icpt.transports == ()
+    icpt.close()
+    after = echo_server.stats()["shmgrpc"]
+    assert_server_untouched(after, before)
+    assert delta(after, before, "inline", "count") == 0  # no hello: the server stepped aside
+
+
+def test_deprecation_warning_points_at_the_caller():
+    """The DeprecationWarning names the line that built the interceptor
+    (Python shows DeprecationWarnings by default only when they are
+    attributed to __main__, so a wrong stack level hides it)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shmgrpc.ClientInterceptor(client_config("off"))
+    deprecations = [w for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert len(deprecations) == 1, caught
+    assert deprecations[0].filename == __file__, (deprecations[0].filename, deprecations[0].lineno)
+
+
+def test_deprecated_client_interceptor_logs_one_warning_per_process():
+    out = run_python(
+        """
+import json, logging, warnings
+import shmgrpc
+records = []
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append([record.levelname, record.getMessage()])
+
+logging.getLogger("shmgrpc").addHandler(Keep())
+logging.getLogger("shmgrpc").setLevel(logging.DEBUG)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first = shmgrpc.ClientInterceptor()
+    second = shmgrpc.ClientInterceptor()
+print(json.dumps({"log": records, "warnings": [w.category.__name__ for w in caught]}))
+"""
+    )
+    assert out["warnings"] == ["DeprecationWarning", "DeprecationWarning"]
+    warnings_logged = [message for level, message in out["log"] if level == "WARNING"]
+    assert len(warnings_logged) == 1, out["log"]
+    assert "intercept_channel" in warnings_logged[0]

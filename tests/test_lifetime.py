@@ -5,6 +5,8 @@ once its call is over and its lease has run out."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import grpc
@@ -260,3 +262,73 @@ def test_slow_client_reader_of_a_server_stream(servers, make_client, transport):
     # cancelled stream's last message until its lease ends: no exact counts).
     request = message(8, 1 * MiB)
     assert client.stub.Unary(request, timeout=CALL_TIMEOUT).body == request.body
+
+
+# --- a request resent by gRPC's retries --------------------------------------------
+
+
+def retry_options(attempts: int) -> list:
+    """Retry every Echo call that ends OUT_OF_RANGE (what the echo server
+    answers to a corrupt body), `attempts` attempts in all."""
+    policy = {
+        "maxAttempts": attempts,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "0.1s",
+        "backoffMultiplier": 1,
+        "retryableStatusCodes": ["OUT_OF_RANGE"],
+    }
+    config = {"methodConfig": [{"name": [{"service": "shmgrpc.testing.v1.Echo"}], "retryPolicy": policy}]}
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+
+
+def corrupt_request(seq: int, size: int) -> pb.Payload:
+    body = pattern(size, seq)
+    return pb.Payload(seq=seq, body=body, digest=digest(body[:-1] + b"?"))
+
+
+def test_a_retried_request_handle_is_read_again(make_client, echo_server, transport):
+    """gRPC retries resend the request's bytes, the handle among them: every
+    attempt reads the offloaded request again (the client holds it until the
+    call ends), and the answer is the server's, not a shmgrpc error."""
+    client = make_client(echo_server.unix_target, client_config(transport), options=retry_options(3))
+    client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # handshake
+    before = echo_server.stats()
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub.Unary(corrupt_request(1, 2 * MiB), timeout=CALL_TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE, info.value
+    assert "echo_server: corrupt body" in info.value.details()
+    after = echo_server.stats()
+    assert after["echo"]["corrupt"] - before["echo"]["corrupt"] == 3  # each attempt read the request
+    assert delta(after["shmgrpc"], before["shmgrpc"], "by_transport", transport, "restored", "count") == 3
+    assert after["shmgrpc"]["errors"] == before["shmgrpc"]["errors"]
+    assert counts(client.stats(), transport) == (1, 0)  # offloaded once, read three times
+    assert wait_until(lambda: pool_drained(client.stats()["pool"]))
+
+
+def test_a_retried_request_survives_stats_between_attempts(make_client, echo_server, transport):
+    """The same, with a thread reading the channel's stats() meanwhile (a
+    metrics exporter would): the request stays readable until its call ends."""
+    client = make_client(echo_server.unix_target, client_config(transport), options=retry_options(5))
+    client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # handshake
+    before = echo_server.stats()
+    stop = threading.Event()
+
+    def monitor():
+        while not stop.is_set():
+            client.stats()
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=monitor)
+    watcher.start()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            client.stub.Unary(corrupt_request(2, 2 * MiB), timeout=CALL_TIMEOUT)
+    finally:
+        stop.set()
+        watcher.join()
+    after = echo_server.stats()
+    outcome = (info.value.code(), info.value.details())
+    assert outcome[0] == grpc.StatusCode.OUT_OF_RANGE, outcome
+    assert outcome[1].startswith("echo_server: corrupt body"), outcome
+    assert after["echo"]["corrupt"] - before["echo"]["corrupt"] == 5
+    assert after["shmgrpc"]["errors"] == before["shmgrpc"]["errors"]

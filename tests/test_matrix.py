@@ -9,14 +9,16 @@ against that prediction as well as every byte that came back.
 from __future__ import annotations
 
 import queue
+from concurrent import futures
 
 import grpc
 import pytest
 
+import shmgrpc
 from protos import echo_test_pb2 as pb
 from shmgrpc import wire
-from tests.conftest import CALL_TIMEOUT, MiB, THRESHOLD, counts, delta, payload_of_size
-from tests.echo_server import EchoLogic, digest, fingerprint, pattern
+from tests.conftest import CALL_TIMEOUT, MiB, THRESHOLD, client_config, counts, delta, payload_of_size
+from tests.echo_server import GRPC_OPTIONS, EchoLogic, digest, fingerprint, pattern
 
 SIZES = {
     "small": 1000,
@@ -239,7 +241,7 @@ def test_generic_method_with_raw_bytes(client, echo_server, transport):
     request = payload_of_size(1 * MiB, seq=4)
     raw = generic(request.SerializeToString(), timeout=CALL_TIMEOUT)
     assert isinstance(raw, bytes)
-    assert not raw.startswith(wire.TAG), f"the caller was handed a {len(raw)}-byte shmgrpc handle"
+    assert not wire.is_frame(raw), f"the caller was handed a {len(raw)}-byte shmgrpc frame"
     assert pb.Payload.FromString(raw) == server_logic(echo_server.pid).reply(request)
 
 
@@ -258,3 +260,37 @@ def test_the_servers_content_check_works(client, echo_server, transport):
     good = pb.Payload(seq=2, body=body, digest=digest(body))
     assert client.stub.Unary(good, timeout=CALL_TIMEOUT).body == body
     assert echo_server.stats()["echo"]["corrupt"] == after["corrupt"]
+
+
+def test_the_application_sees_its_own_metadata_only(tmp_path):
+    """shmgrpc's hello travels in the call's metadata, but the server
+    application's context.invocation_metadata() does not show it."""
+    seen = []
+
+    def echo(request, context):
+        seen.append(tuple(context.invocation_metadata()))
+        return request
+
+    config = client_config("shm")
+    methods = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    handler = grpc.method_handlers_generic_handler("test.Meta", methods)
+    server = shmgrpc.server(
+        futures.ThreadPoolExecutor(2), handlers=[handler], options=GRPC_OPTIONS, config=config
+    )
+    target = f"unix:{tmp_path}/meta.sock"
+    assert server.add_insecure_port(target)
+    server.start()
+    channel = shmgrpc.insecure_channel(target, GRPC_OPTIONS, config=config)
+    try:
+        body = pattern(2 * THRESHOLD, 3)
+        echo_call = channel.unary_unary("/test.Meta/Echo")
+        assert echo_call(body, metadata=[("app-key", "v")], timeout=CALL_TIMEOUT) == body
+        assert channel.status().transport == "shm"
+        assert counts(channel.stats(), "shm") == (1, 1)  # the call was framed, both ways offloaded
+        keys = [key for key, _ in seen[-1]]
+        assert "app-key" in keys
+        assert wire.HELLO_KEY not in keys, seen[-1]
+    finally:
+        channel.close()
+        server.stop(None)
+        server.shmgrpc.close()

@@ -31,10 +31,30 @@ import grpc
 from grpc import aio
 
 from .. import wire
-from .._channel import _target_of, handshake_timeout, remaining, resend_reason, with_hello
+from .._channel import (
+    _target_of,
+    handshake_timeout,
+    remaining,
+    resend_reason,
+    with_hello,
+    without_welcome,
+)
 from .._codec import CallCodec, Tickets
 from .._core import ChannelStatus, Engine, EngineOwner
 from ..config import Config
+
+
+_LOCALLY_CANCELLED = "Locally cancelled by application!"  # grpc/aio/_call.py's words
+
+
+def _clean(err: aio.AioRpcError) -> aio.AioRpcError:
+    """The call's error as the application sees it: no shmgrpc-welcome in its
+    trailing metadata (see shmgrpc._channel.without_welcome)."""
+    trailing = err.trailing_metadata()
+    if trailing is None or wire.metadata_value(trailing, wire.WELCOME_KEY) is None:
+        return err
+    kept = aio.Metadata(*[(k, v) for k, v in trailing if k != wire.WELCOME_KEY])
+    return aio.AioRpcError(err.code(), err.initial_metadata(), kept, err.details(), err.debug_error_string())
 
 
 def _error_of(codec: CallCodec, initial, trailing, inner_debug: Optional[str] = None) -> aio.AioRpcError:
@@ -98,12 +118,17 @@ class _Call:
         self._start_now(channel._engine.client_call_state(), remaining(self._deadline))
 
     async def _started(self):
-        if self._inner is None:
-            if self._starting is not None:
-                await asyncio.shield(self._starting)
-            if self._inner is None:  # cancelled before it started
-                raise asyncio.CancelledError()
-        return self._inner
+        if self._inner is None and self._starting is not None and not self._cancelled:
+            await asyncio.shield(self._starting)
+        return self._inner  # None: cancelled before it started (see _Cancelled)
+
+    async def _live(self):
+        """The started inner call; CancelledError for a call cancelled before
+        it started, as grpc.aio raises for its own cancelled calls."""
+        inner = await self._started()
+        if inner is None:
+            raise asyncio.CancelledError()
+        return inner
 
     async def _learn(self, inner) -> None:
         """After a call that carried the hello: a welcome in its trailers
@@ -159,28 +184,44 @@ class _Call:
             self._callbacks.append(wrapped)
 
     async def initial_metadata(self):
-        return await (await self._started()).initial_metadata()
+        inner = await self._started()
+        return aio.Metadata() if inner is None else await inner.initial_metadata()
 
     async def trailing_metadata(self):
-        return await (await self._started()).trailing_metadata()
+        inner = await self._started()
+        if inner is None:
+            return aio.Metadata()
+        trailing = await inner.trailing_metadata()
+        if trailing is None or wire.metadata_value(trailing, wire.WELCOME_KEY) is None:
+            return trailing
+        return aio.Metadata(*without_welcome(tuple(trailing)))
 
     async def code(self) -> grpc.StatusCode:
         inner = await self._started()
+        if inner is None:
+            return grpc.StatusCode.CANCELLED
         code = await inner.code()
         return self._failure.code() if self._failure is not None else code
 
     async def details(self) -> str:
         inner = await self._started()
+        if inner is None:
+            return _LOCALLY_CANCELLED
         details = await inner.details()
         return self._failure.details() if self._failure is not None else details
 
     async def debug_error_string(self) -> Optional[str]:
         inner = await self._started()
+        if inner is None:
+            return None
         text = await inner.debug_error_string()
         return self._failure.debug_error_string() if self._failure is not None else text
 
     async def wait_for_connection(self) -> None:
-        return await (await self._started()).wait_for_connection()
+        inner = await self._started()
+        if inner is None:
+            raise asyncio.CancelledError()  # as grpc.aio's own cancelled call does
+        return await inner.wait_for_connection()
 
 
 class _UnaryResponse:
@@ -190,14 +231,14 @@ class _UnaryResponse:
         return self._response().__await__()
 
     async def _response(self):
-        inner = await self._started()
+        inner = await self._live()
         try:
             response = await inner
         except aio.AioRpcError as err:
             reason = resend_reason(err, self._codec) if self._resendable else None
             if reason is None:
                 await self._learn(inner)
-                raise
+                raise _clean(err) from None
             response = await self._resend(reason, err)
             inner = self._inner
         if self._codec is not None and self._codec.failure is not None:
@@ -217,16 +258,22 @@ class _UnaryResponse:
             engine.stats.add("fallback", "resent_inline")
             engine.client_welcome(err.trailing_metadata())
         self._resendable = False
-        self._start_now(engine.client_call_state(), remaining(self._deadline))
-        return await self._inner
+        self._start_now(None, remaining(self._deadline))  # plain: no hello, no frame
+        try:
+            return await self._inner
+        except aio.AioRpcError as again:
+            raise _clean(again) from None
 
 
 class _StreamResponse:
     """read() and async iteration of unary-stream and stream-stream calls."""
 
     async def read(self):
-        inner = await self._started()
-        response = await inner.read()
+        inner = await self._live()
+        try:
+            response = await inner.read()
+        except aio.AioRpcError as err:
+            raise _clean(err) from None
         if response is aio.EOF:
             await self._learn(inner)
         elif self._codec is not None and self._codec.failure is not None:
@@ -248,10 +295,10 @@ class _RequestStream:
     """write() and done_writing() of stream-unary and stream-stream calls."""
 
     async def write(self, request) -> None:
-        await (await self._started()).write(request)
+        await (await self._live()).write(request)
 
     async def done_writing(self) -> None:
-        await (await self._started()).done_writing()
+        await (await self._live()).done_writing()
 
 
 class UnaryUnaryCall(_UnaryResponse, _Call, aio.UnaryUnaryCall):
@@ -280,15 +327,13 @@ class _MultiCallable:
         self._serializer = serializer
         self._deserializer = deserializer
         self._registered = registered
-        self._plain = None
+        kwargs = {"_registered_method": True} if registered else {}
+        self._plain = self._factory()(method, serializer, deserializer, **kwargs)  # made now, as a stub does
 
     def _factory(self):
         return getattr(self._channel._inner, self._kind)
 
     def _plain_multicallable(self):
-        if self._plain is None:
-            kwargs = {"_registered_method": True} if self._registered else {}
-            self._plain = self._factory()(self._method, self._serializer, self._deserializer, **kwargs)
         return self._plain
 
     def __call__(self, request=None, *, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
@@ -299,7 +344,7 @@ class _MultiCallable:
             return self._plain_multicallable()(request, timeout=timeout, metadata=metadata, credentials=credentials,
                                                wait_for_ready=wait_for_ready, compression=compression)
         call = self._call_type(self, request, timeout, metadata, credentials, wait_for_ready, compression)
-        if engine.client_needs_handshake() and self._channel._handshake_free():
+        if engine.client_needs_handshake():
             call._start_later()
         else:
             call._start_now(state, timeout)
@@ -332,35 +377,49 @@ class Channel(EngineOwner, aio.Channel):
     Build it with shmgrpc.aio.intercept_channel() or shmgrpc.aio.insecure_channel()."""
 
     def __init__(self, channel: aio.Channel, config: Optional[Config] = None, options=None, name: str = ""):
+        if not isinstance(channel, aio.Channel):
+            hint = " (a sync grpc channel: use shmgrpc.intercept_channel)" if isinstance(channel, grpc.Channel) else ""
+            raise TypeError(f"shmgrpc.aio.intercept_channel needs a grpc.aio.Channel, not {type(channel).__name__}{hint}")
         self._inner = channel
         self._engine = Engine(config, "client", options, name or type(channel).__name__)
-        self._handshaking = False
-
-    def _handshake_free(self) -> bool:
-        return not self._handshaking
+        self._shaking: Optional[asyncio.Future] = None  # the handshake in flight
 
     async def _handshake(self, timeout, metadata, credentials, wait_for_ready, compression) -> None:
-        """The once-per-channel handshake call (one at a time; calls started
-        meanwhile go on without it, carrying the hello)."""
+        """The once-per-channel handshake call: a request stream of no message,
+        as in shmgrpc._channel.Channel._handshake. Calls started meanwhile
+        join it. A caller's cancel stops its own wait, not the handshake.
+        Nothing it raises reaches the caller."""
         engine = self._engine
-        if self._handshaking or not engine.client_needs_handshake():
+        if not engine.client_needs_handshake():
             return
-        state = engine.client_call_state()
-        if state is None:
-            return
-        self._handshaking = True
+        shake = self._shaking
+        if shake is None or shake.done():
+            state = engine.client_call_state()
+            if state is None:
+                return
+            shake = self._shaking = asyncio.ensure_future(
+                self._shake(state[0], timeout, metadata, credentials, wait_for_ready, compression)
+            )
+        await asyncio.shield(shake)
+
+    async def _shake(self, hello, timeout, metadata, credentials, wait_for_ready, compression) -> None:
+        engine = self._engine
         try:
-            call = self._inner.unary_unary(wire.HANDSHAKE_METHOD)(
-                b"", timeout=handshake_timeout(timeout), metadata=with_hello(metadata, state[0]),
+            call = self._inner.stream_unary(wire.HANDSHAKE_METHOD)(
+                iter(()), timeout=handshake_timeout(timeout), metadata=with_hello(metadata, hello),
                 credentials=credentials, wait_for_ready=wait_for_ready, compression=compression,
             )
-            try:
-                await call
-                engine.client_handshake_done(grpc.StatusCode.OK, await call.trailing_metadata())
-            except aio.AioRpcError as err:
-                engine.client_handshake_done(err.code(), err.trailing_metadata())
-        finally:
-            self._handshaking = False
+            await call
+            engine.client_handshake_done(grpc.StatusCode.OK, await call.trailing_metadata())
+        except aio.AioRpcError as err:
+            engine.client_handshake_done(err.code(), err.trailing_metadata())
+        except asyncio.CancelledError:
+            # grpc.aio ends a request-streaming call whose deadline passed with
+            # CancelledError rather than AioRpcError; nothing else cancels
+            # this task (the caller's cancel stops at the shield).
+            engine.client_handshake_done(grpc.StatusCode.DEADLINE_EXCEEDED, ())
+        except Exception as err:  # the caller's own interceptor, on our call
+            engine.client_handshake_failed(err)
 
     # grpc.aio.Channel
 

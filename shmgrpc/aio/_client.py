@@ -34,4 +34,4 @@ class StreamStreamClientInterceptor(PassThrough, aio.StreamStreamClientIntercept
 
 def client_interceptors(config: Optional[Config] = None) -> List[PassThrough]:
     """Deprecated: pass-through interceptors. Use shmgrpc.aio.intercept_channel()."""
-    return [UnaryUnaryClientInterceptor(config)]
+    return [UnaryUnaryClientInterceptor(config, _stacklevel=4)]  # the caller of client_interceptors()

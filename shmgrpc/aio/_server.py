@@ -35,7 +35,7 @@ from .. import wire
 from .._codec import CallCodec, Failed
 from .._core import Engine, EngineOwner
 from .._server import _Context as _SyncContext
-from .._server import _wrap_behavior, abort_details, call_codec, handshake_handler, rebuild_handler
+from .._server import _wrap_behavior, abort_details, call_codec, rebuild_handler
 from ..config import Config
 from ._common import Sent
 
@@ -78,7 +78,7 @@ class _Context(_SyncContext):
     read() ends the call on a handle that could not be restored."""
 
     async def read(self):
-        return await _checked(await self._inner.read(), self._inner)
+        return await _checked(await self._inner.read(), self)
 
 
 aio.ServicerContext.register(_Context)
@@ -99,11 +99,12 @@ def _aio_behavior(handler, welcome, sent: Sent) -> Callable:
         # for the call ends; done() means a status was sent. Without one the
         # call was cancelled (client, deadline, server stop): free its slots.
         context.add_done_callback(lambda ctx: sent.end(release=not ctx.done()))
+        ctx = _Context(context, welcome)  # first: a failing call carries the welcome too
         if streaming_in:
-            request = _checking(request, context)
+            request = _checking(request, ctx)
         else:
-            request = await _checked(request, context)
-        return request, _Context(context, welcome)
+            request = await _checked(request, ctx)
+        return request, ctx
 
     if inspect.isasyncgenfunction(behavior):  # a response stream, as an async generator
 
@@ -119,6 +120,28 @@ def _aio_behavior(handler, welcome, sent: Sent) -> Callable:
         return await behavior(request, ctx)
 
     return call
+
+
+def _handshake_handler(engine: Engine, details):
+    """shmgrpc._server.handshake_handler, as an async handler: aio
+    interceptors outside shmgrpc may wrap every behavior as a coroutine and
+    hand it an async request iterator, which a sync handler cannot read."""
+    if not engine.ready():
+        return None
+    route = engine.server_route(details.invocation_metadata)
+
+    async def hello(requests, context):
+        if hasattr(requests, "__aiter__"):
+            async for _ in requests:
+                pass
+        else:
+            for _ in requests:
+                pass
+        if route is not None and route.welcome is not None:
+            context.set_trailing_metadata((route.welcome,))
+        return b""
+
+    return grpc.stream_unary_rpc_method_handler(hello)
 
 
 class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
@@ -148,8 +171,7 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
     async def _intercept(self, continuation, details):
         engine = self._engine
         if details.method == wire.HANDSHAKE_METHOD:
-            # A sync handler: grpc.aio runs it in its thread pool, once per channel.
-            return handshake_handler(engine, details)
+            return _handshake_handler(engine, details)
         handler = await continuation(details)
         metadata = details.invocation_metadata
         if handler is None or wire.metadata_value(metadata, wire.HELLO_KEY) is None:
