@@ -8,6 +8,7 @@ processes; plain gRPC everywhere else.
 from ._channel import Channel, channel_status, insecure_channel, intercept_channel, secure_channel
 from ._client import ClientInterceptor
 from ._core import ChannelStatus, stats
+from ._malloc import tune_malloc
 from ._server import ServerInterceptor, server
 from .config import Config
 from .errors import (
@@ -47,4 +48,5 @@ __all__ = [
     "secure_channel",
     "server",
     "stats",
+    "tune_malloc",
 ]

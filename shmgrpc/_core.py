@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
 
-from . import cma, pins, pool, session, side, wire
+from . import _malloc, cma, pins, pool, session, side, wire
 from .config import Config
 from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError
 
@@ -406,6 +406,8 @@ class _Released:
 class Engine:
     def __init__(self, config: Optional[Config], role: str, options=None, name: str = ""):
         self.config = Config.from_env() if config is None else config
+        if self.config.malloc == "keep":
+            _malloc.tune_malloc()
         self.role = role
         self.name = name  # for log lines: the channel's target, or "server"
         self.max_send, self.max_receive = limits_from_options(options)

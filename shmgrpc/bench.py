@@ -55,6 +55,7 @@ from google.protobuf.wrappers_pb2 import BytesValue
 import shmgrpc
 
 from . import _bench_server as srv
+from ._malloc import tune_malloc
 from .config import Config, parse_size
 from .errors import ConfigError
 
@@ -159,6 +160,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         action="store_true",
         help="run every mode (plain gRPC too) with glibc malloc on transparent huge pages "
         f"({HUGEPAGES_TUNABLE}): large-message CPython spends most of its time in page faults",
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=("default", "keep"),
+        default="default",
+        help="keep: run both processes, every mode (plain gRPC too), with SHMGRPC_MALLOC=keep "
+        "(glibc keeps freed memory warm; see shmgrpc.tune_malloc)",
     )
     parser.add_argument("--out", help="directory for results.json and throughput.png")
     args = parser.parse_args(argv)
@@ -1042,6 +1050,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         notes.append(f"--repeat {args.repeat}: a median of fewer than {DEFAULT_REPEAT} rounds is noisy")
     if os.environ.get("GLIBC_TUNABLES"):
         notes.append(f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} (client and server, every mode)")
+    if args.malloc == "keep":
+        # Before any thread: M_ARENA_MAX shapes only arenas made afterwards.
+        # The server inherits the variable and applies it when it is built.
+        os.environ["SHMGRPC_MALLOC"] = "keep"
+        tune_malloc()
+        notes.append("SHMGRPC_MALLOC=keep (client and server, every mode: plain gRPC gets the same warm malloc)")
     modes = list(args.modes)
     threshold = Config.from_env().threshold
     signal.signal(signal.SIGTERM, _interrupt)

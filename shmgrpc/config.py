@@ -19,6 +19,7 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 TRANSPORTS = ("auto", "memfd", "shm", "cma", "off")
+MALLOC = ("default", "keep")
 
 # Binary multiples only: "64K", "64KB" and "64KiB" all mean 65536. A storage
 # library that read "1MB" as 10**6 would round slot sizes to odd numbers.
@@ -90,6 +91,9 @@ class Config:
     side_dir: str = ""
     # Uids besides our own whose processes may use our side socket.
     side_uids: Tuple[int, ...] = ()
+    # "keep": tell glibc's malloc to keep freed memory warm (shmgrpc._malloc),
+    # once per process, when the first channel or server is built.
+    malloc: str = "default"
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -143,6 +147,8 @@ def _problem(field: str, value) -> Optional[str]:
     """Why `value` is not acceptable for `field`, or None."""
     if field == "transport":
         return None if value in TRANSPORTS else f"expected one of {', '.join(TRANSPORTS)}"
+    if field == "malloc":
+        return None if value in MALLOC else f"expected one of {', '.join(MALLOC)}"
     if field == "lease_seconds":
         least, most = LEASE_RANGE
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and least <= value <= most
@@ -183,6 +189,13 @@ def _uids(text: str, name: str) -> Tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+def _malloc(text: str, name: str) -> str:
+    value = text.strip().lower()
+    if value not in MALLOC:
+        raise ConfigError(f"{name}={_shown(text)}: expected one of {', '.join(MALLOC)}")
+    return value
+
+
 def _size(text: str, name: str) -> int:
     return parse_size(text, name)
 
@@ -207,4 +220,5 @@ ENV = {
     "SHMGRPC_SHM_DIR": ("shm_dir", _path),
     "SHMGRPC_SIDE_DIR": ("side_dir", _path),
     "SHMGRPC_SIDE_UIDS": ("side_uids", _uids),
+    "SHMGRPC_MALLOC": ("malloc", _malloc),
 }
