@@ -3,9 +3,14 @@ processes; plain gRPC everywhere else.
 
     channel = shmgrpc.insecure_channel(target, options)      # or intercept_channel(channel, options=...)
     server = shmgrpc.server(executor, options=options)       # or interceptors=[shmgrpc.ServerInterceptor()]
+
+Is it working? `python -m shmgrpc doctor [TARGET]`, shmgrpc.channel_status(channel),
+shmgrpc.stats(); exporters in shmgrpc.metrics (prometheus, otel).
 """
 
 from ._channel import Channel, channel_status, insecure_channel, intercept_channel, secure_channel
+from ._types import CountBytes, PoolUsage, StatsSnapshot, TransportCounts
+from ._version import __version__
 from ._client import ClientInterceptor
 from ._core import ChannelStatus, stats
 from ._malloc import tune_malloc
@@ -35,13 +40,18 @@ __all__ = [
     "CmaPeerGone",
     "Config",
     "ConfigError",
+    "CountBytes",
     "DataLossError",
     "HandleError",
     "HandleTooLarge",
     "PeerGoneError",
+    "PoolUsage",
     "ServerInterceptor",
     "ShmGrpcError",
     "StaleSessionError",
+    "StatsSnapshot",
+    "TransportCounts",
+    "__version__",
     "channel_status",
     "insecure_channel",
     "intercept_channel",

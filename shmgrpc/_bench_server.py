@@ -9,9 +9,16 @@ shmgrpc.server() (a plain client simply gets inline messages), prints one
 JSON line with its addresses on stdout once it serves, and stops cleanly on
 SIGTERM or SIGINT, or when the bench process dies.
 
-Messages are `google.protobuf.wrappers_pb2.BytesValue` with generic handlers:
-no generated code is needed, and every call pays real protobuf serialize and
-parse costs, as a user's would.
+Three message shapes (MESSAGES), each with its own set of methods:
+
+    bytes    google.protobuf.BytesValue: one bytes field
+    floats   protos/bench.proto Floats: one packed `repeated float`
+    records  protos/bench.proto Records: repeated {int64, string, double, bytes}
+
+Handlers are generic (no generated service code) and every call pays real
+protobuf serialize and parse costs, as a user's would. The content of every
+message is a function of its shape and size, so either process can build the
+expected message, or check any part of a received one, without the other.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import signal
 import struct
 import sys
 import threading
+import time
 from concurrent import futures
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import grpc
 from google.protobuf.wrappers_pb2 import BytesValue
@@ -40,12 +48,19 @@ MiB = 1024 * KiB
 # --- The service ------------------------------------------------------------
 
 SERVICE = "shmgrpc.bench.Bench"
-ECHO = f"/{SERVICE}/Echo"  # unary: the request comes back
-DOWNLOAD = f"/{SERVICE}/Download"  # server streaming: `count` messages of `size`
-UPLOAD = f"/{SERVICE}/Upload"  # client streaming: a small JSON summary comes back
-ECHO_STREAM = f"/{SERVICE}/EchoStream"  # bidi: each message comes back
+# Per message shape (the method name's suffix: "" for bytes, "Floats", ...):
+#   Echo        unary: the request comes back
+#   Download    server streaming: `count` messages of `size` (a STREAM_REQUEST)
+#   Upload      client streaming: a small JSON summary comes back
+#   EchoStream  bidi: each message comes back as it arrives
 PEAK = f"/{SERVICE}/Peak"  # control: memory since the last Peak, then reset
 STATS = f"/{SERVICE}/Stats"  # control: this process's shmgrpc.stats()
+
+
+def method(name: str, message: str) -> str:
+    """'/shmgrpc.bench.Bench/EchoFloats' for ('Echo', 'floats')."""
+    return f"/{SERVICE}/{name}{KINDS[message].suffix}"
+
 
 # gRPC caps a message at 4 MiB by default and the option is a C int, so this
 # is the largest value it takes; the bench moves 256 MiB messages.
@@ -55,14 +70,15 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
 ]
 
-# A Download request: message size, message count (little endian uint64s).
+# A Download request (a BytesValue's value): message size, message count
+# (little endian uint64s).
 STREAM_REQUEST = struct.Struct("<QQ")
 
 # Streaming and bidi calls run concurrently with the control calls; a handful
 # of threads is plenty and keeps a 2-core machine from thrashing.
 SERVER_THREADS = 8
 
-# --- The payload ------------------------------------------------------------
+# --- The bytes payload ------------------------------------------------------
 #
 # Tiles of one random 64 KiB block, and in the first 8 bytes of every 4 KiB
 # page the page's index and the payload's size:
@@ -81,11 +97,12 @@ PAGE = 4 * KiB
 _BLOCK = random.Random(0x5_4D_67).randbytes(64 * KiB)
 _STAMP = struct.Struct("<II")  # page index, payload size mod 2**32
 
-# Up to this size the client compares every byte (a memcmp: milliseconds);
-# above it, samples, so that checking a 256 MiB reply does not cost as much
-# as the transfer it checks.
+# Up to this size (serialized) a received message is compared whole (a
+# memcmp of its bytes, or of its serialization: milliseconds, and never on
+# the clock); above it, its length and sample windows are, so that checking
+# a 256 MiB reply does not cost as much as the transfer it checks.
 FULL_CHECK_MAX = 16 * MiB
-# Windows compared in a sampled check, besides the first and the last page.
+# Windows compared in a sampled check, besides the first and the last.
 SAMPLE_WINDOWS = 8
 
 
@@ -108,60 +125,274 @@ def pattern(size: int, start: int = 0, stop: Optional[int] = None) -> bytes:
         return bytes(view[start - first : stop - first])
 
 
-def sample_ranges(size: int) -> List[Tuple[int, int]]:
-    """The first and last page, and windows spread evenly between them.
+def sample_ranges(n: int, window: int = PAGE) -> List[Tuple[int, int]]:
+    """The first and last window of n items, and windows spread evenly between.
 
-    The windows are not page aligned, so a shift by a few bytes shows too.
+    The windows are not aligned to anything, so a shift by a few items shows too.
     """
-    ranges = {(0, min(PAGE, size)), (max(0, size - PAGE), size)}
+    ranges = {(0, min(window, n)), (max(0, n - window), n)}
     for k in range(1, SAMPLE_WINDOWS + 1):
-        start = size * k // (SAMPLE_WINDOWS + 1)
-        ranges.add((start, min(size, start + PAGE)))
+        start = n * k // (SAMPLE_WINDOWS + 1)
+        ranges.add((start, min(n, start + window)))
     return sorted(ranges)
 
 
-class PayloadCheck:
-    """Decides whether received bytes are the payload of `size`.
-
-    With `full` (the payload itself) messages up to FULL_CHECK_MAX are
-    compared whole; otherwise only the length and the sample windows are.
-    """
-
-    def __init__(self, size: int, full: Optional[bytes] = None) -> None:
-        self.size = size
-        self._full = full if full is not None and size <= FULL_CHECK_MAX else None
-        self._samples = [
-            (a, b, full[a:b] if full is not None else pattern(size, a, b)) for a, b in sample_ranges(size)
-        ]
-
-    @property
-    def compares_whole(self) -> bool:
-        return self._full is not None
-
-    def problem(self, got: bytes, whole: bool = True) -> Optional[str]:
-        """None if `got` is right, else what is wrong; `whole=False` samples."""
-        if len(got) != self.size:
-            return f"got {len(got)} bytes, expected {self.size}"
-        if whole and self._full is not None:
-            return None if got == self._full else _first_difference(got, self._full)
-        for a, b, want in self._samples:
-            if got[a:b] != want:
-                return f"bytes [{a}, {b}) differ from the payload"
-        return None
-
-
-@functools.lru_cache(maxsize=4)
-def _sampled_check(size: int) -> PayloadCheck:
-    """Checks are built once per size (on the warm-up), not in measured calls."""
-    return PayloadCheck(size)
-
-
-def _first_difference(got: bytes, want: bytes) -> str:
+def _first_difference(got: bytes, want: bytes, what: str = "content") -> str:
+    if len(got) != len(want):
+        return f"{what} is {len(got)} bytes, expected {len(want)}"
     step = PAGE
     for offset in range(0, len(want), step):
         if got[offset : offset + step] != want[offset : offset + step]:
-            return f"content differs in bytes [{offset}, {min(len(want), offset + step)})"
-    return "content differs"
+            return f"{what} differs in bytes [{offset}, {min(len(want), offset + step)})"
+    return f"{what} differs"
+
+
+# --- Message shapes ---------------------------------------------------------
+#
+# A message of shape S "of size N" is the one whose serialization is about N
+# bytes: N bytes for bytes, N // 4 floats, N // 44 records (at least one
+# item). Each shape says how to build it, and how to read its items for a
+# check without building the whole expected message.
+
+MESSAGES = ("bytes", "floats", "records")
+
+
+def bench_pb2() -> Any:
+    """protos/bench_pb2.py, generated from protos/bench.proto (`make` does it)."""
+    try:
+        from protos import bench_pb2 as module
+    except ImportError:
+        # A checkout's root, when this runs from elsewhere.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if root in sys.path or not os.path.exists(os.path.join(root, "protos", "bench.proto")):
+            raise ImportError(
+                "the floats and records messages need protos/bench_pb2.py, generated from "
+                "protos/bench.proto: run `make protos/bench_pb2.py` in the checkout"
+            ) from None
+        sys.path.append(root)
+        return bench_pb2()
+    return module
+
+
+class Kind:
+    """One message shape."""
+
+    name = ""
+    suffix = ""  # of its method names
+    unit = ""  # what an item is, for messages
+    item_bytes = 1  # wire bytes per item
+    window = PAGE  # items per sample window
+
+    @property
+    def cls(self) -> Any:
+        raise NotImplementedError
+
+    def items_for(self, size: int) -> int:
+        return max(1, size // self.item_bytes)
+
+    def build(self, n: int) -> Any:
+        """The message of n items."""
+        raise NotImplementedError
+
+    def view(self, message: Any) -> Any:
+        """What the items are read from: indexable, with a len()."""
+        raise NotImplementedError
+
+    def whole(self, message: Any, view: Any) -> bytes:
+        """What a whole check compares: the serialization."""
+        return message.SerializeToString()
+
+    def got(self, view: Any, a: int, b: int) -> Any:
+        """Items [a, b) of a received message, comparable with expected()."""
+        return list(view[a:b])
+
+    def expected(self, n: int, a: int, b: int) -> Any:
+        """Items [a, b) of the message of n items."""
+        raise NotImplementedError
+
+
+class BytesKind(Kind):
+    name, suffix, unit = "bytes", "", "bytes"
+
+    @property
+    def cls(self) -> Any:
+        return BytesValue
+
+    def build(self, n: int) -> Any:
+        return BytesValue(value=pattern(n))
+
+    def view(self, message: Any) -> bytes:
+        return message.value  # upb copies the field: read it once
+
+    def whole(self, message: Any, view: bytes) -> bytes:
+        return view
+
+    def got(self, view: bytes, a: int, b: int) -> bytes:
+        return view[a:b]
+
+    def expected(self, n: int, a: int, b: int) -> bytes:
+        return pattern(n, a, b)
+
+
+# The floats are the bytes payload read as float32s, with bit 6 of each
+# value's top byte cleared: the exponent stays below 128, so there is no NaN
+# or infinity and every value compares equal to itself.
+_FINITE = bytes(b & 0xBF for b in range(256))
+
+
+def _float_bytes(n: int, a: int = 0, b: Optional[int] = None) -> bytearray:
+    """The little endian float32s [a, b) of the floats message of n."""
+    b = n if b is None else b
+    raw = bytearray(pattern(4 * n, 4 * a, 4 * b))
+    raw[3::4] = raw[3::4].translate(_FINITE)
+    return raw
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class FloatsKind(Kind):
+    name, suffix, unit = "floats", "Floats", "floats"
+    item_bytes, window = 4, 64
+
+    @property
+    def cls(self) -> Any:
+        return bench_pb2().Floats
+
+    def build(self, n: int) -> Any:
+        # Field 1, length delimited (packed): parsing it is one copy, where
+        # appending n Python floats would take seconds.
+        return self.cls.FromString(b"\x0a" + _varint(4 * n) + _float_bytes(n))
+
+    def view(self, message: Any) -> Any:
+        return message.values
+
+    def expected(self, n: int, a: int, b: int) -> Any:
+        return list(struct.unpack(f"<{b - a}f", _float_bytes(n, a, b)))
+
+
+# A record on the wire, 44 bytes: field 1 of Records (tag, length 42), then
+# its id (tag, 4-byte varint), name (tag, length 16, text), value (tag,
+# double) and tag (tag, length 8, bytes). No field is zero or empty, so
+# protobuf serializes the parsed message back to exactly these bytes.
+_RECORD = struct.Struct("<3s4s2s16scd2s8s")
+RECORD_BYTES = _RECORD.size
+ID_BASE = 1 << 21  # ids from 2**21 to 2**28 - 1 (past protobuf's 2 GiB) are 4-byte varints
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads the tags' bits
+_U64 = (1 << 64) - 1
+
+
+def record_fields(n: int, i: int) -> Tuple[int, str, float, bytes]:
+    """(id, name, value, tag) of record i of the records message of n."""
+    return (ID_BASE + i, "rec%013d" % i, i + 0.5, ((i * _GOLDEN + n) & _U64).to_bytes(8, "little"))
+
+
+class RecordsKind(Kind):
+    name, suffix, unit = "records", "Records", "records"
+    item_bytes, window = RECORD_BYTES, 8
+
+    @property
+    def cls(self) -> Any:
+        return bench_pb2().Records
+
+    def build(self, n: int) -> Any:
+        # Written as wire bytes and parsed: several times faster than add()
+        # per record. The fields are record_fields(), inlined.
+        buf = bytearray(RECORD_BYTES * n)
+        pack, size = _RECORD.pack_into, RECORD_BYTES
+        for i in range(n):
+            v = ID_BASE + i
+            varint = bytes((v & 0x7F | 0x80, v >> 7 & 0x7F | 0x80, v >> 14 & 0x7F | 0x80, v >> 21))
+            tag = ((i * _GOLDEN + n) & _U64).to_bytes(8, "little")
+            pack(buf, size * i, b"\x0a\x2a\x08", varint, b"\x12\x10", b"rec%013d" % i, b"\x19", i + 0.5, b"\x22\x08", tag)
+        return self.cls.FromString(bytes(buf))
+
+    def view(self, message: Any) -> Any:
+        return message.records
+
+    def got(self, view: Any, a: int, b: int) -> Any:
+        return [(r.id, r.name, r.value, r.tag) for r in view[a:b]]
+
+    def expected(self, n: int, a: int, b: int) -> Any:
+        return [record_fields(n, i) for i in range(a, b)]
+
+
+KINDS: Dict[str, Kind] = {kind.name: kind for kind in (BytesKind(), FloatsKind(), RecordsKind())}
+
+
+class Check:
+    """Decides whether a received message is the one of n items of a shape.
+
+    Given `whole` (the expected whole(): the payload, or the serialization),
+    it compares that; otherwise, or with `whole=False`, only the item count
+    and the sample windows.
+    """
+
+    def __init__(self, kind: Kind, n: int, whole: Optional[bytes] = None) -> None:
+        self.kind, self.n = kind, n
+        self._whole = whole
+        self.whole_checks = self.spot_checks = 0  # messages checked so far, each way
+        self._samples = [(a, b, kind.expected(n, a, b)) for a, b in sample_ranges(n, kind.window)]
+
+    @property
+    def compares_whole(self) -> bool:
+        return self._whole is not None
+
+    def problem(self, message: Any, whole: bool = True, view: Any = None) -> Optional[str]:
+        """None if `message` is right, else what is wrong; `whole=False` samples."""
+        view = self.kind.view(message) if view is None else view
+        expected = self._whole if whole else None
+        if expected is not None:
+            self.whole_checks += 1
+        else:
+            self.spot_checks += 1
+        if len(view) != self.n:
+            return f"got {len(view)} {self.kind.unit}, expected {self.n}"
+        if expected is not None:
+            got = self.kind.whole(message, view)
+            if got == expected:
+                return None
+            return _first_difference(got, expected, "the payload" if got is view else "the serialization")
+        for a, b, want in self._samples:
+            if self.kind.got(view, a, b) != want:
+                return f"{self.kind.unit} [{a}, {b}) differ from the payload"
+        return None
+
+
+class Payload:
+    """The message of one shape and size, built, and how to check one received."""
+
+    def __init__(self, message: str, size: int) -> None:
+        self.kind = KINDS[message]
+        self.size = size
+        self.n = self.kind.items_for(size)
+        self.message = self.kind.build(self.n)
+        self.wire_size = self.message.ByteSize()
+        whole = self.kind.whole(self.message, self.kind.view(self.message))
+        self.check = Check(self.kind, self.n, whole if size <= FULL_CHECK_MAX else None)
+        del whole
+        # What was built is what the samples expect (the builders and the
+        # item functions are written separately).
+        problem = self.check.problem(self.message, whole=False)
+        if problem:
+            raise AssertionError(f"the {message} payload of {size} bytes is not what checks expect: {problem}")
+
+
+@functools.lru_cache(maxsize=4)
+def server_check(message: str, n: int) -> Check:
+    """The check for a received message of n items (built on the warm-up
+    call, not in measured ones); whole up to FULL_CHECK_MAX."""
+    kind = KINDS[message]
+    if n * kind.item_bytes > FULL_CHECK_MAX:
+        return Check(kind, n)
+    built = kind.build(n)
+    return Check(kind, n, kind.whole(built, kind.view(built)))
 
 
 # --- Memory -----------------------------------------------------------------
@@ -207,35 +438,57 @@ def shmgrpc_stats() -> dict:
 
 
 class _Bench:
-    """The methods. Only Download keeps state: the payload it streams."""
+    """The methods. Only Download keeps state: the message it streams."""
 
     def __init__(self) -> None:
-        # Download's payload, built on the first request for a size (the
-        # warm-up call) and kept for one size only, so the server's resident
-        # set does not grow with every size benchmarked.
+        # Download's message, built on the first request for a shape and
+        # size (the warm-up call) and kept for one only, so the server's
+        # resident set does not grow with every size benchmarked.
         self._lock = threading.Lock()  # guards _payload
-        self._payload: Tuple[int, bytes] = (0, b"")
+        self._payload: Tuple[Tuple[str, int], Any] = (("", 0), None)
 
-    def echo(self, request: BytesValue, context) -> BytesValue:
+    def echo(self, request: Any, context) -> Any:
         return request
 
-    def download(self, request: BytesValue, context) -> Iterator[BytesValue]:
+    def download(self, message: str, request: BytesValue, context) -> Iterator[Any]:
         size, count = STREAM_REQUEST.unpack(request.value)
-        payload = self._payload_of(size)
+        payload = self._payload_of(message, size)
         for _ in range(count):
-            yield BytesValue(value=payload)
+            yield payload  # serialized anew for each message, as a new one would be
 
-    def upload(self, requests: Iterator[BytesValue], context) -> BytesValue:
-        count = total = 0
+    def upload(self, message: str, requests: Iterator[Any], context) -> BytesValue:
+        """Checks every message: spot checks as they come, then, once the
+        stream has ended, whole comparisons of those up to FULL_CHECK_MAX
+        (kept until then); the time those take is reported, for the client
+        to take off its clock."""
+        kind = KINDS[message]
+        count = items = 0
         problem = None
-        for message in requests:
+        kept = []
+        for request in requests:
             count += 1
-            total += len(message.value)
-            problem = problem or _sampled_check(len(message.value)).problem(message.value, whole=False)
-        summary = {"count": count, "bytes": total, "problem": problem}
+            view = kind.view(request)
+            items += len(view)
+            check = server_check(message, len(view))
+            if check.compares_whole:
+                kept.append((check, request, view))
+            elif problem is None:
+                problem = check.problem(request, whole=False, view=view)
+        start = time.perf_counter_ns()
+        for check, request, view in kept:
+            problem = problem or check.problem(request, view=view)
+        check_ns = time.perf_counter_ns() - start if kept else 0
+        summary = {
+            "count": count,
+            "items": items,
+            "problem": problem,
+            "check_ns": check_ns,
+            "checked_whole": len(kept),
+            "checked_sampled": count - len(kept),
+        }
         return BytesValue(value=json.dumps(summary).encode())
 
-    def echo_stream(self, requests: Iterator[BytesValue], context) -> Iterator[BytesValue]:
+    def echo_stream(self, requests: Iterator[Any], context) -> Iterator[Any]:
         yield from requests
 
     def peak(self, request: BytesValue, context) -> BytesValue:
@@ -246,30 +499,44 @@ class _Bench:
     def stats(self, request: BytesValue, context) -> BytesValue:
         return BytesValue(value=json.dumps(shmgrpc_stats(), default=str).encode())
 
-    def _payload_of(self, size: int) -> bytes:
+    def _payload_of(self, message: str, size: int) -> Any:
         with self._lock:
-            if self._payload[0] != size:
-                self._payload = (0, b"")  # let the old one go before building
-                self._payload = (size, pattern(size))
+            if self._payload[0] != (message, size):
+                self._payload = (("", 0), None)  # let the old one go before building
+                kind = KINDS[message]
+                self._payload = ((message, size), kind.build(kind.items_for(size)))
             return self._payload[1]
 
 
 def _handlers(bench: _Bench) -> grpc.GenericRpcHandler:
-    io = dict(
-        request_deserializer=BytesValue.FromString,
-        response_serializer=BytesValue.SerializeToString,
-    )
-    return grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            "Echo": grpc.unary_unary_rpc_method_handler(bench.echo, **io),
-            "Download": grpc.unary_stream_rpc_method_handler(bench.download, **io),
-            "Upload": grpc.stream_unary_rpc_method_handler(bench.upload, **io),
-            "EchoStream": grpc.stream_stream_rpc_method_handler(bench.echo_stream, **io),
-            "Peak": grpc.unary_unary_rpc_method_handler(bench.peak, **io),
-            "Stats": grpc.unary_unary_rpc_method_handler(bench.stats, **io),
-        },
-    )
+    control = dict(request_deserializer=BytesValue.FromString, response_serializer=BytesValue.SerializeToString)
+    methods = {
+        "Peak": grpc.unary_unary_rpc_method_handler(bench.peak, **control),
+        "Stats": grpc.unary_unary_rpc_method_handler(bench.stats, **control),
+    }
+    for message, kind in KINDS.items():
+        try:
+            cls = kind.cls
+        except ImportError:  # protos/bench_pb2.py not generated: bytes only
+            continue
+        io = dict(request_deserializer=cls.FromString, response_serializer=cls.SerializeToString)
+        methods.update(
+            {
+                f"Echo{kind.suffix}": grpc.unary_unary_rpc_method_handler(bench.echo, **io),
+                f"Download{kind.suffix}": grpc.unary_stream_rpc_method_handler(
+                    functools.partial(bench.download, message),
+                    request_deserializer=BytesValue.FromString,
+                    response_serializer=cls.SerializeToString,
+                ),
+                f"Upload{kind.suffix}": grpc.stream_unary_rpc_method_handler(
+                    functools.partial(bench.upload, message),
+                    request_deserializer=cls.FromString,
+                    response_serializer=BytesValue.SerializeToString,
+                ),
+                f"EchoStream{kind.suffix}": grpc.stream_stream_rpc_method_handler(bench.echo_stream, **io),
+            }
+        )
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
 # --- Process ----------------------------------------------------------------

@@ -20,7 +20,7 @@ import grpc
 from ._core import Stats
 from .config import Config
 
-log = logging.getLogger("shmgrpc")
+log = logging.getLogger(__name__)
 
 DEPRECATED = (
     "shmgrpc.ClientInterceptor no longer offloads anything (it could not do so safely); "

@@ -14,6 +14,7 @@ bytes through untouched both ways.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, List, Optional
 
 from . import wire
@@ -117,28 +118,44 @@ class CallCodec:
 
 
 class Tickets:
-    """The offloaded messages of one client call, freed when it ends: by then
-    the server has read them or never will (a resent request is read within
-    the call). Thread-safe enough for its use: appends from gRPC's request
-    thread, one release when the call is done; a ticket added after that is
-    freed at once."""
+    """The tickets of one call's offloaded messages (shm/memfd slots, cma
+    pins: Engine.offload's `keep`), to free when the call ends without their
+    reader:
 
-    __slots__ = ("_engine", "_tickets", "_open")
+    - a client frees its requests when its call ends (release()): the server
+      has read them by then, or never will (a resent request is read within
+      the call);
+    - a server frees its responses only when the call was cancelled (client
+      cancel, deadline, server stop): their reader never will read them. A
+      call that ended normally leaves them to the client's ack (its responses
+      may still be in flight): end(release=False).
+
+    `add` after the end frees at once. Tickets carry their generation: one
+    whose slot or pin was reused for another message since is ignored by
+    Engine.release."""
+
+    __slots__ = ("_engine", "_lock", "_tickets", "_open")
 
     def __init__(self, engine: Engine):
         self._engine = engine
+        self._lock = threading.Lock()  # protects _tickets and _open
         self._tickets: List[Any] = []
         self._open = True
 
     def add(self, ticket) -> None:
-        if self._open:
-            self._tickets.append(ticket)
+        with self._lock:
             if self._open:
+                self._tickets.append(ticket)
                 return
         self._engine.release(ticket)
 
+    def end(self, release: bool = True) -> None:
+        with self._lock:
+            self._open = False
+            tickets, self._tickets = self._tickets, []
+        if release:
+            for ticket in tickets:
+                self._engine.release(ticket)
+
     def release(self, _call=None) -> None:
-        self._open = False
-        tickets, self._tickets = self._tickets, []
-        for ticket in tickets:
-            self._engine.release(ticket)
+        self.end(True)

@@ -26,9 +26,11 @@ import grpc
 
 from . import _malloc, cma, pins, pool, session, side, wire
 from .config import Config
+from ._log import RateLimit, repeats
+from ._types import StatsSnapshot
 from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError
 
-log = logging.getLogger("shmgrpc")
+log = logging.getLogger(__name__)
 
 # The order `auto` tries transports in. memfd and shm are the same slots in
 # the same kind of warm mapping (measured alike, README "Transports"); memfd
@@ -39,6 +41,8 @@ AUTO_ORDER = ("memfd", "shm", "cma")
 TRANSPORTS = ("memfd", "shm", "cma")
 
 HANDSHAKE_RETRY_SECONDS = 5.0  # after a transient failure, at most one handshake per interval
+# DEBUG lines about fallbacks: at most one per engine, cause and minute.
+_FALLBACK_LOG = RateLimit(60.0)
 _TRANSIENT = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -104,7 +108,7 @@ PROCESS_STATS = Stats()
 _ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
-def stats() -> Dict[str, Any]:
+def stats() -> StatsSnapshot:
     """Process-wide counters, plus the pools of live engines."""
     snap = PROCESS_STATS.snapshot()
     total = {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
@@ -114,10 +118,16 @@ def stats() -> Dict[str, Any]:
         for key, value in node.pool_stats().items():
             total[key] += value
     snap["pool"] = total
-    return snap
+    return snap  # type: ignore[return-value]  # the StatsSnapshot shape (see _types.py)
 
 
 # --- routes -------------------------------------------------------------------
+
+
+def _rungs(accepts: str) -> str:
+    """Hello / welcome 'accepts' letters in words: 'smc' -> 'shm, memfd, cma'."""
+    names = {"m": "memfd", "s": "shm", "c": "cma"}
+    return ", ".join(names[c] for c in "msc" if c in accepts) or "nothing"
 
 
 @dataclass
@@ -596,6 +606,8 @@ class Engine:
                 )
             )
             state = self._hello = ((wire.HELLO_KEY, text), route)
+            log.debug("shmgrpc: %s: hello: we read %s%s", self.name, _rungs(accepts),
+                      f"; naming server pid {peer.pid}" if peer is not None else "; first contact")
         return state
 
     def client_needs_handshake(self) -> bool:
@@ -612,6 +624,7 @@ class Engine:
 
     def client_handshake_done(self, code: grpc.StatusCode, trailing_metadata) -> None:
         """Take the result of the handshake call."""
+        log.debug("shmgrpc: %s: handshake answered %s", self.name, code.name)
         if code == grpc.StatusCode.OK:
             self.client_welcome(trailing_metadata)
             if self._route is None:  # a shmgrpc server that cannot open our segments
@@ -716,7 +729,7 @@ class Engine:
             peer = session.side_peer(w.inst, w.ticket, conn.pid)
         # The server read our id segment (proof), so it reads our shm slots.
         proved = peer.named and session.proved(node.identity.secret, session.LABEL_WELCOME, w.inst, w.proof)
-        return Route(
+        route = Route(
             peer=peer,
             send_shm=proved and "s" in w.accepts and "shm" in self._order,
             send_cma=proved and "c" in w.accepts and w.cma_key is not None and "cma" in self._order,
@@ -724,6 +737,11 @@ class Engine:
             peer_key=w.cma_key,
             max_receive=w.max_receive,
         )
+        log.debug("shmgrpc: %s: welcome from server pid %d: it reads %s; id segment proof %s, side connection %s; "
+                  "we send via %s", self.name, peer.pid, _rungs(w.accepts), "ok" if proved else "none",
+                  "up" if conn is not None else "none",
+                  ", ".join(t for t in self._order if route.sends(t)) or "nothing (inline)")
+        return route
 
     def _not_colocated(self, err: Exception) -> None:
         self.stats.add("fallback", "peer_not_colocated")
@@ -854,6 +872,8 @@ class Engine:
                     ticket=side_.issue_ticket(h.inst) if side_ is not None else None,
                 )
             )
+        log.debug("shmgrpc: server: hello from client pid %d: it reads %s; %s", peer.pid, _rungs(h.accepts),
+                  "proved" if proved else "welcome sent" if welcome else "not proved, no welcome")
         return Route(
             peer=peer,
             send_shm=proved and peer.named and "s" in h.accepts and "shm" in self._order,
@@ -878,6 +898,7 @@ class Engine:
             self.stats.add("inline", "all", 1, n)
             return None
         reason = "peer_cannot_read"
+        missed: Optional[List[str]] = None  # rungs that failed, for the DEBUG line
         if n > self.config.max_message:
             reason = "too_large"
         elif not within(n, self.max_send) or not within(n, route.max_receive):
@@ -907,10 +928,29 @@ class Engine:
                 if handle is not None:
                     if keep is not None:
                         keep(ticket)
+                    if missed is not None:
+                        self._log_offload(n, transport, missed)
                     return handle
+                if log.isEnabledFor(logging.DEBUG):
+                    missed = [*(missed or ()), f"{transport}: {reason}"]
         self.stats.add("fallback", reason)
         self.stats.add("inline", "all", 1, n)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_offload(n, "inline", missed, reason)
         return None
+
+    def _log_offload(self, n: int, via: str, missed: Optional[List[str]], reason: str = "") -> None:
+        """DEBUG, rate-limited: a message that did not take the first rung."""
+        tried = "; ".join(missed or ())
+        suppressed = _FALLBACK_LOG.allow((id(self), via, reason, tried))
+        if suppressed is None:
+            return
+        if via == "inline":
+            log.debug("shmgrpc: %s: a %d-byte message went inline (fallback %s%s)%s", self.name, n, reason,
+                      f"; tried {tried}" if tried else "", repeats(suppressed))
+        else:
+            log.debug("shmgrpc: %s: a %d-byte message went via %s (%s)%s", self.name, n, via, tried,
+                      repeats(suppressed))
 
     def _note_limit(self, n: int, route: Route) -> None:
         if self._limit_noted:
@@ -1072,12 +1112,12 @@ class EngineOwner:
         """The rungs in effect now, in order (see Engine.transports)."""
         return self._engine.transports
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> StatsSnapshot:
         """This object's counters and its process's pool (shmgrpc.stats()
         sums every engine's counters)."""
         snap = self._engine.stats.snapshot()
         snap["pool"] = self._engine.pool_stats()
-        return snap
+        return snap  # type: ignore[return-value]  # the StatsSnapshot shape (see _types.py)
 
     def close(self) -> None:
         """Let go of shared memory; later calls go plain. The last user of

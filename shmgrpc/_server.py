@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 import grpc
 
 from . import wire
-from ._codec import CallCodec, Failed
+from ._codec import CallCodec, Failed, Tickets
 from ._core import Engine, EngineOwner, Route
 from .config import Config
 from .errors import ShmGrpcError, StaleSessionError
@@ -80,7 +80,22 @@ def _checking(requests: Iterator, context) -> Iterator:
         yield _checked(request, context)
 
 
-def _wrap_behavior(handler, welcome) -> Callable:
+def _statused(context) -> bool:
+    """Did the call end with a status from this side? (grpc/_server.py's
+    _RPCState.statused: False when the client cancelled or the deadline
+    passed.) Unknown: assume it did, and let the lease free what it holds."""
+    return getattr(getattr(context, "_state", None), "statused", True)
+
+
+def _context(context, welcome, sent: Optional[Tickets]):
+    """Our context for the handler; with `sent`, the unread responses of a
+    call that ends cancelled are freed then (as the aio server does)."""
+    if sent is not None:
+        context.add_callback(lambda: sent.end(release=not _statused(context)))
+    return _Context(context, welcome)
+
+
+def _wrap_behavior(handler, welcome, sent: Optional[Tickets] = None) -> Callable:
     """The handler's behavior, with our context and failed restores ended
     with their own status. The context comes first: its welcome must reach
     the trailers of a call that fails too (a client that reconnected to
@@ -90,7 +105,7 @@ def _wrap_behavior(handler, welcome) -> Callable:
         behavior = handler.stream_stream
 
         def stream_stream(requests, context):
-            ctx = _Context(context, welcome)
+            ctx = _context(context, welcome, sent)
             return behavior(_checking(requests, ctx), ctx)
 
         return stream_stream
@@ -98,7 +113,7 @@ def _wrap_behavior(handler, welcome) -> Callable:
         behavior = handler.stream_unary
 
         def stream_unary(requests, context):
-            ctx = _Context(context, welcome)
+            ctx = _context(context, welcome, sent)
             return behavior(_checking(requests, ctx), ctx)
 
         return stream_unary
@@ -106,14 +121,14 @@ def _wrap_behavior(handler, welcome) -> Callable:
         behavior = handler.unary_stream
 
         def unary_stream(request, context):
-            ctx = _Context(context, welcome)
+            ctx = _context(context, welcome, sent)
             return behavior(_checked(request, ctx), ctx)
 
         return unary_stream
     behavior = handler.unary_unary
 
     def unary_unary(request, context):
-        ctx = _Context(context, welcome)
+        ctx = _context(context, welcome, sent)
         return behavior(_checked(request, ctx), ctx)
 
     return unary_unary
@@ -181,7 +196,9 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
             return handler
         route = self._engine.server_route(metadata)
         welcome = route.welcome if route is not None else None
-        return rebuild_handler(handler, call_codec(self._engine, route), _wrap_behavior(handler, welcome))
+        sent = Tickets(self._engine) if route is not None and route.offloads else None
+        codec = call_codec(self._engine, route, keep=sent.add if sent is not None else None)
+        return rebuild_handler(handler, codec, _wrap_behavior(handler, welcome, sent))
 
 
 def server(thread_pool=None, handlers=None, interceptors=None, options=None, maximum_concurrent_rpcs=None,

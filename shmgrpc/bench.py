@@ -14,18 +14,68 @@ Messages below shmgrpc's threshold (128 KiB unless SHMGRPC_THRESHOLD says
 otherwise) travel inline in every mode, so at 4 KiB the shmgrpc rows
 measure what merely having shmgrpc on the channel costs.
 
-Each *shape* is an RPC pattern: unary (echo: the payload goes and comes
-back), server_stream (download), client_stream (upload) and bidi (echo
-stream). Streams carry `count` messages; their times are per message.
+Each *message* shape (--messages) is what a message holds, sized so that its
+serialization is about the target size:
 
-Method: for each size and shape, one warm-up call per mode (connections,
-handshakes and pool growth are not measured), then `--repeat` rounds, each
-running every mode once with the mode order rotated round by round; the
-statistic is the median. Every reply is checked. Beside each size, the
-in-process *floor*: protobuf serialize, one copy into a pre-faulted shared
-mapping, parse from it; that is what a shared-memory transport cannot avoid.
-It takes a turn in every round too. After each size's rounds, one more echo
-per mode measures both processes' peak memory.
+    bytes    one bytes field (google.protobuf.BytesValue)
+    floats   one packed `repeated float` (protos/bench.proto): size / 4 floats
+    records  repeated {int64 id, string name (16 chars), double value,
+             bytes tag (8)} (protos/bench.proto): size / 44 records, where
+             protobuf's own per-field parse and serialize work dominates
+
+Each RPC *shape* (--shapes) is a call pattern: unary (echo: the payload goes
+and comes back), server_stream (download), client_stream (upload), pingpong
+(a bidi stream where the client sends one message and waits for it to come
+back before sending the next) and bidi (a bidi echo stream the client feeds
+as fast as gRPC takes it, so messages overlap; not run by default). A stream
+sends one prebuilt message `count` times (each serialized anew): about
+--stream-bytes a stream, between 2 and 64 messages. Stream times are per
+message.
+
+Each *malloc* phase (--malloc) runs everything, both processes and every
+mode, plain gRPC included, with glibc's default malloc or with
+SHMGRPC_MALLOC=keep (freed memory kept warm; see shmgrpc.tune_malloc). Since
+the keep settings must be made before any thread starts, each phase is a
+process of its own: with two phases this process runs `python -m
+shmgrpc.bench ... --malloc PHASE --out OUT/PHASE` once per phase, then
+prints a combined table whose speedups are against plain gRPC over unix
+with the default malloc (what an application has today) and, in brackets,
+against plain gRPC over unix with the same malloc.
+
+Method: for each message, size and shape, one warm-up call per mode
+(connections, handshakes and pool growth are not measured), then `--repeat`
+rounds, each running every mode once with the mode order rotated round by
+round; the statistic is the median. Beside each size, the in-process
+*floor*: protobuf serialize, one copy into a pre-faulted shared mapping,
+parse from it; that is what a shared-memory transport cannot avoid. It
+takes a turn in every round too. After each size's rounds, one more unary
+echo per mode measures both processes' peak memory.
+
+Every message that comes back, or that the server receives in an upload, is
+checked: up to 16 MiB compared whole (the bytes, or the serialization),
+above that its item count and ten windows of items, which is enough to
+catch a wrong, shifted, stale or truncated message. Checks stay off the
+clock where that is exact: between unary calls and ping-pong turns (each
+call or turn is timed alone), after a stream has ended (the messages are
+kept until then), and in an upload the server reports the time its final
+comparisons took. The spot checks of >16 MiB stream messages run as they
+arrive, on the clock: they cost microseconds, except that reading a bytes
+field copies it, as an application reading it would.
+
+The default plan, sized so that `make bench` (both malloc phases) takes
+about 12-15 minutes on a 2-core VM (the keep phase is the shorter one):
+
+    message   unary                       streams (the other shapes)
+    bytes     4 KiB 64 KiB 1 MiB 16 MiB   64 KiB 1 MiB 16 MiB 64 MiB
+              64 MiB 256 MiB
+    floats    4 KiB 1 MiB 16 MiB 64 MiB   16 MiB
+    records   4 KiB 1 MiB 16 MiB 64 MiB   1 MiB
+
+256 MiB (seconds per call with plain gRPC) is run for unary bytes only:
+the other shapes and messages show nothing there that 64 MiB does not.
+floats and records run their streams at one size each, where their costs
+are already far above the per-call ones. --sizes replaces every ladder;
+--quick is a smoke test (4 KiB, 1 MiB, 16 MiB, unary, default malloc).
 """
 
 from __future__ import annotations
@@ -35,6 +85,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import mmap
 import os
 import platform
@@ -45,8 +96,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 from google.protobuf import __version__ as protobuf_version
@@ -61,17 +114,26 @@ from .errors import ConfigError
 
 KiB, MiB = srv.KiB, srv.MiB
 
-SHAPES = ("unary", "server_stream", "client_stream", "bidi")
-DEFAULT_SHAPES = ("unary", "server_stream", "client_stream")
-PAYLOAD_UP = ("unary", "client_stream", "bidi")  # shapes whose requests carry the payload
-PAYLOAD_DOWN = ("unary", "server_stream", "bidi")  # shapes whose replies do
-DEFAULT_SIZES = "4KiB,64KiB,1MiB,16MiB,64MiB,256MiB"
-QUICK_SIZES = "4KiB,1MiB,64MiB"
+MESSAGES = srv.MESSAGES
+SHAPES = ("unary", "server_stream", "client_stream", "pingpong", "bidi")
+DEFAULT_SHAPES = ("unary", "server_stream", "client_stream", "pingpong")
+PAYLOAD_UP = ("unary", "client_stream", "pingpong", "bidi")  # shapes whose requests carry the payload
+PAYLOAD_DOWN = ("unary", "server_stream", "pingpong", "bidi")  # shapes whose replies do
+STREAMS = tuple(shape for shape in SHAPES if shape != "unary")
+# Sizes per message: (unary, streams); see the module text.
+LADDERS = {
+    "bytes": ("4KiB,64KiB,1MiB,16MiB,64MiB,256MiB", "64KiB,1MiB,16MiB,64MiB"),
+    "floats": ("4KiB,1MiB,16MiB,64MiB", "16MiB"),
+    "records": ("4KiB,1MiB,16MiB,64MiB", "1MiB"),
+}
+QUICK_SIZES = "4KiB,1MiB,16MiB"
 QUICK_SHAPES = ("unary",)
 PLAIN_MODES = ("grpc-tcp", "grpc-unix")
 SHMGRPC_MODES = ("memfd", "shm", "cma")  # each is also the transport it forces
 MODES = PLAIN_MODES + SHMGRPC_MODES
 BASELINE = "grpc-unix"  # what shmgrpc replaces: the same socket, plain gRPC
+MALLOCS = ("default", "keep")
+BASE_MALLOC = "default"  # what an application has unless it opts in
 
 # Fewer rounds make the median a coin toss on a busy machine.
 DEFAULT_REPEAT = 5
@@ -79,10 +141,9 @@ DEFAULT_REPEAT = 5
 # that it sees the same moments of a busy machine.
 FLOOR = "floor"
 
-# A stream carries about this many bytes, so that each stream of big messages
-# costs about one 256 MiB echo and the full run stays within ~15 minutes on
-# 2 cores; within these bounds on the message count.
-DEFAULT_STREAM_BYTES = 256 * MiB
+# A stream carries about this many bytes: at 64 MiB a stream is two
+# messages, at 1 MiB and below STREAM_MAX_COUNT.
+DEFAULT_STREAM_BYTES = 64 * MiB
 STREAM_MIN_COUNT = 2  # one message would be a unary call in disguise
 STREAM_MAX_COUNT = 64  # enough for per-message costs to dominate at 4 KiB
 
@@ -126,12 +187,23 @@ def _choices(allowed: Sequence[str], option: str) -> Callable[[str], List[str]]:
     return parse
 
 
+def _ladders_help() -> str:
+    return "; ".join(f"{message}: unary {unary}, streams {streams}" for message, (unary, streams) in LADDERS.items())
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m shmgrpc.bench",
         description="Benchmark shmgrpc against plain gRPC on this host.",
     )
-    parser.add_argument("--sizes", type=_sizes, help=f"message sizes (default {DEFAULT_SIZES})")
+    parser.add_argument(
+        "--messages",
+        type=_choices(MESSAGES, "--messages"),
+        help=f"message shapes among {', '.join(MESSAGES)} (default: all)",
+    )
+    parser.add_argument(
+        "--sizes", type=_sizes, help=f"message sizes for every message and shape (default: {_ladders_help()})"
+    )
     parser.add_argument(
         "--shapes",
         type=_choices(SHAPES, "--shapes"),
@@ -150,10 +222,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--stream-bytes",
         type=_size,
         default=DEFAULT_STREAM_BYTES,
-        help="about how many bytes one stream carries (default 256MiB)",
+        help=f"about how many bytes one stream carries (default {DEFAULT_STREAM_BYTES // MiB}MiB)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help=f"sizes {QUICK_SIZES}, unary only (explicit options win)"
+        "--quick",
+        action="store_true",
+        help=f"sizes {QUICK_SIZES}, unary only, default malloc only (explicit options win)",
     )
     parser.add_argument(
         "--hugepages",
@@ -163,20 +237,40 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--malloc",
-        choices=("default", "keep"),
-        default="default",
-        help="keep: run both processes, every mode (plain gRPC too), with SHMGRPC_MALLOC=keep "
-        "(glibc keeps freed memory warm; see shmgrpc.tune_malloc)",
+        type=_choices(MALLOCS, "--malloc"),
+        help="malloc phases among default, keep (default: both, each in a process of its own). keep: both "
+        "processes, every mode (plain gRPC too), with SHMGRPC_MALLOC=keep (glibc keeps freed memory "
+        "warm; see shmgrpc.tune_malloc)",
     )
-    parser.add_argument("--out", help="directory for results.json and throughput.png")
+    parser.add_argument(
+        "--out",
+        help="directory for results.json, report.txt and throughput.png "
+        "(with two malloc phases: each phase's in OUT/PHASE, the combined ones in OUT)",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    if args.sizes is None:
-        args.sizes = _sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    if args.messages is None:
+        args.messages = list(MESSAGES)
     if args.shapes is None:
         args.shapes = list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
+    if args.malloc is None:
+        args.malloc = [BASE_MALLOC] if args.quick else list(MALLOCS)
+    if args.sizes is None and args.quick:
+        args.sizes = _sizes(QUICK_SIZES)
+    args.plan = make_plan(args.messages, args.shapes, args.sizes)
     return args
+
+
+def make_plan(
+    messages: Sequence[str], shapes: Sequence[str], sizes: Optional[List[int]]
+) -> Dict[str, Dict[str, List[int]]]:
+    """Sizes per message and shape: `sizes` everywhere, or the LADDERS."""
+    plan = {}
+    for message in messages:
+        unary, streams = (_sizes(ladder) for ladder in LADDERS[message])
+        plan[message] = {shape: list(sizes or (unary if shape == "unary" else streams)) for shape in shapes}
+    return plan
 
 
 # --- Output helpers ---------------------------------------------------------
@@ -193,16 +287,31 @@ def human_size(size: int) -> str:
     return f"{size} B"
 
 
-def ms(ns: Optional[float]) -> str:
+def short_size(size: int) -> str:
+    """'4K', '256M': for plot ticks."""
+    for unit, scale in (("G", 1024 * MiB), ("M", MiB), ("K", KiB)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+def fmt_ms(value: Optional[float]) -> str:
     """Milliseconds with three significant digits, '-' for no value."""
-    if ns is None:
+    if value is None:
         return "-"
-    value = ns / 1e6
     return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+
+
+def ms(ns: Optional[float]) -> str:
+    return fmt_ms(None if ns is None else ns / 1e6)
 
 
 def ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
+
+
+def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or not b else a / b
 
 
 # --- The server process -----------------------------------------------------
@@ -215,17 +324,24 @@ class Server:
     unix_path: str
 
 
-def start_server(unix_path: str) -> Server:
-    """Start the bench server and wait for its ready line."""
-    # The server imports this very shmgrpc, installed or not (a checkout).
+def _package_env() -> Dict[str, str]:
+    """The environment, with this very shmgrpc importable (installed or not:
+    a checkout) in the processes the bench starts."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
+
+
+def start_server(unix_path: str) -> Server:
+    """Start the bench server and wait for its ready line."""
     module = srv.__name__
     command = [sys.executable, "-m", module, "--unix", unix_path, "--parent", str(os.getpid())]
     # Its own session: Ctrl-C reaches only the bench, which then stops the
     # server itself (stop_server), in order.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, env=env, start_new_session=True, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, env=_package_env(), start_new_session=True, text=True
+    )
     try:
         ready = _read_ready_line(process)
     except BaseException:
@@ -262,28 +378,49 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 @dataclasses.dataclass
-class Stubs:
-    """The bench methods as callables on one channel."""
+class Methods:
+    """One message shape's bench methods as callables on one channel."""
 
     echo: Callable
     download: Callable
     upload: Callable
     echo_stream: Callable
+
+    @classmethod
+    def on(cls, channel: grpc.Channel, message: str) -> "Methods":
+        kind = srv.KINDS[message].cls
+        payload = dict(request_serializer=kind.SerializeToString, response_deserializer=kind.FromString)
+        return cls(
+            echo=channel.unary_unary(srv.method("Echo", message), **payload),
+            download=channel.unary_stream(
+                srv.method("Download", message),
+                request_serializer=BytesValue.SerializeToString,
+                response_deserializer=kind.FromString,
+            ),
+            upload=channel.stream_unary(
+                srv.method("Upload", message),
+                request_serializer=kind.SerializeToString,
+                response_deserializer=BytesValue.FromString,
+            ),
+            echo_stream=channel.stream_stream(srv.method("EchoStream", message), **payload),
+        )
+
+
+@dataclasses.dataclass
+class Stubs:
+    """The bench methods of every message shape, and the control calls."""
+
+    methods: Dict[str, Methods]  # by message shape
     peak: Callable
     stats: Callable
 
     @classmethod
-    def on(cls, channel: grpc.Channel) -> "Stubs":
-        io = dict(
-            request_serializer=BytesValue.SerializeToString, response_deserializer=BytesValue.FromString
-        )
+    def on(cls, channel: grpc.Channel, messages: Sequence[str]) -> "Stubs":
+        control = dict(request_serializer=BytesValue.SerializeToString, response_deserializer=BytesValue.FromString)
         return cls(
-            echo=channel.unary_unary(srv.ECHO, **io),
-            download=channel.unary_stream(srv.DOWNLOAD, **io),
-            upload=channel.stream_unary(srv.UPLOAD, **io),
-            echo_stream=channel.stream_stream(srv.ECHO_STREAM, **io),
-            peak=channel.unary_unary(srv.PEAK, **io),
-            stats=channel.unary_unary(srv.STATS, **io),
+            methods={message: Methods.on(channel, message) for message in messages},
+            peak=channel.unary_unary(srv.PEAK, **control),
+            stats=channel.unary_unary(srv.STATS, **control),
         )
 
 
@@ -317,7 +454,7 @@ class Clients:
         return {mode: shmgrpc.channel_status(channel) for mode, channel in self.shmgrpc.items()}
 
 
-def open_modes(names: Sequence[str], server: Server, clients: Clients) -> None:
+def open_modes(names: Sequence[str], messages: Sequence[str], server: Server, clients: Clients) -> None:
     """Open a channel per mode into `clients`."""
     for name in names:
         target = f"127.0.0.1:{server.tcp_port}" if name == "grpc-tcp" else f"unix:{server.unix_path}"
@@ -328,7 +465,7 @@ def open_modes(names: Sequence[str], server: Server, clients: Clients) -> None:
             channel = shmgrpc.intercept_channel(channel, Config.from_env(transport=name), options=CHANNEL_OPTIONS)
             clients.shmgrpc[name] = channel
         clients.channels.append(channel)
-        clients.stubs[name] = Stubs.on(channel)
+        clients.stubs[name] = Stubs.on(channel, messages)
 
 
 # --- One measured call per shape --------------------------------------------
@@ -336,13 +473,23 @@ def open_modes(names: Sequence[str], server: Server, clients: Clients) -> None:
 
 @dataclasses.dataclass
 class Job:
-    """What one cell sends: `count` messages of `size` bytes."""
+    """What one cell sends: `count` messages of one shape and `size` bytes."""
 
+    message: str
     shape: str
     size: int
     count: int
-    payload: bytes
-    check: srv.PayloadCheck
+    payload: srv.Payload
+
+    @property
+    def check(self) -> srv.Check:
+        return self.payload.check
+
+
+# What a runner returns: the time (ns), a problem or None, and how many
+# messages the server checked (whole, spot-checked) for it.
+Outcome = Tuple[Optional[int], Optional[str], Tuple[int, int]]
+NOTHING_REMOTE = (0, 0)
 
 
 def directions(shape: str) -> int:
@@ -356,32 +503,32 @@ def stream_count(shape: str, size: int, stream_bytes: int) -> int:
     return max(STREAM_MIN_COUNT, min(STREAM_MAX_COUNT, stream_bytes // size))
 
 
-def _messages(job: Job) -> Iterator[BytesValue]:
+def _messages(job: Job) -> Iterator[Any]:
     for _ in range(job.count):
-        yield BytesValue(value=job.payload)
+        yield job.payload.message
 
 
-def _drain(replies: Iterator[BytesValue], job: Job) -> Tuple[int, List[bytes], Optional[str]]:
-    """Consume a reply stream: (count, payloads kept for a whole check, problem).
+def _drain(replies: Iterator[Any], job: Job) -> Tuple[int, List[Any], Optional[str]]:
+    """Consume a reply stream: (count, replies kept for a whole check, problem).
 
-    Payloads that will be compared whole are kept and compared after the
-    clock stops; bigger ones get the sampled check (microseconds) here.
+    Replies that will be compared whole are kept and compared after the
+    clock stops; bigger ones get the spot check (microseconds) here.
     """
     count, kept, problem = 0, [], None
     for reply in replies:
         count += 1
         if job.check.compares_whole:
-            kept.append(reply.value)
+            kept.append(reply)
         elif problem is None:
-            problem = job.check.problem(reply.value, whole=False)
+            problem = job.check.problem(reply, whole=False)
     return count, kept, problem
 
 
-def _stream_problem(job: Job, count: int, kept: List[bytes], problem: Optional[str]) -> Optional[str]:
+def _stream_problem(job: Job, count: int, kept: List[Any], problem: Optional[str]) -> Optional[str]:
     if count != job.count:
         return f"got {count} messages, expected {job.count}"
-    for value in kept:
-        problem = problem or job.check.problem(value)
+    for reply in kept:
+        problem = problem or job.check.problem(reply)
     return problem
 
 
@@ -391,46 +538,90 @@ BATCH_BYTES = 16 * MiB
 MAX_BATCH = 200
 
 
-def run_unary(stubs: Stubs, job: Job) -> Tuple[int, Optional[str]]:
-    """Time of one echo: the mean over a batch for small payloads."""
+def run_unary(methods: Methods, job: Job) -> Outcome:
+    """Time of one echo: the mean over a batch for small payloads. Each call
+    is timed alone and its reply checked between calls, off the clock."""
     calls = max(1, min(MAX_BATCH, BATCH_BYTES // max(1, job.size)))
-    request = BytesValue(value=job.payload)
-    start = time.perf_counter_ns()
+    request = job.payload.message
+    elapsed, problem = 0, None
     for _ in range(calls):
-        reply = stubs.echo(request, timeout=CALL_TIMEOUT)
-    elapsed = time.perf_counter_ns() - start
-    return elapsed // calls, job.check.problem(reply.value)
+        start = time.perf_counter_ns()
+        reply = methods.echo(request, timeout=CALL_TIMEOUT)
+        elapsed += time.perf_counter_ns() - start
+        problem = problem or job.check.problem(reply)
+        del reply  # every call starts from the same memory
+    return elapsed // calls, problem, NOTHING_REMOTE
 
 
-def run_server_stream(stubs: Stubs, job: Job) -> Tuple[int, Optional[str]]:
+def run_server_stream(methods: Methods, job: Job) -> Outcome:
     request = BytesValue(value=srv.STREAM_REQUEST.pack(job.size, job.count))
     start = time.perf_counter_ns()
-    drained = _drain(stubs.download(request, timeout=CALL_TIMEOUT), job)
+    drained = _drain(methods.download(request, timeout=CALL_TIMEOUT), job)
     elapsed = time.perf_counter_ns() - start
-    return elapsed, _stream_problem(job, *drained)
+    return elapsed, _stream_problem(job, *drained), NOTHING_REMOTE
 
 
-def run_client_stream(stubs: Stubs, job: Job) -> Tuple[int, Optional[str]]:
+def run_client_stream(methods: Methods, job: Job) -> Outcome:
     start = time.perf_counter_ns()
-    reply = stubs.upload(_messages(job), timeout=CALL_TIMEOUT)
+    reply = methods.upload(_messages(job), timeout=CALL_TIMEOUT)
     elapsed = time.perf_counter_ns() - start
     summary = json.loads(reply.value)
-    if summary["count"] != job.count or summary["bytes"] != job.count * job.size:
-        return elapsed, f"server got {summary['count']} messages, {summary['bytes']} bytes"
-    return elapsed, summary["problem"] and f"server: {summary['problem']}"
+    # The server's whole comparisons ran after the last message, before it
+    # replied: off the clock.
+    elapsed -= summary["check_ns"]
+    remote = (summary["checked_whole"], summary["checked_sampled"])
+    items = job.count * job.payload.n
+    if summary["count"] != job.count or summary["items"] != items:
+        problem = f"server got {summary['count']} messages, {summary['items']} items; expected {job.count}, {items}"
+        return elapsed, problem, remote
+    return elapsed, summary["problem"] and f"server: {summary['problem']}", remote
 
 
-def run_bidi(stubs: Stubs, job: Job) -> Tuple[int, Optional[str]]:
+def run_bidi(methods: Methods, job: Job) -> Outcome:
     start = time.perf_counter_ns()
-    drained = _drain(stubs.echo_stream(_messages(job), timeout=CALL_TIMEOUT), job)
+    drained = _drain(methods.echo_stream(_messages(job), timeout=CALL_TIMEOUT), job)
     elapsed = time.perf_counter_ns() - start
-    return elapsed, _stream_problem(job, *drained)
+    return elapsed, _stream_problem(job, *drained), NOTHING_REMOTE
+
+
+def run_pingpong(methods: Methods, job: Job) -> Outcome:
+    """One bidi stream, one message in flight: the next request is sent only
+    once the previous reply is in. Each reply is checked while nothing is
+    in flight, off the clock."""
+    turn = threading.Semaphore(0)  # released once per reply
+    ended = threading.Event()
+
+    def requests() -> Iterator[Any]:
+        # gRPC's request thread pulls these; it waits here for each reply.
+        for _ in range(job.count):
+            yield job.payload.message
+            if not turn.acquire(timeout=CALL_TIMEOUT) or ended.is_set():
+                return
+
+    count, elapsed, problem = 0, 0, None
+    start = time.perf_counter_ns()
+    try:
+        for reply in methods.echo_stream(requests(), timeout=CALL_TIMEOUT):
+            elapsed += time.perf_counter_ns() - start
+            count += 1
+            problem = problem or job.check.problem(reply)
+            del reply
+            start = time.perf_counter_ns()
+            turn.release()
+        elapsed += time.perf_counter_ns() - start  # the end of the stream
+    finally:
+        ended.set()
+        turn.release()
+    if count != job.count:
+        problem = f"got {count} messages, expected {job.count}"
+    return elapsed, problem, NOTHING_REMOTE
 
 
 RUNNERS = {
     "unary": run_unary,
     "server_stream": run_server_stream,
     "client_stream": run_client_stream,
+    "pingpong": run_pingpong,
     "bidi": run_bidi,
 }
 
@@ -508,23 +699,25 @@ def offload_shortfall(job: Job, mode: str, client_delta: dict) -> Optional[str]:
 # --- The in-process floor ---------------------------------------------------
 
 
-def floor_one_way(payload: bytes, buf: mmap.mmap) -> int:
+def floor_one_way(payload: srv.Payload, buf: mmap.mmap) -> int:
     """Serialize, copy into a shared mapping, parse from it: the ns taken."""
     start = time.perf_counter_ns()
-    wire = BytesValue(value=payload).SerializeToString()
+    wire = payload.message.SerializeToString()
     buf[: len(wire)] = wire
     with memoryview(buf)[: len(wire)] as view:
-        message = BytesValue.FromString(view)
+        message = payload.kind.cls.FromString(view)
     elapsed = time.perf_counter_ns() - start
-    if message.value != payload:
-        raise AssertionError("the floor's round trip changed the payload")
+    del wire
+    problem = payload.check.problem(message, whole=False)
+    if problem:
+        raise AssertionError(f"the floor's round trip changed the payload: {problem}")
     return elapsed
 
 
 @contextlib.contextmanager
-def floor_buffer(payload: bytes) -> Iterator[mmap.mmap]:
+def floor_buffer(payload: srv.Payload) -> Iterator[mmap.mmap]:
     """A mapping for floor_one_way, warmed up."""
-    length = len(BytesValue(value=payload).SerializeToString())
+    length = payload.wire_size
     # A shared anonymous mapping is shmem, as a /dev/shm segment is; writing
     # every page first keeps page faults out of the measurement, as a warm
     # pool would.
@@ -538,12 +731,12 @@ def floor_buffer(payload: bytes) -> Iterator[mmap.mmap]:
 # --- Peak memory ------------------------------------------------------------
 
 
-def measure_peak(stubs: Stubs, control: Stubs, job: Job) -> dict:
+def measure_peak(methods: Methods, control: Stubs, job: Job) -> dict:
     """Peak memory of both processes over one unary echo, after resets."""
     client_reset = srv.reset_peak()
     client_base = srv.memory_status()
     server_base = json.loads(control.peak(BytesValue(), timeout=CALL_TIMEOUT).value)  # also resets
-    run_unary(stubs, job)
+    run_unary(methods, job)
     server = json.loads(control.peak(BytesValue(), timeout=CALL_TIMEOUT).value)
     client = srv.memory_status()
     return {
@@ -571,10 +764,12 @@ def _peak_summary(status: dict, base_rss: int, was_reset: bool, size: int) -> di
 
 @dataclasses.dataclass
 class Cell:
-    """One (shape, size, mode): its samples and what was seen along the way."""
+    """One (message, shape, size, mode): its samples and what was seen along the way."""
 
+    message: str
     shape: str
     size: int
+    wire_size: int
     count: int
     mode: str
     samples_ns: List[int] = dataclasses.field(default_factory=list)
@@ -583,6 +778,8 @@ class Cell:
     client_stats: dict = dataclasses.field(default_factory=dict)
     server_stats: dict = dataclasses.field(default_factory=dict)
     peak: Optional[dict] = None
+    checked_whole: int = 0  # messages compared whole, warm-up included
+    checked_sampled: int = 0  # messages spot-checked
 
     @property
     def median_ns(self) -> Optional[float]:
@@ -591,7 +788,7 @@ class Cell:
     @property
     def per_message_ns(self) -> Optional[float]:
         median = self.median_ns
-        return None if median is None else median / self.count
+        return None if median is None or self.errors else median / self.count
 
 
 def _last(samples: List[int]) -> Optional[int]:
@@ -599,7 +796,7 @@ def _last(samples: List[int]) -> Optional[int]:
 
 
 class Bench:
-    """The run: cells filled size by size, shape by shape."""
+    """The run: cells filled message by message, size by size, shape by shape."""
 
     def __init__(self, args: argparse.Namespace, stubs: Dict[str, Stubs], control: Stubs, threshold: int):
         self.args = args
@@ -611,47 +808,51 @@ class Bench:
         self.probe = StatsProbe(control)
         # Each shmgrpc mode's channel status at the end of the run.
         self.channels: Dict[str, shmgrpc.ChannelStatus] = {}
-        self.cells: Dict[Tuple[str, int, str], Cell] = {}
-        self.floors: Dict[int, List[int]] = {}
+        self.cells: Dict[Tuple[str, str, int, str], Cell] = {}
+        self.floors: Dict[Tuple[str, int], List[int]] = {}
         self.warnings: List[str] = []
 
     def run(self) -> None:
-        for size in self.args.sizes:
-            progress(f"== {human_size(size)}: building the payload")
-            payload = srv.pattern(size)
-            check = srv.PayloadCheck(size, payload)
-            self.floors[size] = []
-            unary = None
-            with floor_buffer(payload) as buf:
-                for shape in self.args.shapes:
-                    job = Job(shape, size, stream_count(shape, size, self.args.stream_bytes), payload, check)
-                    cells = self.run_cell(job, buf)
-                    unary = (cells, job) if shape == "unary" else unary
-            # Now that the floor's mapping is gone from the resident set.
-            if unary:
-                self.measure_peaks(*unary)
-            del payload, check, unary
+        for message in self.args.messages:
+            plan = self.args.plan[message]
+            for size in sorted({size for sizes in plan.values() for size in sizes}):
+                shapes = [shape for shape in self.args.shapes if size in plan[shape]]
+                progress(f"== {message} {human_size(size)}: building the payload")
+                payload = srv.Payload(message, size)
+                self.floors[(message, size)] = []
+                unary = None
+                with floor_buffer(payload) as buf:
+                    for shape in shapes:
+                        count = stream_count(shape, size, self.args.stream_bytes)
+                        job = Job(message, shape, size, count, payload)
+                        cells = self.run_cell(job, buf)
+                        unary = (cells, job) if shape == "unary" else unary
+                # Now that the floor's mapping is gone from the resident set.
+                if unary:
+                    self.measure_peaks(*unary)
+                del payload, unary
 
     def run_cell(self, job: Job, floor_buf: mmap.mmap) -> Dict[str, Cell]:
-        cells = {mode: Cell(job.shape, job.size, job.count, mode) for mode in self.modes}
+        key = (job.message, job.shape, job.size)
+        cells = {mode: Cell(*key, job.payload.wire_size, job.count, mode) for mode in self.modes}
         for mode in self.modes:
-            self.cells[(job.shape, job.size, mode)] = cells[mode]
-        label = f"{job.shape} {human_size(job.size)}" + (f" x{job.count}" if job.count > 1 else "")
+            self.cells[key + (mode,)] = cells[mode]
+        label = f"{job.message} {job.shape} {human_size(job.size)}" + (f" x{job.count}" if job.count > 1 else "")
         progress(f"-- {label}: warm-up")
         for mode in self.modes:
             self.sample(cells[mode], job, record=False)
+        floors = self.floors[(job.message, job.size)]
         turns = self.modes + [FLOOR]
         for round_ in range(self.args.repeat):
             first = round_ % len(turns)
             for name in turns[first:] + turns[:first]:
                 if name == FLOOR:
-                    self.floors[job.size].append(floor_one_way(job.payload, floor_buf))
+                    floors.append(floor_one_way(job.payload, floor_buf))
                 else:
                     self.sample(cells[name], job, record=True)
             latest = "  ".join(f"{mode} {ms(_last(cells[mode].samples_ns))}" for mode in self.modes)
-            floor = ms(_last(self.floors[job.size]))
             progress(
-                f"   {label} round {round_ + 1}/{self.args.repeat}, ms: {latest}  (floor one way {floor})"
+                f"   {label} round {round_ + 1}/{self.args.repeat}, ms: {latest}  (floor one way {ms(floors[-1])})"
             )
         return cells
 
@@ -661,21 +862,26 @@ class Bench:
             if cell.errors:
                 continue
             try:
-                cell.peak = measure_peak(self.stubs[mode], self.control, job)
+                cell.peak = measure_peak(self.stubs[mode].methods[job.message], self.control, job)
             except grpc.RpcError as exc:
-                self.warn(f"peak memory, {human_size(job.size)} {mode}: {exc.code().name}: {exc.details()}")
+                self.warn(
+                    f"peak memory, {job.message} {human_size(job.size)} {mode}: {exc.code().name}: {exc.details()}"
+                )
         self.probe.delta()  # these calls belong to no cell
 
     def sample(self, cell: Cell, job: Job, record: bool) -> None:
         if cell.errors:  # one broken mode must not stop the others
             return
+        whole, spot = job.check.whole_checks, job.check.spot_checks
         try:
-            elapsed, problem = RUNNERS[job.shape](self.stubs[cell.mode], job)
+            elapsed, problem, remote = RUNNERS[job.shape](self.stubs[cell.mode].methods[job.message], job)
         except grpc.RpcError as exc:
-            elapsed, problem = None, f"{exc.code().name}: {exc.details()}"
+            elapsed, problem, remote = None, f"{exc.code().name}: {exc.details()}", NOTHING_REMOTE
+        cell.checked_whole += job.check.whole_checks - whole + remote[0]
+        cell.checked_sampled += job.check.spot_checks - spot + remote[1]
         if problem:
             cell.errors.append(problem)
-            self.warn(f"{job.shape} {human_size(job.size)} {cell.mode}: {problem}")
+            self.warn(f"{job.message} {job.shape} {human_size(job.size)} {cell.mode}: {problem}")
         elif record:
             cell.samples_ns.append(elapsed)
         self.account(cell, job, record=record and not problem)
@@ -688,10 +894,10 @@ class Bench:
             return
         _add(cell.client_stats, client)
         _add(cell.server_stats, server)
-        if cell.mode in SHMGRPC_MODES and job.size >= self.threshold:
+        if cell.mode in SHMGRPC_MODES and job.payload.wire_size >= self.threshold:
             shortfall = offload_shortfall(job, cell.mode, client)
             if shortfall and not cell.shortfalls:
-                self.warn(f"{job.shape} {human_size(job.size)} {cell.mode}: {shortfall}")
+                self.warn(f"{job.message} {job.shape} {human_size(job.size)} {cell.mode}: {shortfall}")
             if shortfall:
                 cell.shortfalls.append(shortfall)
 
@@ -708,148 +914,7 @@ class Bench:
         progress(f"!! {message}")
 
 
-# --- Report -----------------------------------------------------------------
-
-SHAPE_TITLES = {
-    "unary": "unary echo: ms per call (request and reply)",
-    "server_stream": "server streaming (download): ms per message",
-    "client_stream": "client streaming (upload): ms per message",
-    "bidi": "bidi echo stream: ms per message (each comes back)",
-}
-
-
-def floor_ns(bench: Bench, shape: str, size: int) -> Optional[float]:
-    """The floor per reported unit: one way, or both ways for echoes."""
-    samples = bench.floors.get(size)
-    if not samples:
-        return None
-    return statistics.median(samples) * directions(shape)
-
-
-def _cell_text(cell: Optional[Cell]) -> str:
-    if cell is None:
-        return "-"
-    if cell.errors:
-        return "ERROR"
-    # '*': some messages did not take the fast path (see the warnings).
-    return ms(cell.per_message_ns) + ("*" if cell.shortfalls else "")
-
-
-def table(bench: Bench, shape: str) -> str:
-    fast = [mode for mode in SHMGRPC_MODES if mode in bench.modes]
-    has_base = BASELINE in bench.modes
-    header = ["size"] + bench.modes
-    header += [f"{mode} speedup" for mode in fast if has_base]
-    header += ["floor"] + [f"{mode}/floor" for mode in fast]
-    rows = [header]
-    for size in bench.args.sizes:
-        cells = {mode: bench.cells.get((shape, size, mode)) for mode in bench.modes}
-        if not any(cells.values()):
-            continue
-        per = {mode: _per_message(bench, shape, size, mode) for mode in bench.modes}
-        floor = floor_ns(bench, shape, size)
-        row = [human_size(size)] + [_cell_text(cells[mode]) for mode in bench.modes]
-        row += [ratio(_div(per[BASELINE], per[mode])) for mode in fast if has_base]
-        row += [ms(floor)] + [ratio(_div(per[mode], floor)) for mode in fast]
-        rows.append(row)
-    return _align(rows)
-
-
-def _per_message(bench: Bench, shape: str, size: int, mode: str) -> Optional[float]:
-    cell = bench.cells.get((shape, size, mode))
-    return None if cell is None or cell.errors else cell.per_message_ns
-
-
-def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return None if a is None or not b else a / b
-
-
-def below_threshold_note(bench: Bench, shape: str) -> List[str]:
-    """What shmgrpc on the channel costs where it only passes messages through."""
-    notes = []
-    for size in bench.args.sizes:
-        if size >= bench.threshold:
-            continue
-        for mode in SHMGRPC_MODES:
-            overhead = _div(
-                _per_message(bench, shape, size, mode), _per_message(bench, shape, size, BASELINE)
-            )
-            if overhead is not None:
-                notes.append(
-                    f"{human_size(size)} is below the {human_size(bench.threshold)} threshold: "
-                    f"{mode} costs {100 * (overhead - 1):+.1f}% vs {BASELINE} "
-                    "(shmgrpc channel, message inline)"
-                )
-    return notes
-
-
-def peak_table(bench: Bench) -> str:
-    """Per process: the peak, and how far it rose above the resident set the
-    call started from, both in MiB and as a multiple of the payload."""
-    rows = [["size", "mode"]]
-    for side in ("client", "server"):
-        rows[0] += [f"{side} peak", "(x)", "+call", "(x)", "shmem"]
-    for size in bench.args.sizes:
-        for mode in bench.modes:
-            cell = bench.cells.get(("unary", size, mode))
-            if not cell or not cell.peak:
-                continue
-            row = [human_size(size), mode]
-            for side in ("client", "server"):
-                peak = cell.peak[side]
-                row += [
-                    f"{peak['vm_hwm_mib']:.0f}",
-                    f"{peak['vm_hwm_x_payload']:.1f}" if size >= MiB else "",
-                    f"{peak['growth_mib']:.0f}",
-                    f"{peak['growth_x_payload']:.1f}" if size >= MiB else "",
-                    f"{peak['rss_shmem_after_mib']:.0f}" if "rss_shmem_after_mib" in peak else "?",
-                ]
-            rows.append(row)
-    return "" if len(rows) == 1 else _align(rows)
-
-
-def _align(rows: List[List[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in rows)
-
-
-def status_text(status: shmgrpc.ChannelStatus) -> str:
-    """'transport shm; co-located server pid 42' ("inline": plain gRPC)."""
-    transports = ", then ".join(status.transports) or status.transport
-    return f"transport {transports}; {status.reason}" + ("" if status.settled else " (not settled)")
-
-
-def print_report(bench: Bench, notes: List[str]) -> None:
-    print(
-        f"\nmedian of {bench.args.repeat} interleaved rounds; speedup = {BASELINE} time / mode time; "
-        "floor = in-process serialize + copy + parse"
-    )
-    for shape in bench.args.shapes:
-        print(f"\n{SHAPE_TITLES[shape]}")
-        if shape != "unary":
-            print("  (the floor runs on one core; a stream overlaps sender and receiver, so it can beat it)")
-        print(table(bench, shape))
-        for line in below_threshold_note(bench, shape):
-            print(f"  {line}")
-    peaks = peak_table(bench)
-    if peaks:
-        print(
-            "\npeak memory over one unary echo, MiB: peak = VmHWM after a reset (it counts the shared\n"
-            "pages a process touched), +call = peak minus the RSS the call started from, shmem = RssShmem\n"
-            "after the call (the pool stays mapped, so all modes see it); (x) = multiple of the payload"
-        )
-        print(peaks)
-        if any(not c.peak["client"]["peak_was_reset"] for c in bench.cells.values() if c.peak):
-            print("  (the peak could not be reset here: VmHWM is each process's lifetime peak)")
-    if bench.channels:
-        print("\nshmgrpc channels at the end of the run:")
-        for mode, status in bench.channels.items():
-            print(f"  {mode}: {status_text(status)}")
-    for line in notes + bench.warnings:
-        print(f"note: {line}")
-
-
-# --- results.json and the plot ----------------------------------------------
+# --- results.json -----------------------------------------------------------
 
 
 def _cpu_model() -> Optional[str]:
@@ -886,83 +951,388 @@ def machine_info() -> dict:
         # of one user, 1 only over descendants or processes that opted in with
         # PR_SET_PTRACER (the kernel's Documentation/admin-guide/LSM/Yama.rst).
         "yama_ptrace_scope": _read("/proc/sys/kernel/yama/ptrace_scope"),
+        "transparent_hugepages": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def mib_per_s(shape: str, size: int, ns_per_message: Optional[float]) -> Optional[float]:
+def machine_line(machine: dict) -> str:
+    """'2023-..., 2 cores (AMD EPYC ...), Linux 6.1, Python 3.11.7, ...': for README tables."""
+    return (
+        f"{machine['date']}; {machine['cores']} cores ({machine['cpu_model'] or 'unknown CPU'}), "
+        f"Linux {machine['kernel']}, Python {machine['python']}, grpcio {machine['grpcio']}, "
+        f"protobuf {machine['protobuf']} ({machine['protobuf_backend']})"
+    )
+
+
+def mib_per_s(shape: str, size: int, ms_per_message: Optional[float]) -> Optional[float]:
     """Payload MiB moved per second; an echo moves its payload twice."""
-    if not ns_per_message:
+    if not ms_per_message:
         return None
-    return directions(shape) * size / MiB / (ns_per_message / 1e9)
+    return directions(shape) * size / MiB / (ms_per_message / 1e3)
 
 
 def _ms(ns: Optional[float]) -> Optional[float]:
     return None if ns is None else ns / 1e6
 
 
-def _cell_json(bench: Bench, cell: Cell) -> dict:
-    per_message = _per_message(bench, cell.shape, cell.size, cell.mode)
+def _cell_json(cell: Cell) -> dict:
     return {
+        "message": cell.message,
         "shape": cell.shape,
         "size": cell.size,
+        "wire_size": cell.wire_size,
         "count": cell.count,
         "mode": cell.mode,
         "samples_ms": [_ms(ns) for ns in cell.samples_ns],
         "median_ms": _ms(cell.median_ns),
         "per_message_ms": _ms(cell.per_message_ns),
-        "throughput_mib_s": mib_per_s(cell.shape, cell.size, per_message),
-        f"speedup_vs_{BASELINE}": _div(_per_message(bench, cell.shape, cell.size, BASELINE), per_message),
-        "ratio_to_floor": _div(per_message, floor_ns(bench, cell.shape, cell.size)),
+        "throughput_mib_s": mib_per_s(cell.shape, cell.size, _ms(cell.per_message_ns)),
         "errors": cell.errors,
         "fast_path_shortfalls": cell.shortfalls,
+        "checked_whole": cell.checked_whole,
+        "checked_sampled": cell.checked_sampled,
         "client_shmgrpc_stats": cell.client_stats,
         "server_shmgrpc_stats": cell.server_stats,
         "peak_memory": cell.peak,
     }
 
 
-def results(bench: Bench, command: str, notes: List[str], elapsed_s: float, interrupted: bool) -> dict:
-    return {
+def results(
+    bench: Bench, command: str, malloc: str, notes: List[str], elapsed_s: float, interrupted: bool
+) -> dict:
+    data: Dict[str, Any] = {
         "command": command,
         "machine": machine_info(),
+        "malloc": malloc,
         "elapsed_s": round(elapsed_s, 1),
         "interrupted": interrupted,
         "options": {
-            "sizes": bench.args.sizes,
+            "messages": bench.args.messages,
             "shapes": bench.args.shapes,
+            "plan": bench.args.plan,
             "modes": bench.modes,
             "repeat": bench.args.repeat,
             "stream_bytes": bench.args.stream_bytes,
             "threshold": bench.threshold,
+            "full_check_max": srv.FULL_CHECK_MAX,
         },
         "units": "times in ms; streams: per message; throughput: payload MiB/s, echoes count both ways",
-        "cells": [_cell_json(bench, cell) for cell in bench.cells.values()],
+        "cells": [_cell_json(cell) for cell in bench.cells.values()],
         "floor": [
             {
+                "message": message,
                 "size": size,
                 "one_way_samples_ms": [_ms(ns) for ns in samples],
                 "one_way_median_ms": _ms(statistics.median(samples)),
             }
-            for size, samples in bench.floors.items()
+            for (message, size), samples in bench.floors.items()
+            if samples
         ],
         "shmgrpc_pool": srv.shmgrpc_stats().get("pool"),
         "shmgrpc_channels": {mode: dataclasses.asdict(status) for mode, status in bench.channels.items()},
+        "shmgrpc_channel_text": {mode: status_text(status) for mode, status in bench.channels.items()},
         "notes": notes,
         "warnings": bench.warnings,
     }
+    # Derived per cell, as the report shows them.
+    view = Results(data)
+    for cell in data["cells"]:
+        key = (cell["message"], cell["shape"], cell["size"])
+        per_message = view.per_message(*key, cell["mode"])
+        cell[f"speedup_vs_{BASELINE}"] = _div(view.per_message(*key, BASELINE), per_message)
+        cell["ratio_to_floor"] = _div(per_message, view.floor(*key))
+    return data
 
 
-def _plot(ax, shape: str, sizes: List[int], ns_per_message: List[Optional[float]], **style) -> None:
-    """One line: throughput against size, where there is a time to show."""
-    points = [(size, mib_per_s(shape, size, ns)) for size, ns in zip(sizes, ns_per_message)]
-    points = [(size, value) for size, value in points if value]
-    if points:
-        ax.plot(*zip(*points), **style)
+def status_text(status: shmgrpc.ChannelStatus) -> str:
+    """'transport shm; co-located server pid 42' ("inline": plain gRPC)."""
+    transports = ", then ".join(status.transports) or status.transport
+    return f"transport {transports}; {status.reason}" + ("" if status.settled else " (not settled)")
 
 
-def write_plot(bench: Bench, path: str) -> Optional[str]:
-    """throughput.png; returns a note instead when matplotlib is missing."""
+# --- Reports, from results.json ---------------------------------------------
+
+
+class Results:
+    """One phase's results.json, indexed for the reports and the plot."""
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+        options = data["options"]
+        self.modes: List[str] = options["modes"]
+        self.plan: Dict[str, Dict[str, List[int]]] = options["plan"]
+        self.repeat: int = options["repeat"]
+        self.threshold: int = options["threshold"]
+        self.cells = {(c["message"], c["shape"], c["size"], c["mode"]): c for c in data["cells"]}
+        self.floors = {(f["message"], f["size"]): f["one_way_median_ms"] for f in data["floor"]}
+
+    def pairs(self) -> List[Tuple[str, str]]:
+        """(message, shape) in the order they ran."""
+        return [(m, s) for m in MESSAGES if m in self.plan for s in SHAPES if s in self.plan[m]]
+
+    def sizes(self, message: str, shape: str) -> List[int]:
+        return [
+            size
+            for size in self.plan.get(message, {}).get(shape, [])
+            if any((message, shape, size, mode) in self.cells for mode in self.modes)
+        ]
+
+    def cell(self, message: str, shape: str, size: int, mode: str) -> Optional[dict]:
+        return self.cells.get((message, shape, size, mode))
+
+    def per_message(self, message: str, shape: str, size: int, mode: str) -> Optional[float]:
+        cell = self.cell(message, shape, size, mode)
+        return None if cell is None or cell["errors"] else cell["per_message_ms"]
+
+    def floor(self, message: str, shape: str, size: int) -> Optional[float]:
+        """The floor per reported unit: one way, or both ways for echoes."""
+        one_way = self.floors.get((message, size))
+        return None if one_way is None else one_way * directions(shape)
+
+
+MESSAGE_TITLES = {
+    "bytes": "bytes (one bytes field)",
+    "floats": "floats (packed repeated float)",
+    "records": "records (repeated {int64, string, double, bytes}, 44 B each)",
+}
+SHAPE_TITLES = {
+    "unary": "unary echo: ms per call (request and reply)",
+    "server_stream": "server streaming (download): ms per message",
+    "client_stream": "client streaming (upload): ms per message",
+    "pingpong": "bidi ping-pong (one message in flight, each comes back): ms per message",
+    "bidi": "bidi echo stream, pipelined (each comes back): ms per message",
+}
+
+
+def _cell_text(cell: Optional[dict]) -> str:
+    if cell is None:
+        return "-"
+    if cell["errors"]:
+        return "ERROR"
+    # '*': some messages did not take the fast path (see the warnings).
+    return fmt_ms(cell["per_message_ms"]) + ("*" if cell["fast_path_shortfalls"] else "")
+
+
+def _align(rows: List[List[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in rows)
+
+
+def _title(message: str, shape: str) -> str:
+    return f"{MESSAGE_TITLES[message]} / {SHAPE_TITLES[shape]}"
+
+
+def table(view: Results, message: str, shape: str) -> str:
+    modes = view.modes
+    fast = [mode for mode in SHMGRPC_MODES if mode in modes]
+    has_base = BASELINE in modes
+    header = ["size"] + modes
+    header += [f"{mode} speedup" for mode in fast if has_base]
+    header += ["floor"] + [f"{mode}/floor" for mode in fast]
+    rows = [header]
+    for size in view.sizes(message, shape):
+        per = {mode: view.per_message(message, shape, size, mode) for mode in modes}
+        floor = view.floor(message, shape, size)
+        row = [human_size(size)] + [_cell_text(view.cell(message, shape, size, mode)) for mode in modes]
+        row += [ratio(_div(per[BASELINE], per[mode])) for mode in fast if has_base]
+        row += [fmt_ms(floor)] + [ratio(_div(per[mode], floor)) for mode in fast]
+        rows.append(row)
+    return _align(rows)
+
+
+def below_threshold_note(view: Results, message: str, shape: str) -> List[str]:
+    """What shmgrpc on the channel costs where it only passes messages through."""
+    notes = []
+    for size in view.sizes(message, shape):
+        cells = [view.cell(message, shape, size, mode) for mode in view.modes]
+        if any(cell and cell["wire_size"] >= view.threshold for cell in cells):
+            continue
+        base = view.per_message(message, shape, size, BASELINE)
+        costs = [
+            f"{mode} {100 * (overhead - 1):+.1f}%"
+            for mode in SHMGRPC_MODES
+            for overhead in [_div(view.per_message(message, shape, size, mode), base)]
+            if overhead is not None
+        ]
+        if costs:
+            notes.append(
+                f"{human_size(size)}, below the {human_size(view.threshold)} threshold (inline): "
+                f"{', '.join(costs)} vs {BASELINE}"
+            )
+    return notes
+
+
+PEAK_MIN_SIZE = MiB  # smaller echoes barely move the resident set
+
+
+def peak_table(view: Results) -> str:
+    """Per process: the peak, and how far it rose above the resident set the
+    call started from, both in MiB and as a multiple of the payload."""
+    rows = [["message", "size", "mode"]]
+    for side in ("client", "server"):
+        rows[0] += [f"{side} peak", "(x)", "+call", "(x)", "shmem"]
+    for message in view.plan:
+        for size in view.sizes(message, "unary"):
+            if size < PEAK_MIN_SIZE:
+                continue
+            for mode in view.modes:
+                cell = view.cell(message, "unary", size, mode)
+                if not cell or not cell["peak_memory"]:
+                    continue
+                row = [message, human_size(size), mode]
+                for side in ("client", "server"):
+                    peak = cell["peak_memory"][side]
+                    row += [
+                        f"{peak['vm_hwm_mib']:.0f}",
+                        f"{peak['vm_hwm_x_payload']:.1f}",
+                        f"{peak['growth_mib']:.0f}",
+                        f"{peak['growth_x_payload']:.1f}",
+                        f"{peak['rss_shmem_after_mib']:.0f}" if "rss_shmem_after_mib" in peak else "?",
+                    ]
+                rows.append(row)
+    return "" if len(rows) == 1 else _align(rows)
+
+
+def checked_line(views: Sequence[Results]) -> str:
+    cells = [cell for view in views for cell in view.data["cells"]]
+    whole = sum(cell["checked_whole"] for cell in cells)
+    sampled = sum(cell["checked_sampled"] for cell in cells)
+    failed = sum(1 for cell in cells if cell["errors"])
+    return (
+        f"checked: {whole} messages compared whole, {sampled} above {human_size(srv.FULL_CHECK_MAX)} "
+        f"spot-checked (item count, {srv.SAMPLE_WINDOWS + 2} windows); "
+        + (f"{failed} cells FAILED (see the warnings)" if failed else "no problem found")
+    )
+
+
+def report_text(view: Results) -> str:
+    data = view.data
+    out = [
+        f"shmgrpc bench, malloc {data['malloc']}: {machine_line(data['machine'])}",
+        f"median of {view.repeat} interleaved rounds; speedup = {BASELINE} time / mode time; "
+        "floor = in-process serialize + copy + parse",
+    ]
+    for message, shape in view.pairs():
+        if not view.sizes(message, shape):
+            continue
+        out += ["", _title(message, shape)]
+        if shape != "unary":
+            out.append("  (the floor runs on one core; a stream overlaps sender and receiver, so it can beat it)")
+        out.append(table(view, message, shape))
+        out += [f"  {line}" for line in below_threshold_note(view, message, shape)]
+    peaks = peak_table(view)
+    if peaks:
+        out += [
+            "",
+            f"peak memory over one unary echo ({human_size(PEAK_MIN_SIZE)} and up), MiB: peak = VmHWM after a "
+            "reset (it counts\nthe shared pages a process touched), +call = peak minus the RSS the call started "
+            "from, shmem =\nRssShmem after the call (the pool stays mapped, so all modes see it); (x) = multiple "
+            "of the payload",
+            peaks,
+        ]
+        if any(not c["peak_memory"]["client"]["peak_was_reset"] for c in data["cells"] if c["peak_memory"]):
+            out.append("  (the peak could not be reset here: VmHWM is each process's lifetime peak)")
+    out += ["", checked_line([view])]
+    if data["shmgrpc_channel_text"]:
+        out.append("shmgrpc channels at the end of the run:")
+        out += [f"  {mode}: {text}" for mode, text in data["shmgrpc_channel_text"].items()]
+    out += [f"note: {line}" for line in data["notes"] + data["warnings"]]
+    return "\n".join(out)
+
+
+# --- The combined report of two malloc phases -------------------------------
+
+
+def combined(phases: Dict[str, Results]) -> List[dict]:
+    """Every timed cell of every phase, with its speedups against plain gRPC
+    over unix with the default malloc and with its own."""
+    base = phases.get(BASE_MALLOC)
+    rows = []
+    for malloc, view in phases.items():
+        for (message, shape, size, mode), cell in view.cells.items():
+            per = view.per_message(message, shape, size, mode)
+            rows.append(
+                {
+                    "message": message,
+                    "shape": shape,
+                    "size": size,
+                    "malloc": malloc,
+                    "mode": mode,
+                    "per_message_ms": per,
+                    f"speedup_vs_{BASELINE}_{BASE_MALLOC}_malloc": _div(
+                        base.per_message(message, shape, size, BASELINE) if base else None, per
+                    ),
+                    f"speedup_vs_{BASELINE}_same_malloc": _div(view.per_message(message, shape, size, BASELINE), per),
+                }
+            )
+    return rows
+
+
+def combined_table(phases: Dict[str, Results], message: str, shape: str) -> str:
+    base = phases.get(BASE_MALLOC)
+    modes = [mode for mode in MODES if any(mode in view.modes for view in phases.values())]
+    fast = [mode for mode in (BASELINE,) + SHMGRPC_MODES if mode in modes]
+    header = ["size", "malloc"] + modes + ["floor"] + [f"{mode} x" for mode in fast]
+    rows = [header]
+    sizes = sorted({size for view in phases.values() for size in view.sizes(message, shape)})
+    for size in sizes:
+        for malloc, view in phases.items():
+            if size not in view.sizes(message, shape):
+                continue
+            row = [human_size(size), malloc]
+            row += [_cell_text(view.cell(message, shape, size, mode)) for mode in modes]
+            row.append(fmt_ms(view.floor(message, shape, size)))
+            same_base = view.per_message(message, shape, size, BASELINE)
+            first_base = base.per_message(message, shape, size, BASELINE) if base else None
+            for mode in fast:
+                per = view.per_message(message, shape, size, mode)
+                text = "" if malloc == BASE_MALLOC and mode == BASELINE else ratio(_div(first_base, per))
+                if malloc != BASE_MALLOC and mode != BASELINE:
+                    text += f" ({ratio(_div(same_base, per))})"
+                row.append(text)
+            rows.append(row)
+    return _align(rows)
+
+
+def combined_text(phases: Dict[str, Results]) -> str:
+    first = next(iter(phases.values()))
+    out = [
+        f"shmgrpc bench, malloc {' and '.join(phases)}: {machine_line(first.data['machine'])}",
+        f"median of {first.repeat} interleaved rounds; ms per call or per message; "
+        f"'MODE x' = speedup: {BASELINE} with the {BASE_MALLOC} malloc / MODE, "
+        f"in brackets {BASELINE} with the same malloc / MODE",
+        "malloc keep = SHMGRPC_MALLOC=keep in both processes and every mode, plain gRPC included",
+    ]
+    pairs = []
+    for view in phases.values():
+        pairs += [pair for pair in view.pairs() if pair not in pairs]
+    for message, shape in pairs:
+        out += ["", _title(message, shape), combined_table(phases, message, shape)]
+    out += ["", checked_line(list(phases.values()))]
+    warnings = [f"{malloc}: {line}" for malloc, view in phases.items() for line in view.data["warnings"]]
+    out += [f"note: {line}" for line in warnings]
+    return "\n".join(out)
+
+
+# --- The plot ---------------------------------------------------------------
+
+MODE_COLORS = {
+    "grpc-tcp": "tab:brown",
+    "grpc-unix": "tab:blue",
+    "memfd": "tab:green",
+    "shm": "tab:orange",
+    "cma": "tab:red",
+    FLOOR: "black",
+}
+# Line and marker per malloc phase; the floor is dotted.
+PHASE_STYLES = [("-", "o"), ("--", "s"), ("-.", "^")]
+
+
+def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
+    """Payload throughput against size, log-log: one panel per message and
+    RPC shape, a line per mode (and per malloc phase), the legend below the
+    panels. Returns a note instead when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -970,26 +1340,70 @@ def write_plot(bench: Bench, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'shmgrpc[plot]'): throughput.png skipped"
-    shapes = bench.args.shapes
-    figure, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4.5), squeeze=False)
-    sizes = bench.args.sizes
-    for ax, shape in zip(axes[0], shapes):
-        for mode in bench.modes:
-            times = [_per_message(bench, shape, size, mode) for size in sizes]
-            _plot(ax, shape, sizes, times, marker="o", label=mode)
-        floors = [floor_ns(bench, shape, size) for size in sizes]
-        _plot(ax, shape, sizes, floors, linestyle="--", color="gray", label="in-process floor")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sizes, [human_size(size) for size in sizes])
-        ax.minorticks_off()
-        ax.set_yscale("log")
-        ax.set_title(shape)
-        ax.set_xlabel("message size")
-        ax.set_ylabel("payload MiB/s")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    pairs: List[Tuple[str, str]] = []
+    for _, view in runs:
+        pairs += [pair for pair in view.pairs() if pair not in pairs and view.sizes(*pair)]
+    if not pairs:
+        return None
+    messages = [m for m in MESSAGES if any(pair[0] == m for pair in pairs)]
+    shapes = [s for s in SHAPES if any(pair[1] == s for pair in pairs)]
+    all_sizes = sorted({size for _, view in runs for pair in pairs for size in view.sizes(*pair)})
+    width = max(8.0, 3.7 * len(shapes) + 0.6)  # inches; the legend and title need 8
+    figure, axes = plt.subplots(len(messages), len(shapes), figsize=(width, 3.0 * len(messages) + 1.2), squeeze=False)
+    handles: Dict[str, Any] = {}
+    for row, message in enumerate(messages):
+        for col, shape in enumerate(shapes):
+            ax = axes[row][col]
+            if (message, shape) not in pairs:
+                ax.set_axis_off()
+                continue
+            for index, (label, view) in enumerate(runs):
+                linestyle, marker = PHASE_STYLES[index % len(PHASE_STYLES)]
+                sizes = view.sizes(message, shape)
+                for mode in view.modes + [FLOOR]:
+                    times = [
+                        view.floor(message, shape, size) if mode == FLOOR else view.per_message(message, shape, size, mode)
+                        for size in sizes
+                    ]
+                    points = [(size, mib_per_s(shape, size, t)) for size, t in zip(sizes, times)]
+                    points = [(size, value) for size, value in points if value]
+                    if not points:
+                        continue
+                    name = "in-process floor" if mode == FLOOR else mode
+                    name += f", malloc {label}" if label else ""
+                    (line,) = ax.plot(
+                        *zip(*points),
+                        color=MODE_COLORS[mode],
+                        linestyle=":" if mode == FLOOR and index == 0 else linestyle,
+                        marker=marker,
+                        markersize=4,
+                        linewidth=1.2,
+                        label=name,
+                    )
+                    handles.setdefault(name, line)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlim(all_sizes[0] / 1.6, all_sizes[-1] * 1.6)
+            ax.set_xticks(all_sizes, [short_size(size) for size in all_sizes], fontsize=8)
+            ax.minorticks_off()
+            ax.tick_params(axis="y", labelsize=8)
+            ax.set_title(f"{message} / {shape}", fontsize=10)
+            ax.grid(True, which="major", alpha=0.3)
+            if col == 0:
+                ax.set_ylabel("payload MiB/s", fontsize=9)
+            if row == len(messages) - 1 or (message, shape) == pairs[-1]:
+                ax.set_xlabel("message size (K = KiB, M = MiB)", fontsize=9)
+    # The legend below the panels, in as many columns as its labels fit.
+    label_inches = 0.5 + 0.085 * max(len(name) for name in handles)
+    columns = max(1, min(len(handles), int(width // label_inches)))
+    legend_rows = math.ceil(len(handles) / columns)
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=columns, fontsize=9, frameon=False)
+    title = ["shmgrpc bench: payload throughput, MiB/s (echoes count both ways)"]
+    title += textwrap.wrap(machine_line(runs[0][1].data["machine"]), width=int(width * 12))
+    figure.suptitle("\n".join(title), fontsize=9)
+    height = figure.get_figheight()
+    figure.tight_layout(rect=(0, (0.25 * legend_rows + 0.15) / height, 1, 1 - (0.2 * len(title) + 0.1) / height))
+    figure.savefig(path, dpi=110, bbox_inches="tight")  # nothing cut off, whatever the fonts
     plt.close(figure)
     return None
 
@@ -1003,17 +1417,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def measure(
-    args: argparse.Namespace, modes: List[str], threshold: int, notes: List[str]
-) -> Tuple[Bench, bool]:
+def measure(args: argparse.Namespace, threshold: int) -> Tuple[Bench, bool]:
     """Run the benchmark against a fresh server; (bench, interrupted)."""
     with tempfile.TemporaryDirectory(prefix="shmgrpc-bench-") as directory:
         server = start_server(os.path.join(directory, "bench.sock"))
         clients = Clients()
         try:
-            open_modes(modes, server, clients)
+            open_modes(args.modes, args.messages, server, clients)
             clients.channels.append(open_channel(f"unix:{server.unix_path}"))
-            bench = Bench(args, clients.stubs, Stubs.on(clients.channels[-1]), threshold)
+            bench = Bench(args, clients.stubs, Stubs.on(clients.channels[-1], args.messages), threshold)
             interrupted = False
             try:
                 bench.run()
@@ -1040,40 +1452,127 @@ def _reexec_with_hugepages() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "shmgrpc.bench", *sys.argv[1:]], env)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    if args.hugepages and HUGEPAGES_TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
-        _reexec_with_hugepages()
-    command = shlex.join(["python", "-m", "shmgrpc.bench", *(sys.argv[1:] if argv is None else argv)])
+def _save(out: str, data: dict, text: str) -> None:
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(out, "report.txt"), "w") as f:
+        f.write(text + "\n")
+
+
+def run_phase(args: argparse.Namespace, command: str) -> int:
+    """One malloc phase in this process: measure, report, write the outputs."""
+    malloc = args.malloc[0]
     notes: List[str] = []
     if args.repeat < DEFAULT_REPEAT:
         notes.append(f"--repeat {args.repeat}: a median of fewer than {DEFAULT_REPEAT} rounds is noisy")
     if os.environ.get("GLIBC_TUNABLES"):
         notes.append(f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} (client and server, every mode)")
-    if args.malloc == "keep":
+    if malloc == "keep":
         # Before any thread: M_ARENA_MAX shapes only arenas made afterwards.
         # The server inherits the variable and applies it when it is built.
         os.environ["SHMGRPC_MALLOC"] = "keep"
-        tune_malloc()
+        if not tune_malloc():
+            notes.append("SHMGRPC_MALLOC=keep is not (fully) in effect here: see the log")
         notes.append("SHMGRPC_MALLOC=keep (client and server, every mode: plain gRPC gets the same warm malloc)")
-    modes = list(args.modes)
+    elif os.environ.get("SHMGRPC_MALLOC"):
+        # The server would inherit it and warm its malloc behind our back.
+        notes.append(f"SHMGRPC_MALLOC={os.environ.pop('SHMGRPC_MALLOC')} ignored: this phase is --malloc default")
     threshold = Config.from_env().threshold
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
-    bench, interrupted = measure(args, modes, threshold, notes)
+    bench, interrupted = measure(args, threshold)
     elapsed = time.monotonic() - started
 
+    data = results(bench, command, malloc, notes, elapsed, interrupted)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        plot_note = write_plot(bench, os.path.join(args.out, "throughput.png"))
-        if plot_note:
-            notes.append(plot_note)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results(bench, command, notes, elapsed, interrupted), f, indent=1)
-    print_report(bench, notes)
-    print(f"\ntook {elapsed:.0f} s" + (f"; results in {args.out}" if args.out else ""))
-    failed = any(cell.errors for cell in bench.cells.values())
+        plot_note = write_plot(os.path.join(args.out, "throughput.png"), [("", Results(data))])
+        data["notes"] += [plot_note] if plot_note else []
+    text = report_text(Results(data)) + f"\n\ntook {elapsed:.0f} s"
+    if args.out:
+        _save(args.out, data, text)
+    print("\n" + text + (f"; results in {args.out}" if args.out else ""), flush=True)
+    failed = any(cell["errors"] for cell in data["cells"])
     return 130 if interrupted else 1 if failed else 0
+
+
+class _Phases:
+    """Signals while phases run: SIGTERM is passed on to the running phase;
+    Ctrl-C reaches it from the terminal anyway. Either stops the rest."""
+
+    def __init__(self) -> None:
+        self.child: Optional[subprocess.Popen] = None
+        self.stopped = False
+
+    def handle(self, signum, frame) -> None:
+        self.stopped = True
+        if signum == signal.SIGTERM and self.child and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+
+def run_phases(args: argparse.Namespace, argv: List[str], command: str) -> int:
+    """Each malloc phase in a process of its own (the keep settings must come
+    before any thread), then the combined report."""
+    started = time.monotonic()
+    state = _Phases()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, state.handle)
+    statuses = []
+    phases: Dict[str, Results] = {}
+    with contextlib.ExitStack() as stack:
+        out = args.out or stack.enter_context(tempfile.TemporaryDirectory(prefix="shmgrpc-bench-"))
+        for malloc in args.malloc:
+            if state.stopped:
+                break
+            phase_out = os.path.join(out, malloc)
+            # The last --malloc and --out win.
+            phase_command = [sys.executable, "-m", "shmgrpc.bench", *argv, "--malloc", malloc, "--out", phase_out]
+            progress(f"=== malloc phase {malloc}: {shlex.join(['python', *phase_command[1:]])}")
+            state.child = subprocess.Popen(phase_command, env=_package_env())
+            # A signal runs state.handle and the wait goes on (PEP 475).
+            statuses.append(state.child.wait())
+            try:
+                with open(os.path.join(phase_out, "results.json")) as f:
+                    phases[malloc] = Results(json.load(f))
+            except (OSError, ValueError) as exc:
+                progress(f"!! malloc phase {malloc} left no results: {exc}")
+        elapsed = time.monotonic() - started
+        if not phases:
+            return 130 if state.stopped else 1
+        text = combined_text(phases) + f"\n\nall phases took {elapsed:.0f} s"
+        if args.out:
+            runs = list(phases.items())
+            plot_note = write_plot(os.path.join(out, "throughput.png"), runs)
+            text += f"\nnote: {plot_note}" if plot_note else ""
+            data = {
+                "command": command,
+                "machine": runs[0][1].data["machine"],
+                "elapsed_s": round(elapsed, 1),
+                "phases": {malloc: view.data for malloc, view in runs},
+                "combined": combined(phases),
+            }
+            _save(out, data, text)
+            text += f"\nresults: {out} (combined), {os.path.join(out, '<malloc>')} (each phase)"
+    print("\n" + text, flush=True)
+    if state.stopped or 130 in statuses:
+        return 130
+    return 1 if any(statuses) or len(phases) < len(args.malloc) else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.hugepages and HUGEPAGES_TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
+        _reexec_with_hugepages()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "-m", "shmgrpc.bench", *argv])
+    if any(message != "bytes" for message in args.messages):
+        try:
+            srv.bench_pb2()
+        except ImportError as exc:
+            sys.exit(f"shmgrpc.bench: {exc} (or --messages bytes)")
+    if len(args.malloc) > 1:
+        return run_phases(args, argv, command)
+    return run_phase(args, command)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,11 @@ class Config:
             raw = env.get(var)
             if raw is None or raw.strip() == "":
                 continue
-            value = parse(raw, var)
+            try:
+                value = parse(raw, var)
+            except ConfigError as err:
+                accepted = _accepted(field)
+                raise ConfigError(f"{err}; accepted: {accepted}" if accepted else str(err)) from None
             problem = _problem(field, value)
             if problem:
                 raise ConfigError(f"{var}={_shown(raw)}: {problem}")
@@ -134,6 +138,16 @@ SIZE_RANGES = {
     "max_message": (1, MAX_BYTES),
     "cma_max_pinned": (0, MAX_BYTES),  # 0: this process never pins for cma
 }
+
+
+def _accepted(field: str) -> str:
+    """The accepted range of a numeric field, in words ("" for the others)."""
+    if field == "lease_seconds":
+        return f"seconds from {LEASE_RANGE[0]} to {LEASE_RANGE[1]:.0f}"
+    if field in SIZE_RANGES:
+        least, most = SIZE_RANGES[field]
+        return f"from {_fmt(least)} to {_fmt(most)}"
+    return ""
 
 
 def _fmt(n: int) -> str:

@@ -53,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from . import wire
 from .errors import DataLossError, HandleError, HandleTooLarge
 
-log = logging.getLogger("shmgrpc")
+log = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
 MIN_CLASS = 4096  # one page: smaller slots would share pages between messages
@@ -245,11 +245,12 @@ def _unlink(path: str) -> None:
         pass
 
 
-def reap(shm_dir: str) -> List[str]:
+def reap(shm_dir: str, dry_run: bool = False) -> List[str]:
     """Remove segments whose owner process is gone (killed, crashed); never a
     live owner's, in whatever pid namespace it runs (owner_alive). Only files
-    of our own uid, only names of our prefix. Returns the names removed."""
-    removed = []
+    of our own uid, only names of our prefix. Returns the names removed (with
+    `dry_run`: the names it would remove, removing nothing)."""
+    removed: List[str] = []
     try:
         names = os.listdir(shm_dir)
     except OSError:
@@ -262,11 +263,12 @@ def reap(shm_dir: str) -> List[str]:
         try:
             if os.lstat(path).st_uid != uid or owner_alive(shm_dir, name):
                 continue
-            os.unlink(path)
+            if not dry_run:
+                os.unlink(path)
             removed.append(name)
         except OSError:
             continue
-    if removed:
+    if removed and not dry_run:
         log.info("shmgrpc: removed %d segment(s) left by exited processes", len(removed))
     return removed
 
@@ -849,18 +851,25 @@ class Attacher:
         fd, st = open_peer_file(self.shm_dir, name, writable=True)
         try:
             if st.st_size < 64 + SLOT_HEADER:
-                raise HandleError(f"segment {name} is too small ({st.st_size} bytes)")
+                # Our names are made with their full size reserved: a shorter
+                # one was truncated (by its owner's uid), its bytes are gone.
+                raise DataLossError(f"segment {name} was truncated ({st.st_size} bytes); its bytes are gone")
             mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
         magic, header_size, count, slot_size, _pid, _retired, owner = _SEG.unpack_from(mm, 0)
-        if magic != SEG_MAGIC or header_size < 64 + SLOT_HEADER * count or (
-            header_size + count * slot_size != st.st_size
-        ):
+        problem = None
+        if magic != SEG_MAGIC or header_size < 64 + SLOT_HEADER * count:
+            problem = HandleError(f"segment {name} has a corrupt or foreign header")
+        elif header_size + count * slot_size > st.st_size:
+            problem = DataLossError(f"segment {name} was truncated ({st.st_size} bytes); its bytes are gone")
+        elif header_size + count * slot_size != st.st_size:
+            problem = HandleError(f"segment {name} has a corrupt or foreign header")
+        if problem is not None:
             mm.close()
             os.close(fd)
-            raise HandleError(f"segment {name} has a corrupt or foreign header")
+            raise problem
         seg = _Attached(name, mm, fd, st.st_size, (int(match.group(1)), int(match.group(2))), owner,
                         header_size, count, slot_size, views=1)
         with self._lock:

@@ -54,7 +54,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from .errors import DataLossError
 
-log = logging.getLogger("shmgrpc")
+log = logging.getLogger(__name__)
 
 MSG = struct.Struct("<4sB3xQQ16s16s40x")
 MAGIC = b"SGS1"

@@ -60,23 +60,32 @@ class _SockFprog(ctypes.Structure):
 
 
 def _program(arch: int, readv: int, writev: int, deny: int):
+    return _program_for(arch, (readv, writev), deny)
+
+
+def _program_for(arch: int, numbers, deny: int):
+    """The filter: `deny` for every system call in `numbers` (and for any
+    other ABI), allow for the rest."""
+    n = len(numbers)
     ops = [
         (_LD_W_ABS, 0, 0, _ARCH_OFFSET),
         (_JEQ_K, 1, 0, arch),  # our ABI: go on to the numbers
         (_RET_K, 0, 0, deny),  # another ABI (i386 compat): its numbers mean other calls; deny them all
         (_LD_W_ABS, 0, 0, _NR_OFFSET),
-        (_JEQ_K, 2, 0, readv),
-        (_JEQ_K, 1, 0, writev),
-        (_RET_K, 0, 0, SECCOMP_RET_ALLOW),
-        (_RET_K, 0, 0, deny),
     ]
+    # Each match jumps over the matches after it and the allow: to the deny.
+    ops += [(_JEQ_K, n - i, 0, nr) for i, nr in enumerate(numbers)]
+    ops += [(_RET_K, 0, 0, SECCOMP_RET_ALLOW), (_RET_K, 0, 0, deny)]
     return (_SockFilter * len(ops))(*[_SockFilter(*op) for op in ops])
 
 
-def deny_process_vm(err: int = errno.EPERM) -> None:
+def deny_process_vm(err: int = errno.EPERM, *, readv: bool = True, writev: bool = True) -> None:
     """Install a seccomp filter on every thread of this process so that
     process_vm_readv and process_vm_writev fail with `err`; all other system
-    calls are allowed. RuntimeError when the platform has no such filter."""
+    calls are allowed. RuntimeError when the platform has no such filter.
+
+    `readv=False` leaves process_vm_readv allowed (only the write, cma's ack,
+    is denied); `writev=False` the other way round."""
     machine = platform.machine().lower()
     if not sys.platform.startswith("linux") or machine not in _ARCHES:
         raise RuntimeError(
@@ -84,7 +93,8 @@ def deny_process_vm(err: int = errno.EPERM) -> None:
         )
     if not 0 < err <= 0xFFFF:
         raise ValueError(f"err={err} does not fit SECCOMP_RET_DATA (1..65535)")
-    arch, readv, writev, nr_seccomp = _ARCHES[machine]
+    if not (readv or writev):
+        raise ValueError("deny_process_vm: nothing to deny (readv=False, writev=False)")
 
     libc = ctypes.CDLL(None, use_errno=True)
     prctl = libc.prctl
@@ -94,7 +104,9 @@ def deny_process_vm(err: int = errno.EPERM) -> None:
         code = ctypes.get_errno()
         raise RuntimeError(f"prctl(PR_SET_NO_NEW_PRIVS): {errno.errorcode.get(code, code)}")
 
-    filters = _program(arch, readv, writev, SECCOMP_RET_ERRNO | err)
+    arch, nr_readv, nr_writev, nr_seccomp = _ARCHES[machine]
+    numbers = [nr for nr, on in ((nr_readv, readv), (nr_writev, writev)) if on]
+    filters = _program_for(arch, numbers, SECCOMP_RET_ERRNO | err)
     prog = _SockFprog(len(filters), filters)
     # seccomp(2) rather than prctl(PR_SET_SECCOMP): prctl filters only the
     # calling thread, and a process that already runs threads (gRPC's poller,

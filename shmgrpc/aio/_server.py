@@ -33,13 +33,13 @@ from grpc import aio
 
 from .. import wire
 from .._codec import CallCodec, Failed
+from .._codec import Tickets as Sent
 from .._core import Engine, EngineOwner
 from .._server import _Context as _SyncContext
 from .._server import _wrap_behavior, abort_details, call_codec, rebuild_handler
 from ..config import Config
-from ._common import Sent
 
-log = logging.getLogger("shmgrpc")
+log = logging.getLogger(__name__)
 
 WRONG_SERVER = (
     "shmgrpc.aio.ServerInterceptor is installed on a sync grpc.server(); it "
