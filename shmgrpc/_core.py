@@ -270,7 +270,34 @@ class Node:
                     c = self.config
                     self.pool = pool.Pool(c.shm_dir, c.pool_size, c.segment_size, c.lease_seconds,
                                           self.identity.inst)
+                    self._start_janitor()
         return self.pool
+
+    JANITOR_SECONDS = 5.0  # how often idle segments, retired mappings, late acks are looked at
+
+    def _start_janitor(self) -> None:
+        """A daemon thread that, every JANITOR_SECONDS, gives back idle pool
+        segments (pool.IDLE_SECONDS) and drops mappings of peers' retired or
+        orphaned segments, so an idle process shrinks too. It holds no
+        reference to the node, and stops when the node is closed."""
+        stop = self._stop = threading.Event()
+        node_ref = weakref.ref(self)
+
+        def run():
+            while not stop.wait(self.JANITOR_SECONDS):
+                node = node_ref()
+                if node is None:
+                    return
+                try:
+                    if node.pool is not None:
+                        node.pool.trim_idle()
+                    if node.attacher is not None:
+                        node.attacher.maybe_trim()
+                except Exception:  # never let housekeeping kill anything
+                    log.debug("shmgrpc: janitor pass failed", exc_info=True)
+                del node
+
+        threading.Thread(target=run, name="shmgrpc-janitor", daemon=True).start()
 
     def get_pins(self) -> pins.Pins:
         if self.pins is None:
@@ -345,6 +372,9 @@ class Node:
 
     def close(self) -> None:
         """Unlink and unmap everything this node created. Safe to call twice."""
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
         parts = (self.side, self.pool, self.pins, self.identity, self.attacher)
         self.side = self.pool = self.pins = self.identity = self.attacher = None
         for part in parts:

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
 MIN_CLASS = 4096  # one page: smaller slots would share pages between messages
+# A segment none of whose slots was handed out for this long is given back
+# (unlinked and unmapped). Long enough that steady traffic, even bursty, keeps
+# its warm slots; short enough that a burst's peak does not stay for good.
+IDLE_SECONDS = 30.0
 CLASSES_PER_DOUBLING = 4  # slot sizes 1, 1.25, 1.5, 1.75 x 2**k: at most 25% slack
 
 _SEG = struct.Struct("<8sIIQII16s16x")
@@ -294,6 +298,7 @@ class Segment:
             self.mm, 0, SEG_MAGIC, self.header_size, count, slot_size, os.getpid(), 0, owner_inst
         )
         self.generations = [0] * count  # the owner's own copy: never trust shared memory for it
+        self.last_used = time.monotonic()  # the pool gives back segments idle for IDLE_SECONDS
 
     def data_offset(self, index: int) -> int:
         return self.header_size + index * self.slot_size
@@ -350,6 +355,7 @@ class MemfdSegment(Segment):
             raise
         _SEG.pack_into(self.mm, 0, SEG_MAGIC, self.header_size, count, slot_size, os.getpid(), 0, owner_inst)
         self.generations = [0] * count
+        self.last_used = time.monotonic()
         self.conns: "weakref.WeakSet" = weakref.WeakSet()  # side connections that hold it
 
     def intact(self) -> bool:
@@ -478,6 +484,7 @@ class Pool:
                 if slot is None:
                     return None, reason
             segment = slot.segment
+            segment.last_used = self._clock()
             segment.generations[slot.index] += 1
             slot.generation = segment.generations[slot.index]
             slot.token = secrets.token_bytes(16)
@@ -627,6 +634,29 @@ class Pool:
         slots = [Slot(segment, i) for i in range(count)]
         self._free.setdefault(key, []).extend(reversed(slots[1:]))
         return slots[0], ""
+
+    def trim_idle(self, idle_seconds: float = None) -> int:
+        """Give back segments none of whose slots was handed out for
+        `idle_seconds` (IDLE_SECONDS) and none is in use: the pool shrinks to
+        what recent traffic needs. Returns the bytes given back."""
+        idle = IDLE_SECONDS if idle_seconds is None else idle_seconds
+        with self._lock:
+            if self._closed:
+                return 0
+            self._reclaim_locked()
+            now = self._clock()
+            busy_names = {name for name, _ in self._busy}
+            given = 0
+            for name, segment in list(self._segments.items()):
+                if name in busy_names or now - segment.last_used < idle:
+                    continue
+                key = (segment.kind, segment.slot_size)
+                self._free[key] = [s for s in self._free.get(key, []) if s.segment is not segment]
+                del self._segments[name]
+                self._mapped -= segment.size
+                given += segment.size
+                segment.destroy()
+        return given
 
     def _evict_free(self, needed: int) -> bool:
         """Destroy whole segments whose slots are all free until `needed` fits."""
