@@ -148,6 +148,7 @@ class Route:
     send_memfd: bool = False  # over the side connection to the peer's node
     max_receive: int = wire.UNLIMITED  # the peer's receive limit: nothing longer is offloaded
     framed: bool = True  # server: the hello named a server, so the client frames this call
+    side_conn: Optional[int] = None  # server: the peer's side connection (id, 0 none) when made; None: no memfd
     welcome: Optional[Tuple[str, str]] = None  # server: trailing metadata, if the client needs it
 
     @property
@@ -615,6 +616,16 @@ class Engine:
         channel to another server meanwhile."""
         if self._probe == "plain" or not self.ready():
             return None
+        route = self._route
+        if route is not None and route.send_memfd and self._side_lost(route):
+            # Our side connection to the server closed (it restarted, or the
+            # connection broke): forget the route and shake hands again for
+            # a new ticket; until then the calls go inline.
+            with self._lock:
+                if self._route is route:
+                    self._route, self._hello = None, None
+                    self._probe = "todo" if self._probe == "done" else self._probe
+            self.stats.note("memfd", "side connection to the server closed; handshake again")
         state = self._hello
         if state is None:
             node = self._node
@@ -639,6 +650,11 @@ class Engine:
             log.debug("shmgrpc: %s: hello: we read %s%s", self.name, _rungs(accepts),
                       f"; naming server pid {peer.pid}" if peer is not None else "; first contact")
         return state
+
+    def _side_lost(self, route: Route) -> bool:
+        node = self._node
+        side_ = node.side if node is not None else None
+        return side_ is None or route.peer is None or side_.conn_for(route.peer.inst) is None
 
     def client_needs_handshake(self) -> bool:
         return (
@@ -837,16 +853,32 @@ class Engine:
         attacher = self._node.attacher if self._node is not None else None
         if attacher is not None:
             attacher.maybe_trim()  # clients come and go: let their segments go too
-        try:
-            return self._server_routes[text]
-        except KeyError:
-            pass
+        route = self._server_routes.get(text)
+        if route is not None and (route.side_conn is None or route.side_conn == self._side_conn_id(route)):
+            return route
+        if route is None and text in self._server_routes:
+            return None  # a hello we decided to step aside for
         route = self._server_route(text)
+        if route is not None and route.peer is None and route.framed:
+            return route  # refused (cannot verify it): not cached, the next call looks again
         with self._lock:
             self._server_routes[text] = route
             while len(self._server_routes) > 1024:
                 self._server_routes.popitem(last=False)
         return route
+
+    def _side_conn_id(self, route: Route) -> int:
+        """The id of the side connection the route's peer has now (0: none):
+        a cached route is good only while it has not changed."""
+        node = self._node
+        if route.peer is None or node is None or node.side is None:
+            return 0
+        return self._side_conn_id_of(node.side, route.peer.inst)
+
+    @staticmethod
+    def _side_conn_id_of(side_, inst: bytes) -> int:
+        conn = side_.conn_for(inst)
+        return conn.id if conn is not None else 0
 
     def _server_route(self, text: str) -> Optional[Route]:
         node = self._node
@@ -913,6 +945,7 @@ class Engine:
             max_receive=h.max_receive,
             framed=h.server_inst is not None,  # else the welcome is all this call carries
             welcome=(wire.WELCOME_KEY, welcome) if welcome else None,
+            side_conn=None if side_ is None else self._side_conn_id_of(side_, h.inst),
         )
 
     # -- the two operations
@@ -1050,7 +1083,10 @@ class Engine:
                 raise HandleError("received a shmgrpc handle, but offload is not enabled here")
             h = wire.decode(raw)
             if route.peer is None:
-                raise HandleError("received a shmgrpc handle from a peer whose id segment cannot be read")
+                raise HandleError(
+                    "received a shmgrpc handle on a call whose hello this side cannot verify "
+                    "(no id segment it can open, no side connection of that peer)"
+                )
             if not within(h.length, self.max_receive):
                 raise HandleTooLarge(
                     f"Received message larger than max ({h.length} vs. {self.max_receive})"
@@ -1078,7 +1114,8 @@ class Engine:
             conn = node.side.conn_for(peer.inst) if node.side is not None else None
             if conn is None:
                 raise DataLossError("received a memfd handle, but the side connection to its sender is closed")
-            view, seg = attacher.open_memfd((conn.id, h.segment), h, peer.inst, reread)
+            view, seg = attacher.open_memfd((conn.id, h.segment), h, peer.inst, reread,
+                                            wait=side.ARRIVAL_SECONDS, alive=lambda: conn.alive)
         elif not peer.named:
             raise HandleError("received an shm handle from a peer whose id segment we cannot open")
         else:

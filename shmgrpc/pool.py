@@ -729,9 +729,11 @@ class Attacher:
             )
         return self._view(self._attach(h.name), h, owner_inst, reread)
 
-    def open_memfd(self, key: Tuple[int, int], h, owner_inst: bytes, reread: bool = False, wait: float = 5.0):
+    def open_memfd(self, key: Tuple[int, int], h, owner_inst: bytes, reread: bool = False, wait: float = 1.0,
+                   alive: Callable[[], bool] = lambda: True):
         """open() for a memfd handle: the segment came, or is coming, over the
-        side connection `key[0]` (its descriptor was sent before the handle)."""
+        side connection `key[0]` (its descriptor was sent before the handle).
+        `alive`: is that connection still open (a wait ends when it closes)."""
         if h.length > self.max_message:
             raise HandleTooLarge(
                 f"handle offers {h.length} bytes; this receiver accepts at most "
@@ -741,6 +743,8 @@ class Attacher:
         with self._lock:
             while key not in self._memfd:
                 left = deadline - time.monotonic()
+                if not alive():
+                    raise DataLossError("the side connection of this memfd handle's sender closed")
                 if left <= 0:
                     raise DataLossError(
                         f"memfd segment {key[1]} never arrived on the side connection (its sender "
@@ -778,6 +782,7 @@ class Attacher:
             keys = [k for k in self._memfd if k[0] == conn_id and (number is None or k[1] == number)]
             gone = [self._memfd.pop(k) for k in keys]
             unmap = [seg for seg in gone if self._drop_locked(seg)]
+            self._arrived.notify_all()  # waiters for this connection's segments: it is closed
         for seg in unmap:
             _unmap(seg)
 

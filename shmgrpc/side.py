@@ -44,9 +44,11 @@ import itertools
 import logging
 import mmap
 import os
+import re
 import secrets
 import selectors
 import socket
+import stat
 import struct
 import threading
 import time
@@ -61,7 +63,7 @@ MAGIC = b"SGS1"
 T_AUTH, T_AUTH_OK, T_SEGMENT, T_RETIRE = 1, 2, 3, 4
 TICKET_SECONDS = 30.0  # a welcome's ticket must be used within this
 CONNECT_SECONDS = 2.0  # connect + authenticate, at most
-ARRIVAL_SECONDS = 5.0  # a handle's segment is in the socket before the handle; this is slack
+ARRIVAL_SECONDS = 1.0  # a handle's segment is in the socket before the handle: only the reader thread's lag
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -106,6 +108,45 @@ def check_sealed(fd: int, size: int) -> Optional[str]:
 
 
 _ids = itertools.count(1)
+
+
+_SIDE_NAME = re.compile(r"^shmgrpc-\d{1,10}-[0-9a-f]{16}\.sock$")
+
+
+def reap_side_dir(side_dir: str) -> list:
+    """Remove side socket files of ours that nobody listens on any more (a
+    server killed before it could close). A live one answers connect()."""
+    removed = []
+    try:
+        names = os.listdir(side_dir)
+    except OSError:
+        return removed
+    uid = os.geteuid()
+    for name in names:
+        if not _SIDE_NAME.match(name):
+            continue
+        path = os.path.join(side_dir, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != uid or not stat.S_ISSOCK(st.st_mode):
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            probe.settimeout(0.5)
+            probe.connect(path)
+        except ConnectionRefusedError:
+            try:
+                os.unlink(path)
+                removed.append(name)
+            except OSError:
+                pass
+        except OSError:
+            pass  # busy, or not ours to judge: leave it
+        finally:
+            probe.close()
+    return removed
 
 
 class Conn:
@@ -238,9 +279,13 @@ class Side:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             name = f"shmgrpc-{os.getpid()}-{secrets.token_hex(8)}"
             if self.side_dir:
+                reap_side_dir(self.side_dir)
                 path = os.path.join(self.side_dir, name + ".sock")
-                sock.bind(path)
-                os.chmod(path, 0o600)
+                old_umask = os.umask(0o177)  # 0600 from the start, not after a chmod
+                try:
+                    sock.bind(path)
+                finally:
+                    os.umask(old_umask)
                 self._path, address = path, path
             else:
                 sock.bind("\0" + name)
@@ -298,14 +343,15 @@ class Side:
             log.debug("shmgrpc: side connection refused: %s", why)
             sock.close()
             return
-        try:
-            sock.send(MSG.pack(MAGIC, T_AUTH_OK, 0, 0, self.inst, b""))
-        except OSError:
-            sock.close()
-            return
+        # Known before the client hears AUTH_OK: its very next call may carry a
+        # hello proved with this ticket.
         conn = Conn(self, sock, inst, pid, uid)
         conn.ticket = ticket
         self._adopt(conn)
+        try:
+            sock.send(MSG.pack(MAGIC, T_AUTH_OK, 0, 0, self.inst, b""))
+        except OSError:
+            self.lost(conn)
 
     def _adopt(self, conn: Conn) -> None:
         with self._lock:
