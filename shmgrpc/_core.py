@@ -772,7 +772,9 @@ class Engine:
             if conn is None:
                 self._not_colocated(HandleError("neither the server's id segment nor its side socket is reachable"))
                 return None
-            peer = session.side_peer(w.inst, w.ticket, conn.pid)
+            # The connection's own ticket: it may be an earlier channel's,
+            # reused (one side connection per pair of processes).
+            peer = session.side_peer(w.inst, conn.ticket, conn.pid)
         # The server read our id segment (proof), so it reads our shm slots.
         proved = peer.named and session.proved(node.identity.secret, session.LABEL_WELCOME, w.inst, w.proof)
         route = Route(
