@@ -34,13 +34,14 @@ message.
 
 Each *malloc* phase (--malloc) runs everything, both processes and every
 mode, plain gRPC included, with glibc's default malloc or with
-SHMGRPC_MALLOC=keep (freed memory kept warm; see shmgrpc.tune_malloc). Since
-the keep settings must be made before any thread starts, each phase is a
-process of its own: with two phases this process runs `python -m
-shmgrpc.bench ... --malloc PHASE --out OUT/PHASE` once per phase, then
-prints a combined table whose speedups are against plain gRPC over unix
-with the default malloc (what an application has today) and, in brackets,
-against plain gRPC over unix with the same malloc.
+SHMGRPC_MALLOC=keep (freed memory kept warm; see shmgrpc.tune_malloc).
+`make bench` runs both (--malloc default,keep). Since the keep settings must
+be made before any thread starts, each phase is then a process of its own:
+this one runs `python -m shmgrpc.bench ... --malloc PHASE --out OUT/PHASE`
+once per phase, then prints a combined table whose speedups are against
+plain gRPC over unix with the default malloc (what an application has
+unless it opts in) and, in brackets, against plain gRPC over unix with the
+same malloc.
 
 Method: for each message, size and shape, one warm-up call per mode
 (connections, handshakes and pool growth are not measured), then `--repeat`
@@ -51,31 +52,36 @@ parse from it; that is what a shared-memory transport cannot avoid. It
 takes a turn in every round too. After each size's rounds, one more unary
 echo per mode measures both processes' peak memory.
 
-Every message that comes back, or that the server receives in an upload, is
-checked: up to 16 MiB compared whole (the bytes, or the serialization),
-above that its item count and ten windows of items, which is enough to
-catch a wrong, shifted, stale or truncated message. Checks stay off the
-clock where that is exact: between unary calls and ping-pong turns (each
-call or turn is timed alone), after a stream has ended (the messages are
-kept until then), and in an upload the server reports the time its final
-comparisons took. The spot checks of >16 MiB stream messages run as they
-arrive, on the clock: they cost microseconds, except that reading a bytes
-field copies it, as an application reading it would.
+Every message that comes back, or that the server receives in an upload,
+is checked, off the clock wherever that is exact. Unary and ping-pong
+replies are compared whole (the bytes, or the serialization) between calls
+or turns, each call or turn being timed alone. Other streams keep their
+messages up to 16 MiB and compare them whole once the stream has ended (in
+an upload the server reports the time its comparisons took, for the client
+to take off). Bigger stream messages are spot-checked as they arrive, on
+the clock: item count and ten windows of items, enough to catch a wrong,
+shifted, stale or truncated message in microseconds, except that reading a
+bytes field copies it, as an application reading it would.
 
-The default plan, sized so that `make bench` (both malloc phases) takes
-about 12-15 minutes on a 2-core VM (the keep phase is the shorter one):
+The default plan, sized so that `make bench` (both malloc phases) stays
+within about 15 minutes on a 2-core VM: estimated from measured cells,
+~6-7 minutes for the default phase and ~4-5 for keep on a quiet machine.
 
-    message   unary                       streams (the other shapes)
-    bytes     4 KiB 64 KiB 1 MiB 16 MiB   64 KiB 1 MiB 16 MiB 64 MiB
-              64 MiB 256 MiB
-    floats    4 KiB 1 MiB 16 MiB 64 MiB   16 MiB
-    records   4 KiB 1 MiB 16 MiB 64 MiB   1 MiB
+    message   unary (K = KiB, M = MiB)         streams (the other shapes)
+    bytes     4K 64K 1M 16M 64M 256M           64K 1M 16M 64M
+    floats    4K 1M 16M 64M                    16M
+    records   4K 1M 16M                        1M
 
-256 MiB (seconds per call with plain gRPC) is run for unary bytes only:
-the other shapes and messages show nothing there that 64 MiB does not.
-floats and records run their streams at one size each, where their costs
-are already far above the per-call ones. --sizes replaces every ladder;
---quick is a smoke test (4 KiB, 1 MiB, 16 MiB, unary, default malloc).
+256 MiB (seconds per call with plain gRPC and the default malloc: ~100 s
+of a phase) is run for unary bytes only: other shapes and messages show
+nothing there that 64 MiB does not. floats and records run their streams
+at one size each: floats where the transport matters (16 MiB), records
+where protobuf's per-record work already dominates (1 MiB; a stream of 64
+records messages, each compared whole, is ~1 minute a phase). records stop
+at 16 MiB for the same reason (64 MiB: 1.5 million records, ~1 s per echo
+in every mode). Streams carry --stream-bytes (64 MiB), so that 64 MiB
+streams are 2 messages and 16 MiB ones 4. --sizes replaces every ladder;
+--quick is a smoke test (4 KiB, 1 MiB, 16 MiB, unary).
 """
 
 from __future__ import annotations
@@ -119,12 +125,11 @@ SHAPES = ("unary", "server_stream", "client_stream", "pingpong", "bidi")
 DEFAULT_SHAPES = ("unary", "server_stream", "client_stream", "pingpong")
 PAYLOAD_UP = ("unary", "client_stream", "pingpong", "bidi")  # shapes whose requests carry the payload
 PAYLOAD_DOWN = ("unary", "server_stream", "pingpong", "bidi")  # shapes whose replies do
-STREAMS = tuple(shape for shape in SHAPES if shape != "unary")
 # Sizes per message: (unary, streams); see the module text.
 LADDERS = {
     "bytes": ("4KiB,64KiB,1MiB,16MiB,64MiB,256MiB", "64KiB,1MiB,16MiB,64MiB"),
     "floats": ("4KiB,1MiB,16MiB,64MiB", "16MiB"),
-    "records": ("4KiB,1MiB,16MiB,64MiB", "1MiB"),
+    "records": ("4KiB,1MiB,16MiB", "1MiB"),
 }
 QUICK_SIZES = "4KiB,1MiB,16MiB"
 QUICK_SHAPES = ("unary",)
@@ -227,7 +232,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"sizes {QUICK_SIZES}, unary only, default malloc only (explicit options win)",
+        help=f"sizes {QUICK_SIZES}, unary only (explicit options win)",
     )
     parser.add_argument(
         "--hugepages",
@@ -238,9 +243,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--malloc",
         type=_choices(MALLOCS, "--malloc"),
-        help="malloc phases among default, keep (default: both, each in a process of its own). keep: both "
-        "processes, every mode (plain gRPC too), with SHMGRPC_MALLOC=keep (glibc keeps freed memory "
-        "warm; see shmgrpc.tune_malloc)",
+        default=[BASE_MALLOC],
+        help="malloc phases among default, keep (default: default); `default,keep` (what make bench runs) "
+        "runs each in a process of its own and combines them. keep: both processes, every mode (plain gRPC "
+        "too), with SHMGRPC_MALLOC=keep (glibc keeps freed memory warm; see shmgrpc.tune_malloc)",
     )
     parser.add_argument(
         "--out",
@@ -254,8 +260,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         args.messages = list(MESSAGES)
     if args.shapes is None:
         args.shapes = list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
-    if args.malloc is None:
-        args.malloc = [BASE_MALLOC] if args.quick else list(MALLOCS)
     if args.sizes is None and args.quick:
         args.sizes = _sizes(QUICK_SIZES)
     args.plan = make_plan(args.messages, args.shapes, args.sizes)
@@ -511,13 +515,13 @@ def _messages(job: Job) -> Iterator[Any]:
 def _drain(replies: Iterator[Any], job: Job) -> Tuple[int, List[Any], Optional[str]]:
     """Consume a reply stream: (count, replies kept for a whole check, problem).
 
-    Replies that will be compared whole are kept and compared after the
-    clock stops; bigger ones get the spot check (microseconds) here.
+    Replies up to STREAM_KEEP_MAX are kept and compared whole after the
+    clock stops; bigger ones get the spot check here, on the clock.
     """
     count, kept, problem = 0, [], None
     for reply in replies:
         count += 1
-        if job.check.compares_whole:
+        if job.size <= srv.STREAM_KEEP_MAX:
             kept.append(reply)
         elif problem is None:
             problem = job.check.problem(reply, whole=False)
@@ -732,13 +736,18 @@ def floor_buffer(payload: srv.Payload) -> Iterator[mmap.mmap]:
 
 
 def measure_peak(methods: Methods, control: Stubs, job: Job) -> dict:
-    """Peak memory of both processes over one unary echo, after resets."""
+    """Peak memory of both processes over one unary echo, after resets; the
+    reply is checked once the client's memory is read."""
     client_reset = srv.reset_peak()
     client_base = srv.memory_status()
     server_base = json.loads(control.peak(BytesValue(), timeout=CALL_TIMEOUT).value)  # also resets
-    run_unary(methods, job)
-    server = json.loads(control.peak(BytesValue(), timeout=CALL_TIMEOUT).value)
+    reply = methods.echo(job.payload.message, timeout=CALL_TIMEOUT)
     client = srv.memory_status()
+    server = json.loads(control.peak(BytesValue(), timeout=CALL_TIMEOUT).value)
+    problem = job.check.problem(reply)
+    del reply
+    if problem:
+        raise ValueError(problem)
     return {
         "client": _peak_summary(client, client_base["VmRSS"], client_reset, job.size),
         "server": _peak_summary(server, server_base["VmRSS"], server_base["reset"], job.size),
@@ -830,7 +839,7 @@ class Bench:
                 # Now that the floor's mapping is gone from the resident set.
                 if unary:
                     self.measure_peaks(*unary)
-                del payload, unary
+                del payload, unary, job  # before the next size's payload is built
 
     def run_cell(self, job: Job, floor_buf: mmap.mmap) -> Dict[str, Cell]:
         key = (job.message, job.shape, job.size)
@@ -861,12 +870,14 @@ class Bench:
         for mode, cell in cells.items():
             if cell.errors:
                 continue
+            where = f"peak memory, {job.message} {human_size(job.size)} {mode}"
             try:
                 cell.peak = measure_peak(self.stubs[mode].methods[job.message], self.control, job)
             except grpc.RpcError as exc:
-                self.warn(
-                    f"peak memory, {job.message} {human_size(job.size)} {mode}: {exc.code().name}: {exc.details()}"
-                )
+                self.warn(f"{where}: {exc.code().name}: {exc.details()}")
+            except ValueError as exc:  # the reply was wrong
+                cell.errors.append(f"{where}: {exc}")
+                self.warn(f"{where}: {exc}")
         self.probe.delta()  # these calls belong to no cell
 
     def sample(self, cell: Cell, job: Job, record: bool) -> None:
@@ -1015,7 +1026,7 @@ def results(
             "repeat": bench.args.repeat,
             "stream_bytes": bench.args.stream_bytes,
             "threshold": bench.threshold,
-            "full_check_max": srv.FULL_CHECK_MAX,
+            "stream_keep_max": srv.STREAM_KEEP_MAX,
         },
         "units": "times in ms; streams: per message; throughput: payload MiB/s, echoes count both ways",
         "cells": [_cell_json(cell) for cell in bench.cells.values()],
@@ -1200,8 +1211,8 @@ def checked_line(views: Sequence[Results]) -> str:
     sampled = sum(cell["checked_sampled"] for cell in cells)
     failed = sum(1 for cell in cells if cell["errors"])
     return (
-        f"checked: {whole} messages compared whole, {sampled} above {human_size(srv.FULL_CHECK_MAX)} "
-        f"spot-checked (item count, {srv.SAMPLE_WINDOWS + 2} windows); "
+        f"checked: {whole} messages compared whole, {sampled} spot-checked (stream messages above "
+        f"{human_size(srv.STREAM_KEEP_MAX)}: item count, {srv.SAMPLE_WINDOWS + 2} windows); "
         + (f"{failed} cells FAILED (see the warnings)" if failed else "no problem found")
     )
 
@@ -1310,7 +1321,12 @@ def combined_text(phases: Dict[str, Results]) -> str:
     for message, shape in pairs:
         out += ["", _title(message, shape), combined_table(phases, message, shape)]
     out += ["", checked_line(list(phases.values()))]
-    warnings = [f"{malloc}: {line}" for malloc, view in phases.items() for line in view.data["warnings"]]
+    warnings = [
+        f"{malloc}: interrupted: its cells hold what was measured until then"
+        for malloc, view in phases.items()
+        if view.data["interrupted"]
+    ]
+    warnings += [f"{malloc}: {line}" for malloc, view in phases.items() for line in view.data["warnings"]]
     out += [f"note: {line}" for line in warnings]
     return "\n".join(out)
 
@@ -1338,6 +1354,7 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
 
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return "matplotlib is not installed (pip install 'shmgrpc[plot]'): throughput.png skipped"
     pairs: List[Tuple[str, str]] = []
@@ -1362,7 +1379,9 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
                 sizes = view.sizes(message, shape)
                 for mode in view.modes + [FLOOR]:
                     times = [
-                        view.floor(message, shape, size) if mode == FLOOR else view.per_message(message, shape, size, mode)
+                        view.floor(message, shape, size)
+                        if mode == FLOOR
+                        else view.per_message(message, shape, size, mode)
                         for size in sizes
                     ]
                     points = [(size, mib_per_s(shape, size, t)) for size, t in zip(sizes, times)]
@@ -1385,6 +1404,9 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
             ax.set_yscale("log")
             ax.set_xlim(all_sizes[0] / 1.6, all_sizes[-1] * 1.6)
             ax.set_xticks(all_sizes, [short_size(size) for size in all_sizes], fontsize=8)
+            # Labelled y ticks at 1, 2 and 5 of each decade: a panel may span less than one.
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
             ax.minorticks_off()
             ax.tick_params(axis="y", labelsize=8)
             ax.set_title(f"{message} / {shape}", fontsize=10)
@@ -1402,7 +1424,8 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
     title += textwrap.wrap(machine_line(runs[0][1].data["machine"]), width=int(width * 12))
     figure.suptitle("\n".join(title), fontsize=9)
     height = figure.get_figheight()
-    figure.tight_layout(rect=(0, (0.25 * legend_rows + 0.15) / height, 1, 1 - (0.2 * len(title) + 0.1) / height))
+    # tight_layout keeps the panels clear of the suptitle, not of a figure legend.
+    figure.tight_layout(rect=(0, (0.22 * legend_rows + 0.1) / height, 1, 1))
     figure.savefig(path, dpi=110, bbox_inches="tight")  # nothing cut off, whatever the fonts
     plt.close(figure)
     return None
@@ -1510,6 +1533,20 @@ class _Phases:
             self.child.send_signal(signal.SIGTERM)
 
 
+def _without(argv: Sequence[str], options: Sequence[str]) -> List[str]:
+    """argv less `--option value` and `--option=value` of these options."""
+    kept: List[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] in options:
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    return kept
+
+
 def run_phases(args: argparse.Namespace, argv: List[str], command: str) -> int:
     """Each malloc phase in a process of its own (the keep settings must come
     before any thread), then the combined report."""
@@ -1525,8 +1562,9 @@ def run_phases(args: argparse.Namespace, argv: List[str], command: str) -> int:
             if state.stopped:
                 break
             phase_out = os.path.join(out, malloc)
-            # The last --malloc and --out win.
-            phase_command = [sys.executable, "-m", "shmgrpc.bench", *argv, "--malloc", malloc, "--out", phase_out]
+            # The last --malloc and --out win (argparse), whatever _without() missed.
+            phase_argv = _without(argv, ("--malloc", "--out")) + ["--malloc", malloc, "--out", phase_out]
+            phase_command = [sys.executable, "-m", "shmgrpc.bench", *phase_argv]
             progress(f"=== malloc phase {malloc}: {shlex.join(['python', *phase_command[1:]])}")
             state.child = subprocess.Popen(phase_command, env=_package_env())
             # A signal runs state.handle and the wait goes on (PEP 475).
