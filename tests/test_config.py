@@ -50,6 +50,7 @@ def test_every_variable_is_read(tmp_path):
         "SHMGRPC_SHM_DIR": "/run/shm",
         "SHMGRPC_SIDE_DIR": str(tmp_path),
         "SHMGRPC_SIDE_UIDS": "1000, 1001",
+        "SHMGRPC_MALLOC": "Keep",
     }
     assert set(env) == set(ENV)
     config = Config.from_env(env)
@@ -65,7 +66,7 @@ def test_every_variable_is_read(tmp_path):
         16 * MiB,
         "/run/shm",
     )
-    assert (config.side_dir, config.side_uids) == (str(tmp_path), (1000, 1001))
+    assert (config.side_dir, config.side_uids, config.malloc) == (str(tmp_path), (1000, 1001), "keep")
     # blank means unset; overrides beat the environment
     assert Config.from_env({"SHMGRPC_THRESHOLD": "  "}).threshold == Config().threshold
     assert Config.from_env({"SHMGRPC_THRESHOLD": "1M"}, threshold=5).threshold == 5
@@ -74,6 +75,7 @@ def test_every_variable_is_read(tmp_path):
 BAD = {
     "SHMGRPC_THRESHOLD": ["banana", "-1", "0", "1.5M", "64 Kibibytes"],
     "SHMGRPC_TRANSPORT": ["tcp", "shm,cma"],
+    "SHMGRPC_MALLOC": ["always", "1"],
     "SHMGRPC_POOL_SIZE": ["lots"],
     "SHMGRPC_SEGMENT_SIZE": ["4K"],
     "SHMGRPC_MAX_MESSAGE": ["1Q"],
