@@ -427,7 +427,8 @@ class Channel(EngineOwner, grpc.Channel):
     Build it with shmgrpc.intercept_channel() or shmgrpc.insecure_channel().
     One wrapper per channel: it knows the one server its channel talks to."""
 
-    def __init__(self, channel: grpc.Channel, config: Optional[Config] = None, options=None, name: str = ""):
+    def __init__(self, channel: grpc.Channel, config: Optional[Config] = None,
+                 options: Optional[Sequence[Tuple[str, Any]]] = None, name: str = "") -> None:
         if not isinstance(channel, grpc.Channel):
             hint = " (a grpc.aio channel: use shmgrpc.aio.intercept_channel)" if isinstance(
                 channel, grpc.aio.Channel) else ""
@@ -474,35 +475,43 @@ class Channel(EngineOwner, grpc.Channel):
 
     # grpc.Channel
 
-    def subscribe(self, callback, try_to_connect=False):
+    def subscribe(self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False) -> None:
         self._inner.subscribe(callback, try_to_connect=try_to_connect)
 
-    def unsubscribe(self, callback):
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
         self._inner.unsubscribe(callback)
 
-    def unary_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def unary_unary(self, method: str, request_serializer: Optional[Callable[[Any], bytes]] = None,
+                    response_deserializer: Optional[Callable[[bytes], Any]] = None,
+                    _registered_method: bool = False) -> grpc.UnaryUnaryMultiCallable:
         return UnaryUnaryMultiCallable(self, method, request_serializer, response_deserializer, _registered_method)
 
-    def unary_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def unary_stream(self, method: str, request_serializer: Optional[Callable[[Any], bytes]] = None,
+                     response_deserializer: Optional[Callable[[bytes], Any]] = None,
+                     _registered_method: bool = False) -> grpc.UnaryStreamMultiCallable:
         return UnaryStreamMultiCallable(self, method, request_serializer, response_deserializer, _registered_method)
 
-    def stream_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def stream_unary(self, method: str, request_serializer: Optional[Callable[[Any], bytes]] = None,
+                     response_deserializer: Optional[Callable[[bytes], Any]] = None,
+                     _registered_method: bool = False) -> grpc.StreamUnaryMultiCallable:
         return StreamUnaryMultiCallable(self, method, request_serializer, response_deserializer, _registered_method)
 
-    def stream_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def stream_stream(self, method: str, request_serializer: Optional[Callable[[Any], bytes]] = None,
+                      response_deserializer: Optional[Callable[[bytes], Any]] = None,
+                      _registered_method: bool = False) -> grpc.StreamStreamMultiCallable:
         return StreamStreamMultiCallable(self, method, request_serializer, response_deserializer, _registered_method)
 
-    def close(self):
+    def close(self) -> None:
         """Close the wrapped channel and let go of shared memory."""
         try:
             self._inner.close()
         finally:
             self._engine.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "Channel":
         return self
 
-    def __exit__(self, exc_type, exc_val, exc_tb):
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
         self.close()
         return False
 
@@ -524,12 +533,16 @@ def intercept_channel(channel: grpc.Channel, config: Optional[Config] = None, *,
     return Channel(channel, config, options, name=_target_of(channel))
 
 
-def insecure_channel(target: str, options=None, compression=None, *, config: Optional[Config] = None) -> Channel:
+def insecure_channel(target: str, options: Optional[Sequence[Tuple[str, Any]]] = None,
+                     compression: Optional[grpc.Compression] = None, *,
+                     config: Optional[Config] = None) -> Channel:
     """grpc.insecure_channel(target, options, compression), wrapped."""
     return Channel(grpc.insecure_channel(target, options, compression), config, options, name=target)
 
 
-def secure_channel(target: str, credentials, options=None, compression=None, *,
+def secure_channel(target: str, credentials: grpc.ChannelCredentials,
+                   options: Optional[Sequence[Tuple[str, Any]]] = None,
+                   compression: Optional[grpc.Compression] = None, *,
                    config: Optional[Config] = None) -> Channel:
     """grpc.secure_channel(target, credentials, options, compression), wrapped."""
     return Channel(grpc.secure_channel(target, credentials, options, compression), config, options, name=target)
@@ -540,7 +553,7 @@ def _target_of(channel) -> str:
     return target if isinstance(target, str) else type(channel).__name__
 
 
-def channel_status(channel) -> ChannelStatus:
+def channel_status(channel: object) -> ChannelStatus:
     """The ChannelStatus of a channel made by shmgrpc (sync or aio)."""
     status = getattr(channel, "status", None)
     if status is None or not isinstance(channel, EngineOwner):

@@ -42,7 +42,7 @@ def warn_deprecated(stacklevel: int = 2) -> None:
 class PassThrough:
     """What the deprecated interceptors still answer: nothing in effect."""
 
-    def __init__(self, config: Optional[Config] = None, *, _stacklevel: int = 3):
+    def __init__(self, config: Optional[Config] = None, *, _stacklevel: int = 3) -> None:
         self._config = Config.from_env() if config is None else config
         self._stats = Stats()
         warn_deprecated(stacklevel=_stacklevel)  # 1 warn_deprecated, 2 __init__, 3 who built it

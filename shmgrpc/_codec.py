@@ -149,13 +149,13 @@ class Tickets:
                 return
         self._engine.release(ticket)
 
-    def end(self, release: bool = True) -> None:
+    def end(self, release: bool = True, unread_only: bool = False) -> None:
         with self._lock:
             self._open = False
             tickets, self._tickets = self._tickets, []
         if release:
             for ticket in tickets:
-                self._engine.release(ticket)
+                self._engine.release(ticket, unread_only)
 
     def release(self, _call=None) -> None:
         self.end(True)

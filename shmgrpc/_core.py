@@ -820,6 +820,10 @@ class Engine:
         why = f"co-located server pid {peer.pid}" if peer is not None and peer.pid else "co-located server"
         if peer is not None and not peer.named:
             why += " (known by its side connection; no shared shm directory in use)"
+        if "cma" in rungs and peer is not None and peer.cma_reason is not None and not (
+            route.send_memfd or route.send_shm
+        ):
+            why += f"; answers come back inline: this side cannot read the server with cma ({peer.cma_reason})"
         skipped = [t for t in self._order if t not in rungs]
         if skipped:
             why += "; " + ", ".join(f"{t} unavailable" for t in skipped)
@@ -1061,9 +1065,10 @@ class Engine:
         self.stats.add("offloaded", "shm", 1, len(data))
         return wire.encode_shm(slot.handle()), pool.Ticket(slot, slot.generation), ""
 
-    def release(self, ticket: "Optional[pool.Ticket | pins.Ticket]") -> None:
+    def release(self, ticket: "Optional[pool.Ticket | pins.Ticket]", unread_only: bool = False) -> None:
         """The call that carried `ticket` is over: nobody will read it any
-        more. A ticket whose slot or pin was reused since is ignored."""
+        more. A ticket whose slot or pin was reused since is ignored.
+        `unread_only`: see pool.Pool.release."""
         node = self._node
         if node is None or ticket is None:
             return
@@ -1071,7 +1076,7 @@ class Engine:
             if node.pins is not None:
                 node.pins.release(ticket)
         elif node.pool is not None:
-            node.pool.release(ticket)
+            node.pool.release(ticket, unread_only)
 
     def restore(self, raw, route: Route, deserializer: Callable, reread: bool = False) -> Any:
         """Rebuild the message a handle stands for, with `deserializer`.

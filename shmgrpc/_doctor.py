@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import cma, pool, side, wire
 from ._core import AUTO_ORDER, TRANSPORTS
@@ -274,7 +274,7 @@ def check_shm(config: Config) -> Check:
                      data)
     if fstype is not None and fstype != "tmpfs":
         return Check("shm", WARN, f"{where}; it is not a tmpfs, so segments may be written to disk",
-                     f"point SHMGRPC_SHM_DIR at a tmpfs", data)
+                     "point SHMGRPC_SHM_DIR at a tmpfs", data)
     return Check("shm", OK, f"{where}; a {size_text(need)} segment reserved and removed; pool up to "
                             f"{size_text(config.pool_size)}", data=data)
 

@@ -18,7 +18,8 @@ name and prove this server; it travels with the status: no extra operation).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional, Tuple
+from concurrent import futures
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import grpc
 
@@ -91,7 +92,7 @@ def _context(context, welcome, sent: Optional[Tickets]):
     """Our context for the handler; with `sent`, the unread responses of a
     call that ends cancelled are freed then (as the aio server does)."""
     if sent is not None:
-        context.add_callback(lambda: sent.end(release=not _statused(context)))
+        context.add_callback(lambda: sent.end(release=not _statused(context), unread_only=True))
     return _Context(context, welcome)
 
 
@@ -184,10 +185,15 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
     as inline ones (without them gRPC's defaults are assumed: receive 4 MiB,
     send unlimited)."""
 
-    def __init__(self, config: Optional[Config] = None, *, options=None):
+    def __init__(self, config: Optional[Config] = None, *,
+                 options: Optional[Sequence[Tuple[str, Any]]] = None) -> None:
         self._engine = Engine(config, "server", options, "server")
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Optional[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Optional[grpc.RpcMethodHandler]:
         if handler_call_details.method == wire.HANDSHAKE_METHOD:
             return handshake_handler(self._engine, handler_call_details)
         handler = continuation(handler_call_details)
@@ -201,8 +207,17 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
         return rebuild_handler(handler, codec, _wrap_behavior(handler, welcome, sent))
 
 
-def server(thread_pool=None, handlers=None, interceptors=None, options=None, maximum_concurrent_rpcs=None,
-           compression=None, xds=False, *, config: Optional[Config] = None) -> grpc.Server:
+def server(
+    thread_pool: Optional[futures.Executor] = None,
+    handlers: Optional[Sequence[grpc.GenericRpcHandler]] = None,
+    interceptors: Optional[Sequence[grpc.ServerInterceptor]] = None,
+    options: Optional[Sequence[Tuple[str, Any]]] = None,
+    maximum_concurrent_rpcs: Optional[int] = None,
+    compression: Optional[grpc.Compression] = None,
+    xds: bool = False,
+    *,
+    config: Optional[Config] = None,
+) -> grpc.Server:
     """grpc.server(...) with shmgrpc installed, innermost: your interceptors
     run first and see the real requests; shmgrpc knows the server's options.
 

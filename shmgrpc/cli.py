@@ -135,7 +135,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
               f"({_size(sum(r['size'] for r in dead))}): `python -m shmgrpc gc` removes "
               f"{'them' if len(ours) == len(dead) else f'the {len(ours)} of uid {os.geteuid()}'}")
     if sockets:
-        print(f"side sockets (memfd) in this network namespace: "
+        print("side sockets (memfd) in this network namespace: "
               + ", ".join(f"{s['address']} (pid {s['pid']})" for s in sockets))
     print("memfd segments have no names: the kernel frees them with their last process.")
     return 0

@@ -505,13 +505,20 @@ class Pool:
         base = SLOT_HEADER * slot.index + 64
         struct.pack_into("<I", slot.segment.mm, base + _STATE_AT, READY)
 
-    def release(self, ticket: Ticket) -> None:
+    def release(self, ticket: Ticket, unread_only: bool = False) -> None:
         """The sender knows nobody will read this use of a slot any more (its
-        call ended)."""
+        call ended). `unread_only` (a server's cancelled call): leave a slot a
+        reader has claimed or acknowledged to that reader's ack, or the lease;
+        the reader may be parsing it right now."""
         with self._lock:
             slot = ticket.slot
-            if slot.segment.generations[slot.index] == ticket.generation:
-                self._free_locked(slot)
+            if slot.segment.generations[slot.index] != ticket.generation:
+                return
+            if unread_only and slot.segment.intact():
+                (state,) = struct.unpack_from("<I", slot.segment.mm, SLOT_HEADER * slot.index + 64 + _STATE_AT)
+                if state != READY:
+                    return
+            self._free_locked(slot)
 
     def reclaim(self) -> int:
         with self._lock:

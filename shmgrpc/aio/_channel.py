@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import grpc
 from grpc import aio
@@ -376,7 +376,8 @@ class Channel(EngineOwner, aio.Channel):
 
     Build it with shmgrpc.aio.intercept_channel() or shmgrpc.aio.insecure_channel()."""
 
-    def __init__(self, channel: aio.Channel, config: Optional[Config] = None, options=None, name: str = ""):
+    def __init__(self, channel: aio.Channel, config: Optional[Config] = None,
+                 options: Optional[Sequence[Tuple[str, Any]]] = None, name: str = "") -> None:
         if not isinstance(channel, aio.Channel):
             hint = " (a sync grpc channel: use shmgrpc.intercept_channel)" if isinstance(channel, grpc.Channel) else ""
             raise TypeError(f"shmgrpc.aio.intercept_channel needs a grpc.aio.Channel, not {type(channel).__name__}{hint}")
@@ -423,38 +424,46 @@ class Channel(EngineOwner, aio.Channel):
 
     # grpc.aio.Channel
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "Channel":
         return self
 
-    async def __aexit__(self, exc_type, exc_val, exc_tb):
+    async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         await self.close()
 
-    async def close(self, grace: Optional[float] = None):
+    async def close(self, grace: Optional[float] = None) -> None:
         """Close the wrapped channel and let go of shared memory."""
         try:
             await self._inner.close(grace)
         finally:
             self._engine.close()
 
-    def get_state(self, try_to_connect: bool = False):
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         return self._inner.get_state(try_to_connect)
 
-    async def wait_for_state_change(self, last_observed_state):
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
         return await self._inner.wait_for_state_change(last_observed_state)
 
     async def channel_ready(self) -> None:
         await self._inner.channel_ready()
 
-    def unary_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def unary_unary(self, method: str, request_serializer: Optional[Callable[[Any], bytes]] = None,
+                    response_deserializer: Optional[Callable[[bytes], Any]] = None,
+                    _registered_method: bool = False) -> aio.UnaryUnaryMultiCallable:
         return UnaryUnaryMultiCallable(self, method, request_serializer, response_deserializer, _registered_method)
 
-    def unary_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def unary_stream(self, method: str, request_serializer: Optional[Callable[[Any], bytes]] = None,
+                     response_deserializer: Optional[Callable[[bytes], Any]] = None,
+                     _registered_method: bool = False) -> aio.UnaryStreamMultiCallable:
         return UnaryStreamMultiCallable(self, method, request_serializer, response_deserializer, _registered_method)
 
-    def stream_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def stream_unary(self, method: str, request_serializer: Optional[Callable[[Any], bytes]] = None,
+                     response_deserializer: Optional[Callable[[bytes], Any]] = None,
+                     _registered_method: bool = False) -> aio.StreamUnaryMultiCallable:
         return StreamUnaryMultiCallable(self, method, request_serializer, response_deserializer, _registered_method)
 
-    def stream_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+    def stream_stream(self, method: str, request_serializer: Optional[Callable[[Any], bytes]] = None,
+                      response_deserializer: Optional[Callable[[bytes], Any]] = None,
+                      _registered_method: bool = False) -> aio.StreamStreamMultiCallable:
         return StreamStreamMultiCallable(self, method, request_serializer, response_deserializer, _registered_method)
 
     def status(self) -> ChannelStatus:
@@ -468,14 +477,19 @@ def intercept_channel(channel: aio.Channel, config: Optional[Config] = None, *,
     return Channel(channel, config, options, name=_target_of(channel))
 
 
-def insecure_channel(target: str, options=None, compression=None, interceptors=None, *,
+def insecure_channel(target: str, options: Optional[Sequence[Tuple[str, Any]]] = None,
+                     compression: Optional[grpc.Compression] = None,
+                     interceptors: Optional[Sequence[aio.ClientInterceptor]] = None, *,
                      config: Optional[Config] = None) -> Channel:
     """grpc.aio.insecure_channel(target, options, compression, interceptors), wrapped.
     The interceptors run inside the wrapper and see the application's messages."""
     return Channel(aio.insecure_channel(target, options, compression, interceptors), config, options, name=target)
 
 
-def secure_channel(target: str, credentials, options=None, compression=None, interceptors=None, *,
+def secure_channel(target: str, credentials: grpc.ChannelCredentials,
+                   options: Optional[Sequence[Tuple[str, Any]]] = None,
+                   compression: Optional[grpc.Compression] = None,
+                   interceptors: Optional[Sequence[aio.ClientInterceptor]] = None, *,
                    config: Optional[Config] = None) -> Channel:
     """grpc.aio.secure_channel(...), wrapped."""
     return Channel(aio.secure_channel(target, credentials, options, compression, interceptors), config, options,

@@ -32,6 +32,6 @@ class StreamStreamClientInterceptor(PassThrough, aio.StreamStreamClientIntercept
         return await continuation(client_call_details, request_iterator)
 
 
-def client_interceptors(config: Optional[Config] = None) -> List[PassThrough]:
+def client_interceptors(config: Optional[Config] = None) -> List[UnaryUnaryClientInterceptor]:
     """Deprecated: pass-through interceptors. Use shmgrpc.aio.intercept_channel()."""
     return [UnaryUnaryClientInterceptor(config, _stacklevel=4)]  # the caller of client_interceptors()

@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Callable, Optional
+from concurrent import futures
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import grpc
 from grpc import aio
@@ -98,7 +99,7 @@ def _aio_behavior(handler, welcome, sent: Sent) -> Callable:
         # Runs first in every call. add_done_callback fires when grpc's task
         # for the call ends; done() means a status was sent. Without one the
         # call was cancelled (client, deadline, server stop): free its slots.
-        context.add_done_callback(lambda ctx: sent.end(release=not ctx.done()))
+        context.add_done_callback(lambda ctx: sent.end(release=not ctx.done(), unread_only=True))
         ctx = _Context(context, welcome)  # first: a failing call carries the welcome too
         if streaming_in:
             request = _checking(request, ctx)
@@ -152,7 +153,8 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
     Restores offloaded requests and offloads large responses for clients that
     proved they share this host; everyone else is served untouched."""
 
-    def __init__(self, config: Optional[Config] = None, *, options=None):
+    def __init__(self, config: Optional[Config] = None, *,
+                 options: Optional[Sequence[Tuple[str, Any]]] = None) -> None:
         self._engine = Engine(config, "server", options, "server")
         self._warned = False
 
@@ -161,7 +163,8 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
     # loop and gives no earlier hook (grpc/_server.py touches interceptors
     # only in _find_method_handler, per call), so every call there fails
     # with WRONG_SERVER instead of the server choking on a coroutine.
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -206,8 +209,16 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
         return factory(refuse)
 
 
-def server(migration_thread_pool=None, handlers=None, interceptors=None, options=None,
-           maximum_concurrent_rpcs=None, compression=None, *, config: Optional[Config] = None) -> aio.Server:
+def server(
+    migration_thread_pool: Optional[futures.Executor] = None,
+    handlers: Optional[Sequence[grpc.GenericRpcHandler]] = None,
+    interceptors: Optional[Sequence[Any]] = None,
+    options: Optional[Sequence[Tuple[str, Any]]] = None,
+    maximum_concurrent_rpcs: Optional[int] = None,
+    compression: Optional[grpc.Compression] = None,
+    *,
+    config: Optional[Config] = None,
+) -> aio.Server:
     """grpc.aio.server(...) with shmgrpc installed, innermost (see
     shmgrpc.server). The ServerInterceptor is reachable as `server.shmgrpc`."""
     icpt = ServerInterceptor(config, options=options)

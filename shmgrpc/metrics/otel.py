@@ -56,7 +56,8 @@ def instrument(meter_provider: Optional[MeterProvider] = None) -> List[Any]:
     )
     made: List[Any] = []
     for metric in METRICS:
-        create = meter.create_observable_counter if metric.kind == "counter" else meter.create_observable_up_down_counter
+        create = (meter.create_observable_counter if metric.kind == "counter"
+                  else meter.create_observable_up_down_counter)
         made.append(create(metric.otel_name, callbacks=[_callback(metric)], unit=metric.unit,
                            description=metric.description))
     return made
