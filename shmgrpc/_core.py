@@ -823,7 +823,7 @@ class Engine:
         if "cma" in rungs and peer is not None and peer.cma_reason is not None and not (
             route.send_memfd or route.send_shm
         ):
-            why += f"; answers come back inline: this side cannot read the server with cma ({peer.cma_reason})"
+            why += "; answers come back inline: this side cannot read the server with cma (stats notes: cma)"
         skipped = [t for t in self._order if t not in rungs]
         if skipped:
             why += "; " + ", ".join(f"{t} unavailable" for t in skipped)
