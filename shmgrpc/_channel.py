@@ -334,6 +334,19 @@ class _MultiCallable:
         multicallable = factory(self._method, codec.serializer(self._serializer), codec.deserializer(self._deserializer))
         return _Call(multicallable, with_hello(metadata, hello), timeout, codec, tickets)
 
+    def _launch(self, how: str, request, timeout, metadata, credentials, wait_for_ready, compression):
+        """Start a call that returns at once (`future`, or a response
+        stream's `__call__`): the inner call, behind a _CallProxy when framed."""
+        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
+        inner = getattr(call.multicallable, how)(
+            request, timeout=call.timeout, metadata=call.metadata, credentials=credentials,
+            wait_for_ready=wait_for_ready, compression=compression,
+        )
+        if call.codec is None:
+            return inner
+        call.watch(self._channel._engine, inner)
+        return _CallProxy(inner, call.codec)
+
     def _resend(self, reason: str, error: grpc.RpcError, call: _Call) -> None:
         engine = self._channel._engine
         if reason == "plain":
@@ -379,15 +392,7 @@ class _UnaryRequest(_MultiCallable):
         return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression, True)[0]
 
     def future(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):
-        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
-        inner = call.multicallable.future(
-            request, timeout=call.timeout, metadata=call.metadata, credentials=credentials,
-            wait_for_ready=wait_for_ready, compression=compression,
-        )
-        if call.codec is None:
-            return inner
-        call.watch(self._channel._engine, inner)
-        return _CallProxy(inner, call.codec)
+        return self._launch("future", request, timeout, metadata, credentials, wait_for_ready, compression)
 
 
 class UnaryUnaryMultiCallable(_UnaryRequest, grpc.UnaryUnaryMultiCallable):
@@ -402,15 +407,7 @@ class StreamUnaryMultiCallable(_UnaryRequest, grpc.StreamUnaryMultiCallable):
 
 class _StreamResponse(_MultiCallable):
     def __call__(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):
-        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
-        inner = call.multicallable(
-            request, timeout=call.timeout, metadata=call.metadata, credentials=credentials,
-            wait_for_ready=wait_for_ready, compression=compression,
-        )
-        if call.codec is None:
-            return inner
-        call.watch(self._channel._engine, inner)
-        return _CallProxy(inner, call.codec)
+        return self._launch("__call__", request, timeout, metadata, credentials, wait_for_ready, compression)
 
 
 class UnaryStreamMultiCallable(_StreamResponse, grpc.UnaryStreamMultiCallable):
