@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import grpc
 
 from . import wire
-from ._codec import CallCodec, Tickets
+from ._codec import CallCodec, LazyTickets, ThreadCodec
 from ._core import ChannelStatus, Engine, EngineOwner
 from .config import Config
 from .errors import ShmGrpcError
@@ -277,19 +277,22 @@ class _Call:
 
     def watch(self, engine: Engine, call) -> None:
         """When `call` ends: free its offloaded requests, learn from its welcome."""
-        tickets = self.tickets
-        if tickets is None:
-            return
+        if self.tickets is not None:
+            call.add_done_callback(lambda finished: self.settle(engine, finished))
 
-        def done(finished):
-            tickets.release()
-            try:
-                trailing = finished.trailing_metadata()
-            except Exception:  # a call that never started has none
-                return
-            engine.client_welcome(trailing)
-
-        call.add_done_callback(done)
+    def settle(self, engine: Engine, finished) -> bool:
+        """`finished` (the call, or its RpcError) is over: free its offloaded
+        requests, learn from its welcome. True if it carried one (its
+        trailing metadata then needs the welcome stripped)."""
+        self.tickets.release()
+        try:
+            trailing = finished.trailing_metadata()
+        except Exception:  # a call that never started has none
+            return False
+        if wire.metadata_value(trailing, wire.WELCOME_KEY) is None:
+            return False
+        engine.client_welcome(trailing)
+        return True
 
 
 class _MultiCallable:
@@ -309,11 +312,24 @@ class _MultiCallable:
         factory = getattr(channel._inner, self._kind)
         kwargs = {"_registered_method": True} if registered else {}
         self._plain = factory(method, serializer, deserializer, **kwargs)
+        self._framed = None  # (route, its multicallable with a ThreadCodec): see _start
 
     def _plain_multicallable(self):
         return self._plain
 
-    def _start(self, request, timeout, metadata, credentials, wait_for_ready, compression, plain=False) -> _Call:
+    def _framed_multicallable(self, route):
+        """The multicallable for blocking calls on `route`, made once per
+        route and registered like the caller's (see ThreadCodec)."""
+        framed = self._framed
+        if framed is None or framed[0] is not route:
+            codec = ThreadCodec(self._channel._engine, route, self._serializer, self._deserializer)
+            kwargs = {"_registered_method": True} if self._registered else {}
+            factory = getattr(self._channel._inner, self._kind)
+            framed = self._framed = (route, factory(self._method, codec.serialize, codec.deserialize, **kwargs))
+        return framed[1]
+
+    def _start(self, request, timeout, metadata, credentials, wait_for_ready, compression, plain=False,
+               blocking=False) -> _Call:
         channel = self._channel
         engine = channel._engine
         state = None if plain else engine.client_call_state()
@@ -325,13 +341,17 @@ class _MultiCallable:
         if state is None:
             return _Call(self._plain_multicallable(), metadata, timeout)
         hello, route = state
-        tickets = Tickets(engine)
+        tickets = LazyTickets(engine)
         codec = CallCodec(engine, route, keep=tickets.add)
-        factory = getattr(channel._inner, self._kind)
-        # A multicallable per call (a few microseconds): its serializers are
-        # this call's. Not registered: gRPC's registration is per method and
-        # not meant to be called from many threads at once.
-        multicallable = factory(self._method, codec.serializer(self._serializer), codec.deserializer(self._deserializer))
+        if blocking and route is not None:
+            multicallable = self._framed_multicallable(route)
+        else:
+            # A multicallable of this call's own: its serializers are this
+            # call's (gRPC may run them in another thread). Not registered:
+            # gRPC's registration is not meant for many threads at once.
+            factory = getattr(channel._inner, self._kind)
+            multicallable = factory(self._method, codec.serializer(self._serializer),
+                                    codec.deserializer(self._deserializer))
         return _Call(multicallable, with_hello(metadata, hello), timeout, codec, tickets)
 
     def _launch(self, how: str, request, timeout, metadata, credentials, wait_for_ready, compression):
@@ -364,25 +384,30 @@ class _UnaryRequest(_MultiCallable):
 
     def _invoke(self, request, timeout, metadata, credentials, wait_for_ready, compression, resend: bool):
         engine = self._channel._engine
-        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression, plain=not resend)
+        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression, plain=not resend,
+                           blocking=self._kind == "unary_unary")
         deadline = None if call.timeout is None else time.monotonic() + call.timeout
+        previous = ThreadCodec.enter(call.codec) if call.codec is not None else None
         try:
             response, outcome = call.multicallable.with_call(
                 request, timeout=call.timeout, metadata=call.metadata, credentials=credentials,
                 wait_for_ready=wait_for_ready, compression=compression,
             )
         except grpc.RpcError as err:
-            if call.tickets is not None:
-                call.watch(engine, err)
+            if call.codec is None:
+                raise
+            call.settle(engine, err)
             reason = resend_reason(err, call.codec) if resend and self._resendable else None
             if reason is None:
-                raise (_converted(err, call.codec) if call.codec is None else _CallProxy(err, call.codec)._raised(err))
+                raise _CallProxy(err, call.codec)._raised(err)
             self._resend(reason, err, call)
             # Sent again plain: no hello, no frame, whatever server it reaches.
             return self._invoke(request, remaining(deadline), metadata, credentials, wait_for_ready, compression, False)
-        if call.tickets is not None:
-            call.watch(engine, outcome)
-            return response, _CallProxy(outcome, call.codec)
+        finally:
+            if call.codec is not None:
+                ThreadCodec.leave(previous)
+        if call.codec is not None and call.settle(engine, outcome):
+            return response, _CallProxy(outcome, call.codec)  # its trailers without our welcome
         return response, outcome
 
     def with_call(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):

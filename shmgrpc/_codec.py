@@ -78,43 +78,90 @@ class CallCodec:
         original = original or _identity
         if self.route is None:
             return original
-        engine, route, keep = self.engine, self.route, self.keep
-
-        def serialize(message: Any):
-            data = original(message)
-            if not isinstance(data, _BYTES):
-                return data  # not ours to judge: gRPC reports it as it would
-            out = engine.offload(data, route, keep)
-            if out is None:
-                out = wire.escape(data)
-                if out is data:
-                    return data
-            self.sent_frame = True
-            return out
-
-        return serialize
+        return lambda message: self.serialize(original, message)
 
     def deserializer(self, original: Optional[Callable]) -> Callable:
         original = original or _identity
         if self.route is None:
             return original
-        route = self.route
+        return lambda raw: self.deserialize(original, raw)
 
-        def deserialize(raw: bytes) -> Any:
-            if not wire.is_frame(raw):
-                return original(raw)
-            if wire.escaped(raw):
-                return original(raw[len(wire.ESCAPE):])
-            try:
-                return self.engine.restore(raw, route, original, self.reread)
-            except ShmGrpcError as err:
-                if self.failure is None:
-                    self.failure = err
-                if self.failed_value:
-                    return Failed(err)
-                raise
+    def serialize(self, original: Callable, message: Any):
+        """`original(message)`, offloaded or escaped (a framed call)."""
+        data = original(message)
+        if not isinstance(data, _BYTES):
+            return data  # not ours to judge: gRPC reports it as it would
+        out = self.engine.offload(data, self.route, self.keep)
+        if out is None:
+            out = wire.escape(data)
+            if out is data:
+                return data
+        self.sent_frame = True
+        return out
 
-        return deserialize
+    def deserialize(self, original: Callable, raw: bytes) -> Any:
+        """`original` of the bytes `raw` stands for (a framed call)."""
+        if not wire.is_frame(raw):
+            return original(raw)
+        if wire.escaped(raw):
+            return original(raw[len(wire.ESCAPE):])
+        try:
+            return self.engine.restore(raw, self.route, original, self.reread)
+        except ShmGrpcError as err:
+            if self.failure is None:
+                self.failure = err
+            if self.failed_value:
+                return Failed(err)
+            raise
+
+
+# The codec of the call this thread is making through a ThreadCodec's
+# multicallable (see there), or None.
+_current = threading.local()
+
+
+class ThreadCodec:
+    """Serializer and deserializer for a multicallable made once per route
+    and reused by every blocking unary-unary call on it (a per-call
+    multicallable costs gRPC ~10 us and gives up method registration). They
+    act for the CallCodec of the call the current thread is making: gRPC
+    serializes such a call's request and deserializes its response in the
+    calling thread. If an interceptor moves the call to another thread, a
+    fresh codec of the same route serves it: framing stays right; only an
+    offloaded request's slot is then freed by the ack or lease instead of at
+    the call's end."""
+
+    __slots__ = ("engine", "route", "original_serializer", "original_deserializer")
+
+    def __init__(self, engine: Engine, route: Route, serializer: Optional[Callable],
+                 deserializer: Optional[Callable]):
+        self.engine = engine
+        self.route = route
+        self.original_serializer = serializer or _identity
+        self.original_deserializer = deserializer or _identity
+
+    def _codec(self) -> CallCodec:
+        codec = getattr(_current, "codec", None)
+        if codec is None or codec.route is not self.route:
+            codec = CallCodec(self.engine, self.route)
+        return codec
+
+    def serialize(self, message: Any):
+        return self._codec().serialize(self.original_serializer, message)
+
+    def deserialize(self, raw: bytes) -> Any:
+        return self._codec().deserialize(self.original_deserializer, raw)
+
+    @staticmethod
+    def enter(codec: CallCodec) -> Optional[CallCodec]:
+        """Make `codec` this thread's current one; returns the one before."""
+        previous = getattr(_current, "codec", None)
+        _current.codec = codec
+        return previous
+
+    @staticmethod
+    def leave(previous: Optional[CallCodec]) -> None:
+        _current.codec = previous
 
 
 class Tickets:
@@ -159,3 +206,23 @@ class Tickets:
 
     def release(self, _call=None) -> None:
         self.end(True)
+
+
+class LazyTickets:
+    """Tickets made on the first offload only: most calls offload nothing,
+    and then cost nothing here."""
+
+    __slots__ = ("_engine", "tickets")
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self.tickets: Optional[Tickets] = None
+
+    def add(self, ticket) -> None:
+        if self.tickets is None:
+            self.tickets = Tickets(self._engine)
+        self.tickets.add(ticket)
+
+    def release(self, _call=None) -> None:
+        if self.tickets is not None:
+            self.tickets.release()
