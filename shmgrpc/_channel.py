@@ -314,8 +314,6 @@ class _MultiCallable:
         self._plain = factory(method, serializer, deserializer, **kwargs)
         self._framed = None  # (route, its multicallable with a ThreadCodec): see _start
 
-    def _plain_multicallable(self):
-        return self._plain
 
     def _framed_multicallable(self, route):
         """The multicallable for blocking calls on `route`, made once per
@@ -339,7 +337,7 @@ class _MultiCallable:
             timeout = remaining(deadline)  # the handshake's time is the caller's, never extra
             state = engine.client_call_state()
         if state is None:
-            return _Call(self._plain_multicallable(), metadata, timeout)
+            return _Call(self._plain, metadata, timeout)
         hello, route = state
         tickets = LazyTickets(engine)
         codec = CallCodec(engine, route, keep=tickets.add)

@@ -159,18 +159,27 @@ def call_codec(engine: Engine, route: Optional[Route], keep=None) -> CallCodec:
     return CallCodec(engine, route, keep=keep, reread=True, failed_value=True)
 
 
-def handshake_handler(engine: Engine, details):
-    """The handler of the internal handshake method, or None (UNIMPLEMENTED)
-    when offload is off here."""
+def handshake_trailers(engine: Engine, details) -> Optional[Tuple]:
+    """What the internal handshake method answers with: its trailing
+    metadata (our welcome, when the client's hello needs one), or None when
+    offload is off here (no handler: UNIMPLEMENTED)."""
     if not engine.ready():
         return None
     route = engine.server_route(details.invocation_metadata)
+    return (route.welcome,) if route is not None and route.welcome is not None else ()
+
+
+def handshake_handler(engine: Engine, details):
+    """The handler of the internal handshake method (see handshake_trailers)."""
+    trailers = handshake_trailers(engine, details)
+    if trailers is None:
+        return None
 
     def hello(requests, context):
-        for _ in requests:  # none (a request-streaming caller), or one empty message of the caller's type
+        for _ in requests:  # our clients send none; any is read and ignored
             pass
-        if route is not None and route.welcome is not None:
-            context.set_trailing_metadata((route.welcome,))
+        if trailers:
+            context.set_trailing_metadata(trailers)
         return b""
 
     return grpc.stream_unary_rpc_method_handler(hello)

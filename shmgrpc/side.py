@@ -54,7 +54,6 @@ import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from .errors import DataLossError
 
 log = logging.getLogger(__name__)
 
@@ -511,14 +510,3 @@ class Side:
                 except OSError:
                     pass
         self._conns.clear()
-
-
-def wait_for(condition: threading.Condition, ready: Callable[[], bool], seconds: float = ARRIVAL_SECONDS) -> None:
-    """Wait until ready() (a segment arrived); DataLossError after `seconds`."""
-    deadline = time.monotonic() + seconds
-    with condition:
-        while not ready():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DataLossError("the segment a memfd handle names never arrived on the side connection")
-            condition.wait(left)

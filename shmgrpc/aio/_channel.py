@@ -88,7 +88,7 @@ class _Call:
         _, metadata, credentials, wait_for_ready, compression = self._args
         mc = self._mc
         if state is None:
-            multicallable, md = mc._plain_multicallable(), metadata
+            multicallable, md = mc._plain, metadata
         else:
             hello, route = state
             engine = mc._channel._engine
@@ -333,15 +333,13 @@ class _MultiCallable:
     def _factory(self):
         return getattr(self._channel._inner, self._kind)
 
-    def _plain_multicallable(self):
-        return self._plain
 
     def __call__(self, request=None, *, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
                  compression=None):
         engine = self._channel._engine
         state = engine.client_call_state()
         if state is None:
-            return self._plain_multicallable()(request, timeout=timeout, metadata=metadata, credentials=credentials,
+            return self._plain(request, timeout=timeout, metadata=metadata, credentials=credentials,
                                                wait_for_ready=wait_for_ready, compression=compression)
         call = self._call_type(self, request, timeout, metadata, credentials, wait_for_ready, compression)
         if engine.client_needs_handshake():

@@ -37,7 +37,7 @@ from .._codec import CallCodec, Failed
 from .._codec import Tickets as Sent
 from .._core import Engine, EngineOwner
 from .._server import _Context as _SyncContext
-from .._server import _wrap_behavior, abort_details, call_codec, rebuild_handler
+from .._server import _wrap_behavior, abort_details, call_codec, handshake_trailers, rebuild_handler
 from ..config import Config
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,9 @@ def _handshake_handler(engine: Engine, details):
     """shmgrpc._server.handshake_handler, as an async handler: aio
     interceptors outside shmgrpc may wrap every behavior as a coroutine and
     hand it an async request iterator, which a sync handler cannot read."""
-    if not engine.ready():
+    trailers = handshake_trailers(engine, details)
+    if trailers is None:
         return None
-    route = engine.server_route(details.invocation_metadata)
 
     async def hello(requests, context):
         if hasattr(requests, "__aiter__"):
@@ -138,8 +138,8 @@ def _handshake_handler(engine: Engine, details):
         else:
             for _ in requests:
                 pass
-        if route is not None and route.welcome is not None:
-            context.set_trailing_metadata((route.welcome,))
+        if trailers:
+            context.set_trailing_metadata(trailers)
         return b""
 
     return grpc.stream_unary_rpc_method_handler(hello)
