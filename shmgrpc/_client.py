@@ -44,7 +44,7 @@ class PassThrough:
 
     def __init__(self, config: Optional[Config] = None, *, _stacklevel: int = 3) -> None:
         self._config = Config.from_env() if config is None else config
-        self._stats = Stats()
+        self._stats = Stats(track=False)
         warn_deprecated(stacklevel=_stacklevel)  # 1 warn_deprecated, 2 __init__, 3 who built it
 
     @property

@@ -22,6 +22,8 @@ from ._core import Engine, Route
 from .errors import ShmGrpcError
 
 _BYTES = (bytes, bytearray, memoryview)
+_PREFIX = wire.PREFIX
+_PREFIX_LEN = len(wire.PREFIX)
 
 
 def _identity(value):
@@ -84,14 +86,28 @@ class CallCodec:
         original = original or _identity
         if self.route is None:
             return original
-        return lambda raw: self.deserialize(original, raw)
+        deserialize = self.deserialize
+
+        def deserializer(raw):
+            if raw[:_PREFIX_LEN] != _PREFIX:
+                return original(raw)  # not a frame: the message itself
+            return deserialize(original, raw)
+
+        return deserializer
 
     def serialize(self, original: Callable, message: Any):
         """`original(message)`, offloaded or escaped (a framed call)."""
-        data = original(message)
+        return self.send(original(message), self.keep)
+
+    def send(self, data: Any, keep: Optional[Callable[[Any], None]]):
+        """What goes out for serialized `data` on a framed call: a handle
+        (its ticket handed to `keep`), `data` escaped, or `data` itself."""
+        if type(data) is bytes and len(data) < self.engine.config.threshold and data[:_PREFIX_LEN] != _PREFIX:
+            self.engine.stats.add_inline(len(data))  # the common case, in short
+            return data
         if not isinstance(data, _BYTES):
             return data  # not ours to judge: gRPC reports it as it would
-        out = self.engine.offload(data, self.route, self.keep)
+        out = self.engine.offload(data, self.route, keep)
         if out is None:
             out = wire.escape(data)
             if out is data:
@@ -101,7 +117,7 @@ class CallCodec:
 
     def deserialize(self, original: Callable, raw: bytes) -> Any:
         """`original` of the bytes `raw` stands for (a framed call)."""
-        if not wire.is_frame(raw):
+        if raw[:_PREFIX_LEN] != _PREFIX:
             return original(raw)
         if wire.escaped(raw):
             return original(raw[len(wire.ESCAPE):])
@@ -147,9 +163,17 @@ class ThreadCodec:
         return codec
 
     def serialize(self, message: Any):
-        return self._codec().serialize(self.original_serializer, message)
+        data = self.original_serializer(message)
+        engine = self.engine
+        if type(data) is bytes and len(data) < engine.config.threshold and data[:_PREFIX_LEN] != _PREFIX:
+            engine.stats.add_inline(len(data))  # CallCodec.send's common case, without a codec
+            return data
+        codec = self._codec()
+        return codec.send(data, codec.keep)
 
     def deserialize(self, raw: bytes) -> Any:
+        if raw[:_PREFIX_LEN] != _PREFIX:
+            return self.original_deserializer(raw)  # not a frame: the message itself
         return self._codec().deserialize(self.original_deserializer, raw)
 
     @staticmethod

@@ -55,62 +55,102 @@ _TRANSIENT = (
 
 
 class Stats:
-    """Counters of one engine; every update also lands in the process total."""
+    """Counters of one engine. The process's totals (stats()) are summed
+    over every engine's counters when asked for, so that counting costs one
+    lock per message, not two."""
 
-    def __init__(self, parent: Optional["Stats"] = None):
-        self._parent = parent
+    _lock_all = threading.Lock()  # protects _live and _retired
+    _live: "weakref.WeakSet[Stats]" = weakref.WeakSet()
+    _retired: Dict[Tuple[str, str], int] = collections.Counter()  # counts of Stats gone since
+    _notes: Dict[str, str] = {}  # the latest note of every key, process-wide
+
+    def __init__(self, track: bool = True):
         self._lock = threading.Lock()
+        # (kind, key) -> count, and (kind, key + ":bytes") -> bytes
         self._counts: Dict[Tuple[str, str], int] = collections.Counter()
         self.notes: Dict[str, str] = {}
+        if track:
+            with Stats._lock_all:
+                Stats._live.add(self)
+            weakref.finalize(self, Stats._retire, self._counts, self._lock)
+
+    @staticmethod
+    def _retire(counts, lock) -> None:
+        with lock:
+            final = dict(counts)
+        with Stats._lock_all:
+            Stats._retired.update(final)
 
     def add(self, kind: str, key: str, count: int = 1, nbytes: int = 0) -> None:
         with self._lock:
             self._counts[(kind, key)] += count
             if nbytes:
                 self._counts[(kind, key + ":bytes")] += nbytes
-        if self._parent is not None:
-            self._parent.add(kind, key, count, nbytes)
+
+    def add_inline(self, nbytes: int) -> None:
+        """add("inline", "all", 1, nbytes): every small message, so kept short."""
+        with self._lock:
+            counts = self._counts
+            counts[_INLINE] += 1
+            counts[_INLINE_BYTES] += nbytes
 
     def note(self, key: str, text: str) -> None:
         self.notes[key] = text
-        if self._parent is not None:
-            self._parent.notes[key] = text
+        Stats._notes[key] = text
 
     def snapshot(self) -> Dict[str, Any]:
         with self._lock:
             counts = dict(self._counts)
+        return _snapshot(counts, dict(self.notes))
 
-        def pair(kind: str, key: str) -> Dict[str, int]:
-            return {"count": counts.get((kind, key), 0), "bytes": counts.get((kind, key + ":bytes"), 0)}
-
-        transports = TRANSPORTS
-        return {
-            "offloaded": {
-                "count": sum(counts.get(("offloaded", t), 0) for t in transports),
-                "bytes": sum(counts.get(("offloaded", t + ":bytes"), 0) for t in transports),
-            },
-            "restored": {
-                "count": sum(counts.get(("restored", t), 0) for t in transports),
-                "bytes": sum(counts.get(("restored", t + ":bytes"), 0) for t in transports),
-            },
-            "by_transport": {
-                t: {"offloaded": pair("offloaded", t), "restored": pair("restored", t)}
-                for t in transports
-            },
-            "inline": pair("inline", "all"),
-            "fallbacks": {k: v for (kind, k), v in counts.items() if kind == "fallback"},
-            "errors": {k: v for (kind, k), v in counts.items() if kind == "error"},
-            "notes": dict(self.notes),
-        }
+    @classmethod
+    def process_snapshot(cls) -> Dict[str, Any]:
+        """Every engine's counters summed, those of engines gone included."""
+        with cls._lock_all:
+            total = collections.Counter(cls._retired)
+            live = list(cls._live)
+            notes = dict(cls._notes)
+        for one in live:
+            with one._lock:
+                total.update(one._counts)
+        return _snapshot(total, notes)
 
 
-PROCESS_STATS = Stats()
+_INLINE = ("inline", "all")
+_INLINE_BYTES = ("inline", "all:bytes")
+
+
+def _snapshot(counts: Dict[Tuple[str, str], int], notes: Dict[str, str]) -> Dict[str, Any]:
+    def pair(kind: str, key: str) -> Dict[str, int]:
+        return {"count": counts.get((kind, key), 0), "bytes": counts.get((kind, key + ":bytes"), 0)}
+
+    transports = TRANSPORTS
+    return {
+        "offloaded": {
+            "count": sum(counts.get(("offloaded", t), 0) for t in transports),
+            "bytes": sum(counts.get(("offloaded", t + ":bytes"), 0) for t in transports),
+        },
+        "restored": {
+            "count": sum(counts.get(("restored", t), 0) for t in transports),
+            "bytes": sum(counts.get(("restored", t + ":bytes"), 0) for t in transports),
+        },
+        "by_transport": {
+            t: {"offloaded": pair("offloaded", t), "restored": pair("restored", t)}
+            for t in transports
+        },
+        "inline": pair("inline", "all"),
+        "fallbacks": {k: v for (kind, k), v in counts.items() if kind == "fallback"},
+        "errors": {k: v for (kind, k), v in counts.items() if kind == "error"},
+        "notes": notes,
+    }
+
+
 _ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
 def stats() -> StatsSnapshot:
     """Process-wide counters, plus the pools of live engines."""
-    snap = PROCESS_STATS.snapshot()
+    snap = Stats.process_snapshot()
     total = {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
     with Node._lock:
         nodes = list(Node._nodes.values())
@@ -452,7 +492,7 @@ class Engine:
         self.role = role
         self.name = name  # for log lines: the channel's target, or "server"
         self.max_send, self.max_receive = limits_from_options(options)
-        self.stats = Stats(PROCESS_STATS)
+        self.stats = Stats()
         self._lock = threading.Lock()  # protects setup, routes, hello, probe state
         self._state = "new"  # new -> ready | disabled; closed
         self._why = ""  # why offload is off (disabled, plain peer), for status and logs
@@ -848,12 +888,12 @@ class Engine:
 
     # -- server handshake
 
-    def server_route(self, invocation_metadata) -> Optional[Route]:
-        """Check the client's hello; None means step aside (plain gRPC).
+    def server_route(self, text: Optional[str]) -> Optional[Route]:
+        """Check the client's hello (the value of its HELLO_KEY metadata);
+        None means step aside (plain gRPC).
 
         Routes are cached by hello text: after the first call of a client,
         this is one dict lookup."""
-        text = wire.metadata_value(invocation_metadata, wire.HELLO_KEY)
         if text is None or not self.ready():
             return None
         attacher = self._node.attacher if self._node is not None else None
@@ -964,7 +1004,7 @@ class Engine:
         a ticket for release() when the call ends without its reader."""
         n = len(data)
         if route is None or n < self.config.threshold or self._state != "ready":
-            self.stats.add("inline", "all", 1, n)
+            self.stats.add_inline(n)
             return None
         reason = "peer_cannot_read"
         missed: Optional[List[str]] = None  # rungs that failed, for the DEBUG line
@@ -1003,7 +1043,7 @@ class Engine:
                 if log.isEnabledFor(logging.DEBUG):
                     missed = [*(missed or ()), f"{transport}: {reason}"]
         self.stats.add("fallback", reason)
-        self.stats.add("inline", "all", 1, n)
+        self.stats.add_inline(n)
         if log.isEnabledFor(logging.DEBUG):
             self._log_offload(n, "inline", missed, reason)
         return None

@@ -1,12 +1,14 @@
 """The sync server side: ServerInterceptor, shmgrpc.server(), and the per-call
 glue the aio server reuses.
 
-Per call from a client whose hello names this server (a framed call), the
-handler is rebuilt around the *handler's own* request_deserializer and
-response_serializer, wrapped by a CallCodec (see _codec.py): a request handle
-is restored inside the deserializer, so the application and every
-interceptor outside shmgrpc see the real request; a large response is
-written out inside the serializer. A handle that cannot be restored becomes a
+For a client whose hello names this server (a framed call), the handler is
+wrapped around the *handler's own* request_deserializer and
+response_serializer by a CallCodec (see _codec.py): a request handle is
+restored inside the deserializer, so the application and every interceptor
+outside shmgrpc see the real request; a large response is written out inside
+the serializer. The wrapped handler is made once per route and handler and
+reused by every call (rebuilding it per call cost more than the rest of
+shmgrpc's work on a small call). A handle that cannot be restored becomes a
 `Failed` value, and the wrapped behavior ends the call with its own status
 (gRPC would turn an exception of the deserializer into INTERNAL).
 
@@ -18,13 +20,15 @@ name and prove this server; it travels with the status: no extra operation).
 
 from __future__ import annotations
 
+import collections
+import threading
 from concurrent import futures
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import grpc
 
 from . import wire
-from ._codec import CallCodec, Failed, Tickets
+from ._codec import CallCodec, Failed, Tickets, _identity
 from ._core import Engine, EngineOwner, Route
 from .config import Config
 from .errors import ShmGrpcError, StaleSessionError
@@ -88,52 +92,122 @@ def _statused(context) -> bool:
     return getattr(getattr(context, "_state", None), "statused", True)
 
 
-def _context(context, welcome, sent: Optional[Tickets]):
-    """Our context for the handler; with `sent`, the unread responses of a
-    call that ends cancelled are freed then (as the aio server does)."""
-    if sent is not None:
-        context.add_callback(lambda: sent.end(release=not _statused(context), unread_only=True))
-    return _Context(context, welcome)
+# What the sync server's worker thread is about to serialize: (id of the
+# response, its call's _Sent). A sync server runs a call's behavior, then
+# serializes what it returned or yielded, in the same worker thread; the
+# route's shared serializer takes its call from here, and only for the very
+# object the behavior gave (an interceptor that replaced the response, or
+# moved the behavior to another thread, finds nothing: its responses are
+# then freed by the client's ack or the lease instead of at a cancelled
+# call's end).
+_pending = threading.local()
 
 
-def _wrap_behavior(handler, welcome, sent: Optional[Tickets] = None) -> Callable:
+class _Sent:
+    """One call's offloaded responses (sync server): those still unread when
+    the call ends cancelled are freed then. Made per call; its Tickets and
+    the context callback only when a response is offloaded."""
+
+    __slots__ = ("engine", "context", "tickets")
+
+    def __init__(self, engine: Engine, context):
+        self.engine = engine
+        self.context = context
+        self.tickets: Optional[Tickets] = None
+
+    def keep(self, ticket) -> None:
+        tickets = self.tickets
+        if tickets is None:
+            tickets = self.tickets = Tickets(self.engine)
+            context = self.context
+            if not context.add_callback(lambda: tickets.end(release=not _statused(context), unread_only=True)):
+                tickets.end(release=True, unread_only=True)  # over already: nobody will read it
+        tickets.add(ticket)
+
+
+def _marked(responses: Iterator, sent: _Sent) -> Iterator:
+    """The behavior's responses, each marked as this call's before grpc
+    serializes it (next() as grpc would call it, so a non-iterator fails the
+    same way)."""
+    while True:
+        try:
+            response = next(responses)
+        except StopIteration:
+            return
+        _pending.value = (id(response), sent)
+        yield response
+
+
+def _wrap_behavior(handler, welcome, engine: Optional[Engine] = None) -> Callable:
     """The handler's behavior, with our context and failed restores ended
     with their own status. The context comes first: its welcome must reach
     the trailers of a call that fails too (a client that reconnected to
-    another server process learns it from exactly that failure)."""
+    another server process learns it from exactly that failure). With
+    `engine` (the route offloads responses), each response is marked with its
+    call for the shared serializer (see _pending)."""
 
     if handler.request_streaming and handler.response_streaming:
         behavior = handler.stream_stream
 
         def stream_stream(requests, context):
-            ctx = _context(context, welcome, sent)
-            return behavior(_checking(requests, ctx), ctx)
+            ctx = _Context(context, welcome)
+            responses = behavior(_checking(requests, ctx), ctx)
+            return responses if engine is None else _marked(responses, _Sent(engine, context))
 
         return stream_stream
     if handler.request_streaming:
         behavior = handler.stream_unary
 
         def stream_unary(requests, context):
-            ctx = _context(context, welcome, sent)
-            return behavior(_checking(requests, ctx), ctx)
+            ctx = _Context(context, welcome)
+            response = behavior(_checking(requests, ctx), ctx)
+            if engine is not None:
+                _pending.value = (id(response), _Sent(engine, context))
+            return response
 
         return stream_unary
     if handler.response_streaming:
         behavior = handler.unary_stream
 
         def unary_stream(request, context):
-            ctx = _context(context, welcome, sent)
-            return behavior(_checked(request, ctx), ctx)
+            ctx = _Context(context, welcome)
+            responses = behavior(_checked(request, ctx), ctx)
+            return responses if engine is None else _marked(responses, _Sent(engine, context))
 
         return unary_stream
     behavior = handler.unary_unary
 
     def unary_unary(request, context):
-        ctx = _context(context, welcome, sent)
-        return behavior(_checked(request, ctx), ctx)
+        ctx = _Context(context, welcome)
+        response = behavior(_checked(request, ctx), ctx)
+        if engine is not None:
+            _pending.value = (id(response), _Sent(engine, context))
+        return response
 
     return unary_unary
 
+
+def _serializer(codec: CallCodec, original: Optional[Callable]) -> Callable:
+    """The route's shared response serializer: offloads keep their tickets
+    with the call that returned the response (see _pending)."""
+    if codec.route is None:
+        return original or _identity
+
+    original = original or _identity
+
+    def serialize(message):
+        pending = getattr(_pending, "value", None)
+        keep = None
+        if pending is not None and pending[0] == id(message):
+            _pending.value = None
+            keep = pending[1].keep
+        return codec.send(original(message), keep)
+
+    return serialize
+
+
+# Wrapped handlers kept per server: routes x methods in use.
+_WRAPPED_MAX = 1024
 
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -165,7 +239,7 @@ def handshake_trailers(engine: Engine, details) -> Optional[Tuple]:
     offload is off here (no handler: UNIMPLEMENTED)."""
     if not engine.ready():
         return None
-    route = engine.server_route(details.invocation_metadata)
+    route = engine.server_route(wire.metadata_value(details.invocation_metadata, wire.HELLO_KEY))
     return (route.welcome,) if route is not None and route.welcome is not None else ()
 
 
@@ -197,6 +271,9 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
     def __init__(self, config: Optional[Config] = None, *,
                  options: Optional[Sequence[Tuple[str, Any]]] = None) -> None:
         self._engine = Engine(config, "server", options, "server")
+        # (id of route, id of handler) -> (route, handler, wrapped handler)
+        self._wrapped: "collections.OrderedDict[Tuple[int, int], Tuple[Any, Any, Any]]" = collections.OrderedDict()
+        self._lock = threading.Lock()  # protects _wrapped
 
     def intercept_service(
         self,
@@ -206,14 +283,31 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
         if handler_call_details.method == wire.HANDSHAKE_METHOD:
             return handshake_handler(self._engine, handler_call_details)
         handler = continuation(handler_call_details)
-        metadata = handler_call_details.invocation_metadata
-        if handler is None or wire.metadata_value(metadata, wire.HELLO_KEY) is None:
+        hello = wire.metadata_value(handler_call_details.invocation_metadata, wire.HELLO_KEY)
+        if handler is None or hello is None:
             return handler
-        route = self._engine.server_route(metadata)
-        welcome = route.welcome if route is not None else None
-        sent = Tickets(self._engine) if route is not None and route.offloads else None
-        codec = call_codec(self._engine, route, keep=sent.add if sent is not None else None)
-        return rebuild_handler(handler, codec, _wrap_behavior(handler, welcome, sent))
+        route = self._engine.server_route(hello)
+        key = (id(route), id(handler))
+        entry = self._wrapped.get(key)
+        if entry is not None and entry[0] is route and entry[1] is handler:
+            return entry[2]
+        wrapped = self._wrap(route, handler)
+        with self._lock:
+            self._wrapped[key] = (route, handler, wrapped)
+            while len(self._wrapped) > _WRAPPED_MAX:
+                self._wrapped.popitem(last=False)
+        return wrapped
+
+    def _wrap(self, route: Optional[Route], handler):
+        engine = self._engine
+        codec = call_codec(engine, route)
+        factory = _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
+        return factory(
+            _wrap_behavior(handler, route.welcome if route is not None else None,
+                           engine if route is not None and route.offloads else None),
+            request_deserializer=codec.deserializer(handler.request_deserializer),
+            response_serializer=_serializer(codec, handler.response_serializer),
+        )
 
 
 def server(

@@ -176,10 +176,10 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
         if details.method == wire.HANDSHAKE_METHOD:
             return _handshake_handler(engine, details)
         handler = await continuation(details)
-        metadata = details.invocation_metadata
-        if handler is None or wire.metadata_value(metadata, wire.HELLO_KEY) is None:
+        hello = wire.metadata_value(details.invocation_metadata, wire.HELLO_KEY)
+        if handler is None or hello is None:
             return handler
-        route = engine.server_route(metadata)
+        route = engine.server_route(hello)
         welcome = route.welcome if route is not None else None
         behavior = (handler.unary_unary, handler.unary_stream, handler.stream_unary, handler.stream_stream)
         if not any(b is not None and _is_async(b) for b in behavior):

@@ -1,0 +1,75 @@
+"""The sync server's wrapped handler is made once per route and method and
+shared by every call; a response offloaded by it is tied to its own call by
+the very object the behavior returned (shmgrpc/_server.py, _pending).
+
+Here a user's interceptor outside shmgrpc moves every behavior to a thread
+of its own pool ("hop": gRPC then serializes the response in another thread
+than the one that ran shmgrpc's behavior) or hands back a copy of each
+response ("replace"). Whatever it does, every response must arrive whole
+and offloaded, and the server's pool must be empty once the client has read
+them: a response tied to the wrong call could be freed under its reader
+(DATA_LOSS) or kept for a whole lease.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+
+import shmgrpc
+from tests._wrapped_server import pattern
+from tests.conftest import CALL_TIMEOUT, START_TIMEOUT, client_config, read_line, spawn, stop_process
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(params=["none", "hop", "replace"])
+def wrapped_server(request):
+    with tempfile.TemporaryDirectory(prefix="shmgrpc-wrapped-") as tmp:
+        path = f"{tmp}/s.sock"
+        proc = spawn([sys.executable, "-m", "tests._wrapped_server", request.param, path],
+                     env={"SHMGRPC_TRANSPORT": "auto", "SHMGRPC_THRESHOLD": "65536"},
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert read_line(proc, START_TIMEOUT).strip() == "ready"
+            yield f"unix:{path}"
+        finally:
+            proc.stdin.close()
+            stop_process(proc)
+
+
+def _stats(channel) -> dict:
+    return json.loads(channel.unary_unary("/wrapped.W/Stats")(b"", timeout=CALL_TIMEOUT))
+
+
+def test_responses_of_a_shared_wrapped_handler_reach_their_own_calls(wrapped_server):
+    channel = shmgrpc.intercept_channel(grpc.insecure_channel(wrapped_server), client_config("auto"))
+    try:
+        get = channel.unary_unary("/wrapped.W/Get")
+        stream = channel.unary_stream("/wrapped.W/Stream")
+        assert get(b"1024", timeout=CALL_TIMEOUT) == pattern(1024)  # the handshake
+        before = _stats(channel)["offloaded"]["count"]
+        sizes = [MiB + 7 * i for i in range(12)]
+        with futures.ThreadPoolExecutor(4) as pool:  # calls of several client threads at once
+            got = list(pool.map(lambda n: get(str(n).encode(), timeout=CALL_TIMEOUT), sizes))
+            streamed = list(pool.map(lambda n: list(stream(str(n).encode(), timeout=CALL_TIMEOUT)), sizes[:4]))
+        assert [len(g) for g in got] == sizes and all(g == pattern(n) for g, n in zip(got, sizes))
+        for messages, n in zip(streamed, sizes[:4]):
+            assert messages == [pattern(n, seed) for seed in range(3)]
+        after = _stats(channel)
+        assert after["offloaded"]["count"] - before == len(sizes) + 3 * 4, after["by_transport"]
+        assert channel.stats()["restored"]["count"] >= len(sizes) + 3 * 4
+        deadline = time.monotonic() + 5
+        while after["pool"]["bytes_in_use"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            after = _stats(channel)
+        assert after["pool"]["bytes_in_use"] == 0, after["pool"]
+    finally:
+        channel.close()
