@@ -24,11 +24,11 @@ demo: $(STAMP) $(GEN)
 test: $(STAMP) $(GEN)
 	$(BIN)/python -m pytest -q tests
 
-# Every message and RPC shape, both malloc phases (default, then keep; each a
+# Every message and RPC shape, three malloc phases (default, keep, hugepages; each a
 # process of its own), combined: ~10-15 minutes on 2 cores (shmgrpc/bench.py).
 bench: $(STAMP) $(GEN)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[plot]'
-	$(BIN)/python -m shmgrpc.bench --malloc default,keep --out bench-results
+	$(BIN)/python -m shmgrpc.bench --malloc default,keep,hugepages --out bench-results
 
 clean:
 	rm -rf $(VENV) $(GEN) $(PROTOS:.proto=_pb2_grpc.py) bench-results

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import os
+import re
 import platform
 import secrets
 import socket
@@ -393,6 +394,37 @@ def check_cma(config: Config) -> Check:
                             "the peer must also share this pid namespace", data=data)
 
 
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def check_malloc(config: Config) -> Check:
+    """How large buffers meet fresh memory here (README, "Warm memory"): an
+    INFO line, nothing shmgrpc needs."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = re.search(r"\[(\w+)\]", f.read())
+        thp_mode = thp.group(1) if thp else "unknown"
+    except OSError:
+        thp_mode = "unknown"
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    libc, version = platform.libc_ver()
+    glibc_thp = libc == "glibc" and tuple(int(x) for x in re.findall(r"\d+", version)[:2]) >= (2, 35)
+    hugetlb = HUGETLB_TUNABLE in tunables and glibc_thp
+    data = {"shmgrpc_malloc": config.malloc, "transparent_hugepage": thp_mode, "glibc_hugetlb": hugetlb}
+    if config.malloc == "keep":
+        text = "SHMGRPC_MALLOC=keep: freed memory stays warm (RSS stays at its peak)"
+    elif hugetlb and thp_mode in ("madvise", "always"):
+        text = f"GLIBC_TUNABLES={HUGETLB_TUNABLE}: fresh large buffers fault 2 MiB at a time"
+    else:
+        text = (f"default (transparent huge pages: {thp_mode}): every fresh large buffer is first-touch page "
+                "faults, the biggest cost of a large message here")
+        fix = "for large messages: SHMGRPC_MALLOC=keep" + (
+            f", or GLIBC_TUNABLES={HUGETLB_TUNABLE} in both processes' environment"
+            if thp_mode in ("madvise", "always") and glibc_thp else "") + " (README, \"Warm memory\")"
+        return Check("malloc", INFO, text, fix, data)
+    return Check("malloc", INFO, text, data=data)
+
+
 def machine_checks(config: Config) -> List[Check]:
     checks = [check_platform()]
     if checks[0].status == FAIL:
@@ -403,6 +435,7 @@ def machine_checks(config: Config) -> List[Check]:
             check.detail += f" (not in use: SHMGRPC_TRANSPORT={config.transport})"
             if check.status == FAIL:
                 check.status = INFO
+    checks.append(check_malloc(config))
     return checks
 
 
@@ -858,7 +891,7 @@ def run(config: Config, target: Optional[str] = None, method: Optional[str] = No
             report.summary = f"no transport of SHMGRPC_TRANSPORT={config.transport} works here: " + \
                 "; ".join(f"{t}: {by_name[t].detail}" for t in order)
         return report
-    length = size if size is not None else max(config.threshold, 256 * KiB)
+    length = size if size is not None else max(config.threshold, config.cma_threshold)
     checks, main, per = target_checks(target, config, method, length, timeout, by_name)
     report.target_checks = checks
     named = {check.name: check for check in checks}

@@ -33,10 +33,14 @@ sends one prebuilt message `count` times (each serialized anew): about
 message.
 
 Each *malloc* phase (--malloc) runs everything, both processes and every
-mode, plain gRPC included, with glibc's default malloc or with
-SHMGRPC_MALLOC=keep (freed memory kept warm; see shmgrpc.tune_malloc).
-`make bench` runs both (--malloc default,keep). Since the keep settings must
-be made before any thread starts, each phase is then a process of its own:
+mode, plain gRPC included, with glibc's default malloc, with
+SHMGRPC_MALLOC=keep (freed memory kept warm; see shmgrpc.tune_malloc), or
+with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 ("hugepages": glibc asks for
+transparent huge pages on what it maps, so a fresh buffer faults 2 MiB at a
+time; freed memory still goes back to the kernel). `make bench` runs all
+three. Since the keep settings must be made before any thread starts, and
+GLIBC_TUNABLES is read when a process starts, each phase is then a process
+of its own:
 this one runs `python -m shmgrpc.bench ... --malloc PHASE --out OUT/PHASE`
 once per phase, then prints a combined table whose speedups are against
 plain gRPC over unix with the default malloc (what an application has
@@ -63,12 +67,12 @@ the clock: item count and ten windows of items, enough to catch a wrong,
 shifted, stale or truncated message in microseconds, except that reading a
 bytes field copies it, as an application reading it would.
 
-The default plan, sized so that `make bench` (both malloc phases) stays
-within about 15 minutes on a 2-core VM: estimated from measured cells,
-~6-7 minutes for the default phase and ~4-5 for keep on a quiet machine.
+The default plan, sized so that `make bench` (three malloc phases) stays
+within about 15 minutes on a 2-core VM: ~4-5 minutes for the default phase
+and ~3-4 for each of the others on a quiet machine.
 
     message   unary (K = KiB, M = MiB)         streams (the other shapes)
-    bytes     4K 64K 1M 16M 64M 256M           64K 1M 16M 64M
+    bytes     4K 64K 256K 1M 4M 16M 64M 256M   64K 256K 1M 4M 16M 64M
     floats    4K 1M 16M 64M                    16M
     records   4K 1M 16M                        1M
 
@@ -127,7 +131,7 @@ PAYLOAD_UP = ("unary", "client_stream", "pingpong", "bidi")  # shapes whose requ
 PAYLOAD_DOWN = ("unary", "server_stream", "pingpong", "bidi")  # shapes whose replies do
 # Sizes per message: (unary, streams); see the module text.
 LADDERS = {
-    "bytes": ("4KiB,64KiB,1MiB,16MiB,64MiB,256MiB", "64KiB,1MiB,16MiB,64MiB"),
+    "bytes": ("4KiB,64KiB,256KiB,1MiB,4MiB,16MiB,64MiB,256MiB", "64KiB,256KiB,1MiB,4MiB,16MiB,64MiB"),
     "floats": ("4KiB,1MiB,16MiB,64MiB", "16MiB"),
     "records": ("4KiB,1MiB,16MiB", "1MiB"),
 }
@@ -137,7 +141,7 @@ PLAIN_MODES = ("grpc-tcp", "grpc-unix")
 SHMGRPC_MODES = ("memfd", "shm", "cma")  # each is also the transport it forces
 MODES = PLAIN_MODES + SHMGRPC_MODES
 BASELINE = "grpc-unix"  # what shmgrpc replaces: the same socket, plain gRPC
-MALLOCS = ("default", "keep")
+MALLOCS = ("default", "keep", "hugepages")
 BASE_MALLOC = "default"  # what an application has unless it opts in
 
 # Fewer rounds make the median a coin toss on a busy machine.
@@ -235,18 +239,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help=f"sizes {QUICK_SIZES}, unary only (explicit options win)",
     )
     parser.add_argument(
-        "--hugepages",
-        action="store_true",
-        help="run every mode (plain gRPC too) with glibc malloc on transparent huge pages "
-        f"({HUGEPAGES_TUNABLE}): large-message CPython spends most of its time in page faults",
-    )
-    parser.add_argument(
         "--malloc",
         type=_choices(MALLOCS, "--malloc"),
         default=[BASE_MALLOC],
-        help="malloc phases among default, keep (default: default); `default,keep` (what make bench runs) "
-        "runs each in a process of its own and combines them. keep: both processes, every mode (plain gRPC "
-        "too), with SHMGRPC_MALLOC=keep (glibc keeps freed memory warm; see shmgrpc.tune_malloc)",
+        help="malloc phases among default, keep, hugepages (default: default); more than one (make bench "
+        "runs all three) runs each in a process of its own and combines them. keep: both processes, every "
+        "mode (plain gRPC too), with SHMGRPC_MALLOC=keep (glibc keeps freed memory warm; see "
+        f"shmgrpc.tune_malloc); hugepages: the same with GLIBC_TUNABLES={HUGEPAGES_TUNABLE}",
     )
     parser.add_argument(
         "--out",
@@ -1313,7 +1312,8 @@ def combined_text(phases: Dict[str, Results]) -> str:
         f"median of {first.repeat} interleaved rounds; ms per call or per message; "
         f"'MODE x' = speedup: {BASELINE} with the {BASE_MALLOC} malloc / MODE, "
         f"in brackets {BASELINE} with the same malloc / MODE",
-        "malloc keep = SHMGRPC_MALLOC=keep in both processes and every mode, plain gRPC included",
+        "malloc keep = SHMGRPC_MALLOC=keep in both processes and every mode, plain gRPC included; "
+        f"malloc hugepages = GLIBC_TUNABLES={HUGEPAGES_TUNABLE} the same way",
     ]
     pairs = []
     for view in phases.values():
@@ -1465,14 +1465,22 @@ def measure(args: argparse.Namespace, threshold: int) -> Tuple[Bench, bool]:
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
-def _reexec_with_hugepages() -> None:
-    """GLIBC_TUNABLES is read when a process starts: run this benchmark again
-    with it set; the server process inherits it, so both sides and all modes
-    get the same allocator."""
-    env = dict(os.environ)
+def _with_hugepages(env: Dict[str, str]) -> Dict[str, str]:
+    """`env` with glibc malloc on transparent huge pages. GLIBC_TUNABLES is
+    read when a process starts; the server inherits it from the phase's
+    process, so both sides and every mode get the same allocator."""
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    env["GLIBC_TUNABLES"] = ":".join(tunables + [HUGEPAGES_TUNABLE])
-    os.execve(sys.executable, [sys.executable, "-m", "shmgrpc.bench", *sys.argv[1:]], env)
+    if HUGEPAGES_TUNABLE not in tunables:
+        env = {**env, "GLIBC_TUNABLES": ":".join(tunables + [HUGEPAGES_TUNABLE])}
+    return env
+
+
+def _thp_possible() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
 
 
 def _save(out: str, data: dict, text: str) -> None:
@@ -1490,6 +1498,13 @@ def run_phase(args: argparse.Namespace, command: str) -> int:
         notes.append(f"--repeat {args.repeat}: a median of fewer than {DEFAULT_REPEAT} rounds is noisy")
     if os.environ.get("GLIBC_TUNABLES"):
         notes.append(f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} (client and server, every mode)")
+    if malloc == "hugepages" and HUGEPAGES_TUNABLE not in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        # Too late for this process: run again with it (from the start).
+        os.execve(sys.executable, [sys.executable, "-m", "shmgrpc.bench", *sys.argv[1:]],
+                  _with_hugepages(dict(os.environ)))
+    if malloc == "hugepages" and not _thp_possible():
+        notes.append("hugepages: transparent huge pages are off here (/sys/kernel/mm/transparent_hugepage/"
+                     "enabled = never): this phase is the default malloc")
     if malloc == "keep":
         # Before any thread: M_ARENA_MAX shapes only arenas made afterwards.
         # The server inherits the variable and applies it when it is built.
@@ -1566,7 +1581,8 @@ def run_phases(args: argparse.Namespace, argv: List[str], command: str) -> int:
             phase_argv = _without(argv, ("--malloc", "--out")) + ["--malloc", malloc, "--out", phase_out]
             phase_command = [sys.executable, "-m", "shmgrpc.bench", *phase_argv]
             progress(f"=== malloc phase {malloc}: {shlex.join(['python', *phase_command[1:]])}")
-            state.child = subprocess.Popen(phase_command, env=_package_env())
+            env = _package_env()
+            state.child = subprocess.Popen(phase_command, env=_with_hugepages(env) if malloc == "hugepages" else env)
             # A signal runs state.handle and the wait goes on (PEP 475).
             statuses.append(state.child.wait())
             try:
@@ -1599,8 +1615,6 @@ def run_phases(args: argparse.Namespace, argv: List[str], command: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.hugepages and HUGEPAGES_TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
-        _reexec_with_hugepages()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = shlex.join(["python", "-m", "shmgrpc.bench", *argv])
     if any(message != "bytes" for message in args.messages):

@@ -314,3 +314,16 @@ def test_doctor_fails_when_cma_is_blocked(demo):
     for transport in ("memfd", "shm"):  # the other rungs are untouched by the filter
         if machine[transport]["status"] == "ok":
             assert target[transport]["status"] == "ok", target[transport]
+
+
+def test_doctor_says_how_large_buffers_meet_fresh_memory():
+    """The malloc line: the default (with the two levers named), keep, and
+    glibc's transparent huge pages, as each process would be started."""
+    default = checks(cli_json("doctor"), "machine")["malloc"]
+    assert default["status"] == "info" and default["data"]["shmgrpc_malloc"] == "default"
+    assert "SHMGRPC_MALLOC=keep" in default["fix"]
+    keep = checks(cli_json("doctor", env={"SHMGRPC_MALLOC": "keep"}), "machine")["malloc"]
+    assert keep["data"]["shmgrpc_malloc"] == "keep" and "RSS" in keep["detail"]
+    thp = checks(cli_json("doctor", env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}), "machine")["malloc"]
+    if thp["data"]["transparent_hugepage"] in ("madvise", "always"):
+        assert thp["data"]["glibc_hugetlb"] is True and "2 MiB" in thp["detail"], thp

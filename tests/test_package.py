@@ -126,7 +126,7 @@ def test_wheel_in_a_fresh_venv_runs_doctor(venv, tmp_path):
                           text=True, timeout=60)
     report = json.loads(done.stdout)
     assert report["version"] == shmgrpc.__version__
-    assert {c["name"] for c in report["machine"]} == {"platform", "memfd", "shm", "cma"}
+    assert {c["name"] for c in report["machine"]} == {"platform", "memfd", "shm", "cma", "malloc"}
     assert done.returncode == (0 if report["ok"] else 1), done.stderr
     assert run(str(script), "--version", cwd=tmp_path).stdout.strip() == f"shmgrpc {shmgrpc.__version__}"
     listing = json.loads(run(str(script), "ls", "--json", cwd=tmp_path).stdout)
