@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import grpc
 
 from . import wire
-from ._codec import CallCodec, LazyTickets, ThreadCodec
+from ._codec import CallCodec, ThreadCodec, Tickets, current
 from ._core import ChannelStatus, Engine, EngineOwner
 from .config import Config
 from .errors import ShmGrpcError
@@ -268,23 +268,30 @@ class _Call:
 
     __slots__ = ("multicallable", "metadata", "timeout", "codec", "tickets")
 
-    def __init__(self, multicallable, metadata, timeout, codec=None, tickets=None):
+    def __init__(self, multicallable, metadata, timeout):
         self.multicallable = multicallable
         self.metadata = metadata
         self.timeout = timeout
-        self.codec = codec
-        self.tickets = tickets
+        self.codec: Optional[CallCodec] = None  # None: a plain call
+        self.tickets: Optional[Tickets] = None  # made on the first offload only: most calls make none
+
+    def keep(self, ticket) -> None:
+        """The codec's keep: an offloaded request, freed when the call ends."""
+        if self.tickets is None:
+            self.tickets = Tickets(self.codec.engine)
+        self.tickets.add(ticket)
 
     def watch(self, engine: Engine, call) -> None:
         """When `call` ends: free its offloaded requests, learn from its welcome."""
-        if self.tickets is not None:
+        if self.codec is not None:
             call.add_done_callback(lambda finished: self.settle(engine, finished))
 
     def settle(self, engine: Engine, finished) -> bool:
         """`finished` (the call, or its RpcError) is over: free its offloaded
         requests, learn from its welcome. True if it carried one (its
         trailing metadata then needs the welcome stripped)."""
-        self.tickets.release()
+        if self.tickets is not None:
+            self.tickets.release()
         try:
             trailing = finished.trailing_metadata()
         except Exception:  # a call that never started has none
@@ -331,7 +338,7 @@ class _MultiCallable:
         channel = self._channel
         engine = channel._engine
         state = None if plain else engine.client_call_state()
-        if state is not None and engine.client_needs_handshake():
+        if state is not None and state[1] is None and engine.client_needs_handshake():
             deadline = None if timeout is None else time.monotonic() + timeout
             channel._handshake(timeout, metadata, credentials, wait_for_ready, compression)
             timeout = remaining(deadline)  # the handshake's time is the caller's, never extra
@@ -339,18 +346,18 @@ class _MultiCallable:
         if state is None:
             return _Call(self._plain, metadata, timeout)
         hello, route = state
-        tickets = LazyTickets(engine)
-        codec = CallCodec(engine, route, keep=tickets.add)
+        call = _Call(None, (*metadata, hello) if metadata else (hello,), timeout)
+        codec = call.codec = CallCodec(engine, route, keep=call.keep)
         if blocking and route is not None:
-            multicallable = self._framed_multicallable(route)
+            call.multicallable = self._framed_multicallable(route)
         else:
             # A multicallable of this call's own: its serializers are this
             # call's (gRPC may run them in another thread). Not registered:
             # gRPC's registration is not meant for many threads at once.
             factory = getattr(channel._inner, self._kind)
-            multicallable = factory(self._method, codec.serializer(self._serializer),
-                                    codec.deserializer(self._deserializer))
-        return _Call(multicallable, with_hello(metadata, hello), timeout, codec, tickets)
+            call.multicallable = factory(self._method, codec.serializer(self._serializer),
+                                         codec.deserializer(self._deserializer))
+        return call
 
     def _launch(self, how: str, request, timeout, metadata, credentials, wait_for_ready, compression):
         """Start a call that returns at once (`future`, or a response
@@ -385,7 +392,9 @@ class _UnaryRequest(_MultiCallable):
         call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression, plain=not resend,
                            blocking=self._kind == "unary_unary")
         deadline = None if call.timeout is None else time.monotonic() + call.timeout
-        previous = ThreadCodec.enter(call.codec) if call.codec is not None else None
+        if call.codec is not None:
+            previous = getattr(current, "codec", None)
+            current.codec = call.codec  # the codec of this thread's call (see ThreadCodec)
         try:
             response, outcome = call.multicallable.with_call(
                 request, timeout=call.timeout, metadata=call.metadata, credentials=credentials,
@@ -403,7 +412,7 @@ class _UnaryRequest(_MultiCallable):
             return self._invoke(request, remaining(deadline), metadata, credentials, wait_for_ready, compression, False)
         finally:
             if call.codec is not None:
-                ThreadCodec.leave(previous)
+                current.codec = previous
         if call.codec is not None and call.settle(engine, outcome):
             return response, _CallProxy(outcome, call.codec)  # its trailers without our welcome
         return response, outcome

@@ -51,9 +51,12 @@ class CallCodec:
     `keep`: called with the ticket of each message offloaded (the caller
     frees them when the call ends). `reread`: handles this side reads may be
     read again (requests: gRPC retries resend them). `failure`: the first
-    handle this call could not restore."""
+    handle this call could not restore. `committed` (client): a response
+    has arrived, so gRPC will resend no request of this call (gRFC A6: a
+    call is committed once response headers arrive); the requests it sends
+    from then on need not stay readable until the call ends."""
 
-    __slots__ = ("engine", "route", "keep", "reread", "failure", "failed_value", "sent_frame")
+    __slots__ = ("engine", "route", "keep", "reread", "failure", "failed_value", "sent_frame", "committed")
 
     def __init__(
         self,
@@ -71,6 +74,7 @@ class CallCodec:
         # Server: a failed restore returns Failed (see there); client: raises.
         self.failed_value = failed_value
         self.sent_frame = False  # a handle or an escaped message went out
+        self.committed = False
 
     @property
     def framed(self) -> bool:
@@ -90,6 +94,7 @@ class CallCodec:
 
         def deserializer(raw):
             if raw[:_PREFIX_LEN] != _PREFIX:
+                self.committed = True
                 return original(raw)  # not a frame: the message itself
             return deserialize(original, raw)
 
@@ -107,7 +112,7 @@ class CallCodec:
             return data
         if not isinstance(data, _BYTES):
             return data  # not ours to judge: gRPC reports it as it would
-        out = self.engine.offload(data, self.route, keep)
+        out = self.engine.offload(data, self.route, keep, not self.committed)
         if out is None:
             out = wire.escape(data)
             if out is data:
@@ -117,6 +122,7 @@ class CallCodec:
 
     def deserialize(self, original: Callable, raw: bytes) -> Any:
         """`original` of the bytes `raw` stands for (a framed call)."""
+        self.committed = True
         if raw[:_PREFIX_LEN] != _PREFIX:
             return original(raw)
         if wire.escaped(raw):
@@ -131,9 +137,9 @@ class CallCodec:
             raise
 
 
-# The codec of the call this thread is making through a ThreadCodec's
-# multicallable (see there), or None.
-_current = threading.local()
+# `current.codec`: the codec of the call this thread is making through a
+# ThreadCodec's multicallable (see there), or None.
+current = threading.local()
 
 
 class ThreadCodec:
@@ -157,7 +163,7 @@ class ThreadCodec:
         self.original_deserializer = deserializer or _identity
 
     def _codec(self) -> CallCodec:
-        codec = getattr(_current, "codec", None)
+        codec = getattr(current, "codec", None)
         if codec is None or codec.route is not self.route:
             codec = CallCodec(self.engine, self.route)
         return codec
@@ -175,17 +181,6 @@ class ThreadCodec:
         if raw[:_PREFIX_LEN] != _PREFIX:
             return self.original_deserializer(raw)  # not a frame: the message itself
         return self._codec().deserialize(self.original_deserializer, raw)
-
-    @staticmethod
-    def enter(codec: CallCodec) -> Optional[CallCodec]:
-        """Make `codec` this thread's current one; returns the one before."""
-        previous = getattr(_current, "codec", None)
-        _current.codec = codec
-        return previous
-
-    @staticmethod
-    def leave(previous: Optional[CallCodec]) -> None:
-        _current.codec = previous
 
 
 class Tickets:
@@ -230,23 +225,3 @@ class Tickets:
 
     def release(self, _call=None) -> None:
         self.end(True)
-
-
-class LazyTickets:
-    """Tickets made on the first offload only: most calls offload nothing,
-    and then cost nothing here."""
-
-    __slots__ = ("_engine", "tickets")
-
-    def __init__(self, engine: Engine):
-        self._engine = engine
-        self.tickets: Optional[Tickets] = None
-
-    def add(self, ticket) -> None:
-        if self.tickets is None:
-            self.tickets = Tickets(self._engine)
-        self.tickets.add(ticket)
-
-    def release(self, _call=None) -> None:
-        if self.tickets is not None:
-            self.tickets.release()

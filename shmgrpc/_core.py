@@ -318,8 +318,8 @@ class Node:
 
     def _start_janitor(self) -> None:
         """A daemon thread that, every JANITOR_SECONDS, gives back idle pool
-        segments (pool.IDLE_SECONDS) and drops mappings of peers' retired or
-        orphaned segments, so an idle process shrinks too. It holds no
+        segments (pool.IDLE_SECONDS), unpins cma payloads their readers are
+        done with, and drops mappings of peers' retired or orphaned segments, so an idle process shrinks too. It holds no
         reference to the node, and stops when the node is closed."""
         stop = self._stop = threading.Event()
         node_ref = weakref.ref(self)
@@ -334,6 +334,8 @@ class Node:
                         node.pool.trim_idle()
                     if node.attacher is not None:
                         node.attacher.maybe_trim()
+                    if node.pins is not None:
+                        node.pins.reclaim()
                 except Exception:  # never let housekeeping kill anything
                     log.debug("shmgrpc: janitor pass failed", exc_info=True)
                 del node
@@ -997,11 +999,14 @@ class Engine:
     # -- the two operations
 
     def offload(
-        self, data, route: Optional[Route], keep: Optional[Callable[[Any], None]] = None
+        self, data, route: Optional[Route], keep: Optional[Callable[[Any], None]] = None, held: bool = True
     ) -> Optional[bytes]:
         """Put serialized `data` where `route`'s peer can read it and return
         the handle, or None: send it inline. `keep`, if given, is called with
-        a ticket for release() when the call ends without its reader."""
+        a ticket for release() when the call ends without its reader.
+        `held` (clients only): the peer may read it again until the call
+        ends (gRPC may resend a request until the call is committed)."""
+        held = held and self.role == "client"
         n = len(data)
         if route is None or n < self.config.threshold or self._state != "ready":
             self.stats.add_inline(n)
@@ -1021,17 +1026,19 @@ class Engine:
             assert node is not None
             for transport in self._order if route.peer is not None else ():
                 if transport == "memfd" and route.send_memfd:
-                    handle, ticket, reason = self._offload_memfd(node, data, route)
+                    handle, ticket, reason = self._offload_memfd(node, data, route, held)
                 elif transport == "shm" and route.send_shm:
-                    handle, ticket, reason = self._offload_shm(node, data, route)
+                    handle, ticket, reason = self._offload_shm(node, data, route, held)
                 elif transport == "cma" and route.send_cma and route.peer_key:
-                    peer = route.peer
-                    handle, ticket, reason = node.get_pins().pin(
-                        data, route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid(),
-                        held=self.role == "client",
-                    )
-                    if handle is not None:
-                        self.stats.add("offloaded", "cma", 1, n)
+                    if n < self.config.cma_threshold:
+                        handle, ticket, reason = None, None, "below_cma_threshold"
+                    else:
+                        peer = route.peer
+                        handle, ticket, reason = node.get_pins().pin(
+                            data, route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid(), held=held,
+                        )
+                        if handle is not None:
+                            self.stats.add("offloaded", "cma", 1, n)
                 else:
                     continue
                 if handle is not None:
@@ -1073,13 +1080,13 @@ class Engine:
             self.name, n, self.max_send, route.max_receive,
         )
 
-    def _offload_memfd(self, node: Node, data, route: Route):
+    def _offload_memfd(self, node: Node, data, route: Route, held: bool = True):
         side_ = node.side
         conn = side_.conn_for(route.peer.inst) if side_ is not None else None
         if conn is None:
             return None, None, "side_closed"
         pool_ = node.get_pool()
-        slot, reason = pool_.alloc(len(data), conn, "memfd", held=self.role == "client")
+        slot, reason = pool_.alloc(len(data), conn, "memfd", held=held and self.role == "client")
         if slot is None:
             return None, None, reason
         segment = slot.segment
@@ -1093,10 +1100,10 @@ class Engine:
         self.stats.add("offloaded", "memfd", 1, len(data))
         return wire.encode_memfd(slot.handle()), pool.Ticket(slot, slot.generation), ""
 
-    def _offload_shm(self, node: Node, data, route: Route):
+    def _offload_shm(self, node: Node, data, route: Route, held: bool = True):
         pool_ = node.get_pool()
         peer = route.peer
-        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=self.role == "client")
+        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=held and self.role == "client")
         if slot is None:
             return None, None, reason
         off = slot.offset
@@ -1125,6 +1132,12 @@ class Engine:
         resent: gRPC retries and hedging); responses are read once. Raises a
         ShmGrpcError whose status_code says what went wrong; an exception of
         the deserializer itself propagates unchanged, as it would inline."""
+        node = self._node
+        if node is not None and node.pins is not None:
+            # Before this call serializes anything: payloads our readers are
+            # done with are let go, so that their memory serves the next one
+            # warm (a payload pinned until pressure costs fresh page faults).
+            node.pins.reclaim()
         try:
             if self._state != "ready":
                 raise HandleError("received a shmgrpc handle, but offload is not enabled here")

@@ -79,6 +79,11 @@ class Config:
     # A slot nobody acknowledged is reused after this long (if its reader is
     # still alive). A reader that comes later gets DATA_LOSS, never other bytes.
     lease_seconds: float = 60.0
+    # Smallest message the cma transport carries (and never below
+    # `threshold`): each cma read costs four calls into the peer's memory,
+    # so below ~512 KiB cma loses to the socket (README, "Threshold"); such
+    # a message takes the next rung, or goes inline.
+    cma_threshold: int = 512 * KiB
     # Most bytes the cma transport keeps pinned for readers that have not
     # acknowledged yet; past it, messages take the next rung (shm, then inline).
     cma_max_pinned: int = 1 * GiB
@@ -137,6 +142,7 @@ SIZE_RANGES = {
     "segment_size": (64 * KiB, MAX_BYTES),
     "max_message": (1, MAX_BYTES),
     "cma_max_pinned": (0, MAX_BYTES),  # 0: this process never pins for cma
+    "cma_threshold": (1, MAX_BYTES),
 }
 
 
@@ -231,6 +237,7 @@ ENV = {
     "SHMGRPC_MAX_MESSAGE": ("max_message", _size),
     "SHMGRPC_LEASE": ("lease_seconds", _seconds),
     "SHMGRPC_CMA_MAX_PINNED": ("cma_max_pinned", _size),
+    "SHMGRPC_CMA_THRESHOLD": ("cma_threshold", _size),
     "SHMGRPC_SHM_DIR": ("shm_dir", _path),
     "SHMGRPC_SIDE_DIR": ("side_dir", _path),
     "SHMGRPC_SIDE_UIDS": ("side_uids", _uids),

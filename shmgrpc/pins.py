@@ -96,6 +96,8 @@ class Pins:
         None, reason). `held`: see pool.Slot.held."""
         length = len(payload)
         with self._lock:
+            if self._busy:
+                self._reclaim_locked()  # what readers are done with goes first
             if self._pinned + length > self.max_pinned or not self._free:
                 self._reclaim_locked(pressure=True)
             if self._pinned + length > self.max_pinned:

@@ -408,7 +408,7 @@ def small_shm(spec: dict) -> dict:
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={spec['mib']}m,mode=1777", "tmpfs", shm_dir],
                    check=True)
     env = dict(os.environ)
-    env.update({"SHMGRPC_SHM_DIR": shm_dir, "SHMGRPC_TRANSPORT": "shm", "SHMGRPC_THRESHOLD": "64KiB"})
+    env.update({"SHMGRPC_SHM_DIR": shm_dir, "SHMGRPC_TRANSPORT": "shm", "SHMGRPC_THRESHOLD": "64KiB", "SHMGRPC_CMA_THRESHOLD": "64KiB"})
     out: dict = {}
 
     def used() -> int:
@@ -438,7 +438,7 @@ def small_shm(spec: dict) -> dict:
                 result["stderr"] = proc.stderr[-2000:]
                 return result
 
-            client_env = {"SHMGRPC_SHM_DIR": shm_dir, "SHMGRPC_TRANSPORT": "shm", "SHMGRPC_THRESHOLD": "64KiB"}
+            client_env = {"SHMGRPC_SHM_DIR": shm_dir, "SHMGRPC_TRANSPORT": "shm", "SHMGRPC_THRESHOLD": "64KiB", "SHMGRPC_CMA_THRESHOLD": "64KiB"}
             target = f"unix:{sock}"
             out["used_at_start"] = used()
             first = run_client({"target": target, "env": client_env, "calls": [[spec["first"], 16]]})

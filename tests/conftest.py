@@ -286,7 +286,7 @@ class EchoServer:
 
 def server_env(transport: str, **env: str) -> Dict[str, str]:
     """SHMGRPC_* of a server using `transport` at the suite's threshold."""
-    out = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD)}
+    out = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}
     out.update({k if k.startswith("SHMGRPC_") else f"SHMGRPC_{k.upper()}": str(v) for k, v in env.items()})
     return out
 
@@ -359,7 +359,7 @@ def echo_server(servers, transport) -> EchoServer:
 def client_config(transport: str = "auto", **env: str) -> shmgrpc.Config:
     """A client Config as the SHMGRPC_* variables `env` would make it, at
     the suite's threshold unless `env` says otherwise."""
-    environ = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD)}
+    environ = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}
     environ.update(
         {k if k.startswith("SHMGRPC_") else f"SHMGRPC_{k.upper()}": str(v) for k, v in env.items()}
     )

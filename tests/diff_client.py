@@ -20,7 +20,7 @@ is wall-clock; neither is compared.
 
 mode "plain": grpc channels; shmgrpc is never imported. mode "shmgrpc": the
 same program with shmgrpc's channel wrappers, configured per channel with
-Config.from_env({"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": threshold}).
+Config.from_env({"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": threshold, "SHMGRPC_CMA_THRESHOLD": threshold}).
 "variant" says how shmgrpc is put on the channel (plain runs ignore it):
     helper   shmgrpc.insecure_channel / shmgrpc.aio.insecure_channel; the
              scenario's client interceptors wrap it from the outside (sync),
@@ -415,7 +415,7 @@ class Run:
         import shmgrpc
 
         return shmgrpc.Config.from_env(
-            {"SHMGRPC_TRANSPORT": self.cmd["transport"], "SHMGRPC_THRESHOLD": self.cmd["threshold"]}
+            {"SHMGRPC_TRANSPORT": self.cmd["transport"], "SHMGRPC_THRESHOLD": self.cmd["threshold"], "SHMGRPC_CMA_THRESHOLD": self.cmd["threshold"]}
         )
 
     def interceptors_for(self, names) -> list:

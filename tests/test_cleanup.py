@@ -60,7 +60,7 @@ def test_sigkilled_server_is_reaped_by_the_next_process(fresh_server, make_clien
     out = run_client(
         {
             "target": bystander.unix_target,
-            "env": {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD)},
+            "env": {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)},
             "calls": 1,
             "size": 1 * MiB,
         }
@@ -81,7 +81,7 @@ from protos import echo_test_pb2 as pb, echo_test_pb2_grpc as pb_grpc
 from tests.echo_server import GRPC_OPTIONS, pattern
 channel = shmgrpc.intercept_channel(
     grpc.insecure_channel(sys.argv[1], options=GRPC_OPTIONS),
-    shmgrpc.Config.from_env({"SHMGRPC_TRANSPORT": sys.argv[2], "SHMGRPC_THRESHOLD": "64KiB"}),
+    shmgrpc.Config.from_env({"SHMGRPC_TRANSPORT": sys.argv[2], "SHMGRPC_THRESHOLD": "64KiB", "SHMGRPC_CMA_THRESHOLD": "64KiB"}),
     options=GRPC_OPTIONS,
 )
 stub = pb_grpc.EchoStub(channel)
@@ -125,7 +125,7 @@ from protos import echo_test_pb2 as pb, echo_test_pb2_grpc as pb_grpc
 from tests.echo_server import GRPC_OPTIONS, pattern
 channel = shmgrpc.intercept_channel(
     grpc.insecure_channel(sys.argv[1], options=GRPC_OPTIONS),
-    shmgrpc.Config.from_env({"SHMGRPC_TRANSPORT": sys.argv[2], "SHMGRPC_THRESHOLD": "64KiB"}),
+    shmgrpc.Config.from_env({"SHMGRPC_TRANSPORT": sys.argv[2], "SHMGRPC_THRESHOLD": "64KiB", "SHMGRPC_CMA_THRESHOLD": "64KiB"}),
     options=GRPC_OPTIONS,
 )
 stub = pb_grpc.EchoStub(channel)

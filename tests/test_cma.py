@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def test_client_denied_process_vm_readv(servers, client_transport, server_transp
     out = run_client(
         {
             "target": server.unix_target,
-            "env": {"SHMGRPC_TRANSPORT": client_transport, "SHMGRPC_THRESHOLD": str(THRESHOLD)},
+            "env": {"SHMGRPC_TRANSPORT": client_transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)},
             "calls": CALLS,
             "size": SIZE,
             "reply_size": SIZE,
@@ -146,7 +147,7 @@ target, threshold = sys.argv[1], sys.argv[2]
 options = GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]
 channel = shmgrpc.intercept_channel(
     grpc.insecure_channel(target, options=options),
-    shmgrpc.Config.from_env({"SHMGRPC_TRANSPORT": "cma", "SHMGRPC_THRESHOLD": threshold}),
+    shmgrpc.Config.from_env({"SHMGRPC_TRANSPORT": "cma", "SHMGRPC_THRESHOLD": threshold, "SHMGRPC_CMA_THRESHOLD": threshold}),
     options=options,
 )
 stub = pb_grpc.EchoStub(channel)
@@ -220,3 +221,56 @@ def test_sender_killed_before_its_message_is_read(fresh_server, make_client):
     # The killed client's id segment goes with the next engine that sets up
     # (the client above did): reaping, not luck.
     assert shm_names(info["pid"]) == []
+
+
+def test_cma_carries_nothing_below_its_threshold(servers, make_client):
+    """SHMGRPC_CMA_THRESHOLD (512 KiB by default): a cma read costs four
+    calls into the peer, so a smaller message goes inline (counted as the
+    fallback below_cma_threshold on the side that sent it) and a larger one
+    via cma, both ways."""
+    server = servers.shared(server_env("cma", CMA_THRESHOLD="512KiB"))
+    client = make_client(server.unix_target, client_config("cma", CMA_THRESHOLD="512KiB"))
+    assert client.stub.Unary(pb.Payload(seq=0, body=b"x"), timeout=CALL_TIMEOUT).body == b"x"  # the handshake
+    before_server, before_client = server.stats()["shmgrpc"], client.stats()
+    for size in (256 * 1024, 511 * 1024):
+        reply = client.stub.Unary(pb.Payload(seq=1, body=pattern(size, 1), reply_size=size), timeout=CALL_TIMEOUT)
+        assert reply.body == pattern(size, 1)
+    reply = client.stub.Unary(pb.Payload(seq=2, body=pattern(MiB, 2), reply_size=MiB), timeout=CALL_TIMEOUT)
+    assert reply.body == pattern(MiB, 2)
+    after_server, after_client = server.stats()["shmgrpc"], client.stats()
+    assert counts(after_client, "cma") == (1, 1)
+    assert delta(after_client, before_client, "fallbacks", "below_cma_threshold") == 2
+    assert delta(after_server, before_server, "by_transport", "cma", "offloaded", "count") == 1
+    assert delta(after_server, before_server, "fallbacks", "below_cma_threshold") == 2
+
+
+def test_requests_of_a_committed_stream_are_unpinned_once_read(servers, make_client):
+    """A request stays pinned until its call ends while gRPC may resend it;
+    once a response has arrived the call is committed (no resend any more),
+    so later requests are let go as soon as the server has read them: a
+    ping-pong stream of 8 x 1 MiB keeps about one message pinned, not eight."""
+    server = servers.shared(server_env("cma"))
+    client = make_client(server.unix_target, client_config("cma"))
+    assert client.stub.Unary(pb.Payload(seq=0, body=b"x"), timeout=CALL_TIMEOUT).body == b"x"  # the handshake
+    outbox: "queue.Queue" = queue.Queue()
+
+    def requests():
+        while True:
+            item = outbox.get()
+            if item is None:
+                return
+            yield item
+
+    call = client.stub.BidiStream(requests(), timeout=CALL_TIMEOUT)
+    pinned = []
+    for i in range(8):
+        outbox.put(pb.Payload(seq=i, body=pattern(MiB, i)))
+        assert next(call).body == pattern(MiB, i)
+        pinned.append(client.stats()["pool"]["cma_pinned"])
+    outbox.put(None)
+    assert list(call) == []
+    assert counts(client.stats(), "cma")[0] >= 8
+    # The first request was sent before any response: it stays pinned until
+    # the call ends; each later one is let go once read.
+    assert max(pinned) <= 2 * MiB, pinned
+    assert client.stats()["pool"]["cma_pinned"] == 0

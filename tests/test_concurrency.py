@@ -73,7 +73,7 @@ def test_threads_share_one_channel(client, echo_server, transport):
 def test_processes_share_one_server(echo_server, transport):
     before_all = echo_server.stats()
     before = before_all["shmgrpc"]
-    env = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD)}
+    env = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}
     procs = []
     for seed in range(PROCESSES):
         spec = {

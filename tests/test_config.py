@@ -47,6 +47,7 @@ def test_every_variable_is_read(tmp_path):
         "SHMGRPC_MAX_MESSAGE": "32M",
         "SHMGRPC_LEASE": "5s",
         "SHMGRPC_CMA_MAX_PINNED": "16MiB",
+        "SHMGRPC_CMA_THRESHOLD": "1MiB",
         "SHMGRPC_SHM_DIR": "/run/shm",
         "SHMGRPC_SIDE_DIR": str(tmp_path),
         "SHMGRPC_SIDE_UIDS": "1000, 1001",
@@ -60,6 +61,7 @@ def test_every_variable_is_read(tmp_path):
         64 * MiB,
         1 * MiB,
     )
+    assert config.cma_threshold == 1 * MiB
     assert (config.max_message, config.lease_seconds, config.cma_max_pinned, config.shm_dir) == (
         32 * MiB,
         5.0,

@@ -72,7 +72,7 @@ class ServerProc:
         self.dir = tempfile.mkdtemp(prefix=f"{kind}-{mode}-", dir=root)
         self.log_path = os.path.join(self.dir, "stderr.log")
         self._log = open(self.log_path, "wb")
-        env = {} if mode == "plain" else {"SHMGRPC_TRANSPORT": mode, "SHMGRPC_THRESHOLD": THRESHOLD}
+        env = {} if mode == "plain" else {"SHMGRPC_TRANSPORT": mode, "SHMGRPC_THRESHOLD": THRESHOLD, "SHMGRPC_CMA_THRESHOLD": THRESHOLD}
         spec = {"kind": kind, "mode": "plain" if mode == "plain" else "shmgrpc", "dir": self.dir,
                 "parent": os.getpid()}
         self.proc = spawn([sys.executable, "-m", "tests.diff_server", json.dumps(spec)], env,

@@ -122,7 +122,7 @@ def test_client_of_another_uid_gets_plain_grpc(fresh_server, transport):
     out = run_client(
         {
             "target": echo_server.tcp_target,
-            "env": {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD)},
+            "env": {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)},
             "calls": 2,
             "size": SIZE,
             "uid": NOBODY,

@@ -78,7 +78,7 @@ def run_role(role: str, spec: dict, timeout: float = 90.0) -> dict:
 
 
 def client_env(transport: str = "shm", **env: str) -> Dict[str, str]:
-    out = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD)}
+    out = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}
     out.update({f"SHMGRPC_{k.upper()}": str(v) for k, v in env.items()})
     return out
 

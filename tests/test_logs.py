@@ -78,7 +78,7 @@ def test_a_healthy_run_logs_nothing_above_info(make_client, log_server, records)
 
 def test_auto_without_ptrace_permission_logs_no_warning(log_server):
     spec = {"target": log_server.unix_target, "calls": 2, "size": SIZE, "deny": True,
-            "env": {"SHMGRPC_TRANSPORT": "auto", "SHMGRPC_THRESHOLD": str(THRESHOLD)}}
+            "env": {"SHMGRPC_TRANSPORT": "auto", "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}}
     out = run_client(spec)
     assert out["ok"] == 2
     assert "cma" in out["stats"]["notes"]  # it did find cma refused...

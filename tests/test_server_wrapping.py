@@ -35,7 +35,7 @@ def wrapped_server(request):
     with tempfile.TemporaryDirectory(prefix="shmgrpc-wrapped-") as tmp:
         path = f"{tmp}/s.sock"
         proc = spawn([sys.executable, "-m", "tests._wrapped_server", request.param, path],
-                     env={"SHMGRPC_TRANSPORT": "auto", "SHMGRPC_THRESHOLD": "65536"},
+                     env={"SHMGRPC_TRANSPORT": "auto", "SHMGRPC_THRESHOLD": "65536", "SHMGRPC_CMA_THRESHOLD": "65536"},
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             assert read_line(proc, START_TIMEOUT).strip() == "ready"

@@ -63,7 +63,7 @@ ECHO_UNARY = "/shmgrpc.testing.v1.Echo/Unary"
 
 
 def env_of(transport: str = "memfd", **extra: str) -> Dict[str, str]:
-    out = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD)}
+    out = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}
     out.update({f"SHMGRPC_{k.upper()}": str(v) for k, v in extra.items()})
     return out
 
