@@ -21,6 +21,12 @@ peak, and one arena serializes malloc between threads. So it is opt-in:
 SHMGRPC_MALLOC=keep (applied when the first channel or server is built) or
 shmgrpc.tune_malloc() (call it early, before threads start: M_ARENA_MAX only
 shapes arenas made afterwards).
+
+The narrower lever needs no code and cannot be set from here:
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in a process's environment (glibc
+reads it at start-up) makes glibc ask for transparent huge pages on what it
+maps, so fresh buffers fault 2 MiB at a time and freed memory still goes
+back to the kernel (README, "Warm memory"; `make bench`'s hugepages phase).
 """
 
 from __future__ import annotations

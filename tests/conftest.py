@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import queue
 import select
 import signal
 import socket
@@ -451,6 +452,27 @@ def delta(after: dict, before: dict, *path: str) -> int:
     for key in path:
         a, b = a.get(key, {}), b.get(key, {})
     return (a or 0) - (b or 0)
+
+
+class Outbox:
+    """A request stream fed one message at a time: put(message), then
+    close(); iterating it blocks until the next one (a ping-pong's requests)."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.Queue" = queue.Queue()
+
+    def put(self, message) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def __iter__(self):
+        while True:
+            message = self._queue.get()
+            if message is None:
+                return
+            yield message
 
 
 def counts(stats: dict, transport: str) -> Tuple[int, int]:

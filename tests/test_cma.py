@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from protos import echo_test_pb2 as pb
 from shmgrpc import cma
 from shmgrpc._core import AUTO_ORDER
 from tests.conftest import (
+    Outbox,
     CALL_TIMEOUT,
     MiB,
     SESSION_PIDS,
@@ -252,22 +252,14 @@ def test_requests_of_a_committed_stream_are_unpinned_once_read(servers, make_cli
     server = servers.shared(server_env("cma"))
     client = make_client(server.unix_target, client_config("cma"))
     assert client.stub.Unary(pb.Payload(seq=0, body=b"x"), timeout=CALL_TIMEOUT).body == b"x"  # the handshake
-    outbox: "queue.Queue" = queue.Queue()
-
-    def requests():
-        while True:
-            item = outbox.get()
-            if item is None:
-                return
-            yield item
-
-    call = client.stub.BidiStream(requests(), timeout=CALL_TIMEOUT)
+    outbox = Outbox()
+    call = client.stub.BidiStream(iter(outbox), timeout=CALL_TIMEOUT)
     pinned = []
     for i in range(8):
         outbox.put(pb.Payload(seq=i, body=pattern(MiB, i)))
         assert next(call).body == pattern(MiB, i)
         pinned.append(client.stats()["pool"]["cma_pinned"])
-    outbox.put(None)
+    outbox.close()
     assert list(call) == []
     assert counts(client.stats(), "cma")[0] >= 8
     # The first request was sent before any response: it stays pinned until

@@ -8,7 +8,6 @@ against that prediction as well as every byte that came back.
 
 from __future__ import annotations
 
-import queue
 from concurrent import futures
 
 import grpc
@@ -17,7 +16,7 @@ import pytest
 import shmgrpc
 from protos import echo_test_pb2 as pb
 from shmgrpc import wire
-from tests.conftest import CALL_TIMEOUT, MiB, THRESHOLD, client_config, counts, delta, payload_of_size
+from tests.conftest import CALL_TIMEOUT, MiB, THRESHOLD, Outbox, client_config, counts, delta, payload_of_size
 from tests.echo_server import GRPC_OPTIONS, EchoLogic, digest, fingerprint, pattern
 
 SIZES = {
@@ -132,16 +131,8 @@ def test_bidi_lockstep(client, echo_server, transport):
     """Each response is read before the next request is written: offload in
     both directions interleaves on one call, and slots are reused."""
     before = echo_server.stats()["shmgrpc"]
-    outbox: "queue.Queue" = queue.Queue()
-
-    def requests():
-        while True:
-            item = outbox.get()
-            if item is None:
-                return
-            yield item
-
-    call = client.stub.BidiStream(requests(), timeout=CALL_TIMEOUT)
+    outbox = Outbox()
+    call = client.stub.BidiStream(iter(outbox), timeout=CALL_TIMEOUT)
     sent, got = [], []
     logic = server_logic(echo_server.pid)
     for i, size in enumerate([2 * MiB, 100, 3 * MiB, THRESHOLD, 2 * MiB, 5 * MiB]):
@@ -151,7 +142,7 @@ def test_bidi_lockstep(client, echo_server, transport):
         assert response == logic.reply(request)
         sent.append(request)
         got.append(response)
-    outbox.put(None)
+    outbox.close()
     assert list(call) == []
     check_counters(client, echo_server, before, transport, sent, got)
 
