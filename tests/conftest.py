@@ -41,6 +41,7 @@ import shmgrpc  # noqa: E402
 from protos import echo_test_pb2 as pb  # noqa: E402
 from protos import echo_test_pb2_grpc as pb_grpc  # noqa: E402
 from shmgrpc import wire  # noqa: E402
+from tests import _session  # noqa: E402
 from tests.echo_server import GRPC_OPTIONS, READY  # noqa: E402
 
 KiB = 1024
@@ -54,8 +55,9 @@ CALL_TIMEOUT = 60.0  # default deadline of the suite's RPCs: a hang fails, not b
 
 # Pids of every process this session started (and its own): the leak check
 # only judges /dev/shm names of these, so other users of the machine and
-# concurrent test runs do not disturb it.
-SESSION_PIDS = {os.getpid()}
+# concurrent test runs do not disturb it. Shared by both imports of this file
+# (see tests/_session.py).
+SESSION_PIDS = _session.PIDS
 
 
 # --- processes ----------------------------------------------------------------

@@ -25,7 +25,9 @@ import pytest
 
 import shmgrpc
 from tests._wrapped_server import pattern
-from tests.conftest import CALL_TIMEOUT, START_TIMEOUT, client_config, read_line, spawn, stop_process
+from tests.conftest import (
+    CALL_TIMEOUT, START_TIMEOUT, STOP_TIMEOUT, client_config, read_line, shm_names, spawn, stop_process,
+)
 
 MiB = 1024 * 1024
 
@@ -41,8 +43,12 @@ def wrapped_server(request):
             assert read_line(proc, START_TIMEOUT).strip() == "ready"
             yield f"unix:{path}"
         finally:
-            proc.stdin.close()
-            stop_process(proc)
+            proc.stdin.close()  # the server stops and lets go of its shared memory
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                stop_process(proc)
+            assert proc.returncode == 0 and shm_names(proc.pid) == [], "the server did not stop cleanly"
 
 
 def _stats(channel) -> dict:
