@@ -119,10 +119,14 @@ class _Sent:
         tickets = self.tickets
         if tickets is None:
             tickets = self.tickets = Tickets(self.engine)
-            context = self.context
-            if not context.add_callback(lambda: tickets.end(release=not _statused(context), unread_only=True)):
-                tickets.end(release=True, unread_only=True)  # over already: nobody will read it
+            self._watch(tickets)
         tickets.add(ticket)
+
+    def _watch(self, tickets: Tickets) -> None:
+        """Free the unread ones if the call ends cancelled."""
+        context = self.context
+        if not context.add_callback(lambda: tickets.end(release=not _statused(context), unread_only=True)):
+            tickets.end(release=True, unread_only=True)  # over already: nobody will read it
 
 
 def _marked(responses: Iterator, sent: _Sent) -> Iterator:
@@ -206,8 +210,31 @@ def _serializer(codec: CallCodec, original: Optional[Callable]) -> Callable:
     return serialize
 
 
-# Wrapped handlers kept per server: routes x methods in use.
-_WRAPPED_MAX = 1024
+class HandlerCache:
+    """Wrapped handlers by (route, handler), each made once by `wrap` and
+    reused by every call of that client and method. Keyed by identity: the
+    entries hold their route and handler, so an id is never reused while
+    its entry lives; bounded, oldest out first."""
+
+    MAX = 1024  # routes x methods in use
+
+    def __init__(self, wrap: Callable[[Optional[Route], Any], Any]):
+        self._wrap = wrap
+        self._entries: "collections.OrderedDict[Tuple[int, int], Tuple[Any, Any, Any]]" = collections.OrderedDict()
+        self._lock = threading.Lock()  # protects _entries' changes (a get needs none)
+
+    def get(self, route: Optional[Route], handler):
+        key = (id(route), id(handler))
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is route and entry[1] is handler:
+            return entry[2]
+        wrapped = self._wrap(route, handler)
+        with self._lock:
+            self._entries[key] = (route, handler, wrapped)
+            while len(self._entries) > self.MAX:
+                self._entries.popitem(last=False)
+        return wrapped
+
 
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -217,13 +244,15 @@ _FACTORIES = {
 }
 
 
-def rebuild_handler(handler, codec: CallCodec, behavior: Callable):
-    """A new RpcMethodHandler of the same shape, with wrapped functions."""
+def rebuild_handler(handler, codec: CallCodec, behavior: Callable, serializer=None):
+    """A new RpcMethodHandler of the same shape, with wrapped functions;
+    `serializer(codec, original)` makes the response serializer (default:
+    the codec's own, with its keep)."""
     factory = _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
     return factory(
         behavior,
         request_deserializer=codec.deserializer(handler.request_deserializer),
-        response_serializer=codec.serializer(handler.response_serializer),
+        response_serializer=(serializer or CallCodec.serializer)(codec, handler.response_serializer),
     )
 
 
@@ -271,9 +300,7 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
     def __init__(self, config: Optional[Config] = None, *,
                  options: Optional[Sequence[Tuple[str, Any]]] = None) -> None:
         self._engine = Engine(config, "server", options, "server")
-        # (id of route, id of handler) -> (route, handler, wrapped handler)
-        self._wrapped: "collections.OrderedDict[Tuple[int, int], Tuple[Any, Any, Any]]" = collections.OrderedDict()
-        self._lock = threading.Lock()  # protects _wrapped
+        self._handlers = HandlerCache(self._wrap)
 
     def intercept_service(
         self,
@@ -286,28 +313,14 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
         hello = wire.metadata_value(handler_call_details.invocation_metadata, wire.HELLO_KEY)
         if handler is None or hello is None:
             return handler
-        route = self._engine.server_route(hello)
-        key = (id(route), id(handler))
-        entry = self._wrapped.get(key)
-        if entry is not None and entry[0] is route and entry[1] is handler:
-            return entry[2]
-        wrapped = self._wrap(route, handler)
-        with self._lock:
-            self._wrapped[key] = (route, handler, wrapped)
-            while len(self._wrapped) > _WRAPPED_MAX:
-                self._wrapped.popitem(last=False)
-        return wrapped
+        return self._handlers.get(self._engine.server_route(hello), handler)
 
     def _wrap(self, route: Optional[Route], handler):
+        """The handler for every call of `route`'s client (see HandlerCache)."""
         engine = self._engine
-        codec = call_codec(engine, route)
-        factory = _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        return factory(
-            _wrap_behavior(handler, route.welcome if route is not None else None,
-                           engine if route is not None and route.offloads else None),
-            request_deserializer=codec.deserializer(handler.request_deserializer),
-            response_serializer=_serializer(codec, handler.response_serializer),
-        )
+        behavior = _wrap_behavior(handler, route.welcome if route is not None else None,
+                                  engine if route is not None and route.offloads else None)
+        return rebuild_handler(handler, call_codec(engine, route), behavior, serializer=_serializer)
 
 
 def server(

@@ -4,8 +4,9 @@ the very object the behavior returned (shmgrpc/_server.py, _pending).
 
 Here a user's interceptor outside shmgrpc moves every behavior to a thread
 of its own pool ("hop": gRPC then serializes the response in another thread
-than the one that ran shmgrpc's behavior) or hands back a copy of each
-response ("replace"). Whatever it does, every response must arrive whole
+than the one that ran shmgrpc's behavior; on grpc.aio, another task) or
+hands back a copy of each response ("replace"), on a sync and a grpc.aio
+server. Whatever it does, every response must arrive whole
 and offloaded, and the server's pool must be empty once the client has read
 them: a response tied to the wrong call could be freed under its reader
 (DATA_LOSS) or kept for a whole lease.
@@ -32,11 +33,13 @@ from tests.conftest import (
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["none", "hop", "replace"])
+@pytest.fixture(params=[(kind, mode) for kind in ("sync", "aio") for mode in ("none", "hop", "replace")],
+                ids=lambda p: "-".join(p))
 def wrapped_server(request):
+    kind, mode = request.param
     with tempfile.TemporaryDirectory(prefix="shmgrpc-wrapped-") as tmp:
         path = f"{tmp}/s.sock"
-        proc = spawn([sys.executable, "-m", "tests._wrapped_server", request.param, path],
+        proc = spawn([sys.executable, "-m", "tests._wrapped_server", mode, path, *(["--aio"] if kind == "aio" else [])],
                      env={"SHMGRPC_TRANSPORT": "auto", "SHMGRPC_THRESHOLD": "65536", "SHMGRPC_CMA_THRESHOLD": "65536"},
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:

@@ -1,6 +1,7 @@
 """The grpc.aio server side.
 
-Per call it is the sync server's glue (shmgrpc._server): the same CallCodec
+It is the sync server's glue (shmgrpc._server), made once per client route
+and method (HandlerCache) and shared by their calls: the same CallCodec
 wraps the handler's own (de)serializers, so a request handle is restored in
 the deserializer (on the event loop, where grpc.aio deserializes) and the
 application and every interceptor see the real request; the same context
@@ -18,12 +19,14 @@ and _finish_handler_with_stream_responses):
 A cancelled call (client cancel, deadline, server stop) frees the slots and
 pins of the responses it offloaded: their reader will never read them. A
 call that ended normally leaves them to the client's ack (its messages may
-still be in flight).
+still be in flight). The shared serializer finds its call through a context
+variable (_current): grpc.aio runs each call in a task of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 from concurrent import futures
@@ -33,11 +36,11 @@ import grpc
 from grpc import aio
 
 from .. import wire
-from .._codec import CallCodec, Failed
-from .._codec import Tickets as Sent
-from .._core import Engine, EngineOwner
+from .._codec import CallCodec, Failed, Tickets, _identity
+from .._core import Engine, EngineOwner, Route
 from .._server import _Context as _SyncContext
-from .._server import _wrap_behavior, abort_details, call_codec, handshake_trailers, rebuild_handler
+from .._server import _Sent as _SyncSent
+from .._server import HandlerCache, _wrap_behavior, abort_details, call_codec, handshake_trailers, rebuild_handler
 from ..config import Config
 
 log = logging.getLogger(__name__)
@@ -85,8 +88,42 @@ class _Context(_SyncContext):
 aio.ServicerContext.register(_Context)
 
 
-def _aio_behavior(handler, welcome, sent: Sent) -> Callable:
-    """An async behavior of the same shape and kind as the handler's."""
+# The call whose task this is (grpc.aio runs each call in a task of its own,
+# and serializes its responses there): set by the wrapped behavior, read by
+# the route's shared serializer to keep the tickets of what it offloads.
+# A behavior that an outer interceptor runs in another task leaves it unset
+# in grpc's: such responses are freed by the client's ack or the lease.
+_current = contextvars.ContextVar("shmgrpc_aio_call", default=None)
+
+
+class _Sent(_SyncSent):
+    """The sync server's _Sent, watching grpc.aio's context."""
+
+    __slots__ = ()
+
+    def _watch(self, tickets: Tickets) -> None:
+        # Fires when grpc's task for the call ends; done() means a status was
+        # sent. Without one the call was cancelled: free its unread slots.
+        self.context.add_done_callback(lambda ctx: tickets.end(release=not ctx.done(), unread_only=True))
+
+
+def _serializer(codec: CallCodec, original: Optional[Callable]) -> Callable:
+    """The route's shared response serializer (see _current)."""
+    if codec.route is None:
+        return original or _identity
+    original = original or _identity
+
+    def serialize(message):
+        sent = _current.get()
+        return codec.send(original(message), sent.keep if sent is not None else None)
+
+    return serialize
+
+
+def _aio_behavior(handler, welcome, engine: Optional[Engine]) -> Callable:
+    """An async behavior of the same shape and kind as the handler's. With
+    `engine` (the route offloads responses), the call's _Sent is made
+    current for the serializer."""
     streaming_in, streaming_out = bool(handler.request_streaming), bool(handler.response_streaming)
     behavior = {
         (False, False): handler.unary_unary,
@@ -96,10 +133,8 @@ def _aio_behavior(handler, welcome, sent: Sent) -> Callable:
     }[(streaming_in, streaming_out)]
 
     async def prepare(request, context):
-        # Runs first in every call. add_done_callback fires when grpc's task
-        # for the call ends; done() means a status was sent. Without one the
-        # call was cancelled (client, deadline, server stop): free its slots.
-        context.add_done_callback(lambda ctx: sent.end(release=not ctx.done(), unread_only=True))
+        if engine is not None:
+            _current.set(_Sent(engine, context))
         ctx = _Context(context, welcome)  # first: a failing call carries the welcome too
         if streaming_in:
             request = _checking(request, ctx)
@@ -156,6 +191,7 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
     def __init__(self, config: Optional[Config] = None, *,
                  options: Optional[Sequence[Tuple[str, Any]]] = None) -> None:
         self._engine = Engine(config, "server", options, "server")
+        self._handlers = HandlerCache(self._wrap)
         self._warned = False
 
     # Not `async def`: grpc.aio awaits what this returns, a sync grpc.server
@@ -179,15 +215,22 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
         hello = wire.metadata_value(details.invocation_metadata, wire.HELLO_KEY)
         if handler is None or hello is None:
             return handler
-        route = engine.server_route(hello)
+        return self._handlers.get(engine.server_route(hello), handler)
+
+    def _wrap(self, route: Optional[Route], handler):
+        """The handler for every call of `route`'s client (see HandlerCache)."""
+        engine = self._engine
         welcome = route.welcome if route is not None else None
+        codec = call_codec(engine, route)
         behavior = (handler.unary_unary, handler.unary_stream, handler.stream_unary, handler.stream_stream)
         if not any(b is not None and _is_async(b) for b in behavior):
-            # A sync handler: the sync glue, in grpc's threads.
-            return rebuild_handler(handler, call_codec(engine, route), _wrap_behavior(handler, welcome))
-        sent = Sent(engine)
-        codec: CallCodec = call_codec(engine, route, keep=sent.add)
-        return rebuild_handler(handler, codec, _aio_behavior(handler, welcome, sent))
+            # A sync handler: the sync glue, in grpc's threads (its responses
+            # are serialized on the loop, apart from the call's thread: they
+            # are freed by the ack or the lease).
+            return rebuild_handler(handler, codec, _wrap_behavior(handler, welcome))
+        offloads = engine if route is not None and route.offloads else None
+        return rebuild_handler(handler, codec, _aio_behavior(handler, welcome, offloads),
+                               serializer=_serializer)
 
     def _refuse(self, continuation, details):
         """On a sync server: a handler of the call's shape that fails it with
