@@ -80,11 +80,17 @@ class CallCodec:
     def framed(self) -> bool:
         return self.route is not None
 
-    def serializer(self, original: Optional[Callable]) -> Callable:
+    def serializer(self, original: Optional[Callable],
+                   keep_of: Optional[Callable[[Any], Optional[Callable[[Any], None]]]] = None) -> Callable:
+        """`original`, offloading on a framed call. `keep_of(message)`, if
+        given, names the keep of the call `message` belongs to (a serializer
+        shared by many calls); otherwise this codec's own keep serves."""
         original = original or _identity
         if self.route is None:
             return original
-        return lambda message: self.serialize(original, message)
+        if keep_of is None:
+            return lambda message: self.serialize(original, message)
+        return lambda message: self.send(original(message), keep_of(message))
 
     def deserializer(self, original: Optional[Callable]) -> Callable:
         original = original or _identity
@@ -169,13 +175,7 @@ class ThreadCodec:
         return codec
 
     def serialize(self, message: Any):
-        data = self.original_serializer(message)
-        engine = self.engine
-        if type(data) is bytes and len(data) < engine.config.threshold and data[:_PREFIX_LEN] != _PREFIX:
-            engine.stats.add_inline(len(data))  # CallCodec.send's common case, without a codec
-            return data
-        codec = self._codec()
-        return codec.send(data, codec.keep)
+        return self._codec().serialize(self.original_serializer, message)
 
     def deserialize(self, raw: bytes) -> Any:
         if raw[:_PREFIX_LEN] != _PREFIX:

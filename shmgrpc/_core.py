@@ -1080,13 +1080,13 @@ class Engine:
             self.name, n, self.max_send, route.max_receive,
         )
 
-    def _offload_memfd(self, node: Node, data, route: Route, held: bool = True):
+    def _offload_memfd(self, node: Node, data, route: Route, held: bool):
         side_ = node.side
         conn = side_.conn_for(route.peer.inst) if side_ is not None else None
         if conn is None:
             return None, None, "side_closed"
         pool_ = node.get_pool()
-        slot, reason = pool_.alloc(len(data), conn, "memfd", held=held and self.role == "client")
+        slot, reason = pool_.alloc(len(data), conn, "memfd", held=held)
         if slot is None:
             return None, None, reason
         segment = slot.segment
@@ -1100,10 +1100,10 @@ class Engine:
         self.stats.add("offloaded", "memfd", 1, len(data))
         return wire.encode_memfd(slot.handle()), pool.Ticket(slot, slot.generation), ""
 
-    def _offload_shm(self, node: Node, data, route: Route, held: bool = True):
+    def _offload_shm(self, node: Node, data, route: Route, held: bool):
         pool_ = node.get_pool()
         peer = route.peer
-        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=held and self.role == "client")
+        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=held)
         if slot is None:
             return None, None, reason
         off = slot.offset

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 import grpc
 
 from . import wire
-from ._codec import CallCodec, Failed, Tickets, _identity
+from ._codec import CallCodec, Failed, Tickets
 from ._core import Engine, EngineOwner, Route
 from .config import Config
 from .errors import ShmGrpcError, StaleSessionError
@@ -191,23 +191,15 @@ def _wrap_behavior(handler, welcome, engine: Optional[Engine] = None) -> Callabl
     return unary_unary
 
 
-def _serializer(codec: CallCodec, original: Optional[Callable]) -> Callable:
-    """The route's shared response serializer: offloads keep their tickets
-    with the call that returned the response (see _pending)."""
-    if codec.route is None:
-        return original or _identity
-
-    original = original or _identity
-
-    def serialize(message):
-        pending = getattr(_pending, "value", None)
-        keep = None
-        if pending is not None and pending[0] == id(message):
-            _pending.value = None
-            keep = pending[1].keep
-        return codec.send(original(message), keep)
-
-    return serialize
+def _keep_of(message) -> Optional[Callable[[Any], None]]:
+    """For the route's shared response serializer: the keep of the call
+    that returned or yielded `message` in this thread (see _pending), or
+    None."""
+    pending = getattr(_pending, "value", None)
+    if pending is None or pending[0] != id(message):
+        return None
+    _pending.value = None
+    return pending[1].keep
 
 
 class HandlerCache:
@@ -244,22 +236,21 @@ _FACTORIES = {
 }
 
 
-def rebuild_handler(handler, codec: CallCodec, behavior: Callable, serializer=None):
-    """A new RpcMethodHandler of the same shape, with wrapped functions;
-    `serializer(codec, original)` makes the response serializer (default:
-    the codec's own, with its keep)."""
+def rebuild_handler(handler, codec: CallCodec, behavior: Callable, keep_of=None):
+    """A new RpcMethodHandler of the same shape, with wrapped functions
+    (`keep_of`: see CallCodec.serializer)."""
     factory = _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
     return factory(
         behavior,
         request_deserializer=codec.deserializer(handler.request_deserializer),
-        response_serializer=(serializer or CallCodec.serializer)(codec, handler.response_serializer),
+        response_serializer=codec.serializer(handler.response_serializer, keep_of),
     )
 
 
-def call_codec(engine: Engine, route: Optional[Route], keep=None) -> CallCodec:
-    """A server call's codec: requests may be read again (retries), a failed
-    restore is a Failed value."""
-    return CallCodec(engine, route, keep=keep, reread=True, failed_value=True)
+def call_codec(engine: Engine, route: Optional[Route]) -> CallCodec:
+    """A server route's codec, shared by its calls: requests may be read
+    again (retries), a failed restore is a Failed value."""
+    return CallCodec(engine, route, reread=True, failed_value=True)
 
 
 def handshake_trailers(engine: Engine, details) -> Optional[Tuple]:
@@ -320,7 +311,7 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
         engine = self._engine
         behavior = _wrap_behavior(handler, route.welcome if route is not None else None,
                                   engine if route is not None and route.offloads else None)
-        return rebuild_handler(handler, call_codec(engine, route), behavior, serializer=_serializer)
+        return rebuild_handler(handler, call_codec(engine, route), behavior, keep_of=_keep_of)
 
 
 def server(

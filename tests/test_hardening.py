@@ -550,7 +550,7 @@ class Raw:
 
     def memfd(self, data: bytes):
         assert self.route.send_memfd
-        encoded, ticket, reason = self.engine._offload_memfd(self.engine.node, data, self.route)
+        encoded, ticket, reason = self.engine._offload_memfd(self.engine.node, data, self.route, held=True)
         assert encoded is not None, reason
         return wire.decode(encoded), ticket
 

@@ -36,7 +36,7 @@ import grpc
 from grpc import aio
 
 from .. import wire
-from .._codec import CallCodec, Failed, Tickets, _identity
+from .._codec import Failed, Tickets
 from .._core import Engine, EngineOwner, Route
 from .._server import _Context as _SyncContext
 from .._server import _Sent as _SyncSent
@@ -107,17 +107,11 @@ class _Sent(_SyncSent):
         self.context.add_done_callback(lambda ctx: tickets.end(release=not ctx.done(), unread_only=True))
 
 
-def _serializer(codec: CallCodec, original: Optional[Callable]) -> Callable:
-    """The route's shared response serializer (see _current)."""
-    if codec.route is None:
-        return original or _identity
-    original = original or _identity
-
-    def serialize(message):
-        sent = _current.get()
-        return codec.send(original(message), sent.keep if sent is not None else None)
-
-    return serialize
+def _keep_of(message) -> Optional[Callable[[Any], None]]:
+    """For the route's shared response serializer: the keep of this task's
+    call (see _current), or None."""
+    sent = _current.get()
+    return sent.keep if sent is not None else None
 
 
 def _aio_behavior(handler, welcome, engine: Optional[Engine]) -> Callable:
@@ -229,8 +223,7 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
             # are freed by the ack or the lease).
             return rebuild_handler(handler, codec, _wrap_behavior(handler, welcome))
         offloads = engine if route is not None and route.offloads else None
-        return rebuild_handler(handler, codec, _aio_behavior(handler, welcome, offloads),
-                               serializer=_serializer)
+        return rebuild_handler(handler, codec, _aio_behavior(handler, welcome, offloads), keep_of=_keep_of)
 
     def _refuse(self, continuation, details):
         """On a sync server: a handler of the call's shape that fails it with
