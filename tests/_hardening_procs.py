@@ -654,6 +654,17 @@ def soak(spec: dict) -> dict:
             details = "" if err is None or isinstance(err, grpc.FutureCancelledError) else err.details()
             unexpected.append(f"{key}: {details}")
 
+    def expect_cancelled(kind: str, mode: str, future, within: float) -> None:
+        """Cancel `future` within `within` seconds; it must end CANCELLED."""
+        time.sleep(rng.uniform(0.0, within))
+        future.cancel()
+        err = None
+        try:
+            future.result(timeout=30)
+        except (grpc.RpcError, grpc.FutureCancelledError) as e:
+            err = e
+        expect(kind, mode, err, ("CANCELLED",))
+
     def check(what: str, ok: bool) -> None:
         if not ok:
             wrong.append(f"{what} seq {seq}")
@@ -680,13 +691,7 @@ def soak(spec: dict) -> dict:
                     expect(kind, mode, err, ("DEADLINE_EXCEEDED",))
                 else:
                     future = stub.Unary.future(message(size, delay=0.3, reply_size=reply), timeout=30)
-                    time.sleep(rng.uniform(0.0, 0.05))
-                    future.cancel()
-                    try:
-                        future.result(timeout=30)
-                    except (grpc.RpcError, grpc.FutureCancelledError) as e:
-                        err = e
-                    expect(kind, mode, err, ("CANCELLED",))
+                    expect_cancelled(kind, mode, future, 0.05)
             elif kind == "server_stream":
                 # ServerStream answers `seq` times, body i = pattern(reply_size, i)
                 count = rng.randint(1, 4)
@@ -715,13 +720,7 @@ def soak(spec: dict) -> dict:
                     sent[0].delay = 0.3
                 if mode == "cancel":
                     future = stub.ClientStream.future(iter(sent), timeout=30)
-                    time.sleep(rng.uniform(0.0, 0.1))
-                    future.cancel()
-                    try:
-                        future.result(timeout=30)
-                    except (grpc.RpcError, grpc.FutureCancelledError) as e:
-                        err = e
-                    expect(kind, mode, err, ("CANCELLED",))
+                    expect_cancelled(kind, mode, future, 0.1)
                 else:
                     try:
                         r = stub.ClientStream(iter(sent), timeout=0.1 if mode == "deadline" else 30)
