@@ -9,10 +9,15 @@ it, over a channel of its own:
     memfd       shmgrpc.intercept_channel, transport=memfd, over the unix socket
     shm         shmgrpc.intercept_channel, transport=shm, over the unix socket
     cma         shmgrpc.intercept_channel, transport=cma, over the unix socket
+    grpc-unix-md
+                plain gRPC over the unix socket, every call carrying one
+                metadata element as long as shmgrpc's hello (not run unless
+                named in --modes)
 
 Messages below shmgrpc's threshold (128 KiB unless SHMGRPC_THRESHOLD says
 otherwise) travel inline in every mode, so at 4 KiB the shmgrpc rows
-measure what merely having shmgrpc on the channel costs.
+measure what merely having shmgrpc on the channel costs; grpc-unix-md shows
+how much of that gRPC itself charges for the hello every call carries.
 
 Each *message* shape (--messages) is what a message holds, sized so that its
 serialization is about the target size:
@@ -93,6 +98,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import datetime
 import json
 import math
@@ -137,9 +143,14 @@ LADDERS = {
 }
 QUICK_SIZES = "4KiB,1MiB,16MiB"
 QUICK_SHAPES = ("unary",)
-PLAIN_MODES = ("grpc-tcp", "grpc-unix")
+METADATA_MODE = "grpc-unix-md"
+PLAIN_MODES = ("grpc-tcp", "grpc-unix", METADATA_MODE)
 SHMGRPC_MODES = ("memfd", "shm", "cma")  # each is also the transport it forces
 MODES = PLAIN_MODES + SHMGRPC_MODES
+DEFAULT_MODES = tuple(mode for mode in MODES if mode != METADATA_MODE)
+# METADATA_MODE's element: a key of no meaning to the server, and a value as
+# long as a client's hello (wire.encode_hello: 190 characters here).
+HELLO_LIKE = ("bench-pad", "x" * 190)
 BASELINE = "grpc-unix"  # what shmgrpc replaces: the same socket, plain gRPC
 MALLOCS = ("default", "keep", "hugepages")
 BASE_MALLOC = "default"  # what an application has unless it opts in
@@ -221,8 +232,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--modes",
         type=_choices(MODES, "--modes"),
-        default=list(MODES),
-        help=f"modes among {', '.join(MODES)} (default: all)",
+        default=list(DEFAULT_MODES),
+        help=f"modes among {', '.join(MODES)} (default: all but {METADATA_MODE})",
     )
     parser.add_argument(
         "--repeat", type=int, default=DEFAULT_REPEAT, help=f"rounds per cell (default {DEFAULT_REPEAT})"
@@ -468,7 +479,30 @@ def open_modes(names: Sequence[str], messages: Sequence[str], server: Server, cl
             channel = shmgrpc.intercept_channel(channel, Config.from_env(transport=name), options=CHANNEL_OPTIONS)
             clients.shmgrpc[name] = channel
         clients.channels.append(channel)
-        clients.stubs[name] = Stubs.on(channel, messages)
+        clients.stubs[name] = Stubs.on(_WithMetadata(channel) if name == METADATA_MODE else channel, messages)
+
+
+class _WithMetadata:
+    """A channel's multicallables, each call carrying HELLO_LIKE as well
+    (the bench passes no metadata of its own)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._channel = channel
+
+    def _wrap(self, multicallable: Callable) -> Callable:
+        return functools.partial(multicallable, metadata=(HELLO_LIKE,))
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Callable:
+        return self._wrap(self._channel.unary_unary(*args, **kwargs))
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Callable:
+        return self._wrap(self._channel.unary_stream(*args, **kwargs))
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Callable:
+        return self._wrap(self._channel.stream_unary(*args, **kwargs))
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Callable:
+        return self._wrap(self._channel.stream_stream(*args, **kwargs))
 
 
 # --- One measured call per shape --------------------------------------------
@@ -1161,7 +1195,7 @@ def below_threshold_note(view: Results, message: str, shape: str) -> List[str]:
         base = view.per_message(message, shape, size, BASELINE)
         costs = [
             f"{mode} {100 * (overhead - 1):+.1f}%"
-            for mode in SHMGRPC_MODES
+            for mode in (METADATA_MODE,) + SHMGRPC_MODES
             for overhead in [_div(view.per_message(message, shape, size, mode), base)]
             if overhead is not None
         ]
@@ -1339,6 +1373,7 @@ MODE_COLORS = {
     "memfd": "tab:green",
     "shm": "tab:orange",
     "cma": "tab:red",
+    METADATA_MODE: "tab:purple",
     FLOOR: "black",
 }
 # Line and marker per malloc phase; the floor is dotted.
