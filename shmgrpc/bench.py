@@ -55,7 +55,9 @@ same malloc.
 Method: for each message, size and shape, one warm-up call per mode
 (connections, handshakes and pool growth are not measured), then `--repeat`
 rounds, each running every mode once with the mode order rotated round by
-round; the statistic is the median. Beside each size, the in-process
+round; the statistic is the median. Messages of 64 KiB and less get four
+times the rounds, each unary sample a batch four times smaller: their cells
+measure a few percent, which five short samples on a busy machine cannot. Beside each size, the in-process
 *floor*: protobuf serialize, one copy into a pre-faulted shared mapping,
 parse from it; that is what a shared-memory transport cannot avoid. It
 takes a turn in every round too. After each size's rounds, one more unary
@@ -157,6 +159,13 @@ BASE_MALLOC = "default"  # what an application has unless it opts in
 
 # Fewer rounds make the median a coin toss on a busy machine.
 DEFAULT_REPEAT = 5
+# Cells of small messages are cheap, and a few percent is what they measure:
+# five samples of a fraction of a second each follow the load of a shared
+# machine rather than the code. They get SMALL_ROUNDS times the rounds, each
+# unary batch SMALL_ROUNDS times smaller (the same calls in all), so that
+# their median spans many more moments of the machine.
+SMALL_MESSAGE = 64 * KiB
+SMALL_ROUNDS = 4
 # The in-process floor takes its turn in every round, as a mode does, so
 # that it sees the same moments of a busy machine.
 FLOOR = "floor"
@@ -236,7 +245,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help=f"modes among {', '.join(MODES)} (default: all but {METADATA_MODE})",
     )
     parser.add_argument(
-        "--repeat", type=int, default=DEFAULT_REPEAT, help=f"rounds per cell (default {DEFAULT_REPEAT})"
+        "--repeat", type=int, default=DEFAULT_REPEAT,
+        help=f"rounds per cell (default {DEFAULT_REPEAT}; {SMALL_ROUNDS} times as many for messages of "
+             f"{SMALL_MESSAGE // KiB} KiB and less)"
     )
     parser.add_argument(
         "--stream-bytes",
@@ -575,10 +586,22 @@ BATCH_BYTES = 16 * MiB
 MAX_BATCH = 200
 
 
+def rounds_for(size: int, repeat: int) -> int:
+    return repeat * SMALL_ROUNDS if size <= SMALL_MESSAGE else repeat
+
+
+def rounds_text(repeat: int) -> str:
+    """How many rounds the report's medians are of."""
+    return (f"median of {repeat} interleaved rounds "
+            f"({rounds_for(SMALL_MESSAGE, repeat)} for messages of {human_size(SMALL_MESSAGE)} and less)")
+
+
 def run_unary(methods: Methods, job: Job) -> Outcome:
     """Time of one echo: the mean over a batch for small payloads. Each call
     is timed alone and its reply checked between calls, off the clock."""
     calls = max(1, min(MAX_BATCH, BATCH_BYTES // max(1, job.size)))
+    if job.size <= SMALL_MESSAGE:
+        calls = max(1, calls // SMALL_ROUNDS)
     request = job.payload.message
     elapsed, problem = 0, None
     for _ in range(calls):
@@ -885,7 +908,8 @@ class Bench:
             self.sample(cells[mode], job, record=False)
         floors = self.floors[(job.message, job.size)]
         turns = self.modes + [FLOOR]
-        for round_ in range(self.args.repeat):
+        rounds = rounds_for(job.size, self.args.repeat)
+        for round_ in range(rounds):
             first = round_ % len(turns)
             for name in turns[first:] + turns[:first]:
                 if name == FLOOR:
@@ -894,7 +918,7 @@ class Bench:
                     self.sample(cells[name], job, record=True)
             latest = "  ".join(f"{mode} {ms(_last(cells[mode].samples_ns))}" for mode in self.modes)
             progress(
-                f"   {label} round {round_ + 1}/{self.args.repeat}, ms: {latest}  (floor one way {ms(floors[-1])})"
+                f"   {label} round {round_ + 1}/{rounds}, ms: {latest}  (floor one way {ms(floors[-1])})"
             )
         return cells
 
@@ -1254,7 +1278,7 @@ def report_text(view: Results) -> str:
     data = view.data
     out = [
         f"shmgrpc bench, malloc {data['malloc']}: {machine_line(data['machine'])}",
-        f"median of {view.repeat} interleaved rounds; speedup = {BASELINE} time / mode time; "
+        f"{rounds_text(view.repeat)}; speedup = {BASELINE} time / mode time; "
         "floor = in-process serialize + copy + parse",
     ]
     for message, shape in view.pairs():
@@ -1343,7 +1367,7 @@ def combined_text(phases: Dict[str, Results]) -> str:
     first = next(iter(phases.values()))
     out = [
         f"shmgrpc bench, malloc {' and '.join(phases)}: {machine_line(first.data['machine'])}",
-        f"median of {first.repeat} interleaved rounds; ms per call or per message; "
+        f"{rounds_text(first.repeat)}; ms per call or per message; "
         f"'MODE x' = speedup: {BASELINE} with the {BASE_MALLOC} malloc / MODE, "
         f"in brackets {BASELINE} with the same malloc / MODE",
         "malloc keep = SHMGRPC_MALLOC=keep in both processes and every mode, plain gRPC included; "

@@ -41,6 +41,8 @@ def test_every_cell_ran_and_every_reply_was_checked(results):
     for key, cell in cells.items():
         assert cell["errors"] == [] and cell["fast_path_shortfalls"] == [], key
         assert cell["checked_whole"] > 0 and cell["median_ms"] > 0, key
+        # Small messages get more, shorter samples (their cells measure a few percent).
+        assert len(cell["samples_ms"]) == (bench.SMALL_ROUNDS if key[1] <= bench.SMALL_MESSAGE else 1), key
 
 
 def test_large_messages_take_the_fast_path_and_small_ones_do_not(results):
@@ -58,6 +60,7 @@ def test_large_messages_take_the_fast_path_and_small_ones_do_not(results):
 def test_the_metadata_mode_is_measured_beside_the_others(results):
     _, report = results
     assert "grpc-unix-md" in report
+    assert f"median of 1 interleaved rounds ({bench.SMALL_ROUNDS} for messages of 64 KiB and less)" in report
     assert "4 KiB, below the" in report and "grpc-unix-md " in report.split("4 KiB, below the", 1)[1]
     # What the mode sends: each call of its multicallables carries HELLO_LIKE.
     seen = []
