@@ -795,6 +795,9 @@ class Engine:
         except ShmGrpcError as err:
             self._not_colocated(err)
             return None
+        # A server in this very process: a side connection would be one to
+        # ourselves (its two ends share one peer id), so memfd is not used.
+        itself = w.inst == node.identity.inst
         peer = None
         try:
             peer = self._peer(w.inst, w.id_segment)
@@ -803,7 +806,8 @@ class Engine:
                 self._not_colocated(err)
                 return None
         conn = None
-        if w.side is not None and w.ticket is not None and "memfd" in self._order and "m" in w.accepts:
+        if (w.side is not None and w.ticket is not None and "memfd" in self._order and "m" in w.accepts
+                and not itself):
             side_ = node.get_side()
             try:
                 conn = side_.connect(w.side, w.ticket, w.inst) if side_ is not None else None
@@ -937,7 +941,9 @@ class Engine:
         except ShmGrpcError as err:
             self._not_colocated(err)
             return None
-        side_ = node.get_side() if "m" in h.accepts and "memfd" in self._order else None
+        # A client in this very process gets no memfd (see _route_from_welcome).
+        itself = h.inst == node.identity.inst
+        side_ = node.get_side() if "m" in h.accepts and "memfd" in self._order and not itself else None
         peer = None
         try:
             peer = self._peer(h.inst, h.id_segment)
