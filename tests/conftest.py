@@ -191,10 +191,10 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: flo
     return proc.returncode
 
 
-def shm_names(pid: Optional[int] = None) -> List[str]:
-    """shmgrpc names in /dev/shm, of one pid or of all."""
+def shm_names(pid: Optional[int] = None, directory: str = SHM_DIR) -> List[str]:
+    """shmgrpc names in `directory` (/dev/shm), of one pid or of all."""
     out = []
-    for name in os.listdir(SHM_DIR):
+    for name in os.listdir(directory):
         match = wire.NAME_RE.match(name)
         if match and (pid is None or int(match.group(1)) == pid):
             out.append(name)

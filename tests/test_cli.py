@@ -26,7 +26,6 @@ from typing import Dict, List, Optional
 import pytest
 
 from protos import echo_test_pb2 as pb
-from shmgrpc import wire
 from tests.conftest import (
     CALL_TIMEOUT,
     KiB,
@@ -34,6 +33,7 @@ from tests.conftest import (
     client_config,
     read_line,
     server_env,
+    shm_names,
     spawn,
     stop_process,
 )
@@ -63,15 +63,6 @@ def cli_json(*args: str, env: Optional[Dict[str, str]] = None, prefix: Optional[
     return json.loads(done.stdout)
 
 
-def names_of(directory: str, pid: int) -> List[str]:
-    out = []
-    for name in os.listdir(directory):
-        match = wire.NAME_RE.match(name)
-        if match and int(match.group(1)) == pid:
-            out.append(name)
-    return sorted(out)
-
-
 def checks(report: dict, part: str) -> Dict[str, dict]:
     """{name: check} of report["machine"] or of the target's checks."""
     rows = report["machine"] if part == "machine" else report["target"]["checks"]
@@ -98,7 +89,7 @@ def test_ls_and_gc_tell_live_owners_from_dead_ones(fresh_server, make_client, sh
         reply = client.stub.Unary(pb.Payload(seq=1, body=pattern(size, 1), reply_size=size), timeout=CALL_TIMEOUT)
         assert reply.body == pattern(size, 1)
         assert client.stats()["by_transport"]["shm"]["restored"]["count"] == 1
-    live_names, doomed_names = names_of(shm_dir, live.pid), names_of(shm_dir, doomed.pid)
+    live_names, doomed_names = shm_names(live.pid, shm_dir), shm_names(doomed.pid, shm_dir)
     assert any(n.endswith("-id") for n in doomed_names) and any(not n.endswith("-id") for n in doomed_names)
     assert doomed.kill() == -signal.SIGKILL
 
@@ -128,14 +119,14 @@ def test_ls_and_gc_tell_live_owners_from_dead_ones(fresh_server, make_client, sh
     dry = cli_json("gc", "--dry-run", "--dir", shm_dir)
     assert dry["dry_run"] is True
     assert sorted(row["name"] for row in dry["removed"]) == doomed_names
-    assert names_of(shm_dir, doomed.pid) == doomed_names
+    assert shm_names(doomed.pid, shm_dir) == doomed_names
 
     # gc: the dead owner's segments go, the live ones stay, and the live server still serves offloaded calls.
     done = cli("gc", "--dir", shm_dir)
     assert done.returncode == 0, done.stderr
     assert f"removed {len(doomed_names)} segments of 1 exited process" in done.stdout
-    assert names_of(shm_dir, doomed.pid) == []
-    assert names_of(shm_dir, live.pid) == live_names
+    assert shm_names(doomed.pid, shm_dir) == []
+    assert shm_names(live.pid, shm_dir) == live_names
     client = make_client(live.unix_target, client_config("shm", shm_dir=shm_dir))
     assert client.stub.Unary(pb.Payload(body=pattern(size, 2)), timeout=CALL_TIMEOUT).body == pattern(size, 2)
     assert client.stats()["by_transport"]["shm"]["offloaded"]["count"] == 1
