@@ -599,9 +599,8 @@ def rounds_text(repeat: int) -> str:
 def run_unary(methods: Methods, job: Job) -> Outcome:
     """Time of one echo: the mean over a batch for small payloads. Each call
     is timed alone and its reply checked between calls, off the clock."""
-    calls = max(1, min(MAX_BATCH, BATCH_BYTES // max(1, job.size)))
-    if job.size <= SMALL_MESSAGE:
-        calls = max(1, calls // SMALL_ROUNDS)
+    # A cell with more rounds (rounds_for) takes as many fewer calls a round.
+    calls = max(1, min(MAX_BATCH, BATCH_BYTES // max(1, job.size)) // rounds_for(job.size, 1))
     request = job.payload.message
     elapsed, problem = 0, None
     for _ in range(calls):
