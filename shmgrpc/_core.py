@@ -795,9 +795,6 @@ class Engine:
         except ShmGrpcError as err:
             self._not_colocated(err)
             return None
-        # A server in this very process: a side connection would be one to
-        # ourselves (its two ends share one peer id), so memfd is not used.
-        itself = w.inst == node.identity.inst
         peer = None
         try:
             peer = self._peer(w.inst, w.id_segment)
@@ -806,8 +803,7 @@ class Engine:
                 self._not_colocated(err)
                 return None
         conn = None
-        if (w.side is not None and w.ticket is not None and "memfd" in self._order and "m" in w.accepts
-                and not itself):
+        if w.side is not None and w.ticket is not None and "memfd" in self._order and "m" in w.accepts:
             side_ = node.get_side()
             try:
                 conn = side_.connect(w.side, w.ticket, w.inst) if side_ is not None else None
@@ -941,7 +937,9 @@ class Engine:
         except ShmGrpcError as err:
             self._not_colocated(err)
             return None
-        # A client in this very process gets no memfd (see _route_from_welcome).
+        # A client in this very process gets no memfd: a side connection would
+        # be one to ourselves, whose two ends share one peer id (one node per
+        # process). Without the side socket in our welcome it makes none.
         itself = h.inst == node.identity.inst
         side_ = node.get_side() if "m" in h.accepts and "memfd" in self._order and not itself else None
         peer = None
