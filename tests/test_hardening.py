@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -42,6 +43,7 @@ import pytest
 import shmgrpc
 from protos import echo_test_pb2 as pb
 from shmgrpc import pool, session, wire
+from shmgrpc._core import Node
 from shmgrpc.errors import HandleError, ShmGrpcError
 from tests.conftest import (
     CALL_TIMEOUT,
@@ -909,6 +911,24 @@ def _rss(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def _fd_targets(pid: int) -> List[str]:
+    """What each open descriptor of `pid` points at (readlink of /proc/pid/fd)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def _segment_fd(target: str, pids=None) -> bool:
+    """Does a descriptor target name a shmgrpc segment (a shm name or a
+    memfd), of one of `pids` if given?"""
+    m = re.match(r"(?:/dev/shm/shmgrpc-|/memfd:memfd-)(\d+)-", target)
+    return m is not None and (pids is None or int(m.group(1)) in pids)
+
+
 def _tmpfs_bytes(pids) -> int:
     total = 0
     for pid in pids:
@@ -945,8 +965,9 @@ def test_soak_server_resources_level_off(fresh_server, tmp_path):
         procs.append((spawn([sys.executable, "-c", PROCS, "soak", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=log, text=True), log))
     pids = [server.pid] + [p.pid for p, _ in procs]
-    # (seconds, server rss, server fds, tmpfs bytes of everyone's names, server pool mapped,
-    #  server anonymous rss, server shared-memory rss, server cma pinned)
+    # (seconds, server rss, server fds other than segments, tmpfs bytes of everyone's names,
+    #  server pool mapped, server anonymous rss, server shared-memory rss, server cma pinned,
+    #  server fds of segments)
     samples = []
     outs = []
     try:
@@ -954,11 +975,12 @@ def test_soak_server_resources_level_off(fresh_server, tmp_path):
         while any(p.poll() is None for p, _ in procs) and time.monotonic() - started < seconds + 60:
             if not server.alive():
                 break
-            fds = len(os.listdir(f"/proc/{server.pid}/fd"))
+            targets = _fd_targets(server.pid)
+            fds = sum(not _segment_fd(t) for t in targets)
             pool_ = server.stats()["shmgrpc"]["pool"]
             samples.append((time.monotonic() - started, _rss(server.pid), fds, _tmpfs_bytes(pids),
                             pool_["bytes_mapped"], _rss(server.pid, "RssAnon"), _rss(server.pid, "RssShmem"),
-                            pool_["cma_pinned"]))
+                            pool_["cma_pinned"], len(targets) - fds))
             time.sleep(0.5)
         for proc, log in procs:
             try:
@@ -998,17 +1020,35 @@ def test_soak_server_resources_level_off(fresh_server, tmp_path):
     assert max(s[4] for s in samples) <= server_cap, ("server pool over its cap", max(s[4] for s in samples))
     assert max(s[7] for s in samples) <= pin_cap, ("server pins over their cap", max(s[7] for s in samples))
     rss, fds, tmpfs, pool_mapped = peaks(1), peaks(2), peaks(3), peaks(4)
-    summary = (f"rss {rss} (anon {peaks(5)}, shmem {peaks(6)}), fds {fds}, tmpfs {tmpfs}, "
+    summary = (f"rss {rss} (anon {peaks(5)}, shmem {peaks(6)}), fds {fds} (and of segments {peaks(8)}), "
+               f"tmpfs {tmpfs}, "
                f"server pool {pool_mapped}; samples (s, rss MiB, anon MiB, shmem MiB): "
-               + ", ".join(f"({t:.0f}, {r >> 20}, {a >> 20}, {m >> 20})" for t, r, _, _, _, a, m, _ in samples[::10]))
+               + ", ".join(f"({t:.0f}, {r >> 20}, {a >> 20}, {m >> 20})" for t, r, _, _, _, a, m, _, _ in samples[::10]))
     # RSS against the *median* of the last third: a burst of large messages
     # from three random clients can spike it in any third (and it falls back
     # after), while growth that does not level off lifts the whole third.
     rss_late = statistics.median(s[1] for s in last)
     assert rss_late <= rss[0] * 1.25 + 32 * MiB, f"server RSS grows (last third's median {rss_late}): " + summary
-    assert fds[1] <= fds[0] + 16, "server descriptors grow: " + summary
+    # Descriptors of segments come and go with the peers' pools (each
+    # mapped one holds two: ours for fstat, the mmap's own dup); their space
+    # is capped above, and that none is kept is checked once the clients
+    # are gone. Every other descriptor must level off.
+    assert fds[1] <= fds[0] + 8, "server descriptors grow: " + summary
     assert tmpfs[1] <= tmpfs[0] * 1.25 + 24 * MiB, "tmpfs use grows: " + summary
     assert pool_mapped[1] <= pool_mapped[0] * 1.25 + 24 * MiB, "server pool grows: " + summary
+    # The clients are gone: within a few janitor passes the server lets go
+    # of every segment of theirs, and their side connections.
+    clients = set(pids[1:])
+    deadline = time.monotonic() + 4 * Node.JANITOR_SECONDS
+    while True:
+        targets = _fd_targets(server.pid)
+        kept = [t for t in targets if _segment_fd(t, clients)]
+        others = sum(not _segment_fd(t) for t in targets)
+        if (not kept and others <= fds[0]) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert kept == [], f"the server still holds its gone clients' segments: {sorted(set(kept))}"
+    assert others <= fds[0], f"the server holds {others} descriptors other than segments, {fds[0]} early on"
     assert server.stop() == 0, server.log()
     for pid in pids:
         assert shm_names(pid) == []
