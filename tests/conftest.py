@@ -287,8 +287,9 @@ class EchoServer:
         return self.stop(signal.SIGKILL)
 
 
-def server_env(transport: str, **env: str) -> Dict[str, str]:
-    """SHMGRPC_* of a server using `transport` at the suite's threshold."""
+def suite_env(transport: str, **env: str) -> Dict[str, str]:
+    """SHMGRPC_* of a process (server or client) using `transport` at the
+    suite's threshold, plus `env` (keys with or without SHMGRPC_)."""
     out = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}
     out.update({k if k.startswith("SHMGRPC_") else f"SHMGRPC_{k.upper()}": str(v) for k, v in env.items()})
     return out
@@ -353,7 +354,7 @@ def transport(request) -> str:
 @pytest.fixture
 def echo_server(servers, transport) -> EchoServer:
     """The shared server of `transport`, threshold THRESHOLD."""
-    return servers.shared(server_env(transport))
+    return servers.shared(suite_env(transport))
 
 
 # --- clients --------------------------------------------------------------------
@@ -362,11 +363,7 @@ def echo_server(servers, transport) -> EchoServer:
 def client_config(transport: str = "auto", **env: str) -> shmgrpc.Config:
     """A client Config as the SHMGRPC_* variables `env` would make it, at
     the suite's threshold unless `env` says otherwise."""
-    environ = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}
-    environ.update(
-        {k if k.startswith("SHMGRPC_") else f"SHMGRPC_{k.upper()}": str(v) for k, v in env.items()}
-    )
-    return shmgrpc.Config.from_env(environ)
+    return shmgrpc.Config.from_env(suite_env(transport, **env))
 
 
 class Client:

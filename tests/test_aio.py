@@ -43,9 +43,9 @@ from tests.conftest import (
     client_config,
     counts,
     delta,
-    server_env,
     shm_names,
     spawn,
+    suite_env,
 )
 from tests.echo_server import GRPC_OPTIONS, EchoLogic, SyncEcho, digest, fingerprint, pattern
 
@@ -180,7 +180,7 @@ async def aio_workload(stub):
 
 @pytest.mark.parametrize("client_kind,server_kind", MIXES, ids=[f"{c}-client-{s}-server" for c, s in MIXES])
 def test_every_shape_offloads_both_ways(servers, make_client, transport, client_kind, server_kind):
-    server = servers.shared(server_env(transport), flags(server_kind))
+    server = servers.shared(suite_env(transport), flags(server_kind))
     before = server.stats()["interceptor"]
     config = client_config(transport)
     if client_kind == "sync":
@@ -250,7 +250,7 @@ def test_concurrent_first_calls_share_one_handshake(servers, transport):
     channel's one handshake and the others make none: they join it (as
     shmgrpc.aio._channel documents), so every first large message is
     offloaded too, every answer is right, and no handshake follows."""
-    server = servers.shared(server_env(transport), ["--aio"])
+    server = servers.shared(suite_env(transport), ["--aio"])
     before = server.stats()["interceptor"]
 
     async def run():
@@ -294,7 +294,7 @@ def test_response_stream_read_and_async_for_through_the_wrapper(servers, transpo
     """A unary-stream call of the wrapper read both ways grpc.aio offers:
     read() until EOF, and async iteration; each offloaded response arrives
     intact, and the call ends OK with the server's metadata."""
-    server = servers.shared(server_env(transport), ["--aio"])
+    server = servers.shared(suite_env(transport), ["--aio"])
 
     async def run():
         client = AioClient(server.unix_target, client_config(transport), make="insecure")
@@ -333,7 +333,7 @@ def test_write_done_writing_read_through_the_wrapper(servers, transport):
     stream written with write() and done_writing() then awaited, and a bidi
     stream that writes everything, says done_writing(), then read()s every
     answer until EOF."""
-    server = servers.shared(server_env(transport), ["--aio"])
+    server = servers.shared(suite_env(transport), ["--aio"])
 
     async def run():
         client = AioClient(server.unix_target, client_config(transport))
@@ -378,7 +378,7 @@ def test_cancel_before_the_handshake_finished(servers, transport, when):
     would be (cancel() True, cancelled(), done(), its done callbacks run,
     awaiting it raises CancelledError), nothing is held, and the channel
     shakes hands with its next call and offloads."""
-    server = servers.shared(server_env(transport), ["--aio"])
+    server = servers.shared(suite_env(transport), ["--aio"])
     mine_before = set(shm_names(os.getpid()))
 
     async def run():
@@ -443,7 +443,7 @@ def test_a_call_cancelled_before_its_handshake_reports_cancelled(servers):
     code() is CANCELLED and the metadata methods return, as they do for a
     plain grpc.aio call cancelled at once. They must not raise
     CancelledError into a task nobody cancelled."""
-    server = servers.shared(server_env("shm"), ["--aio"])
+    server = servers.shared(suite_env("shm"), ["--aio"])
 
     async def run():
         plain = grpc.aio.insecure_channel(server.unix_target, options=CHANNEL_OPTIONS)
@@ -766,7 +766,7 @@ def test_deprecated_aio_client_interceptors_pass_through_and_warn(servers, monke
     still build and run, but offload nothing: calls through them are plain
     gRPC (the server restores and offloads nothing), each construction warns
     (DeprecationWarning) and the process logs one WARNING naming the fix."""
-    server = servers.shared(server_env("shm"), ["--aio"])
+    server = servers.shared(suite_env("shm"), ["--aio"])
     monkeypatch.setattr(shmgrpc._client, "_warned", False)
     caplog.set_level(logging.WARNING, logger="shmgrpc")
     with pytest.warns(DeprecationWarning, match="intercept_channel") as warned:
@@ -818,7 +818,7 @@ def test_cancel_and_deadline_mid_stream_leave_nothing_held(fresh_server, transpo
     its requests' slots and pins when the call ends; the aio server frees its
     responses' when the call is cancelled. (A sync server leaves its own to
     the lease: see test_lifetime.py.) Then no /dev/shm name is left."""
-    server = fresh_server(server_env(transport), flags(server_kind))
+    server = fresh_server(suite_env(transport), flags(server_kind))
     mine_before = set(shm_names(os.getpid()))
 
     async def run():
@@ -883,7 +883,7 @@ def test_an_ended_call_does_not_free_its_slots_next_use(servers):
     """Call A's request slot is acknowledged, taken back and handed to call B
     while A still runs; A's end must not free it under B, whose message the
     server reads only after A ended (the slot's generation tells them apart)."""
-    server = servers.shared(server_env("shm"), ["--aio"])
+    server = servers.shared(suite_env("shm"), ["--aio"])
 
     async def run():
         client = AioClient(server.unix_target, client_config("shm", segment_size="1MiB"))
@@ -910,7 +910,7 @@ def test_a_reused_response_slot_is_data_loss_as_an_aio_error(servers):
     """A restore that fails reaches the aio caller as an AioRpcError with the
     failure's status; everything read before it is intact."""
     server = servers.shared(
-        server_env("shm", LEASE="0.15s", POOL_SIZE="8MiB", SEGMENT_SIZE="1MiB", CMA_MAX_PINNED="5MiB"),
+        suite_env("shm", LEASE="0.15s", POOL_SIZE="8MiB", SEGMENT_SIZE="1MiB", CMA_MAX_PINNED="5MiB"),
         ["--aio"],
     )
 
@@ -944,7 +944,7 @@ def test_server_restart_behind_the_same_address(fresh_server, server_kind, tmp_p
     Its first cma request there is keyed for the old server: refused with the
     retry mark, resent inline, and offload resumes with the new server."""
     path = str(tmp_path / "echo.sock")
-    first = fresh_server(server_env("cma"), flags(server_kind), tcp=False, socket_path=path)
+    first = fresh_server(suite_env("cma"), flags(server_kind), tcp=False, socket_path=path)
 
     async def call(client, seq):
         request = message(seq, 1 * MiB)
@@ -957,7 +957,7 @@ def test_server_restart_behind_the_same_address(fresh_server, server_kind, tmp_p
         try:
             assert await call(client, 1) == first.pid
             assert first.stop() == 0
-            second = fresh_server(server_env("cma"), flags(server_kind), tcp=False, socket_path=path)
+            second = fresh_server(suite_env("cma"), flags(server_kind), tcp=False, socket_path=path)
             assert [await call(client, 10 + i) for i in range(3)] == [second.pid] * 3
             # 1 + the refused one + 2 after the new welcome; responses: 1 + 2
             assert counts(client.stats(), "cma") == (4, 3)
@@ -974,7 +974,7 @@ def test_a_bad_handle_ends_an_aio_call_with_its_own_status(servers, make_client)
     aborts that call with INVALID_ARGUMENT and the reason (not grpc's
     INTERNAL "Exception deserializing request!"), for a unary request and
     for a message of a request stream, and keeps serving."""
-    server = servers.shared(server_env("shm"), ["--aio"])
+    server = servers.shared(suite_env("shm"), ["--aio"])
     client = make_client(server.unix_target, client_config("shm"))
     client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # the handshake
     state = client.engine.client_call_state()

@@ -31,9 +31,9 @@ from tests.conftest import (
     client_config,
     delta,
     read_line,
-    server_env,
     spawn,
     stop_process,
+    suite_env,
 )
 from tests.echo_server import pattern
 
@@ -49,7 +49,7 @@ TOO_LONG = grpc.StatusCode.RESOURCE_EXHAUSTED
 @pytest.fixture(scope="module")
 def strict_server(servers):
     """Both transports enabled, and a receive limit of 8 MiB."""
-    return servers.shared(server_env("auto", MAX_MESSAGE=str(MAX_MESSAGE)))
+    return servers.shared(suite_env("auto", MAX_MESSAGE=str(MAX_MESSAGE)))
 
 
 class Raw:

@@ -14,14 +14,13 @@ from tests.conftest import (
     CALL_TIMEOUT,
     SHM_DIR,
     MiB,
-    THRESHOLD,
     client_config,
     counts,
     data_segments,
     run_client,
     run_python,
-    server_env,
     shm_names,
+    suite_env,
 )
 from tests.echo_server import pattern
 
@@ -36,7 +35,7 @@ def exercise(make_client, server, transport: str) -> None:
 
 
 def test_server_that_exits_normally_leaves_nothing(fresh_server, make_client, transport):
-    server = fresh_server(server_env(transport))
+    server = fresh_server(suite_env(transport))
     exercise(make_client, server, transport)
     names = shm_names(server.pid)
     assert any(n.endswith("-id") for n in names)
@@ -47,8 +46,8 @@ def test_server_that_exits_normally_leaves_nothing(fresh_server, make_client, tr
 
 
 def test_sigkilled_server_is_reaped_by_the_next_process(fresh_server, make_client, servers, transport):
-    server = fresh_server(server_env(transport))
-    bystander = servers.shared(server_env(transport))  # alive: must keep its names
+    server = fresh_server(suite_env(transport))
+    bystander = servers.shared(suite_env(transport))  # alive: must keep its names
     exercise(make_client, server, transport)
     exercise(make_client, bystander, transport)
     left = shm_names(server.pid)
@@ -60,7 +59,7 @@ def test_sigkilled_server_is_reaped_by_the_next_process(fresh_server, make_clien
     out = run_client(
         {
             "target": bystander.unix_target,
-            "env": {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)},
+            "env": suite_env(transport),
             "calls": 1,
             "size": 1 * MiB,
         }

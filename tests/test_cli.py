@@ -32,10 +32,10 @@ from tests.conftest import (
     SHM_DIR,
     client_config,
     read_line,
-    server_env,
     shm_names,
     spawn,
     stop_process,
+    suite_env,
 )
 from tests.echo_server import pattern
 
@@ -80,7 +80,7 @@ def shm_dir():
 
 
 def test_ls_and_gc_tell_live_owners_from_dead_ones(fresh_server, make_client, shm_dir):
-    env = server_env("shm", shm_dir=shm_dir)
+    env = suite_env("shm", shm_dir=shm_dir)
     live = fresh_server(env, tcp=False)
     doomed = fresh_server(env, tcp=False)
     size = 256 * KiB

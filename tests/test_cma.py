@@ -30,10 +30,10 @@ from tests.conftest import (
     delta,
     read_line,
     run_client,
-    server_env,
     shm_names,
     spawn,
     stop_process,
+    suite_env,
 )
 from tests.echo_server import pattern
 
@@ -44,7 +44,7 @@ SIZE = 2 * MiB
 
 
 def test_cma_puts_no_payload_in_dev_shm(servers, make_client):
-    server = servers.shared(server_env("cma"))
+    server = servers.shared(suite_env("cma"))
     client = make_client(server.unix_target, client_config("cma"))
     before = server.stats()["shmgrpc"]
 
@@ -88,12 +88,12 @@ def test_client_denied_process_vm_readv(servers, client_transport, server_transp
     the reason is in the stats note and in exactly one log line: a WARNING
     when cma was asked for explicitly, an INFO line under auto (another rung
     serves)."""
-    server = servers.shared(server_env(server_transport))
+    server = servers.shared(suite_env(server_transport))
     before = server.stats()["shmgrpc"]
     out = run_client(
         {
             "target": server.unix_target,
-            "env": {"SHMGRPC_TRANSPORT": client_transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)},
+            "env": suite_env(client_transport),
             "calls": CALLS,
             "size": SIZE,
             "reply_size": SIZE,
@@ -172,7 +172,7 @@ time.sleep(60)
 
 
 def test_sender_killed_before_its_message_is_read(fresh_server, make_client):
-    server = fresh_server(server_env("cma"))
+    server = fresh_server(suite_env("cma"))
     before = server.stats()
     proc = spawn(
         [sys.executable, "-c", DYING_CLIENT, server.unix_target, str(THRESHOLD)],
@@ -228,7 +228,7 @@ def test_cma_carries_nothing_below_its_threshold(servers, make_client):
     calls into the peer, so a smaller message goes inline (counted as the
     fallback below_cma_threshold on the side that sent it) and a larger one
     via cma, both ways."""
-    server = servers.shared(server_env("cma", CMA_THRESHOLD="512KiB"))
+    server = servers.shared(suite_env("cma", CMA_THRESHOLD="512KiB"))
     client = make_client(server.unix_target, client_config("cma", CMA_THRESHOLD="512KiB"))
     assert client.stub.Unary(pb.Payload(seq=0, body=b"x"), timeout=CALL_TIMEOUT).body == b"x"  # the handshake
     before_server, before_client = server.stats()["shmgrpc"], client.stats()
@@ -249,7 +249,7 @@ def test_requests_of_a_committed_stream_are_unpinned_once_read(servers, make_cli
     once a response has arrived the call is committed (no resend any more),
     so later requests are let go as soon as the server has read them: a
     ping-pong stream of 8 x 1 MiB keeps about one message pinned, not eight."""
-    server = servers.shared(server_env("cma"))
+    server = servers.shared(suite_env("cma"))
     client = make_client(server.unix_target, client_config("cma"))
     assert client.stub.Unary(pb.Payload(seq=0, body=b"x"), timeout=CALL_TIMEOUT).body == b"x"  # the handshake
     outbox = Outbox()

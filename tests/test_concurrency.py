@@ -12,7 +12,7 @@ import sys
 import threading
 
 from protos import echo_test_pb2 as pb
-from tests.conftest import CALL_TIMEOUT, CLIENT_SCRIPT, MiB, THRESHOLD, counts, delta, spawn
+from tests.conftest import CALL_TIMEOUT, CLIENT_SCRIPT, MiB, counts, delta, spawn, suite_env
 from tests.echo_server import digest, pattern
 
 THREADS = 8
@@ -73,7 +73,7 @@ def test_threads_share_one_channel(client, echo_server, transport):
 def test_processes_share_one_server(echo_server, transport):
     before_all = echo_server.stats()
     before = before_all["shmgrpc"]
-    env = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}
+    env = suite_env(transport)
     procs = []
     for seed in range(PROCESSES):
         spec = {

@@ -21,7 +21,7 @@ from tests.conftest import (
     payload_of_size,
     run_client,
     run_python,
-    server_env,
+    suite_env,
 )
 from tests.echo_server import GRPC_OPTIONS, pattern
 
@@ -116,13 +116,13 @@ def test_peer_in_another_shm_directory_is_not_colocated(make_client, echo_server
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a client of another uid needs root to drop to it")
 def test_client_of_another_uid_gets_plain_grpc(fresh_server, transport):
-    echo_server = fresh_server(server_env(transport))
+    echo_server = fresh_server(suite_env(transport))
     before = echo_server.stats()["shmgrpc"]
     # TCP: the server's unix socket lives in a directory only its owner may enter.
     out = run_client(
         {
             "target": echo_server.tcp_target,
-            "env": {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)},
+            "env": suite_env(transport),
             "calls": 2,
             "size": SIZE,
             "uid": NOBODY,
@@ -143,14 +143,14 @@ def test_server_restart_behind_the_same_address(fresh_server, make_client, trans
     (a cma request keyed for the old server is refused and resent inline),
     and offload resumes with the new server."""
     path = str(tmp_path / "echo.sock")
-    first = fresh_server(server_env(transport), tcp=False, socket_path=path)
+    first = fresh_server(suite_env(transport), tcp=False, socket_path=path)
     client = make_client(f"unix:{path}", client_config(transport))
     request = payload_of_size(SIZE, seq=1)
     assert client.stub.Unary(request, timeout=CALL_TIMEOUT).server_pid == first.pid
     assert client.stats()["by_transport"][transport]["offloaded"]["count"] == 1
     assert first.stop() == 0
 
-    second = fresh_server(server_env(transport), tcp=False, socket_path=path)
+    second = fresh_server(suite_env(transport), tcp=False, socket_path=path)
     for i in range(3):
         request = payload_of_size(SIZE, seq=10 + i)
         response = client.stub.Unary(request, timeout=CALL_TIMEOUT, wait_for_ready=True)

@@ -50,7 +50,6 @@ from tests.conftest import (
     ROOT,
     SESSION_PIDS,
     SHM_DIR,
-    THRESHOLD,
     KiB,
     MiB,
     child_env,
@@ -59,10 +58,10 @@ from tests.conftest import (
     delta,
     read_line,
     run_python,
-    server_env,
     shm_names,
     spawn,
     stop_process,
+    suite_env,
 )
 from tests.echo_server import GRPC_OPTIONS, digest, pattern
 
@@ -78,12 +77,6 @@ PROCS = "import sys; from tests._hardening_procs import main; sys.exit(main())"
 def run_role(role: str, spec: dict, timeout: float = 90.0) -> dict:
     """tests/_hardening_procs.py ROLE in a child; its JSON result."""
     return run_python(PROCS, role, json.dumps(spec), timeout=timeout)
-
-
-def client_env(transport: str = "shm", **env: str) -> Dict[str, str]:
-    out = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}
-    out.update({f"SHMGRPC_{k.upper()}": str(v) for k, v in env.items()})
-    return out
 
 
 def mapped(pid) -> List[str]:
@@ -138,10 +131,10 @@ def test_truncated_request_segment_is_data_loss_and_the_server_lives(fresh_serve
     process lives, drops its mapping and serves others. `wait`: the handle
     is sent after the server's trim interval, so the server may have
     dropped its mapping already and meets the truncated file afresh."""
-    server = fresh_server(server_env("shm"), flags=["--aio"] if flavour == "aio" else [])
+    server = fresh_server(suite_env("shm"), flags=["--aio"] if flavour == "aio" else [])
     before = server.stats()["shmgrpc"]
     out = run_role("truncate_request", {
-        "target": server.unix_target, "env": client_env("shm"), "shm_dir": SHM_DIR,
+        "target": server.unix_target, "env": suite_env("shm"), "shm_dir": SHM_DIR,
         "size": 2 * MiB, "wait_before_send": wait,
     })
     victim = out["forged_segment"]
@@ -174,9 +167,9 @@ def test_truncated_response_segment_is_data_loss_for_the_client_and_the_server_l
     an offloaded response in it waits to be read. The client gets DATA_LOSS
     and lives; the server lives too and drops the truncated segment of its
     own pool (unlinks it, unmaps it), then offloads through a new one."""
-    server = fresh_server(server_env("shm"))
+    server = fresh_server(suite_env("shm"))
     out = run_role("truncate_response", {
-        "target": server.unix_target, "env": client_env("shm"), "shm_dir": SHM_DIR,
+        "target": server.unix_target, "env": suite_env("shm"), "shm_dir": SHM_DIR,
         "server_pid": server.pid, "size": 2 * MiB, "delay": 0.3,
     })
     victim = out["victim"]
@@ -216,7 +209,7 @@ def test_forked_workers_offload_with_identities_of_their_own(make_client, preuse
     time; the parent's files are untouched by the children; everyone exits
     0 and leaves nothing."""
     sockets = [str(tmp_path / f"worker{i}.sock") for i in range(2)]
-    env = client_env(transport)
+    env = suite_env(transport)
     spec = {"sockets": sockets, "shm_dir": SHM_DIR, "preuse": preuse, "watch": os.getpid(), "env": env}
     errors = open(tmp_path / "stderr.log", "w+b")
     proc = spawn([sys.executable, "-c", PROCS, "fork_workers", json.dumps(spec)], env,
@@ -285,11 +278,11 @@ def test_client_denied_only_process_vm_writev(servers, transport):
     shm, with cma its requests still go by cma (the server pulls and acks
     them) and its responses come inline. Every call succeeds; the reason
     is in the notes."""
-    server = servers.shared(server_env(transport))
+    server = servers.shared(suite_env(transport))
     before = server.stats()["shmgrpc"]
     calls = 3
     out = run_role("client", {
-        "target": server.unix_target, "env": client_env(transport), "deny": "writev",
+        "target": server.unix_target, "env": suite_env(transport), "deny": "writev",
         "calls": [[2 * MiB, 2 * MiB]] * calls,
     })
     codes = [r["code"] for r in out["results"]]
@@ -581,7 +574,7 @@ def test_late_read_is_data_loss_counted_apart_from_forgeries(servers, make_clien
     because the call ended or the lease ran out, is DATA_LOSS naming that
     cause, counted as DataLossError; a forged token is INVALID_ARGUMENT,
     counted as HandleError. Neither count moves for the other."""
-    server = servers.shared(server_env("auto"))
+    server = servers.shared(suite_env("auto"))
     client = make_client(server.unix_target, client_config("auto", LEASE="0.2s"))
     raw = Raw(client)
     data = pb.Payload(seq=3, body=pattern(300 * KiB, 3)).SerializeToString()
@@ -635,7 +628,7 @@ def test_unread_responses_of_a_cancelled_call_are_freed_when_it_ends(fresh_serve
     its second response, before the client read it: nobody will ever read
     it. The call is over, so the server frees it (the cma pin of a cma
     client, the memfd slot of an auto one) then, not a lease later."""
-    server = fresh_server(server_env("auto"), flags=["--aio"] if flavour == "aio" else [])
+    server = fresh_server(suite_env("auto"), flags=["--aio"] if flavour == "aio" else [])
     for transport in ("cma", "auto"):
         client = make_client(server.unix_target, client_config(transport))
         echo(client, 16 * KiB, 1)  # the handshake
@@ -667,10 +660,10 @@ def test_five_channels_share_one_pool_within_its_cap(servers):
     own segments (stats, its files in /dev/shm, /proc/self/maps with its
     memfd segments), has one id segment and one pool (one name base, one
     numbering of shm and memfd segments), and every channel still offloads."""
-    a, b = servers.shared(server_env("shm")), servers.shared(server_env("auto"))
+    a, b = servers.shared(suite_env("shm")), servers.shared(suite_env("auto"))
     targets = [a.unix_target] * 3 + [b.unix_target] * 2
     out = run_role("one_pool", {
-        "targets": targets, "env": client_env("auto", POOL_SIZE="64MiB"), "shm_dir": SHM_DIR,
+        "targets": targets, "env": suite_env("auto", POOL_SIZE="64MiB"), "shm_dir": SHM_DIR,
         "sizes": [8 * MiB, 8 * MiB, 8 * MiB, 4 * MiB], "delay": 0.15, "rounds": 2,
     }, timeout=120)
     assert out["errors"] == [] and out["wrong"] == [], out
@@ -742,7 +735,7 @@ def test_a_receiver_with_a_smaller_max_message_gets_large_messages_inline(server
     """SHMGRPC_MAX_MESSAGE=1MiB on a receiver is what it accepts offloaded,
     not what it accepts: a 4 MiB message to it travels inline and succeeds,
     both ways; smaller ones still offload."""
-    small_server = servers.shared(server_env("auto", MAX_MESSAGE="1MiB"))
+    small_server = servers.shared(suite_env("auto", MAX_MESSAGE="1MiB"))
     client = make_client(small_server.unix_target, client_config("auto"))
     before = small_server.stats()["shmgrpc"]
     echo(client, 4 * MiB, 1, reply_size=16)
@@ -755,7 +748,7 @@ def test_a_receiver_with_a_smaller_max_message_gets_large_messages_inline(server
     assert not any(delta(after, before, "errors", k) for k in after["errors"]), after["errors"]
 
     # the other way: a client that accepts 1 MiB offloaded, a 4 MiB response
-    server = servers.shared(server_env("auto"))
+    server = servers.shared(suite_env("auto"))
     small_client = make_client(server.unix_target, client_config("auto", MAX_MESSAGE="1MiB"))
     before = server.stats()["shmgrpc"]
     echo(small_client, 16 * KiB, 3, reply_size=4 * MiB)
@@ -782,11 +775,11 @@ def test_reaper_in_another_pid_namespace_spares_live_owners(fresh_server, make_c
         pytest.skip(problem)
     shm_dir = tempfile.mkdtemp(prefix="shmgrpc-hardening-reap-", dir=SHM_DIR)
     try:
-        server = fresh_server(server_env("shm", SHM_DIR=shm_dir))
+        server = fresh_server(suite_env("shm", SHM_DIR=shm_dir))
         client = make_client(server.unix_target, client_config("shm", SHM_DIR=shm_dir))
         echo(client, 2 * MiB, 1, reply_size=2 * MiB)
         doomed = spawn([sys.executable, "-c", PROCS, "doomed_owner",
-                        json.dumps({"env": client_env("shm", SHM_DIR=shm_dir), "shm_dir": shm_dir})],
+                        json.dumps({"env": suite_env("shm", SHM_DIR=shm_dir), "shm_dir": shm_dir})],
                        stdout=subprocess.PIPE)
         line = read_line(doomed, 30)
         assert line, "the doomed owner did not start"
@@ -835,7 +828,7 @@ def test_fifo_or_symlink_under_an_id_segment_name_does_not_block_the_server(fres
     without following links: those calls go plain at once, and unrelated
     calls keep their usual latency meanwhile. A handle naming such a
     'segment' is refused as a bad handle."""
-    server = fresh_server(server_env("auto"))
+    server = fresh_server(suite_env("auto"))
     good = make_client(server.unix_target, client_config("auto"))
     raw = Raw(good)
     server_inst = raw.route.peer.inst
@@ -955,12 +948,12 @@ def test_soak_server_resources_level_off(fresh_server, tmp_path):
     # test_unread_responses_of_a_cancelled_call_are_freed_when_it_ends), so
     # under the default 1 GiB pin budget its RSS climbs for a whole lease.
     server_cap, client_cap, pin_cap = 96 * MiB, 48 * MiB, 64 * MiB
-    server = fresh_server(server_env("auto", POOL_SIZE="96MiB", CMA_MAX_PINNED="64MiB"))
+    server = fresh_server(suite_env("auto", POOL_SIZE="96MiB", CMA_MAX_PINNED="64MiB"))
     before = server.stats()
     procs = []
     for seed, transport in ((1, "shm"), (2, "auto"), (3, "cma")):
         spec = {"target": server.unix_target, "seconds": seconds, "seed": seed,
-                "env": client_env(transport, POOL_SIZE="48MiB", CMA_MAX_PINNED="32MiB")}
+                "env": suite_env(transport, POOL_SIZE="48MiB", CMA_MAX_PINNED="32MiB")}
         log = open(tmp_path / f"client{seed}.log", "w+")
         procs.append((spawn([sys.executable, "-c", PROCS, "soak", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=log, text=True), log))

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from protos import echo_test_pb2 as pb
-from tests.conftest import CALL_TIMEOUT, MiB, client_config, counts, delta, server_env
+from tests.conftest import CALL_TIMEOUT, MiB, client_config, counts, delta, suite_env
 from tests.echo_server import digest, fingerprint, pattern
 
 RECLAIM_WAIT = 10.0  # seconds to wait for leases to run out and pools to drain
@@ -92,7 +92,7 @@ def test_slow_reader_gets_data_loss_never_wrong_bytes(make_client, echo_server, 
 @pytest.fixture
 def short_lease_server(servers, transport):
     """A server whose unacknowledged slots and pins expire after 1 s."""
-    return servers.shared(server_env(transport, LEASE="1s"))
+    return servers.shared(suite_env(transport, LEASE="1s"))
 
 
 def assert_all_released(client, server):
@@ -175,7 +175,7 @@ def test_long_stream_through_a_small_pool(servers, make_client, transport):
     side: everything arrives intact, most of it offloaded, and no pool ever
     holds more than its capacity."""
     budget = {"POOL_SIZE": "64MiB", "CMA_MAX_PINNED": "64MiB"}
-    server = servers.shared(server_env(transport, **budget))
+    server = servers.shared(suite_env(transport, **budget))
     client = make_client(server.unix_target, client_config(transport, **budget))
     client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # handshake
     before = server.stats()
@@ -218,7 +218,7 @@ def test_an_ended_call_does_not_free_its_slots_next_use(make_client, servers):
     while A is still running; when A ends, releasing "its" slot must not touch
     B's message, which the server has not read yet."""
     config = client_config("shm", segment_size="1MiB")  # one 1.25 MiB slot per segment
-    echo_server = servers.shared(server_env("shm"))
+    echo_server = servers.shared(suite_env("shm"))
     client = make_client(echo_server.unix_target, config)
     client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # handshake
     before = echo_server.stats()["shmgrpc"]
@@ -243,7 +243,7 @@ def test_slow_client_reader_of_a_server_stream(servers, make_client, transport):
     message; a reused response slot or pin reaches the client as DATA_LOSS,
     and everything it was handed before that is intact."""
     server = servers.shared(
-        server_env(transport, LEASE="0.15s", POOL_SIZE="8MiB", SEGMENT_SIZE="1MiB", CMA_MAX_PINNED="5MiB")
+        suite_env(transport, LEASE="0.15s", POOL_SIZE="8MiB", SEGMENT_SIZE="1MiB", CMA_MAX_PINNED="5MiB")
     )
     client = make_client(server.unix_target, client_config(transport))
     client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # handshake

@@ -12,7 +12,7 @@ import pytest
 
 from protos import echo_test_pb2 as pb
 from shmgrpc._log import RateLimit
-from tests.conftest import CALL_TIMEOUT, KiB, THRESHOLD, client_config, run_client, server_env
+from tests.conftest import CALL_TIMEOUT, KiB, client_config, run_client, suite_env
 from tests.echo_server import pattern
 
 SIZE = 256 * KiB
@@ -52,7 +52,7 @@ def log_server():
     from tests.conftest import Servers
 
     factory = Servers()
-    yield factory.fresh(server_env("auto"), tcp=False)
+    yield factory.fresh(suite_env("auto"), tcp=False)
     factory.stop_all()
 
 
@@ -78,7 +78,7 @@ def test_a_healthy_run_logs_nothing_above_info(make_client, log_server, records)
 
 def test_auto_without_ptrace_permission_logs_no_warning(log_server):
     spec = {"target": log_server.unix_target, "calls": 2, "size": SIZE, "deny": True,
-            "env": {"SHMGRPC_TRANSPORT": "auto", "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}}
+            "env": suite_env("auto")}
     out = run_client(spec)
     assert out["ok"] == 2
     assert "cma" in out["stats"]["notes"]  # it did find cma refused...
@@ -95,7 +95,7 @@ def test_auto_without_ptrace_permission_logs_no_warning(log_server):
 
 def test_a_channel_that_loses_offload_logs_one_warning(fresh_server, make_client, records, tmp_path):
     path = str(tmp_path / "echo.sock")
-    first = fresh_server(server_env("auto"), tcp=False, socket_path=path)
+    first = fresh_server(suite_env("auto"), tcp=False, socket_path=path)
     client = make_client(f"unix:{path}", client_config("auto"))
     assert client.stub.Unary(pb.Payload(body=pattern(SIZE, 1)), timeout=CALL_TIMEOUT).server_pid == first.pid
     assert first.stop() == 0

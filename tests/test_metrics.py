@@ -11,7 +11,7 @@ import pytest
 
 import shmgrpc
 from protos import echo_test_pb2 as pb
-from tests.conftest import CALL_TIMEOUT, KiB, client_config, server_env
+from tests.conftest import CALL_TIMEOUT, KiB, client_config, suite_env
 from tests.echo_server import pattern
 
 SIZE = 256 * KiB
@@ -23,7 +23,7 @@ Key = Tuple[str, Tuple[Tuple[str, str], ...]]
 def exercise(make_client, servers) -> None:
     """CALLS echoes offloaded both ways through shm, one small call (inline),
     one large message that cannot be offloaded (a pool too small for it)."""
-    server = servers.shared(server_env("auto"))
+    server = servers.shared(suite_env("auto"))
     client = make_client(server.unix_target, client_config("shm"))
     for i in range(CALLS):
         reply = client.stub.Unary(pb.Payload(seq=i, body=pattern(SIZE, i), reply_size=SIZE), timeout=CALL_TIMEOUT)

@@ -27,7 +27,7 @@ import pytest
 import shmgrpc
 from tests._wrapped_server import pattern
 from tests.conftest import (
-    CALL_TIMEOUT, START_TIMEOUT, STOP_TIMEOUT, client_config, read_line, shm_names, spawn, stop_process,
+    CALL_TIMEOUT, START_TIMEOUT, STOP_TIMEOUT, client_config, read_line, shm_names, spawn, stop_process, suite_env,
 )
 
 MiB = 1024 * 1024
@@ -40,7 +40,7 @@ def wrapped_server(request):
     with tempfile.TemporaryDirectory(prefix="shmgrpc-wrapped-") as tmp:
         path = f"{tmp}/s.sock"
         proc = spawn([sys.executable, "-m", "tests._wrapped_server", mode, path, *(["--aio"] if kind == "aio" else [])],
-                     env={"SHMGRPC_TRANSPORT": "auto", "SHMGRPC_THRESHOLD": "65536", "SHMGRPC_CMA_THRESHOLD": "65536"},
+                     env=suite_env("auto"),
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
             assert read_line(proc, START_TIMEOUT).strip() == "ready"

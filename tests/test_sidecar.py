@@ -50,22 +50,15 @@ import pytest
 
 from shmgrpc import session, side, wire
 from tests._sidecar_peer import NSINIT_DONE, PROGRESS, READY, RESULT
-from tests.conftest import ROOT, SESSION_PIDS, child_env
+from tests.conftest import ROOT, SESSION_PIDS, child_env, suite_env
 
 KiB = 1024
 MiB = 1024 * KiB
-THRESHOLD = 64 * KiB
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="setuid to another uid needs root")
 PEER = [sys.executable, "-m", "tests._sidecar_peer"]
 UNSHARE = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
 ECHO_UNARY = "/shmgrpc.testing.v1.Echo/Unary"
-
-
-def env_of(transport: str = "memfd", **extra: str) -> Dict[str, str]:
-    out = {"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": str(THRESHOLD), "SHMGRPC_CMA_THRESHOLD": str(THRESHOLD)}
-    out.update({f"SHMGRPC_{k.upper()}": str(v) for k, v in extra.items()})
-    return out
 
 
 # --- processes ------------------------------------------------------------------
@@ -464,7 +457,7 @@ def check_private_shm(entries: list, transport: str, where: str) -> None:
 )
 def test_namespaces(procs, namespaces, tmp_sock_dir, transport, ops):
     sock = os.path.join(tmp_sock_dir, "g.sock")
-    env = env_of(transport)
+    env = suite_env(transport)
     server = start_server(procs, sock, env, ns=True)
     shm = private_shm(server)
     assert shm["bytes"] == 64 * MiB, "the server's /dev/shm is not the private 64 MiB tmpfs"
@@ -513,7 +506,7 @@ def test_namespaces(procs, namespaces, tmp_sock_dir, transport, ops):
 
 def test_aio_namespaces(procs, namespaces, tmp_sock_dir):
     sock = os.path.join(tmp_sock_dir, "a.sock")
-    env = env_of("memfd")
+    env = suite_env("memfd")
     server = start_server(procs, sock, env, ns=True, aio=True)
     out = run_client(procs, sock, env, [{"op": "unary", "size": 64 * MiB, "count": 2, "seed": 3}],
                      ns=True, aio=True)
@@ -548,7 +541,7 @@ def test_sigkill_clients_mid_transfer(procs, tmp_sock_dir):
     """10 clients SIGKILLed while echoing 1 MiB messages through memfd: the
     server unmaps each one's segments within seconds and keeps serving."""
     sock = os.path.join(tmp_sock_dir, "k.sock")
-    env = env_of("memfd")
+    env = suite_env("memfd")
     server = start_server(procs, sock, env)
     rng = random.Random(2)
     killed = []
@@ -592,7 +585,7 @@ def test_sigkill_servers_mid_transfer(procs, tmp_sock_dir):
     welcome, a new side connection), never gets a wrong byte, and unmaps the
     dead server's segments within seconds."""
     sock = os.path.join(tmp_sock_dir, "r.sock")
-    env = env_of("memfd")
+    env = suite_env("memfd")
     # each server starts ahead (imports done) and binds when told
     spare = start_server(procs, sock, env, await_go=True)
     client = None
@@ -651,7 +644,7 @@ def test_first_calls_after_side_connect(procs, tmp_sock_dir):
     it without help). Calls made after the window must succeed, through
     memfd; the channel must not stay broken."""
     sock = os.path.join(tmp_sock_dir, "w.sock")
-    env = env_of("memfd")
+    env = suite_env("memfd")
     server = start_server(procs, sock, env, adopt_delay=0.3)
     out = run_client(procs, sock, env, [{"op": "unary", "size": 1 * MiB, "count": 1},
                                         {"op": "pause", "seconds": 1.0},
@@ -672,7 +665,7 @@ def test_first_calls_after_side_connect(procs, tmp_sock_dir):
 def test_side_socket_refuses_without_ticket_replay_and_other_uid(procs, tmp_sock_dir):
     sock = os.path.join(tmp_sock_dir, "s.sock")
     target = f"unix:{sock}"
-    env = env_of("memfd")
+    env = suite_env("memfd")
     server = start_server(procs, sock, env)
     first = run_client(procs, sock, env, [{"op": "unary", "size": 1 * MiB, "count": 2}], log="INFO")
     assert memfd_counts(first["stats"]) == (2, 2), first["stats"]
@@ -719,7 +712,7 @@ def test_side_socket_refuses_without_ticket_replay_and_other_uid(procs, tmp_sock
     # a whole client of another uid: refused by the server's SO_PEERCRED check
     # (it accepts uid 0 itself), falls back and still gets right answers
     open_to_all(sock)
-    other = run_client(procs, sock, env_of("auto", side_uids="0"), [{"op": "unary", "size": 1 * MiB, "count": 2}],
+    other = run_client(procs, sock, suite_env("auto", side_uids="0"), [{"op": "unary", "size": 1 * MiB, "count": 2}],
                        uid=NOBODY, timeout=30)
     assert other["uid"] == NOBODY and other["errors"] == [] and all(g for _, g in other["results"]), other
     assert memfd_counts(other["stats"]) == (0, 0), other["stats"]
@@ -740,13 +733,13 @@ def test_side_socket_refuses_without_ticket_replay_and_other_uid(procs, tmp_sock
 @needs_root
 def test_side_uids_allows_another_uid(procs, tmp_sock_dir):
     sock = os.path.join(tmp_sock_dir, "u.sock")
-    server = start_server(procs, sock, env_of("memfd", side_uids=str(NOBODY)))
+    server = start_server(procs, sock, suite_env("memfd", side_uids=str(NOBODY)))
     inst, welcome = raw_welcome(f"unix:{sock}")
     out = sideauth(procs, {"address": welcome.side, "inst": inst.hex(), "ticket": welcome.ticket.hex(),
                            "uid": NOBODY})
     assert out["reply"] == "auth_ok", out
     open_to_all(sock)
-    other = run_client(procs, sock, env_of("memfd", side_uids="0"),
+    other = run_client(procs, sock, suite_env("memfd", side_uids="0"),
                        [{"op": "unary", "size": 1 * MiB, "count": 2}], uid=NOBODY, timeout=30)
     assert other["uid"] == NOBODY and other["errors"] == [] and all(g for _, g in other["results"]), other
     assert other["status"]["transport"] == "memfd" and memfd_counts(other["stats"]) == (2, 2), other
@@ -764,10 +757,10 @@ def test_side_dir_socket_file(procs, tmp_sock_dir):
     try:
         os.chmod(side_dir, 0o755)  # others may look, the socket itself must keep them out
         sock = os.path.join(tmp_sock_dir, "d.sock")
-        env = env_of("memfd", side_dir=side_dir)
+        env = suite_env("memfd", side_dir=side_dir)
         server = start_server(procs, sock, env)
         assert os.listdir(side_dir) == [], "the side socket is made on first use, not before"
-        out = run_client(procs, sock, env_of("memfd"), [{"op": "unary", "size": 1 * MiB, "count": 2}])
+        out = run_client(procs, sock, suite_env("memfd"), [{"op": "unary", "size": 1 * MiB, "count": 2}])
         assert out["errors"] == [] and all(g for _, g in out["results"])
         assert out["status"]["transport"] == "memfd" and memfd_counts(out["stats"]) == (2, 2), out
         names = os.listdir(side_dir)
@@ -793,9 +786,9 @@ def test_side_dir_socket_file(procs, tmp_sock_dir):
 
 def _sigterm_run(procs, tmp_sock_dir, transport: str, mode: str, shm_dir: str, name: str, **extra):
     sock = os.path.join(tmp_sock_dir, f"{name}.sock")
-    env = env_of(transport, shm_dir=shm_dir, **extra)
+    env = suite_env(transport, shm_dir=shm_dir, **extra)
     server = start_server(procs, sock, env, shutdown=mode, name=name)
-    out = run_client(procs, sock, env_of(transport, shm_dir=shm_dir),
+    out = run_client(procs, sock, suite_env(transport, shm_dir=shm_dir),
                      [{"op": "unary", "size": 1 * MiB, "count": 2}], server_stats=False)
     assert out["errors"] == [] and all(g for _, g in out["results"]), out
     t = out["stats"]["by_transport"][transport]
@@ -871,7 +864,7 @@ def test_forged_memfd_handle(procs, tmp_sock_dir):
     (~1 s, side.ARRIVAL_SECONDS), not a hang; meanwhile and afterwards the server serves others."""
     sock = os.path.join(tmp_sock_dir, "f.sock")
     target = f"unix:{sock}"
-    env = env_of("memfd")
+    env = suite_env("memfd")
     server = start_server(procs, sock, env)
     inst, welcome = raw_welcome(target)
     side_sock, kind = side_connect(welcome.side, inst, welcome.ticket)
