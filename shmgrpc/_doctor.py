@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import os
-import re
 import platform
+import re
 import secrets
 import socket
 import subprocess
@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import cma, pool, side, wire
 from ._core import AUTO_ORDER, TRANSPORTS
+from ._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode
 from ._version import __version__
 from .config import Config
 
@@ -394,33 +395,24 @@ def check_cma(config: Config) -> Check:
                             "the peer must also share this pid namespace", data=data)
 
 
-HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
 def check_malloc(config: Config) -> Check:
     """How large buffers meet fresh memory here (README, "Warm memory"): an
     INFO line, nothing shmgrpc needs."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            thp = re.search(r"\[(\w+)\]", f.read())
-        thp_mode = thp.group(1) if thp else "unknown"
-    except OSError:
-        thp_mode = "unknown"
-    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    thp = thp_mode()
     libc, version = platform.libc_ver()
     glibc_thp = libc == "glibc" and tuple(int(x) for x in re.findall(r"\d+", version)[:2]) >= (2, 35)
-    hugetlb = HUGETLB_TUNABLE in tunables and glibc_thp
-    data = {"shmgrpc_malloc": config.malloc, "transparent_hugepage": thp_mode, "glibc_hugetlb": hugetlb}
+    hugetlb = hugetlb_requested(os.environ) and glibc_thp
+    data = {"shmgrpc_malloc": config.malloc, "transparent_hugepage": thp, "glibc_hugetlb": hugetlb}
     if config.malloc == "keep":
         text = "SHMGRPC_MALLOC=keep: freed memory stays warm (RSS stays at its peak)"
-    elif hugetlb and thp_mode in ("madvise", "always"):
+    elif hugetlb and thp in ("madvise", "always"):
         text = f"GLIBC_TUNABLES={HUGETLB_TUNABLE}: fresh large buffers fault 2 MiB at a time"
     else:
-        text = (f"default (transparent huge pages: {thp_mode}): every fresh large buffer is first-touch page "
+        text = (f"default (transparent huge pages: {thp}): every fresh large buffer is first-touch page "
                 "faults, the biggest cost of a large message here")
         fix = "for large messages: SHMGRPC_MALLOC=keep" + (
             f", or GLIBC_TUNABLES={HUGETLB_TUNABLE} in both processes' environment"
-            if thp_mode in ("madvise", "always") and glibc_thp else "") + " (README, \"Warm memory\")"
+            if thp in ("madvise", "always") and glibc_thp else "") + " (README, \"Warm memory\")"
         return Check("malloc", INFO, text, fix, data)
     return Check("malloc", INFO, text, data=data)
 

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import threading
+from typing import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,36 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 SETTINGS = ((M_TRIM_THRESHOLD, 2 << 30), (M_MMAP_MAX, 0), (M_ARENA_MAX, 1))
+
+# The narrower lever's setting, in GLIBC_TUNABLES (colon separated).
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def hugetlb_requested(environ: Mapping[str, str]) -> bool:
+    """Does `environ`'s GLIBC_TUNABLES hold HUGETLB_TUNABLE?"""
+    return HUGETLB_TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def with_hugetlb(environ: Mapping[str, str]) -> dict:
+    """A copy of `environ` whose GLIBC_TUNABLES holds HUGETLB_TUNABLE."""
+    env = dict(environ)
+    if not hugetlb_requested(env):
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+        env["GLIBC_TUNABLES"] = ":".join(tunables + [HUGETLB_TUNABLE])
+    return env
+
+
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode (always, madvise, never), or
+    "unknown" where it cannot be read."""
+    try:
+        with open(THP_ENABLED) as f:
+            match = re.search(r"\[(\w+)\]", f.read())
+    except OSError:
+        return "unknown"
+    return match.group(1) if match else "unknown"
+
 
 _lock = threading.Lock()  # protects _applied
 _applied = None  # None: not tried yet; then True or False

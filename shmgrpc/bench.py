@@ -57,10 +57,10 @@ Method: for each message, size and shape, one warm-up call per mode
 rounds, each running every mode once with the mode order rotated round by
 round; the statistic is the median. Messages of 64 KiB and less get four
 times the rounds, each unary sample a batch four times smaller: their cells
-measure a few percent, which five short samples on a busy machine cannot. Beside each size, the in-process
-*floor*: protobuf serialize, one copy into a pre-faulted shared mapping,
-parse from it; that is what a shared-memory transport cannot avoid. It
-takes a turn in every round too. After each size's rounds, one more unary
+measure a few percent, which five short samples on a busy machine cannot.
+Beside each size, the in-process *floor*: protobuf serialize, one copy
+into a pre-faulted shared mapping, parse from it; that is what a
+shared-memory transport cannot avoid. It takes a turn in every round too. After each size's rounds, one more unary
 echo per mode measures both processes' peak memory.
 
 Every message that comes back, or that the server receives in an upload,
@@ -100,8 +100,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import datetime
+import functools
 import json
 import math
 import mmap
@@ -126,7 +126,7 @@ from google.protobuf.wrappers_pb2 import BytesValue
 import shmgrpc
 
 from . import _bench_server as srv
-from ._malloc import tune_malloc
+from ._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode, tune_malloc, with_hugetlb
 from .config import Config, parse_size
 from .errors import ConfigError
 
@@ -267,7 +267,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="malloc phases among default, keep, hugepages (default: default); more than one (make bench "
         "runs all three) runs each in a process of its own and combines them. keep: both processes, every "
         "mode (plain gRPC too), with SHMGRPC_MALLOC=keep (glibc keeps freed memory warm; see "
-        f"shmgrpc.tune_malloc); hugepages: the same with GLIBC_TUNABLES={HUGEPAGES_TUNABLE}",
+        f"shmgrpc.tune_malloc); hugepages: the same with GLIBC_TUNABLES={HUGETLB_TUNABLE}",
     )
     parser.add_argument(
         "--out",
@@ -1370,7 +1370,7 @@ def combined_text(phases: Dict[str, Results]) -> str:
         f"'MODE x' = speedup: {BASELINE} with the {BASE_MALLOC} malloc / MODE, "
         f"in brackets {BASELINE} with the same malloc / MODE",
         "malloc keep = SHMGRPC_MALLOC=keep in both processes and every mode, plain gRPC included; "
-        f"malloc hugepages = GLIBC_TUNABLES={HUGEPAGES_TUNABLE} the same way",
+        f"malloc hugepages = GLIBC_TUNABLES={HUGETLB_TUNABLE} the same way",
     ]
     pairs = []
     for view in phases.values():
@@ -1520,27 +1520,6 @@ def measure(args: argparse.Namespace, threshold: int) -> Tuple[Bench, bool]:
             stop_server(server.process)
 
 
-HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def _with_hugepages(env: Dict[str, str]) -> Dict[str, str]:
-    """`env` with glibc malloc on transparent huge pages. GLIBC_TUNABLES is
-    read when a process starts; the server inherits it from the phase's
-    process, so both sides and every mode get the same allocator."""
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    if HUGEPAGES_TUNABLE not in tunables:
-        env = {**env, "GLIBC_TUNABLES": ":".join(tunables + [HUGEPAGES_TUNABLE])}
-    return env
-
-
-def _thp_possible() -> bool:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
-
-
 def _save(out: str, data: dict, text: str) -> None:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(data, f, indent=1)
@@ -1556,11 +1535,12 @@ def run_phase(args: argparse.Namespace, command: str) -> int:
         notes.append(f"--repeat {args.repeat}: a median of fewer than {DEFAULT_REPEAT} rounds is noisy")
     if os.environ.get("GLIBC_TUNABLES"):
         notes.append(f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']} (client and server, every mode)")
-    if malloc == "hugepages" and HUGEPAGES_TUNABLE not in os.environ.get("GLIBC_TUNABLES", "").split(":"):
-        # Too late for this process: run again with it (from the start).
-        os.execve(sys.executable, [sys.executable, "-m", "shmgrpc.bench", *sys.argv[1:]],
-                  _with_hugepages(dict(os.environ)))
-    if malloc == "hugepages" and not _thp_possible():
+    if malloc == "hugepages" and not hugetlb_requested(os.environ):
+        # GLIBC_TUNABLES is read when a process starts: too late for this
+        # one, so run again with it (the server inherits it: both sides and
+        # every mode get the same allocator).
+        os.execve(sys.executable, [sys.executable, "-m", "shmgrpc.bench", *sys.argv[1:]], with_hugetlb(os.environ))
+    if malloc == "hugepages" and thp_mode() in ("never", "unknown"):
         notes.append("hugepages: transparent huge pages are off here (/sys/kernel/mm/transparent_hugepage/"
                      "enabled = never): this phase is the default malloc")
     if malloc == "keep":
@@ -1640,7 +1620,7 @@ def run_phases(args: argparse.Namespace, argv: List[str], command: str) -> int:
             phase_command = [sys.executable, "-m", "shmgrpc.bench", *phase_argv]
             progress(f"=== malloc phase {malloc}: {shlex.join(['python', *phase_command[1:]])}")
             env = _package_env()
-            state.child = subprocess.Popen(phase_command, env=_with_hugepages(env) if malloc == "hugepages" else env)
+            state.child = subprocess.Popen(phase_command, env=with_hugetlb(env) if malloc == "hugepages" else env)
             # A signal runs state.handle and the wait goes on (PEP 475).
             statuses.append(state.child.wait())
             try:
