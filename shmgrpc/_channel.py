@@ -321,7 +321,6 @@ class _MultiCallable:
         self._plain = factory(method, serializer, deserializer, **kwargs)
         self._framed = None  # (route, its multicallable with a ThreadCodec): see _start
 
-
     def _framed_multicallable(self, route):
         """The multicallable for blocking calls on `route`, made once per
         route and registered like the caller's (see ThreadCodec)."""

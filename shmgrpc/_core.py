@@ -319,8 +319,9 @@ class Node:
     def _start_janitor(self) -> None:
         """A daemon thread that, every JANITOR_SECONDS, gives back idle pool
         segments (pool.IDLE_SECONDS), unpins cma payloads their readers are
-        done with, and drops mappings of peers' retired or orphaned segments, so an idle process shrinks too. It holds no
-        reference to the node, and stops when the node is closed."""
+        done with, and drops mappings of peers' retired or orphaned segments,
+        so an idle process shrinks too. It holds no reference to the node,
+        and stops when the node is closed."""
         stop = self._stop = threading.Event()
         node_ref = weakref.ref(self)
 

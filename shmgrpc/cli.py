@@ -231,7 +231,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--method", help="a unary method of TARGET for the round trip (/package.Service/Method); it gets a "
                                     "request of unknown fields only, which any protobuf type parses (an echo is "
                                     "best). Without it: server reflection, if TARGET has it")
-    d.add_argument("--size", help="bytes of the round trip's request (default: max(SHMGRPC_THRESHOLD, SHMGRPC_CMA_THRESHOLD): every transport carries it)")
+    d.add_argument("--size", help="bytes of the round trip's request (default: max(SHMGRPC_THRESHOLD, "
+                                  "SHMGRPC_CMA_THRESHOLD): every transport carries it)")
     d.add_argument("--transport", choices=("auto", "memfd", "shm", "cma"),
                    help="check this SHMGRPC_TRANSPORT instead of the environment's")
     d.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")

@@ -54,7 +54,6 @@ import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-
 log = logging.getLogger(__name__)
 
 MSG = struct.Struct("<4sB3xQQ16s16s40x")

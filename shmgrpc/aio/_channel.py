@@ -333,14 +333,13 @@ class _MultiCallable:
     def _factory(self):
         return getattr(self._channel._inner, self._kind)
 
-
     def __call__(self, request=None, *, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
                  compression=None):
         engine = self._channel._engine
         state = engine.client_call_state()
         if state is None:
             return self._plain(request, timeout=timeout, metadata=metadata, credentials=credentials,
-                                               wait_for_ready=wait_for_ready, compression=compression)
+                               wait_for_ready=wait_for_ready, compression=compression)
         call = self._call_type(self, request, timeout, metadata, credentials, wait_for_ready, compression)
         if engine.client_needs_handshake():
             call._start_later()
