@@ -8,6 +8,8 @@ Is it working? `python -m shmgrpc doctor [TARGET]`, shmgrpc.channel_status(chann
 shmgrpc.stats(); exporters in shmgrpc.metrics (prometheus, otel).
 """
 
+import logging as _logging
+
 from ._channel import Channel, channel_status, insecure_channel, intercept_channel, secure_channel
 from ._types import CountBytes, PoolUsage, StatsSnapshot, TransportCounts
 from ._version import __version__
@@ -29,6 +31,10 @@ from .errors import (
     ShmGrpcError,
     StaleSessionError,
 )
+
+# A library adds no handler of its own (grpcio does the same): records go to
+# whatever the application configured, and nowhere otherwise.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "Channel",

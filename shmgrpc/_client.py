@@ -36,7 +36,7 @@ def warn_deprecated(stacklevel: int = 2) -> None:
     warnings.warn(DEPRECATED, DeprecationWarning, stacklevel=stacklevel)
     if not _warned:
         _warned = True
-        log.warning("shmgrpc: %s", DEPRECATED)
+        log.warning("%s", DEPRECATED)
 
 
 class PassThrough:

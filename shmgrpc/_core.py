@@ -338,7 +338,7 @@ class Node:
                     if node.pins is not None:
                         node.pins.reclaim()
                 except Exception:  # never let housekeeping kill anything
-                    log.debug("shmgrpc: janitor pass failed", exc_info=True)
+                    log.debug("janitor pass failed", exc_info=True)
                 del node
 
         threading.Thread(target=run, name="shmgrpc-janitor", daemon=True).start()
@@ -364,7 +364,7 @@ class Node:
     def _segment_arrived(self, conn, number: int, mm, size: int) -> None:
         attacher = self.attacher
         if attacher is None or not attacher.add_memfd((conn.id, number), mm, size):
-            log.debug("shmgrpc: memfd segment %d from the side connection is not a shmgrpc segment", number)
+            log.debug("memfd segment %d from the side connection is not a shmgrpc segment", number)
 
     def _segment_retired(self, conn, number: int) -> None:
         if self.attacher is not None:
@@ -581,7 +581,7 @@ class Engine:
         self._state = "disabled"
         self._why = why
         self.stats.note("disabled", why)
-        log.log(level, "shmgrpc: offload disabled (%s); plain gRPC only", why)
+        log.log(level, "offload disabled (%s); plain gRPC only", why)
 
     def _cma_unavailable(self, why: str) -> None:
         """Record (once: stats note, one log line) why cma cannot be used.
@@ -593,10 +593,10 @@ class Engine:
             return
         self.stats.note("cma", f"not permitted: {why}")
         if self._order == ("cma",):
-            log.warning("shmgrpc: SHMGRPC_TRANSPORT=cma, but cma is not permitted (%s); sending inline", why)
+            log.warning("SHMGRPC_TRANSPORT=cma, but cma is not permitted (%s); sending inline", why)
         else:
             others = " or ".join(t for t in self._order if t != "cma")
-            log.info("shmgrpc: cma not permitted (%s); %s carries large messages where it can", why, others)
+            log.info("cma not permitted (%s); %s carries large messages where it can", why, others)
 
     @property
     def node(self) -> Optional[Node]:
@@ -690,7 +690,7 @@ class Engine:
                 )
             )
             state = self._hello = ((wire.HELLO_KEY, text), route)
-            log.debug("shmgrpc: %s: hello: we read %s%s", self.name, _rungs(accepts),
+            log.debug("%s: hello: we read %s%s", self.name, _rungs(accepts),
                       f"; naming server pid {peer.pid}" if peer is not None else "; first contact")
         return state
 
@@ -713,7 +713,7 @@ class Engine:
 
     def client_handshake_done(self, code: grpc.StatusCode, trailing_metadata) -> None:
         """Take the result of the handshake call."""
-        log.debug("shmgrpc: %s: handshake answered %s", self.name, code.name)
+        log.debug("%s: handshake answered %s", self.name, code.name)
         if code == grpc.StatusCode.OK:
             self.client_welcome(trailing_metadata)
             if self._route is None:  # a shmgrpc server that cannot open our segments
@@ -736,7 +736,7 @@ class Engine:
             # the hello, and a shmgrpc server answers it in its trailers.
             self._probe = "calls"
             self.stats.note("server", f"handshake answered {code.name}; learning from calls instead")
-            log.debug("shmgrpc: %s: handshake answered %s; learning from calls", self.name, code.name)
+            log.debug("%s: handshake answered %s; learning from calls", self.name, code.name)
 
     def client_handshake_failed(self, err: BaseException) -> None:
         """The handshake call raised something other than an RpcError: an
@@ -746,7 +746,7 @@ class Engine:
         self._probe = "calls"
         self.stats.note("server", f"handshake call failed on this side ({type(err).__name__}: {err}); "
                                   "learning from calls instead")
-        log.debug("shmgrpc: %s: handshake call raised %r; learning from calls", self.name, err)
+        log.debug("%s: handshake call raised %r; learning from calls", self.name, err)
 
     def _go_plain(self, why: str) -> None:
         with self._lock:
@@ -810,7 +810,7 @@ class Engine:
                 conn = side_.connect(w.side, w.ticket, w.inst) if side_ is not None else None
             except (OSError, ConnectionError) as err:
                 self.stats.note("memfd", f"side socket {w.side}: {err}")
-                log.debug("shmgrpc: %s: cannot use the side socket %s: %s", self.name, w.side, err)
+                log.debug("%s: cannot use the side socket %s: %s", self.name, w.side, err)
         if peer is None:
             if conn is None:
                 self._not_colocated(HandleError("neither the server's id segment nor its side socket is reachable"))
@@ -828,7 +828,7 @@ class Engine:
             peer_key=w.cma_key,
             max_receive=w.max_receive,
         )
-        log.debug("shmgrpc: %s: welcome from server pid %d: it reads %s; id segment proof %s, side connection %s; "
+        log.debug("%s: welcome from server pid %d: it reads %s; id segment proof %s, side connection %s; "
                   "we send via %s", self.name, peer.pid, _rungs(w.accepts), "ok" if proved else "none",
                   "up" if conn is not None else "none",
                   ", ".join(t for t in self._order if route.sends(t)) or "nothing (inline)")
@@ -838,7 +838,7 @@ class Engine:
         self.stats.add("fallback", "peer_not_colocated")
         if "not_colocated" not in self.stats.notes:
             self.stats.note("not_colocated", str(err))
-            log.debug("shmgrpc: %s: peer is not co-located (%s)", self.name, err)
+            log.debug("%s: peer is not co-located (%s)", self.name, err)
 
     def status(self) -> ChannelStatus:
         """This channel's ChannelStatus (see there)."""
@@ -883,9 +883,9 @@ class Engine:
         was = self._announced
         self._announced = st.transport
         if st.transport == "inline" and was not in (None, "inline"):
-            log.warning("shmgrpc: channel %s no longer offloads (was %s): %s", self.name, was, st.reason)
+            log.warning("channel %s no longer offloads (was %s): %s", self.name, was, st.reason)
         else:
-            log.info("shmgrpc: channel %s: %s (%s)", self.name,
+            log.info("channel %s: %s (%s)", self.name,
                      f"large messages via {st.transport}" if st.transport != "inline" else "plain gRPC",
                      st.reason)
 
@@ -970,7 +970,7 @@ class Engine:
             # It names us but cannot prove it: not a client we welcomed. No
             # welcome, nothing offloaded, no handle read.
             self.stats.add("error", "hello_proof_mismatch")
-            log.debug("shmgrpc: hello naming this server with a wrong proof (client pid %d)", peer.pid)
+            log.debug("hello naming this server with a wrong proof (client pid %d)", peer.pid)
             return Route(peer=None, send_shm=False, send_cma=False, peer_key=None, max_receive=h.max_receive)
         accepts = self._accepts(peer)
         welcome = None
@@ -987,7 +987,7 @@ class Engine:
                     ticket=side_.issue_ticket(h.inst) if side_ is not None else None,
                 )
             )
-        log.debug("shmgrpc: server: hello from client pid %d: it reads %s; %s", peer.pid, _rungs(h.accepts),
+        log.debug("server: hello from client pid %d: it reads %s; %s", peer.pid, _rungs(h.accepts),
                   "proved" if proved else "welcome sent" if welcome else "not proved, no welcome")
         return Route(
             peer=peer,
@@ -1067,10 +1067,10 @@ class Engine:
         if suppressed is None:
             return
         if via == "inline":
-            log.debug("shmgrpc: %s: a %d-byte message went inline (fallback %s%s)%s", self.name, n, reason,
+            log.debug("%s: a %d-byte message went inline (fallback %s%s)%s", self.name, n, reason,
                       f"; tried {tried}" if tried else "", repeats(suppressed))
         else:
-            log.debug("shmgrpc: %s: a %d-byte message went via %s (%s)%s", self.name, n, via, tried,
+            log.debug("%s: a %d-byte message went via %s (%s)%s", self.name, n, via, tried,
                       repeats(suppressed))
 
     def _note_limit(self, n: int, route: Route) -> None:
@@ -1078,7 +1078,7 @@ class Engine:
             return
         self._limit_noted = True
         log.info(
-            "shmgrpc: %s: a %d-byte message went inline: this side sends at most %s (gRPC "
+            "%s: a %d-byte message went inline: this side sends at most %s (gRPC "
             "max_send_message_length) and the peer accepts at most %s offloaded (its gRPC "
             "max_receive_message_length and SHMGRPC_MAX_MESSAGE; -1: no limit). If you raised "
             "gRPC's limits, pass the same options to shmgrpc.",

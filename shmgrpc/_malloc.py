@@ -93,16 +93,16 @@ def tune_malloc() -> bool:
             mallopt = libc.mallopt
         except (OSError, AttributeError):
             _applied = False
-            log.info("shmgrpc: SHMGRPC_MALLOC=keep has no effect here (no glibc mallopt)")
+            log.info("SHMGRPC_MALLOC=keep has no effect here (no glibc mallopt)")
             return False
         mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
         mallopt.restype = ctypes.c_int
         _applied = all(mallopt(param, value) == 1 for param, value in SETTINGS)
         if _applied:
             log.info(
-                "shmgrpc: malloc keeps freed memory (M_TRIM_THRESHOLD=2GiB, M_MMAP_MAX=0, M_ARENA_MAX=1): "
+                "malloc keeps freed memory (M_TRIM_THRESHOLD=2GiB, M_MMAP_MAX=0, M_ARENA_MAX=1): "
                 "large messages reuse warm memory; RSS stays at its peak"
             )
         else:
-            log.warning("shmgrpc: glibc refused a malloc setting; SHMGRPC_MALLOC=keep is only partly in effect")
+            log.warning("glibc refused a malloc setting; SHMGRPC_MALLOC=keep is only partly in effect")
         return _applied

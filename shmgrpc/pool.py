@@ -273,7 +273,7 @@ def reap(shm_dir: str, dry_run: bool = False) -> List[str]:
         except OSError:
             continue
     if removed and not dry_run:
-        log.info("shmgrpc: removed %d segment(s) left by exited processes", len(removed))
+        log.info("removed %d segment(s) left by exited processes", len(removed))
     return removed
 
 
@@ -579,7 +579,7 @@ class Pool:
         again. Its slots are gone (a reader of them gets DATA_LOSS)."""
         if self._segments.pop(segment.name, None) is None:
             return
-        log.warning("shmgrpc: segment %s was truncated by another process; dropping it", segment.name)
+        log.warning("segment %s was truncated by another process; dropping it", segment.name)
         self._mapped -= segment.size
         key = (segment.kind, segment.slot_size)
         self._free[key] = [s for s in self._free.get(key, []) if s.segment is not segment]
@@ -634,7 +634,7 @@ class Pool:
         except NoSpace as err:
             if not self._no_space_logged:  # once: every large message would say it again
                 self._no_space_logged = True
-                log.info("shmgrpc: %s; such messages take the next transport, or go inline", err)
+                log.info("%s; such messages take the next transport, or go inline", err)
             return None, f"{kind}_no_space"
         self._segments[segment.name] = segment
         self._mapped += segment.size

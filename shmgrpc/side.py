@@ -338,7 +338,7 @@ class Side:
             elif issued is None or not secrets.compare_digest(issued[0], inst) or issued[1] < time.monotonic():
                 why = "no valid ticket (it comes only with a welcome over the gRPC channel)"
         if why is not None:
-            log.debug("shmgrpc: side connection refused: %s", why)
+            log.debug("side connection refused: %s", why)
             sock.close()
             return
         # Known before the client hears AUTH_OK: its very next call may carry a
@@ -434,7 +434,7 @@ class Side:
 
     def _message(self, conn: Conn, data: bytes, fds) -> None:
         if len(data) != MSG.size:
-            log.debug("shmgrpc: side message of %d bytes ignored", len(data))
+            log.debug("side message of %d bytes ignored", len(data))
             return
         magic, kind, number, size, inst, _ = MSG.unpack(data)
         if magic != MAGIC or not secrets.compare_digest(inst, conn.peer_inst):
@@ -447,7 +447,7 @@ class Side:
                 except (OSError, ValueError) as err:
                     why = f"cannot map it: {err}"
             if why is not None:
-                log.debug("shmgrpc: segment %d from the side connection refused: %s", number, why)
+                log.debug("segment %d from the side connection refused: %s", number, why)
                 return
             self._on_segment(conn, number, mm, size)
         elif kind == T_RETIRE:

@@ -114,7 +114,7 @@ def test_client_denied_process_vm_readv(servers, client_transport, server_transp
         assert about_cma[0]["level"] == "INFO", out["log"]
     # auto: the first rung of the ladder that is not cma carries both ways
     rung = "cma" if client_transport == "cma" else next(t for t in AUTO_ORDER if t != "cma")
-    settled = [r for r in out["log"] if r["message"].startswith("shmgrpc: channel ")]
+    settled = [r for r in out["log"] if r["message"].startswith("channel ")]
     assert [r["level"] for r in settled] == ["INFO"], out["log"]  # the channel settles once
     assert f"via {rung}" in settled[0]["message"], out["log"]
     assert not stats["errors"]

@@ -230,7 +230,7 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
         FAILED_PRECONDITION and says why."""
         if not self._warned:
             self._warned = True
-            log.error("shmgrpc: %s", WRONG_SERVER)
+            log.error("%s", WRONG_SERVER)
         handler = continuation(details) if details.method != wire.HANDSHAKE_METHOD else None
 
         def refuse(request, context):
