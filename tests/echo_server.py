@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import random
 import signal
@@ -455,6 +456,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--aio", action="store_true", help="serve with grpc.aio (shmgrpc.aio.ServerInterceptor)"
     )
     args = parser.parse_args(argv)
+    # Like any real server: shmgrpc's logger has only a NullHandler, so its
+    # warnings reach stderr (the test's server.log()) only through a handler
+    # the program installs.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:%(name)s:%(message)s")
 
     stop = threading.Event()
     # Before serving: a SIGTERM that arrives during start-up still stops us cleanly.
