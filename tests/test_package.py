@@ -63,13 +63,35 @@ def venv(dist, tmp_path_factory) -> Path:
 def test_version_is_one_and_the_same():
     text = (ROOT / "pyproject.toml").read_text()
     match = re.search(r'^version = "([^"]+)"', text, re.MULTILINE)
-    assert match and match.group(1) == shmgrpc.__version__ == "0.2.0"
+    assert match and match.group(1) == shmgrpc.__version__
     assert 'license = "Apache-2.0"' in text
     assert re.search(r'requires = \["setuptools>=(\d+)', text) and \
         int(re.search(r'requires = \["setuptools>=(\d+)', text).group(1)) >= 77  # SPDX license expressions
     license_text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert "END OF TERMS AND CONDITIONS" in license_text
+
+
+def test_version_is_the_changelogs_top_section():
+    """The top section of CHANGELOG.md is the version being made: "0.3.0
+    (unreleased)" while _version says 0.3.0.devN (or a pre-release), "0.3.0"
+    once it says 0.3.0."""
+    heading = re.search(r"^## (.+)$", (ROOT / "CHANGELOG.md").read_text(), re.MULTILINE)
+    assert heading, "CHANGELOG.md has no '## VERSION' section"
+    version = re.fullmatch(r"(\d+\.\d+\.\d+)((?:a|b|rc|\.dev)\d+)?", shmgrpc.__version__)
+    assert version, f"{shmgrpc.__version__!r} is not a PEP 440 release, pre-release or dev version"
+    release, suffix = version.groups()
+    assert heading.group(1) == (f"{release} (unreleased)" if suffix else release), \
+        f"CHANGELOG.md's top section is {heading.group(1)!r}; _version.py says {shmgrpc.__version__}"
+
+
+def test_classifiers_name_every_supported_python():
+    text = (ROOT / "pyproject.toml").read_text()
+    least = re.search(r'^requires-python = ">=3\.(\d+)"', text, re.MULTILINE)
+    assert least, "requires-python is not '>=3.N'"
+    listed = {int(n) for n in re.findall(r'"Programming Language :: Python :: 3\.(\d+)"', text)}
+    assert listed and min(listed) == int(least.group(1)), (least.group(0), sorted(listed))
+    assert listed == set(range(min(listed), max(listed) + 1)), sorted(listed)  # no gaps
 
 
 def test_changelog_states_wire_compatibility():
