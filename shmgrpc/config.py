@@ -8,11 +8,16 @@ ConfigError naming the variable and the forms it accepts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import re
-from typing import Mapping, Optional, Tuple
+import threading
+from typing import Mapping, Optional, Set, Tuple
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -110,6 +115,7 @@ class Config:
     def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> "Config":
         """Build a Config from SHMGRPC_* variables; `overrides` win over both."""
         env = os.environ if environ is None else environ
+        _warn_unknown(env)
         values = {}
         for var, (field, parse) in ENV.items():
             raw = env.get(var)
@@ -228,7 +234,8 @@ def _path(text: str, name: str) -> str:
     return text  # checked by _problem, like a Config field
 
 
-# Environment variable -> (Config field, parser). The README's table mirrors this.
+# Environment variable -> (Config field, parser): every SHMGRPC_* name shmgrpc
+# reads; from_env() warns about any other. The README's table mirrors this.
 ENV = {
     "SHMGRPC_THRESHOLD": ("threshold", _size),
     "SHMGRPC_TRANSPORT": ("transport", _transport),
@@ -243,3 +250,28 @@ ENV = {
     "SHMGRPC_SIDE_UIDS": ("side_uids", _uids),
     "SHMGRPC_MALLOC": ("malloc", _malloc),
 }
+
+PREFIX = "SHMGRPC_"
+# Names already warned about: one WARNING per name and process, however many
+# channels and servers read the environment. The lock guards the set.
+_warned: Set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_unknown(env: Mapping[str, str]) -> None:
+    """One WARNING per SHMGRPC_* variable that is not in ENV (most likely a
+    misspelling, silently doing nothing otherwise), naming the closest known
+    one. Lower-case names count too: environment names are case-sensitive,
+    so `shmgrpc_threshold` is ignored as surely as a typo."""
+    for var in list(env):
+        if not var.upper().startswith(PREFIX) or var in ENV:
+            continue
+        with _warned_lock:
+            if var in _warned:
+                continue
+            _warned.add(var)
+        # Compared without the prefix every name shares, which would make any
+        # SHMGRPC_* name look close to all of them.
+        close = difflib.get_close_matches(var.upper()[len(PREFIX):], [n[len(PREFIX):] for n in ENV], n=1)
+        hint = f"did you mean {PREFIX}{close[0]}?" if close else "known: " + ", ".join(ENV)
+        log.warning("%s is not a shmgrpc setting (%s); ignored", var, hint)

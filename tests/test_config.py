@@ -4,6 +4,8 @@ with ConfigError naming the variable."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 
@@ -158,3 +160,41 @@ channel.close()
     assert out["imported"] is True
     assert out["error"] and "SHMGRPC_THRESHOLD" in out["error"] and "'banana'" in out["error"]
     assert out["threshold"] == MiB and out["transport"] == "auto"
+
+
+@pytest.fixture
+def config_warnings(monkeypatch, caplog):
+    """WARNING records of shmgrpc.config, with the once-per-process memory
+    emptied for the test."""
+    from shmgrpc import config
+
+    monkeypatch.setattr(config, "_warned", set())
+    caplog.set_level(logging.WARNING, logger="shmgrpc.config")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "shmgrpc.config"]
+
+
+def test_a_misspelt_variable_is_named_once_with_the_closest_known_name(config_warnings):
+    env = {"SHMGRPC_TRESHOLD": "1MiB", "SHMGRPC_TRANSPORT": "shm"}
+    config = Config.from_env(env)
+    assert config.threshold == Config().threshold and config.transport == "shm"  # ignored; the rest read
+    assert config_warnings() == [
+        "SHMGRPC_TRESHOLD is not a shmgrpc setting (did you mean SHMGRPC_THRESHOLD?); ignored"]
+    Config.from_env(env)
+    Config.from_env({**env, "SHMGRPC_POOLSIZE": "1GiB", "shmgrpc_malloc": "keep"})
+    assert config_warnings()[1:] == [  # once per name: only the new names, the lower-case one included
+        "SHMGRPC_POOLSIZE is not a shmgrpc setting (did you mean SHMGRPC_POOL_SIZE?); ignored",
+        "shmgrpc_malloc is not a shmgrpc setting (did you mean SHMGRPC_MALLOC?); ignored"]
+
+
+def test_an_unknown_variable_without_a_close_name_lists_the_known_ones(config_warnings):
+    Config.from_env({"SHMGRPC_WIBBLE": "1"})
+    (message,) = config_warnings()
+    assert message.startswith("SHMGRPC_WIBBLE is not a shmgrpc setting (known: SHMGRPC_THRESHOLD, ")
+    assert all(name in message for name in ENV) and message.endswith("); ignored")
+
+
+def test_known_variables_and_other_prefixes_draw_no_warning(config_warnings, tmp_path):
+    env = {name: "" for name in ENV}  # every known name, set (empty: the default)
+    env.update({"SHMGRPC_TRANSPORT": "memfd", "GRPC_VERBOSITY": "debug", "XSHMGRPC_THRESHOLD": "1", "PATH": "/bin"})
+    Config.from_env(env)
+    assert config_warnings() == []
