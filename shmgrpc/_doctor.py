@@ -10,7 +10,9 @@ Two parts:
   offloaded round trip, through server reflection (its ServerReflectionInfo
   answers with the request it got: an echo with no side effects) or the
   unary method given with --method, with a request of unknown fields only
-  (any protobuf message type parses it).
+  (any protobuf message type parses it), or with the payload in the bytes
+  field --field names (an echo that copies only the fields it knows, such
+  as `Blob(data=request.data)`, drops an unknown field: its answer is empty).
 
 Each check says what it found, and for a failure the fix. The result is OK
 only when the transport the configuration would choose works.
@@ -504,12 +506,28 @@ class Echo:
     kind: str  # "reflection" or "method"
     method: str
     stream: bool
+    field: Optional[int] = None  # --field: the request's bytes field for the payload
 
     def request(self, size: int) -> bytes:
         if self.kind == "reflection":
             # host (1) carries the bulk; list_services (7) makes it a valid query.
             return _field(1, b"x" * size) + _field(7, b"")
-        return _field(_UNKNOWN_FIELD, b"x" * size)
+        return _field(self.field or _UNKNOWN_FIELD, b"x" * size)
+
+    def carried_back(self, request: bytes, response: bytes) -> bool:
+        """Does a --method answer carry the request's payload back? (If not,
+        it was too small to be offloaded: the way back was not tried.)"""
+        payload = next(v for k, v in _fields(request) if k == (self.field or _UNKNOWN_FIELD))
+        return response == request or payload in response
+
+    def dropped(self, size: int, answer: int) -> str:
+        """What a --method answer without our payload means, in words."""
+        if self.field:
+            return (f"the method answered without the doctor's payload (a {answer}-byte answer to a "
+                    f"{size_text(size)} request in field {self.field}): it does not send field {self.field} back")
+        return (f"the method answered without the doctor's payload (a {answer}-byte answer to a "
+                f"{size_text(size)} request): the payload is an unknown field, and a handler that copies only the "
+                "fields it knows (an echo such as `Blob(data=request.data)`) drops it")
 
     def call(self, channel: Any, request: bytes, timeout: float) -> bytes:
         if self.stream:
@@ -524,6 +542,8 @@ class Echo:
         if self.kind != "reflection":
             if response == request:
                 return True, "the answer is the request, unchanged"
+            if self.carried_back(request, response):
+                return True, f"a {len(response)}-byte answer carrying the request's payload"
             return True, f"a {len(response)}-byte answer"
         try:
             host = None
@@ -580,6 +600,9 @@ class Probe:
     echo_details: str = ""
     echo_ok: bool = False
     echo_note: str = ""
+    # A --method answer without our payload (None: not a --method round trip,
+    # or no answer): the way back had nothing large to offload.
+    echo_dropped: Optional[str] = None
     sent_via: List[str] = dataclasses.field(default_factory=list)
     received_via: List[str] = dataclasses.field(default_factory=list)
     fallbacks: Dict[str, int] = dataclasses.field(default_factory=dict)
@@ -630,6 +653,8 @@ def probe_channel(target: str, config: Config, echo: Optional[Echo], size: int, 
                 response = echo.call(channel, request, timeout)
                 result.echo_code = "OK"
                 result.echo_ok, result.echo_note = echo.verify(request, response)
+                if echo.kind == "method" and not echo.carried_back(request, response):
+                    result.echo_dropped = echo.dropped(size, len(response))
             except grpc.RpcError as err:
                 result.echo_code, result.echo_details = _rpc_error(err)
             result.millis = (time.monotonic() - start) * 1000
@@ -645,15 +670,21 @@ def probe_channel(target: str, config: Config, echo: Optional[Echo], size: int, 
     return result
 
 
-def find_echo(target: str, config: Config, method: Optional[str], timeout: float) -> Tuple[Optional[Echo], str]:
-    """The round trip to use: --method, else server reflection if the
-    server has it. (echo or None, what was found)."""
+def find_echo(target: str, config: Config, method: Optional[str], timeout: float,
+              field: Optional[int] = None) -> Tuple[Optional[Echo], str]:
+    """The round trip to use: --method (with --field), else server
+    reflection if the server has it. (echo or None, what was found)."""
     import grpc
 
+    if field is not None and not method:
+        raise ValueError("--field goes with --method: it names a field of that method's request")
+    if field is not None and not 1 <= field < 19000:  # 19000-19999: reserved by protobuf; past them few use any
+        raise ValueError(f"--field {field}: expected a field number from 1 to 18999")
     if method:
         if not method.startswith("/") or method.count("/") != 2:
             raise ValueError(f"--method {method!r}: expected /package.Service/Method")
-        return Echo("method", method, stream=False), f"--method {method}"
+        return Echo("method", method, stream=False, field=field), \
+            f"--method {method}" + (f" --field {field}" if field else "")
     plain = grpc.insecure_channel(target, CHANNEL_OPTIONS)
     try:
         for service in REFLECTION_SERVICES:
@@ -718,14 +749,15 @@ def _namespace_note(pid: Optional[int]) -> Tuple[str, Dict[str, Any]]:
 
 
 def target_checks(target: str, config: Config, method: Optional[str], size: int, timeout: float,
-                  local: Dict[str, Check]) -> Tuple[List[Check], Optional[Probe], Dict[str, Probe]]:
+                  local: Dict[str, Check], field: Optional[int] = None
+                  ) -> Tuple[List[Check], Optional[Probe], Dict[str, Probe]]:
     """The handshake and a round trip on the channel the configuration
     makes, then each transport alone."""
     checks: List[Check] = []
     try:
-        echo, found = find_echo(target, config, method, timeout)
+        echo, found = find_echo(target, config, method, timeout, field)
     except ValueError as err:
-        checks.append(Check("handshake", FAIL, str(err), "give --method /package.Service/Method"))
+        checks.append(Check("handshake", FAIL, str(err), "give --method /package.Service/Method [--field N]"))
         return checks, None, {}
     main = probe_channel(target, config, echo, size, timeout)
     st = main.status
@@ -791,11 +823,20 @@ def _echo_check(name: str, p: Probe, echo: Echo, found: str, size: int, configur
         text += "; fallbacks: " + ", ".join(f"{k} {v}" for k, v in sorted(p.fallbacks.items()))
     if not p.sent_via:
         return Check(name, FAIL, text, _fix_for(configured, " ".join(p.fallbacks), p.notes), data)
+    if p.echo_dropped:
+        # Not a threshold matter: the answer had nothing large in it to offload.
+        return Check(name, WARN, f"{what} out {out}, {p.millis:.1f} ms; {p.echo_dropped}, so only the request "
+                                 "went through shared memory and the way back was not tried",
+                     _FIELD_FIX if not echo.field else f"check --field {echo.field}: {_FIELD_FIX}", data)
     settled = p.status.transport if p.status is not None else ""
     if settled not in p.received_via and p.notes.get(settled):
         return Check(name, WARN, f"{text}; the answer could not come via {settled}: {p.notes[settled]}",
                      _fix_for(settled, p.notes[settled], p.notes), data)
     return Check(name, OK, text, data=data)
+
+
+_FIELD_FIX = ("give --field N, the number of a bytes field the method sends back (an echo of `bytes data = 1`: "
+              "--field 1), for a round trip both ways; or a method that returns its request whole")
 
 
 def _transport_check(t: str, p: Probe, echo: Optional[Echo], size: int) -> Check:
@@ -820,6 +861,9 @@ def _transport_check(t: str, p: Probe, echo: Optional[Echo], size: int) -> Check
                      _fix_for(t, why, notes), data)
     if t not in p.received_via:
         note = notes.get(t)
+        if p.echo_dropped:
+            return Check(t, OK, f"request via {t}, {p.millis:.1f} ms; the answer had no payload to carry back "
+                                "(see the round trip line)", data=data)
         if note:
             return Check(t, FAIL, f"requests via {t} work, but the answer came back inline: {note}",
                          _fix_for(t, note, notes), data)
@@ -864,7 +908,7 @@ class Report:
 
 
 def run(config: Config, target: Optional[str] = None, method: Optional[str] = None, size: Optional[int] = None,
-        timeout: float = 10.0) -> Report:
+        timeout: float = 10.0, field: Optional[int] = None) -> Report:
     report = Report(config, machine_checks(config), target)
     order = order_of(config)
     by_name = {check.name: check for check in report.machine}
@@ -884,7 +928,7 @@ def run(config: Config, target: Optional[str] = None, method: Optional[str] = No
                 "; ".join(f"{t}: {by_name[t].detail}" for t in order)
         return report
     length = size if size is not None else max(config.threshold, config.cma_threshold)
-    checks, main, per = target_checks(target, config, method, length, timeout, by_name)
+    checks, main, per = target_checks(target, config, method, length, timeout, by_name, field)
     report.target_checks = checks
     named = {check.name: check for check in checks}
     st = main.status if main is not None else None
@@ -909,6 +953,8 @@ def run(config: Config, target: Optional[str] = None, method: Optional[str] = No
         return report
     report.ok, report.transport = True, chosen
     proof = "an offloaded round trip" if echoed else "the handshake; no round trip tried"
+    if echoed and main is not None and main.echo_dropped:
+        proof = "an offloaded request; the answer had no payload to carry back: see --field"
     report.summary = f"large messages to {target} travel via {chosen} (proved by {proof})"
     return report
 

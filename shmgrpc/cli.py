@@ -1,6 +1,6 @@
 """The `shmgrpc` command (also `python -m shmgrpc`).
 
-    shmgrpc doctor [TARGET] [--method /pkg.Service/Method]   which transports work, why not, the fix
+    shmgrpc doctor [TARGET] [--method /pkg.Service/Method [--field N]]   which transports work, why not, the fix
     shmgrpc ls                                              shmgrpc segments on this host
     shmgrpc gc [--dry-run]                                  remove what dead processes left
 
@@ -182,6 +182,9 @@ class _Keep(logging.Handler):
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import _doctor
 
+    if args.field is not None and not args.method:
+        print("shmgrpc: --field goes with --method: it names a field of that method's request", file=sys.stderr)
+        return 2
     config = _config(args)
     size = parse_size(args.size, "--size") if args.size else None
     # The library's log lines go into the report (-v), not onto stderr.
@@ -192,7 +195,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     try:
-        report = _doctor.run(config, args.target, args.method, size, args.timeout)
+        report = _doctor.run(config, args.target, args.method, size, args.timeout, args.field)
     finally:
         logger.removeHandler(keep)
         logger.setLevel(old[0])
@@ -231,6 +234,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--method", help="a unary method of TARGET for the round trip (/package.Service/Method); it gets a "
                                     "request of unknown fields only, which any protobuf type parses (an echo is "
                                     "best). Without it: server reflection, if TARGET has it")
+    d.add_argument("--field", type=int, metavar="N",
+                   help="with --method: put the request's payload in field N, a bytes field the method sends "
+                        "back (--field 1 for an echo of `bytes data = 1`), instead of an unknown field, which an "
+                        "echo that copies only the fields it knows drops")
     d.add_argument("--size", help="bytes of the round trip's request (default: max(SHMGRPC_THRESHOLD, "
                                   "SHMGRPC_CMA_THRESHOLD): every transport carries it)")
     d.add_argument("--transport", choices=("auto", "memfd", "shm", "cma"),

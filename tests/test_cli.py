@@ -227,6 +227,42 @@ def test_doctor_round_trip_through_server_reflection(tmp_path):
     assert trip["data"]["sent_via"] == [report["transport"]] == trip["data"]["received_via"]
 
 
+QUICKSTART_ECHO = "/quickstart.v1.Echo/Echo"
+
+
+def test_doctor_says_when_a_method_drops_its_payload(tmp_path):
+    """The most common echo, `Blob(data=request.data)` (the Quickstart's
+    server), drops the doctor's unknown-field request and answers 0 bytes:
+    the doctor says so, not "below the threshold", and points to --field,
+    with which the payload goes out and back through shared memory."""
+    target = f"unix:{tmp_path / 'quickstart.sock'}"
+    proc = spawn([sys.executable, "-m", "server_example.quickstart", target], stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE)
+    try:
+        assert read_line(proc, 30.0).startswith("serving on")
+        dropped = cli_json("doctor", target, "--method", QUICKSTART_ECHO)
+        human = cli("doctor", target, "--method", QUICKSTART_ECHO)
+        echoed = cli_json("doctor", target, "--method", QUICKSTART_ECHO, "--field", "1")
+        alone = cli("doctor", "--field", "1")
+    finally:
+        stop_process(proc)
+    trip = checks(dropped, "target")["round trip"]
+    assert trip["status"] == "warn", trip
+    assert "answered without the doctor's payload (a 0-byte answer" in trip["detail"]
+    assert "copies only the fields it knows" in trip["detail"] and "--field" in trip["fix"]
+    assert trip["data"]["sent_via"] == [dropped["transport"]] and trip["data"]["received_via"] == []
+    for row in checks(dropped, "target").values():  # nothing blames the threshold
+        assert "threshold" not in row["detail"] + row.get("fix", ""), row
+    assert "see --field" in dropped["summary"]
+    assert "fix: give --field N" in human.stdout and "0-byte answer" in human.stdout, human.stdout
+
+    assert echoed["ok"] is True, echoed["summary"]
+    trip = checks(echoed, "target")["round trip"]
+    assert trip["status"] == "ok" and "the answer is the request, unchanged" in trip["detail"], trip
+    assert trip["data"]["sent_via"] == [echoed["transport"]] == trip["data"]["received_via"]
+    assert alone.returncode == 2 and "--field goes with --method" in alone.stderr
+
+
 def test_doctor_fails_against_a_plain_server(servers):
     plain = servers.shared(flags=["--plain"])
     done = cli("doctor", plain.unix_target)
