@@ -1,7 +1,9 @@
 """The package as users get it: sdist and wheel built with `python -m build`
-(once for the module), their contents, the wheel installed into a fresh
-virtualenv (`python -m shmgrpc doctor` and the `shmgrpc` script run from it),
-and `mypy --strict` on a small program that uses the public API.
+(once for the module), their contents, `twine check --strict` on both (what
+the package index would say), the README's links as the index shows them,
+the wheel installed into a fresh virtualenv (`python -m shmgrpc doctor`, the
+bench and the `shmgrpc` script run from it), and `mypy --strict` on a small
+program that uses the public API.
 
 The fresh virtualenv has no pip and no packages of its own: the wheel goes
 in with this environment's pip (--no-deps), and grpcio/protobuf come from this
@@ -139,6 +141,39 @@ def test_sdist_contents(dist):
     assert not [n for n in names if "__pycache__" in n or re.search(r"_pb2(_grpc)?\.py$", n)]
 
 
+def test_twine_check_strict(dist):
+    """What the package index would say of the metadata and the README
+    (rendered as the long description), warnings counted as errors."""
+    pytest.importorskip("twine", reason="twine is not installed (pip install -e '.[dev]')")
+    done = run(sys.executable, "-m", "twine", "check", "--strict", str(dist["sdist"]), str(dist["wheel"]),
+               cwd=dist["sdist"].parent)
+    assert done.stdout.count("PASSED") == 2, done.stdout
+
+
+REPOSITORY = "https://github.com/shmgrpc/shmgrpc"
+RAW = "https://raw.githubusercontent.com/shmgrpc/shmgrpc/main/"
+
+
+def test_readme_links_work_on_the_package_index(dist):
+    """The README is the index page, where a relative link leads nowhere:
+    every link and picture is absolute, and each that points into this
+    repository names a file that exists here and ships in the sdist."""
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", readme)
+    assert targets and not [t for t in targets if not t.startswith("https://")], targets
+    assert f'Source = "{REPOSITORY}"' in (ROOT / "pyproject.toml").read_text()
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", readme)
+    assert pictures and all(p.startswith(RAW) for p in pictures), pictures  # raw: an image, not a page
+    with tarfile.open(dist["sdist"]) as tar:
+        shipped = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    for target in targets:
+        for base in (RAW, f"{REPOSITORY}/blob/main/"):
+            if target.startswith(base):
+                path = target[len(base):]
+                assert (ROOT / path).is_file(), target
+                assert path in shipped, f"{path} (linked from the README) is not in the sdist"
+
+
 def test_wheel_in_a_fresh_venv_runs_doctor(venv, tmp_path):
     python, script = venv / "bin" / "python", venv / "bin" / "shmgrpc"
     where = run(str(python), "-c", "import shmgrpc; print(shmgrpc.__file__, shmgrpc.__version__)", cwd=tmp_path)
@@ -153,6 +188,9 @@ def test_wheel_in_a_fresh_venv_runs_doctor(venv, tmp_path):
     assert run(str(script), "--version", cwd=tmp_path).stdout.strip() == f"shmgrpc {shmgrpc.__version__}"
     listing = json.loads(run(str(script), "ls", "--json", cwd=tmp_path).stdout)
     assert "segments" in listing
+    # The bench ships in the wheel too (the README says so): it needs no clone.
+    usage = run(str(python), "-m", "shmgrpc.bench", "--help", cwd=tmp_path).stdout
+    assert usage.startswith("usage: ") and "--malloc" in usage
 
 
 USER_PROGRAM = '''
