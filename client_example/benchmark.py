@@ -11,6 +11,7 @@ import shmgrpc
 from .channels import BASELINE, close_all, open_modes
 from .checks import run_checks
 from .errors import Failure
+from .explain import explain
 from .table import render
 from .workload import calls_per_round, run_size, warm_up
 
@@ -43,12 +44,16 @@ def run_benchmark(
         settled = {mode.name: mode.status() for mode in modes if mode.offloads}
         if settled:
             print("\n".join(status_line(name, status) for name, status in settled.items()) + "\n", file=out)
+        reasons = set()  # every fallback reason of the tables' notes
         for size in sizes:
             results = run_size(modes, size, repeat, progress)
             print(render(size, repeat, calls_per_round(size), results, BASELINE), file=out)
             print(file=out, flush=True)
+            reasons.update(reason for result in results for reason in result.fallbacks)
         checker = next((mode for mode in modes if mode.offloads), modes[0])
-        print(run_checks(checker), file=out, flush=True)
+        checked, summary = run_checks(checker)
+        print(checked, file=out)
+        print(explain(summary, reasons), file=out, flush=True)
         for mode in modes:  # a channel that stopped offloading (or started) meanwhile says so
             if mode.offloads and mode.status() != settled[mode.name]:
                 print(status_line(mode.name, mode.status(), now=True), file=out, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Tuple
 
 import grpc
 
@@ -21,8 +22,9 @@ DOWNLOAD_CHUNK = 512 * 1024
 TIMEOUT = 60.0
 
 
-def run_checks(mode: Mode) -> str:
-    """One line describing what was checked; raises Failure on any mismatch."""
+def run_checks(mode: Mode) -> Tuple[str, str]:
+    """Lines describing what was checked, and the server's shmgrpc summary
+    (the last of them); raises Failure on any mismatch."""
     try:
         put_get = _put_get(mode)
         upload_download = _upload_download(mode)
@@ -35,7 +37,7 @@ def run_checks(mode: Mode) -> str:
         f"checks over {mode.name}: {put_get}, {upload_download}, "
         f"Status ok (server pid {status.pid}, {status.blobs} blobs, {format_size(status.bytes)})\n"
         f"server shmgrpc: {status.offload}"
-    )
+    ), status.offload
 
 
 def _put_get(mode: Mode) -> str:
