@@ -862,12 +862,13 @@ def _last(samples: List[int]) -> Optional[int]:
 class Bench:
     """The run: cells filled message by message, size by size, shape by shape."""
 
-    def __init__(self, args: argparse.Namespace, stubs: Dict[str, Stubs], control: Stubs, threshold: int):
+    def __init__(self, args: argparse.Namespace, stubs: Dict[str, Stubs], control: Stubs, config: Config):
         self.args = args
         self.stubs = stubs
         self.modes = list(stubs)
         self.control = control
-        self.threshold = threshold
+        self.threshold = config.threshold
+        self.cma_threshold = config.cma_threshold
         # shmgrpc.stats() shows whether the big messages took the fast path.
         self.probe = StatsProbe(control)
         # Each shmgrpc mode's channel status at the end of the run.
@@ -961,12 +962,18 @@ class Bench:
             return
         _add(cell.client_stats, client)
         _add(cell.server_stats, server)
-        if cell.mode in SHMGRPC_MODES and job.payload.wire_size >= self.threshold:
+        if cell.mode in SHMGRPC_MODES and job.payload.wire_size >= self.fast_path_from(cell.mode):
             shortfall = offload_shortfall(job, cell.mode, client)
             if shortfall and not cell.shortfalls:
                 self.warn(f"{job.message} {job.shape} {human_size(job.size)} {cell.mode}: {shortfall}")
             if shortfall:
                 cell.shortfalls.append(shortfall)
+
+    def fast_path_from(self, mode: str) -> int:
+        """The smallest message mode's transport carries: cma also has a
+        threshold of its own (SHMGRPC_CMA_THRESHOLD, 512 KiB by default);
+        below it a message goes inline, as it should, not short of anything."""
+        return max(self.threshold, self.cma_threshold) if mode == "cma" else self.threshold
 
     def record_channels(self, statuses: Dict[str, shmgrpc.ChannelStatus]) -> None:
         """Each shmgrpc mode's channel status; a warning for a channel that
@@ -1082,6 +1089,7 @@ def results(
             "repeat": bench.args.repeat,
             "stream_bytes": bench.args.stream_bytes,
             "threshold": bench.threshold,
+            "cma_threshold": bench.cma_threshold,
             "stream_keep_max": srv.STREAM_KEEP_MAX,
         },
         "units": "times in ms; streams: per message; throughput: payload MiB/s, echoes count both ways",
@@ -1498,7 +1506,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def measure(args: argparse.Namespace, threshold: int) -> Tuple[Bench, bool]:
+def measure(args: argparse.Namespace, config: Config) -> Tuple[Bench, bool]:
     """Run the benchmark against a fresh server; (bench, interrupted)."""
     with tempfile.TemporaryDirectory(prefix="shmgrpc-bench-") as directory:
         server = start_server(os.path.join(directory, "bench.sock"))
@@ -1506,7 +1514,7 @@ def measure(args: argparse.Namespace, threshold: int) -> Tuple[Bench, bool]:
         try:
             open_modes(args.modes, args.messages, server, clients)
             clients.channels.append(open_channel(f"unix:{server.unix_path}"))
-            bench = Bench(args, clients.stubs, Stubs.on(clients.channels[-1], args.messages), threshold)
+            bench = Bench(args, clients.stubs, Stubs.on(clients.channels[-1], args.messages), config)
             interrupted = False
             try:
                 bench.run()
@@ -1553,10 +1561,10 @@ def run_phase(args: argparse.Namespace, command: str) -> int:
     elif os.environ.get("SHMGRPC_MALLOC"):
         # The server would inherit it and warm its malloc behind our back.
         notes.append(f"SHMGRPC_MALLOC={os.environ.pop('SHMGRPC_MALLOC')} ignored: this phase is --malloc default")
-    threshold = Config.from_env().threshold
+    config = Config.from_env()
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
-    bench, interrupted = measure(args, threshold)
+    bench, interrupted = measure(args, config)
     elapsed = time.monotonic() - started
 
     data = results(bench, command, malloc, notes, elapsed, interrupted)
