@@ -1683,6 +1683,7 @@ def combined_table(phases: Dict[str, Results], message: str, shape: str, api: st
     modes = [mode for mode in MODES if any(mode in view.modes for view in phases.values())]
     fast = [mode for mode in (BASELINE,) + SHMGRPC_MODES if mode in modes]
     header = ["size", "malloc"] + modes + ["floor"] + [f"{mode} x" for mode in fast]
+    header += [f"cpu {mode}" for mode in modes] + [f"cpu {mode}/base" for mode in fast if mode != BASELINE]
     rows = [header]
     sizes = sorted({size for view in phases.values() for size in view.sizes(message, shape, api)})
     for size in sizes:
@@ -1700,6 +1701,9 @@ def combined_table(phases: Dict[str, Results], message: str, shape: str, api: st
                 if malloc != BASE_MALLOC and mode != BASELINE:
                     text += f" ({ratio(_div(same_base, per))})"
                 row.append(text)
+            cpu = {mode: view.cpu(message, shape, size, mode, api) for mode in modes}
+            row += [fmt_ms(cpu[mode]) for mode in modes]
+            row += [ratio(_div(cpu[mode], cpu.get(BASELINE))) for mode in fast if mode != BASELINE]
             rows.append(row)
     return _align(rows)
 
@@ -1710,7 +1714,9 @@ def combined_text(phases: Dict[str, Results]) -> str:
         f"shmgrpc bench, malloc {' and '.join(phases)}: {machine_line(first.data['machine'])}",
         f"{rounds_text(first.repeat)}; ms per call or per message; "
         f"'MODE x' = speedup: {BASELINE} with the {BASE_MALLOC} malloc / MODE, "
-        f"in brackets {BASELINE} with the same malloc / MODE",
+        f"in brackets {BASELINE} with the same malloc / MODE; 'cpu MODE' = CPU ms (client + server, user + "
+        f"system) per call or message, 'cpu MODE/base' = that / {BASELINE}'s of the same malloc (each "
+        "phase's report.txt has client and server apart)",
         "malloc keep = SHMGRPC_MALLOC=keep in both processes and every mode, plain gRPC included; "
         f"malloc hugepages = GLIBC_TUNABLES={HUGETLB_TUNABLE} the same way",
     ]
