@@ -1,8 +1,9 @@
 """How much faster shmgrpc makes large messages, measured: `python -m shmgrpc.bench`.
 
-One server process (shmgrpc._bench_server, always a shmgrpc.server()) and
-this client, on the same host. Each *mode* is a way for the client to reach
-it, over a channel of its own:
+A server process (shmgrpc._bench_server, always a shmgrpc.server() or
+shmgrpc.aio.server(): a plain client simply gets inline messages) and this
+client, on the same host. Each *mode* is a way for the client to reach it,
+over a channel of its own:
 
     grpc-tcp    plain gRPC over 127.0.0.1 TCP
     grpc-unix   plain gRPC over a unix socket (the baseline)
@@ -13,6 +14,29 @@ it, over a channel of its own:
                 plain gRPC over the unix socket, every call carrying one
                 metadata element as long as shmgrpc's hello (not run unless
                 named in --modes)
+
+Each *api* (--apis) is the gRPC API of each side, client - server:
+
+    sync        grpc on both sides (grpc.insecure_channel, grpc.server)
+    aio         grpc.aio on both sides (grpc.aio.insecure_channel and
+                shmgrpc.aio.intercept_channel, shmgrpc.aio.server with async
+                handlers), the client's calls awaited on one event loop
+    aio-sync    an aio client, a sync server
+    sync-aio    a sync client, an aio server
+
+Every mode runs in every api; a sync and an aio server run side by side as
+needed (one process each). The default is all four apis; `make bench`
+passes BENCH_APIS (sync: the README's tables) to keep within its time, and
+`make bench BENCH_APIS=sync,aio` (or `python -m shmgrpc.bench --apis
+sync,aio ...`) measures grpc.aio beside it, at about twice the time.
+
+Beside each time, the CPU time it took (user + system, every thread of
+the process, gRPC's own included), per call or per message: the client's
+(time.process_time_ns over the same stretches the clock runs), the
+server's (its process CPU time in the Stats reply the bench takes after
+every sample, less what one such snapshot costs it, measured at the start
+with nothing between snapshots, and less the comparisons of an upload),
+their sum, and the sum against grpc-unix's of the same api.
 
 Messages below shmgrpc's threshold (128 KiB unless SHMGRPC_THRESHOLD says
 otherwise) travel inline in every mode, so at 4 KiB the shmgrpc rows
@@ -52,10 +76,10 @@ plain gRPC over unix with the default malloc (what an application has
 unless it opts in) and, in brackets, against plain gRPC over unix with the
 same malloc.
 
-Method: for each message, size and shape, one warm-up call per mode
-(connections, handshakes and pool growth are not measured), then `--repeat`
-rounds, each running every mode once with the mode order rotated round by
-round; the statistic is the median. Messages of 64 KiB and less get four
+Method: for each message, size and shape, one warm-up call per api and
+mode (connections, handshakes and pool growth are not measured), then
+`--repeat` rounds, each running every api and mode once with the order
+rotated round by round; the statistic is the median. Messages of 64 KiB and less get four
 times the rounds, each unary sample a batch four times smaller: their cells
 measure a few percent, which five short samples on a busy machine cannot.
 Beside each size, the in-process *floor*: protobuf serialize, one copy
@@ -74,9 +98,10 @@ the clock: item count and ten windows of items, enough to catch a wrong,
 shifted, stale or truncated message in microseconds, except that reading a
 bytes field copies it, as an application reading it would.
 
-The default plan, sized so that `make bench` (three malloc phases) stays
-within about 15 minutes on a 2-core VM: ~4-5 minutes for the default phase
-and ~3-4 for each of the others on a quiet machine.
+The default plan, sized so that `make bench` (three malloc phases, sync
+api only) stays within about 15 minutes on a 2-core VM: ~4-5 minutes for
+the default phase and ~3-4 for each of the others on a quiet machine; each
+further api adds as much again.
 
     message   unary (K = KiB, M = MiB)         streams (the other shapes)
     bytes     4K 64K 256K 1M 4M 16M 64M 256M   64K 256K 1M 4M 16M 64M
