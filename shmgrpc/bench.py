@@ -682,7 +682,9 @@ class _Drain:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.count, self.kept, self.problem = 0, [], None
+        self.count = 0
+        self.kept: List[Any] = []
+        self.problem: Optional[str] = None
 
     def add(self, reply: Any) -> None:
         self.count += 1
