@@ -1863,7 +1863,10 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
     title = ["shmgrpc bench: payload throughput, MiB/s (echoes count both ways)"]
     title += textwrap.wrap(machine_line(runs[0][1].data["machine"]), width=int(width * 12))
     figure.suptitle("\n".join(title), fontsize=9)
-    height = figure.get_figheight()
+    # Room for the legend below the panels, which keep their height: a
+    # line per mode, phase and api can be many rows.
+    height = figure.get_figheight() + 0.22 * legend_rows
+    figure.set_figheight(height)
     # tight_layout keeps the panels clear of the suptitle, not of a figure legend.
     figure.tight_layout(rect=(0, (0.22 * legend_rows + 0.1) / height, 1, 1))
     figure.savefig(path, dpi=110, bbox_inches="tight")  # nothing cut off, whatever the fonts
