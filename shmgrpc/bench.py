@@ -79,9 +79,10 @@ same malloc.
 Method: for each message, size and shape, one warm-up call per api and
 mode (connections, handshakes and pool growth are not measured), then
 `--repeat` rounds, each running every api and mode once with the order
-rotated round by round; the statistic is the median. Messages of 64 KiB and less get four
-times the rounds, each unary sample a batch four times smaller: their cells
-measure a few percent, which five short samples on a busy machine cannot.
+rotated round by round; the statistic is the median. Messages of 64 KiB
+and less get four times the rounds, each unary sample a batch four times
+smaller: their cells measure a few percent, which five short samples on a
+busy machine cannot.
 Beside each size, the in-process *floor*: protobuf serialize, one copy
 into a pre-faulted shared mapping, parse from it; that is what a
 shared-memory transport cannot avoid. It takes a turn in every round too. After each size's rounds, one more unary
@@ -569,7 +570,8 @@ def open_modes(
                 clients.channels.append(channel)
             if config:
                 clients.shmgrpc[(api, name)] = channel
-            clients.stubs[(api, name)] = Stubs.on(_WithMetadata(channel) if name == METADATA_MODE else channel, messages)
+            calls = _WithMetadata(channel) if name == METADATA_MODE else channel
+            clients.stubs[(api, name)] = Stubs.on(calls, messages)
 
 
 class _WithMetadata:
