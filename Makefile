@@ -25,10 +25,13 @@ test: $(STAMP) $(GEN)
 	$(BIN)/python -m pytest -q tests
 
 # Every message and RPC shape, three malloc phases (default, keep, hugepages; each a
-# process of its own), combined: ~10-15 minutes on 2 cores (shmgrpc/bench.py).
+# process of its own), combined: ~10-15 minutes on 2 cores (shmgrpc/bench.py), sync
+# gRPC on both sides. Each further api (aio, aio-sync, sync-aio) adds as much again:
+# `make bench BENCH_APIS=sync,aio` measures grpc.aio beside sync.
+BENCH_APIS ?= sync
 bench: $(STAMP) $(GEN)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[plot]'
-	$(BIN)/python -m shmgrpc.bench --malloc default,keep,hugepages --out bench-results
+	$(BIN)/python -m shmgrpc.bench --malloc default,keep,hugepages --apis $(BENCH_APIS) --out bench-results
 
 clean:
 	rm -rf $(VENV) $(GEN) $(PROTOS:.proto=_pb2_grpc.py) bench-results

@@ -2,12 +2,14 @@
 
 `python -m shmgrpc.bench` starts this module as its own process:
 
-    python -m shmgrpc._bench_server --unix PATH --parent PID
+    python -m shmgrpc._bench_server --unix PATH --parent PID [--api sync|aio]
 
 It serves on PATH and on a free 127.0.0.1 TCP port, always as a
-shmgrpc.server() (a plain client simply gets inline messages), prints one
-JSON line with its addresses on stdout once it serves, and stops cleanly on
-SIGTERM or SIGINT, or when the bench process dies.
+shmgrpc.server() (a plain client simply gets inline messages), or with
+`--api aio` as a shmgrpc.aio.server() with async handlers for the same
+methods, prints one JSON line with its pid and addresses on stdout once it
+serves, and stops cleanly on SIGTERM or SIGINT, or when the bench process
+dies.
 
 Three message shapes (MESSAGES), each with its own set of methods:
 
@@ -24,6 +26,7 @@ expected message, or check any part of a received one, without the other.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import functools
 import json
@@ -35,12 +38,13 @@ import sys
 import threading
 import time
 from concurrent import futures
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple
 
 import grpc
 from google.protobuf.wrappers_pb2 import BytesValue
 
 import shmgrpc
+import shmgrpc.aio
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -54,7 +58,13 @@ SERVICE = "shmgrpc.bench.Bench"
 #   Upload      client streaming: a small JSON summary comes back
 #   EchoStream  bidi: each message comes back as it arrives
 PEAK = f"/{SERVICE}/Peak"  # control: memory since the last Peak, then reset
-STATS = f"/{SERVICE}/Stats"  # control: this process's shmgrpc.stats()
+STATS = f"/{SERVICE}/Stats"  # control: this process's shmgrpc.stats(), and CPU_NS
+# The Stats reply's key for this process's CPU time so far (user + system,
+# every thread, ns): read first thing in the handler, so the bench can take
+# a snapshot's own cost off what a sample's calls cost the server.
+CPU_NS = "cpu_ns"
+
+APIS = ("sync", "aio")  # the server's flavours: grpc.server(), grpc.aio.server()
 
 
 def method(name: str, message: str) -> str:
@@ -464,32 +474,10 @@ class _Bench:
         stream has ended, whole comparisons of those up to STREAM_KEEP_MAX
         (kept until then); the time those take is reported, for the client
         to take off its clock."""
-        kind = KINDS[message]
-        count = items = 0
-        problem = None
-        kept = []
+        tally = _Tally(message)
         for request in requests:
-            count += 1
-            view = kind.view(request)
-            items += len(view)
-            check = server_check(message, len(view))
-            if check.compares_whole:
-                kept.append((check, request, view))
-            elif problem is None:
-                problem = check.problem(request, whole=False, view=view)
-        start = time.perf_counter_ns()
-        for check, request, view in kept:
-            problem = problem or check.problem(request, view=view)
-        check_ns = time.perf_counter_ns() - start if kept else 0
-        summary = {
-            "count": count,
-            "items": items,
-            "problem": problem,
-            "check_ns": check_ns,
-            "checked_whole": len(kept),
-            "checked_sampled": count - len(kept),
-        }
-        return BytesValue(value=json.dumps(summary).encode())
+            tally.add(request)
+        return tally.summary()
 
     def echo_stream(self, requests: Iterator[Any], context) -> Iterator[Any]:
         yield from requests
@@ -500,7 +488,8 @@ class _Bench:
         return BytesValue(value=json.dumps(status).encode())
 
     def stats(self, request: BytesValue, context) -> BytesValue:
-        return BytesValue(value=json.dumps(shmgrpc_stats(), default=str).encode())
+        cpu_ns = time.process_time_ns()
+        return BytesValue(value=json.dumps({**shmgrpc_stats(), CPU_NS: cpu_ns}, default=str).encode())
 
     def _payload_of(self, message: str, size: int) -> Any:
         with self._lock:
@@ -511,7 +500,73 @@ class _Bench:
             return self._payload[1]
 
 
-def _handlers(bench: _Bench) -> grpc.GenericRpcHandler:
+class _Tally:
+    """An upload's checks, message by message, and the summary it replies."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.count = self.items = 0
+        self.problem: Optional[str] = None
+        self.kept: List[Tuple[Check, Any, Any]] = []
+
+    def add(self, request: Any) -> None:
+        self.count += 1
+        view = KINDS[self.message].view(request)
+        self.items += len(view)
+        check = server_check(self.message, len(view))
+        if check.compares_whole:
+            self.kept.append((check, request, view))
+        elif self.problem is None:
+            self.problem = check.problem(request, whole=False, view=view)
+
+    def summary(self) -> BytesValue:
+        start = time.perf_counter_ns()
+        for check, request, view in self.kept:
+            self.problem = self.problem or check.problem(request, view=view)
+        check_ns = time.perf_counter_ns() - start if self.kept else 0
+        summary = {
+            "count": self.count,
+            "items": self.items,
+            "problem": self.problem,
+            "check_ns": check_ns,
+            "checked_whole": len(self.kept),
+            "checked_sampled": self.count - len(self.kept),
+        }
+        self.kept.clear()
+        return BytesValue(value=json.dumps(summary).encode())
+
+
+class _AioBench:
+    """The same methods as async handlers, for a grpc.aio server."""
+
+    def __init__(self) -> None:
+        self._sync = _Bench()
+
+    async def echo(self, request: Any, context) -> Any:
+        return request
+
+    async def download(self, message: str, request: BytesValue, context) -> AsyncIterator[Any]:
+        for payload in self._sync.download(message, request, context):
+            yield payload
+
+    async def upload(self, message: str, requests: AsyncIterator[Any], context) -> BytesValue:
+        tally = _Tally(message)
+        async for request in requests:
+            tally.add(request)
+        return tally.summary()
+
+    async def echo_stream(self, requests: AsyncIterator[Any], context) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield request
+
+    async def peak(self, request: BytesValue, context) -> BytesValue:
+        return self._sync.peak(request, context)
+
+    async def stats(self, request: BytesValue, context) -> BytesValue:
+        return self._sync.stats(request, context)
+
+
+def _handlers(bench: Any) -> grpc.GenericRpcHandler:
     control = dict(request_deserializer=BytesValue.FromString, response_serializer=BytesValue.SerializeToString)
     methods = {
         "Peak": grpc.unary_unary_rpc_method_handler(bench.peak, **control),
@@ -569,8 +624,7 @@ def serve(unix_path: str) -> None:
         signal.signal(signum, lambda *_: stop.set())
     server.start()
     try:
-        ready = {"pid": os.getpid(), "tcp_port": tcp_port, "unix": unix_path}
-        print(json.dumps(ready), flush=True)
+        _ready(tcp_port, unix_path)
         stop.wait()
     finally:
         server.stop(grace=1).wait()
@@ -579,13 +633,41 @@ def serve(unix_path: str) -> None:
         server.shmgrpc.close()
 
 
+async def serve_aio(unix_path: str) -> None:
+    """serve(), as a grpc.aio server: every handler runs on one event loop."""
+    server = shmgrpc.aio.server(options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((_handlers(_AioBench()),))
+    tcp_port = server.add_insecure_port("127.0.0.1:0")
+    server.add_insecure_port(f"unix:{unix_path}")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    try:
+        _ready(tcp_port, unix_path)
+        await stop.wait()
+    finally:
+        await server.stop(1)
+        server.shmgrpc.close()
+
+
+def _ready(tcp_port: int, unix_path: str) -> None:
+    print(json.dumps({"pid": os.getpid(), "tcp_port": tcp_port, "unix": unix_path}), flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m shmgrpc._bench_server")
     parser.add_argument("--unix", required=True, help="unix socket path to listen on")
     parser.add_argument("--parent", type=int, required=True, help="pid of the bench process")
+    parser.add_argument("--api", choices=APIS, default="sync", help="grpc.server() or grpc.aio.server()")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
-    serve(args.unix)
+    if args.api == "aio":
+        asyncio.run(serve_aio(args.unix))
+    else:
+        serve(args.unix)
 
 
 if __name__ == "__main__":

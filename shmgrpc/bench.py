@@ -1,8 +1,9 @@
 """How much faster shmgrpc makes large messages, measured: `python -m shmgrpc.bench`.
 
-One server process (shmgrpc._bench_server, always a shmgrpc.server()) and
-this client, on the same host. Each *mode* is a way for the client to reach
-it, over a channel of its own:
+A server process (shmgrpc._bench_server, always a shmgrpc.server() or
+shmgrpc.aio.server(): a plain client simply gets inline messages) and this
+client, on the same host. Each *mode* is a way for the client to reach it,
+over a channel of its own:
 
     grpc-tcp    plain gRPC over 127.0.0.1 TCP
     grpc-unix   plain gRPC over a unix socket (the baseline)
@@ -13,6 +14,29 @@ it, over a channel of its own:
                 plain gRPC over the unix socket, every call carrying one
                 metadata element as long as shmgrpc's hello (not run unless
                 named in --modes)
+
+Each *api* (--apis) is the gRPC API of each side, client - server:
+
+    sync        grpc on both sides (grpc.insecure_channel, grpc.server)
+    aio         grpc.aio on both sides (grpc.aio.insecure_channel and
+                shmgrpc.aio.intercept_channel, shmgrpc.aio.server with async
+                handlers), the client's calls awaited on one event loop
+    aio-sync    an aio client, a sync server
+    sync-aio    a sync client, an aio server
+
+Every mode runs in every api; a sync and an aio server run side by side as
+needed (one process each). The default is all four apis; `make bench`
+passes BENCH_APIS (sync: the README's tables) to keep within its time, and
+`make bench BENCH_APIS=sync,aio` (or `python -m shmgrpc.bench --apis
+sync,aio ...`) measures grpc.aio beside it, at about twice the time.
+
+Beside each time, the CPU time it took (user + system, every thread of
+the process, gRPC's own included), per call or per message: the client's
+(time.process_time_ns over the same stretches the clock runs), the
+server's (its process CPU time in the Stats reply the bench takes after
+every sample, less what one such snapshot costs it, measured at the start
+with nothing between snapshots, and less the comparisons of an upload),
+their sum, and the sum against grpc-unix's of the same api.
 
 Messages below shmgrpc's threshold (128 KiB unless SHMGRPC_THRESHOLD says
 otherwise) travel inline in every mode, so at 4 KiB the shmgrpc rows
@@ -52,12 +76,13 @@ plain gRPC over unix with the default malloc (what an application has
 unless it opts in) and, in brackets, against plain gRPC over unix with the
 same malloc.
 
-Method: for each message, size and shape, one warm-up call per mode
-(connections, handshakes and pool growth are not measured), then `--repeat`
-rounds, each running every mode once with the mode order rotated round by
-round; the statistic is the median. Messages of 64 KiB and less get four
-times the rounds, each unary sample a batch four times smaller: their cells
-measure a few percent, which five short samples on a busy machine cannot.
+Method: for each message, size and shape, one warm-up call per api and
+mode (connections, handshakes and pool growth are not measured), then
+`--repeat` rounds, each running every api and mode once with the order
+rotated round by round; the statistic is the median. Messages of 64 KiB
+and less get four times the rounds, each unary sample a batch four times
+smaller: their cells measure a few percent, which five short samples on a
+busy machine cannot.
 Beside each size, the in-process *floor*: protobuf serialize, one copy
 into a pre-faulted shared mapping, parse from it; that is what a
 shared-memory transport cannot avoid. It takes a turn in every round too. After each size's rounds, one more unary
@@ -74,9 +99,10 @@ the clock: item count and ten windows of items, enough to catch a wrong,
 shifted, stale or truncated message in microseconds, except that reading a
 bytes field copies it, as an application reading it would.
 
-The default plan, sized so that `make bench` (three malloc phases) stays
-within about 15 minutes on a 2-core VM: ~4-5 minutes for the default phase
-and ~3-4 for each of the others on a quiet machine.
+The default plan, sized so that `make bench` (three malloc phases, sync
+api only) stays within about 15 minutes on a 2-core VM: ~4-5 minutes for
+the default phase and ~3-4 for each of the others on a quiet machine; each
+further api adds as much again.
 
     message   unary (K = KiB, M = MiB)         streams (the other shapes)
     bytes     4K 64K 256K 1M 4M 16M 64M 256M   64K 256K 1M 4M 16M 64M
@@ -98,6 +124,7 @@ streams are 2 messages and 16 MiB ones 4. --sizes replaces every ladder;
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -117,13 +144,14 @@ import tempfile
 import textwrap
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 from google.protobuf import __version__ as protobuf_version
 from google.protobuf.wrappers_pb2 import BytesValue
 
 import shmgrpc
+import shmgrpc.aio
 
 from . import _bench_server as srv
 from ._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode, tune_malloc, with_hugetlb
@@ -154,6 +182,10 @@ DEFAULT_MODES = tuple(mode for mode in MODES if mode != METADATA_MODE)
 # long as a client's hello (wire.encode_hello: 190 characters here).
 HELLO_LIKE = ("bench-pad", "x" * 190)
 BASELINE = "grpc-unix"  # what shmgrpc replaces: the same socket, plain gRPC
+# Client API - server API, each grpc (sync) or grpc.aio; one word: both sides.
+APIS = ("sync", "aio", "aio-sync", "sync-aio")
+DEFAULT_APIS = APIS
+SYNC_API = "sync"  # what the aio cells are compared with
 MALLOCS = ("default", "keep", "hugepages")
 BASE_MALLOC = "default"  # what an application has unless it opts in
 
@@ -243,6 +275,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         type=_choices(MODES, "--modes"),
         default=list(DEFAULT_MODES),
         help=f"modes among {', '.join(MODES)} (default: all but {METADATA_MODE})",
+    )
+    parser.add_argument(
+        "--apis",
+        type=_choices(APIS, "--apis"),
+        default=list(DEFAULT_APIS),
+        help="client API - server API among sync, aio (grpc.aio on both sides), aio-sync (aio client, sync "
+        "server), sync-aio (sync client, aio server); every mode runs in each (default: all four)",
     )
     parser.add_argument(
         "--repeat", type=int, default=DEFAULT_REPEAT,
@@ -339,12 +378,19 @@ def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return None if a is None or not b else a / b
 
 
-# --- The server process -----------------------------------------------------
+# --- The server processes ---------------------------------------------------
+
+
+def sides(api: str) -> Tuple[str, str]:
+    """('aio', 'sync') for 'aio-sync': the client's API, the server's."""
+    client, _, server = api.partition("-")
+    return client, server or client
 
 
 @dataclasses.dataclass
 class Server:
     process: subprocess.Popen
+    pid: int
     tcp_port: int
     unix_path: str
 
@@ -358,10 +404,10 @@ def _package_env() -> Dict[str, str]:
     return env
 
 
-def start_server(unix_path: str) -> Server:
-    """Start the bench server and wait for its ready line."""
+def start_server(unix_path: str, api: str = "sync") -> Server:
+    """Start the bench server (grpc or grpc.aio) and wait for its ready line."""
     module = srv.__name__
-    command = [sys.executable, "-m", module, "--unix", unix_path, "--parent", str(os.getpid())]
+    command = [sys.executable, "-m", module, "--unix", unix_path, "--parent", str(os.getpid()), "--api", api]
     # Its own session: Ctrl-C reaches only the bench, which then stops the
     # server itself (stop_server), in order.
     process = subprocess.Popen(
@@ -372,7 +418,7 @@ def start_server(unix_path: str) -> Server:
     except BaseException:
         stop_server(process)
         raise
-    return Server(process, ready["tcp_port"], ready["unix"])
+    return Server(process, ready["pid"], ready["tcp_port"], ready["unix"])
 
 
 def _read_ready_line(process: subprocess.Popen) -> dict:
@@ -454,6 +500,15 @@ class Stubs:
 # and shmgrpc calls would interleave on it.
 CHANNEL_OPTIONS = srv.GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]
 
+# A cell's column: (api, mode), e.g. ("aio", "memfd").
+Column = Tuple[str, str]
+
+
+def column_name(column: Column) -> str:
+    """'memfd' for a sync cell (as before there were apis), 'aio:memfd' else."""
+    api, mode = column
+    return mode if api == SYNC_API else f"{api}:{mode}"
+
 
 def open_channel(target: str) -> grpc.Channel:
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -461,41 +516,67 @@ def open_channel(target: str) -> grpc.Channel:
     return channel
 
 
+async def open_aio_channel(target: str) -> grpc.aio.Channel:
+    channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    await asyncio.wait_for(channel.channel_ready(), SERVER_START_TIMEOUT)
+    return channel
+
+
 @dataclasses.dataclass
 class Clients:
-    """Stubs per mode, and the channels to close when done."""
+    """Stubs per column, and the channels to close when done. The aio
+    channels live on `loop`, which runs each of their samples in turn."""
 
-    stubs: Dict[str, Stubs] = dataclasses.field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop = dataclasses.field(default_factory=asyncio.new_event_loop)
+    stubs: Dict[Column, Stubs] = dataclasses.field(default_factory=dict)
     channels: List[grpc.Channel] = dataclasses.field(default_factory=list)
-    shmgrpc: Dict[str, "shmgrpc.Channel"] = dataclasses.field(default_factory=dict)  # by mode
+    aio_channels: List[grpc.aio.Channel] = dataclasses.field(default_factory=list)
+    shmgrpc: Dict[Column, Any] = dataclasses.field(default_factory=dict)  # shmgrpc.Channel or shmgrpc.aio.Channel
 
     def close(self) -> None:
         # A shmgrpc channel closes the grpc channel it wraps and lets go of
         # its shared memory.
         for channel in self.channels:
             channel.close()
+        for channel in self.aio_channels:
+            self.loop.run_until_complete(channel.close())
+        self.loop.close()
 
-    def statuses(self) -> Dict[str, "shmgrpc.ChannelStatus"]:
-        return {mode: shmgrpc.channel_status(channel) for mode, channel in self.shmgrpc.items()}
+    def statuses(self) -> Dict[Column, "shmgrpc.ChannelStatus"]:
+        return {column: shmgrpc.channel_status(channel) for column, channel in self.shmgrpc.items()}
 
 
-def open_modes(names: Sequence[str], messages: Sequence[str], server: Server, clients: Clients) -> None:
-    """Open a channel per mode into `clients`."""
-    for name in names:
-        target = f"127.0.0.1:{server.tcp_port}" if name == "grpc-tcp" else f"unix:{server.unix_path}"
-        channel = open_channel(target)
-        if name in SHMGRPC_MODES:
+def open_modes(
+    apis: Sequence[str], names: Sequence[str], messages: Sequence[str], servers: Dict[str, Server], clients: Clients
+) -> None:
+    """Open a channel per api and mode into `clients`."""
+    for api in apis:
+        client_api, server_api = sides(api)
+        server = servers[server_api]
+        for name in names:
+            target = f"127.0.0.1:{server.tcp_port}" if name == "grpc-tcp" else f"unix:{server.unix_path}"
             # Told the channel's options, shmgrpc offloads replies up to the
             # raised receive limit (without them it assumes gRPC's 4 MiB).
-            channel = shmgrpc.intercept_channel(channel, Config.from_env(transport=name), options=CHANNEL_OPTIONS)
-            clients.shmgrpc[name] = channel
-        clients.channels.append(channel)
-        clients.stubs[name] = Stubs.on(_WithMetadata(channel) if name == METADATA_MODE else channel, messages)
+            config = Config.from_env(transport=name) if name in SHMGRPC_MODES else None
+            if client_api == "aio":
+                channel = clients.loop.run_until_complete(open_aio_channel(target))
+                if config:
+                    channel = shmgrpc.aio.intercept_channel(channel, config, options=CHANNEL_OPTIONS)
+                clients.aio_channels.append(channel)
+            else:
+                channel = open_channel(target)
+                if config:
+                    channel = shmgrpc.intercept_channel(channel, config, options=CHANNEL_OPTIONS)
+                clients.channels.append(channel)
+            if config:
+                clients.shmgrpc[(api, name)] = channel
+            calls = _WithMetadata(channel) if name == METADATA_MODE else channel
+            clients.stubs[(api, name)] = Stubs.on(calls, messages)
 
 
 class _WithMetadata:
-    """A channel's multicallables, each call carrying HELLO_LIKE as well
-    (the bench passes no metadata of its own)."""
+    """A channel's multicallables (grpc or grpc.aio), each call carrying
+    HELLO_LIKE as well (the bench passes no metadata of its own)."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         self._channel = channel
@@ -534,10 +615,42 @@ class Job:
         return self.payload.check
 
 
-# What a runner returns: the time (ns), a problem or None, and how many
-# messages the server checked (whole, spot-checked) for it.
-Outcome = Tuple[Optional[int], Optional[str], Tuple[int, int]]
+class Stopwatch:
+    """Wall time and this process's CPU time (every thread: gRPC's own do
+    part of a call's work) over the timed stretches of one sample."""
+
+    def __init__(self) -> None:
+        self.wall_ns = self.cpu_ns = 0
+        self._wall = self._cpu = 0
+
+    def start(self) -> None:
+        self._wall, self._cpu = time.perf_counter_ns(), time.process_time_ns()
+
+    def stop(self) -> None:
+        self.wall_ns += time.perf_counter_ns() - self._wall
+        self.cpu_ns += time.process_time_ns() - self._cpu
+
+
 NOTHING_REMOTE = (0, 0)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a runner returns for one sample."""
+
+    watch: Stopwatch
+    problem: Optional[str] = None
+    remote: Tuple[int, int] = NOTHING_REMOTE  # messages the server checked (whole, spot-checked)
+    calls: int = 1  # the sample's calls: its times are per call
+    server_off_ns: int = 0  # the server's own time off the clock (an upload's whole comparisons)
+
+    @property
+    def wall_ns(self) -> int:
+        return self.watch.wall_ns // self.calls
+
+    @property
+    def cpu_ns(self) -> int:
+        return self.watch.cpu_ns // self.calls
 
 
 def directions(shape: str) -> int:
@@ -556,28 +669,39 @@ def _messages(job: Job) -> Iterator[Any]:
         yield job.payload.message
 
 
-def _drain(replies: Iterator[Any], job: Job) -> Tuple[int, List[Any], Optional[str]]:
-    """Consume a reply stream: (count, replies kept for a whole check, problem).
+async def _aio_messages(job: Job) -> AsyncIterator[Any]:
+    for _ in range(job.count):
+        yield job.payload.message
+
+
+class _Drain:
+    """A reply stream's messages as they come: (count, replies kept for a
+    whole check, problem).
 
     Replies up to STREAM_KEEP_MAX are kept and compared whole after the
     clock stops; bigger ones get the spot check here, on the clock.
     """
-    count, kept, problem = 0, [], None
-    for reply in replies:
-        count += 1
-        if job.size <= srv.STREAM_KEEP_MAX:
-            kept.append(reply)
-        elif problem is None:
-            problem = job.check.problem(reply, whole=False)
-    return count, kept, problem
 
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.count = 0
+        self.kept: List[Any] = []
+        self.problem: Optional[str] = None
 
-def _stream_problem(job: Job, count: int, kept: List[Any], problem: Optional[str]) -> Optional[str]:
-    if count != job.count:
-        return f"got {count} messages, expected {job.count}"
-    for reply in kept:
-        problem = problem or job.check.problem(reply)
-    return problem
+    def add(self, reply: Any) -> None:
+        self.count += 1
+        if self.job.size <= srv.STREAM_KEEP_MAX:
+            self.kept.append(reply)
+        elif self.problem is None:
+            self.problem = self.job.check.problem(reply, whole=False)
+
+    def verdict(self) -> Optional[str]:
+        if self.count != self.job.count:
+            return f"got {self.count} messages, expected {self.job.count}"
+        problem = self.problem
+        for reply in self.kept:
+            problem = problem or self.job.check.problem(reply)
+        return problem
 
 
 # A sample of small echoes is a batch: one ~1 ms call mostly measures the
@@ -596,51 +720,70 @@ def rounds_text(repeat: int) -> str:
             f"({rounds_for(SMALL_MESSAGE, repeat)} for messages of {human_size(SMALL_MESSAGE)} and less)")
 
 
+def batch_calls(job: Job) -> int:
+    # A cell with more rounds (rounds_for) takes as many fewer calls a round.
+    return max(1, min(MAX_BATCH, BATCH_BYTES // max(1, job.size)) // rounds_for(job.size, 1))
+
+
+def _upload_outcome(watch: Stopwatch, reply: BytesValue, job: Job) -> Outcome:
+    summary = json.loads(reply.value)
+    # The server's whole comparisons ran after the last message, before it
+    # replied: off the clock.
+    watch.wall_ns -= summary["check_ns"]
+    outcome = Outcome(watch, remote=(summary["checked_whole"], summary["checked_sampled"]),
+                      server_off_ns=summary["check_ns"])
+    items = job.count * job.payload.n
+    if summary["count"] != job.count or summary["items"] != items:
+        outcome.problem = (f"server got {summary['count']} messages, {summary['items']} items; "
+                           f"expected {job.count}, {items}")
+    else:
+        outcome.problem = summary["problem"] and f"server: {summary['problem']}"
+    return outcome
+
+
+# Sync clients (grpc). Each runner's stopwatch runs only while the call
+# does: checks between calls or after a stream are off both clocks.
+
+
 def run_unary(methods: Methods, job: Job) -> Outcome:
     """Time of one echo: the mean over a batch for small payloads. Each call
     is timed alone and its reply checked between calls, off the clock."""
-    # A cell with more rounds (rounds_for) takes as many fewer calls a round.
-    calls = max(1, min(MAX_BATCH, BATCH_BYTES // max(1, job.size)) // rounds_for(job.size, 1))
-    request = job.payload.message
-    elapsed, problem = 0, None
+    calls, request = batch_calls(job), job.payload.message
+    watch, problem = Stopwatch(), None
     for _ in range(calls):
-        start = time.perf_counter_ns()
+        watch.start()
         reply = methods.echo(request, timeout=CALL_TIMEOUT)
-        elapsed += time.perf_counter_ns() - start
+        watch.stop()
         problem = problem or job.check.problem(reply)
         del reply  # every call starts from the same memory
-    return elapsed // calls, problem, NOTHING_REMOTE
+    return Outcome(watch, problem, calls=calls)
 
 
 def run_server_stream(methods: Methods, job: Job) -> Outcome:
     request = BytesValue(value=srv.STREAM_REQUEST.pack(job.size, job.count))
-    start = time.perf_counter_ns()
-    drained = _drain(methods.download(request, timeout=CALL_TIMEOUT), job)
-    elapsed = time.perf_counter_ns() - start
-    return elapsed, _stream_problem(job, *drained), NOTHING_REMOTE
+    watch, drain = Stopwatch(), _Drain(job)
+    watch.start()
+    for reply in methods.download(request, timeout=CALL_TIMEOUT):
+        drain.add(reply)
+    watch.stop()
+    return Outcome(watch, drain.verdict())
 
 
 def run_client_stream(methods: Methods, job: Job) -> Outcome:
-    start = time.perf_counter_ns()
+    watch = Stopwatch()
+    watch.start()
     reply = methods.upload(_messages(job), timeout=CALL_TIMEOUT)
-    elapsed = time.perf_counter_ns() - start
-    summary = json.loads(reply.value)
-    # The server's whole comparisons ran after the last message, before it
-    # replied: off the clock.
-    elapsed -= summary["check_ns"]
-    remote = (summary["checked_whole"], summary["checked_sampled"])
-    items = job.count * job.payload.n
-    if summary["count"] != job.count or summary["items"] != items:
-        problem = f"server got {summary['count']} messages, {summary['items']} items; expected {job.count}, {items}"
-        return elapsed, problem, remote
-    return elapsed, summary["problem"] and f"server: {summary['problem']}", remote
+    watch.stop()
+    return _upload_outcome(watch, reply, job)
 
 
 def run_bidi(methods: Methods, job: Job) -> Outcome:
-    start = time.perf_counter_ns()
-    drained = _drain(methods.echo_stream(_messages(job), timeout=CALL_TIMEOUT), job)
-    elapsed = time.perf_counter_ns() - start
-    return elapsed, _stream_problem(job, *drained), NOTHING_REMOTE
+    watch, drain = Stopwatch(), _Drain(job)
+    watch.start()
+    for reply in methods.echo_stream(_messages(job), timeout=CALL_TIMEOUT):
+        drain.add(reply)
+    watch.stop()
+    return Outcome(watch, drain.verdict())
 
 
 def run_pingpong(methods: Methods, job: Job) -> Outcome:
@@ -657,23 +800,23 @@ def run_pingpong(methods: Methods, job: Job) -> Outcome:
             if not turn.acquire(timeout=CALL_TIMEOUT) or ended.is_set():
                 return
 
-    count, elapsed, problem = 0, 0, None
-    start = time.perf_counter_ns()
+    count, problem, watch = 0, None, Stopwatch()
+    watch.start()
     try:
         for reply in methods.echo_stream(requests(), timeout=CALL_TIMEOUT):
-            elapsed += time.perf_counter_ns() - start
+            watch.stop()
             count += 1
             problem = problem or job.check.problem(reply)
             del reply
-            start = time.perf_counter_ns()
+            watch.start()
             turn.release()
-        elapsed += time.perf_counter_ns() - start  # the end of the stream
+        watch.stop()  # the end of the stream
     finally:
         ended.set()
         turn.release()
     if count != job.count:
         problem = f"got {count} messages, expected {job.count}"
-    return elapsed, problem, NOTHING_REMOTE
+    return Outcome(watch, problem)
 
 
 RUNNERS = {
@@ -682,6 +825,83 @@ RUNNERS = {
     "client_stream": run_client_stream,
     "pingpong": run_pingpong,
     "bidi": run_bidi,
+}
+
+
+# aio clients (grpc.aio): the same shapes, awaited on the Clients' loop.
+
+
+async def aio_unary(methods: Methods, job: Job) -> Outcome:
+    calls, request = batch_calls(job), job.payload.message
+    watch, problem = Stopwatch(), None
+    for _ in range(calls):
+        watch.start()
+        reply = await methods.echo(request, timeout=CALL_TIMEOUT)
+        watch.stop()
+        problem = problem or job.check.problem(reply)
+        del reply
+    return Outcome(watch, problem, calls=calls)
+
+
+async def aio_server_stream(methods: Methods, job: Job) -> Outcome:
+    request = BytesValue(value=srv.STREAM_REQUEST.pack(job.size, job.count))
+    watch, drain = Stopwatch(), _Drain(job)
+    watch.start()
+    async for reply in methods.download(request, timeout=CALL_TIMEOUT):
+        drain.add(reply)
+    watch.stop()
+    return Outcome(watch, drain.verdict())
+
+
+async def aio_client_stream(methods: Methods, job: Job) -> Outcome:
+    watch = Stopwatch()
+    watch.start()
+    reply = await methods.upload(_aio_messages(job), timeout=CALL_TIMEOUT)
+    watch.stop()
+    return _upload_outcome(watch, reply, job)
+
+
+async def aio_bidi(methods: Methods, job: Job) -> Outcome:
+    watch, drain = Stopwatch(), _Drain(job)
+    watch.start()
+    async for reply in methods.echo_stream(_aio_messages(job), timeout=CALL_TIMEOUT):
+        drain.add(reply)
+    watch.stop()
+    return Outcome(watch, drain.verdict())
+
+
+async def aio_pingpong(methods: Methods, job: Job) -> Outcome:
+    """run_pingpong with grpc.aio's own way: write, read, write, ..."""
+    call = methods.echo_stream(timeout=CALL_TIMEOUT)
+    count, problem, watch = 0, None, Stopwatch()
+    watch.start()
+    for _ in range(job.count):
+        await call.write(job.payload.message)
+        reply = await call.read()
+        watch.stop()
+        if reply is grpc.aio.EOF:
+            break
+        count += 1
+        problem = problem or job.check.problem(reply)
+        del reply
+        watch.start()
+    else:
+        await call.done_writing()
+        if await call.read() is not grpc.aio.EOF:
+            problem = problem or "the stream went on after the last reply"
+        watch.stop()  # the end of the stream
+    if count != job.count:
+        call.cancel()
+        problem = f"got {count} messages, expected {job.count}"
+    return Outcome(watch, problem)
+
+
+AIO_RUNNERS = {
+    "unary": aio_unary,
+    "server_stream": aio_server_stream,
+    "client_stream": aio_client_stream,
+    "pingpong": aio_pingpong,
+    "bidi": aio_bidi,
 }
 
 
@@ -716,23 +936,44 @@ def counters(stats: Optional[dict]) -> dict:
     return {key: stats[key] for key in COUNTERS if stats and key in stats}
 
 
+# Snapshots with nothing between them that calibrate a Stats call's own cost.
+PROBE_CALIBRATION = 15
+
+
 class StatsProbe:
-    """Snapshots of shmgrpc.stats() in both processes, as deltas per call."""
+    """Snapshots of shmgrpc.stats() in the client and in every server, as
+    deltas per sample, and each server's CPU time, which its Stats reply
+    carries.
 
-    def __init__(self, control: Stubs) -> None:
-        self._control = control
+    A server's CPU time between two snapshots includes what one Stats call
+    costs it (the end of one, the start of the next). `cost` is that, by
+    server: the median over snapshots with nothing between them, for each
+    sample to take off.
+    """
+
+    def __init__(self, controls: Dict[str, Stubs]) -> None:
+        self._controls = controls  # by the server's API
         self._last = self._snapshot()
+        self.cost = {api: 0 for api in controls}
+        idle = [self.delta()[2] for _ in range(PROBE_CALIBRATION)]
+        self.cost = {api: int(statistics.median(cpu[api] for cpu in idle)) for api in controls}
 
-    def _snapshot(self) -> Tuple[dict, dict]:
-        server = json.loads(self._control.stats(BytesValue(), timeout=CALL_TIMEOUT).value)
-        return counters(srv.shmgrpc_stats()), counters(server)
+    def _snapshot(self) -> Tuple[dict, Dict[str, dict]]:
+        servers = {
+            api: json.loads(control.stats(BytesValue(), timeout=CALL_TIMEOUT).value)
+            for api, control in self._controls.items()
+        }
+        return counters(srv.shmgrpc_stats()), servers
 
-    def delta(self) -> Tuple[dict, dict]:
-        """(client, server) counter changes since the last call."""
+    def delta(self) -> Tuple[dict, Dict[str, dict], Dict[str, int]]:
+        """Since the last call: the client's counter changes, and by server
+        API each server's counter changes and CPU time (ns)."""
         now = self._snapshot()
-        client, server = _diff(now[0], self._last[0]), _diff(now[1], self._last[1])
+        client = _diff(now[0], self._last[0])
+        servers = {api: _diff(counters(stats), counters(self._last[1][api])) for api, stats in now[1].items()}
+        cpu = {api: stats[srv.CPU_NS] - self._last[1][api][srv.CPU_NS] for api, stats in now[1].items()}
         self._last = now
-        return client, server
+        return client, servers, cpu
 
 
 def offload_shortfall(job: Job, mode: str, client_delta: dict) -> Optional[str]:
@@ -790,13 +1031,14 @@ def floor_buffer(payload: srv.Payload) -> Iterator[mmap.mmap]:
 # --- Peak memory ------------------------------------------------------------
 
 
-def measure_peak(methods: Methods, control: Stubs, job: Job) -> dict:
-    """Peak memory of both processes over one unary echo, after resets; the
-    reply is checked once the client's memory is read."""
+def measure_peak(echo: Callable[[Any], Any], control: Stubs, job: Job) -> dict:
+    """Peak memory of both processes over one unary echo (`echo` returns the
+    reply, with grpc or grpc.aio), after resets; the reply is checked once
+    the client's memory is read."""
     client_reset = srv.reset_peak()
     client_base = srv.memory_status()
     server_base = json.loads(control.peak(BytesValue(), timeout=CALL_TIMEOUT).value)  # also resets
-    reply = methods.echo(job.payload.message, timeout=CALL_TIMEOUT)
+    reply = echo(job.payload.message)
     client = srv.memory_status()
     server = json.loads(control.peak(BytesValue(), timeout=CALL_TIMEOUT).value)
     problem = job.check.problem(reply)
@@ -826,17 +1068,26 @@ def _peak_summary(status: dict, base_rss: int, was_reset: bool, size: int) -> di
 # --- The run ----------------------------------------------------------------
 
 
+def _median(samples: List[int]) -> Optional[float]:
+    return statistics.median(samples) if samples else None
+
+
 @dataclasses.dataclass
 class Cell:
-    """One (message, shape, size, mode): its samples and what was seen along the way."""
+    """One (message, shape, size, api, mode): its samples and what was seen along the way."""
 
     message: str
     shape: str
     size: int
     wire_size: int
     count: int
+    api: str
     mode: str
     samples_ns: List[int] = dataclasses.field(default_factory=list)
+    # CPU time per sample, in the unit of samples_ns (per call, or per
+    # stream): this process's, and the server's.
+    client_cpu_ns: List[int] = dataclasses.field(default_factory=list)
+    server_cpu_ns: List[int] = dataclasses.field(default_factory=list)
     errors: List[str] = dataclasses.field(default_factory=list)
     shortfalls: List[str] = dataclasses.field(default_factory=list)
     client_stats: dict = dataclasses.field(default_factory=dict)
@@ -846,33 +1097,57 @@ class Cell:
     checked_sampled: int = 0  # messages spot-checked
 
     @property
+    def column(self) -> Column:
+        return self.api, self.mode
+
+    @property
     def median_ns(self) -> Optional[float]:
-        return statistics.median(self.samples_ns) if self.samples_ns else None
+        return _median(self.samples_ns)
+
+    def per_message(self, median: Optional[float]) -> Optional[float]:
+        return None if median is None or self.errors else median / self.count
 
     @property
     def per_message_ns(self) -> Optional[float]:
-        median = self.median_ns
-        return None if median is None or self.errors else median / self.count
+        return self.per_message(self.median_ns)
+
+    def cpu_per_message_ns(self) -> Dict[str, Optional[float]]:
+        """Medians per message: client, server, and of their sum per sample."""
+        both = [client + server for client, server in zip(self.client_cpu_ns, self.server_cpu_ns)]
+        return {
+            "client": self.per_message(_median(self.client_cpu_ns)),
+            "server": self.per_message(_median(self.server_cpu_ns)),
+            "sum": self.per_message(_median(both)),
+        }
 
 
 def _last(samples: List[int]) -> Optional[int]:
     return samples[-1] if samples else None
 
 
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
 class Bench:
     """The run: cells filled message by message, size by size, shape by shape."""
 
-    def __init__(self, args: argparse.Namespace, stubs: Dict[str, Stubs], control: Stubs, threshold: int):
+    def __init__(self, args: argparse.Namespace, clients: Clients, controls: Dict[str, Stubs], config: Config):
         self.args = args
-        self.stubs = stubs
-        self.modes = list(stubs)
-        self.control = control
-        self.threshold = threshold
-        # shmgrpc.stats() shows whether the big messages took the fast path.
-        self.probe = StatsProbe(control)
-        # Each shmgrpc mode's channel status at the end of the run.
-        self.channels: Dict[str, shmgrpc.ChannelStatus] = {}
-        self.cells: Dict[Tuple[str, str, int, str], Cell] = {}
+        self.clients = clients
+        self.stubs = clients.stubs
+        self.columns: List[Column] = list(clients.stubs)
+        self.apis = list(dict.fromkeys(api for api, _ in self.columns))
+        self.modes = list(dict.fromkeys(mode for _, mode in self.columns))
+        self.controls = controls  # by the server's API
+        self.threshold = config.threshold
+        self.cma_threshold = config.cma_threshold
+        # shmgrpc.stats() shows whether the big messages took the fast path;
+        # the servers' Stats replies carry their CPU time.
+        self.probe = StatsProbe(controls)
+        # Each shmgrpc column's channel status at the end of the run.
+        self.channels: Dict[Column, shmgrpc.ChannelStatus] = {}
+        self.cells: Dict[Tuple[str, str, int, str, str], Cell] = {}
         self.floors: Dict[Tuple[str, int], List[int]] = {}
         self.warnings: List[str] = []
 
@@ -896,17 +1171,17 @@ class Bench:
                     self.measure_peaks(*unary)
                 del payload, unary, job  # before the next size's payload is built
 
-    def run_cell(self, job: Job, floor_buf: mmap.mmap) -> Dict[str, Cell]:
+    def run_cell(self, job: Job, floor_buf: mmap.mmap) -> Dict[Column, Cell]:
         key = (job.message, job.shape, job.size)
-        cells = {mode: Cell(*key, job.payload.wire_size, job.count, mode) for mode in self.modes}
-        for mode in self.modes:
-            self.cells[key + (mode,)] = cells[mode]
+        cells = {column: Cell(*key, job.payload.wire_size, job.count, *column) for column in self.columns}
+        for column in self.columns:
+            self.cells[key + column] = cells[column]
         label = f"{job.message} {job.shape} {human_size(job.size)}" + (f" x{job.count}" if job.count > 1 else "")
         progress(f"-- {label}: warm-up")
-        for mode in self.modes:
-            self.sample(cells[mode], job, record=False)
+        for column in self.columns:
+            self.sample(cells[column], job, record=False)
         floors = self.floors[(job.message, job.size)]
-        turns = self.modes + [FLOOR]
+        turns: List[Any] = self.columns + [FLOOR]
         rounds = rounds_for(job.size, self.args.repeat)
         for round_ in range(rounds):
             first = round_ % len(turns)
@@ -915,20 +1190,32 @@ class Bench:
                     floors.append(floor_one_way(job.payload, floor_buf))
                 else:
                     self.sample(cells[name], job, record=True)
-            latest = "  ".join(f"{mode} {ms(_last(cells[mode].samples_ns))}" for mode in self.modes)
+            latest = "  ".join(
+                f"{column_name(column)} {ms(_last(cells[column].samples_ns))}" for column in self.columns
+            )
             progress(
                 f"   {label} round {round_ + 1}/{rounds}, ms: {latest}  (floor one way {ms(floors[-1])})"
             )
         return cells
 
-    def measure_peaks(self, cells: Dict[str, Cell], job: Job) -> None:
-        """Peak memory over one more echo per mode (the pool is warm by now)."""
-        for mode, cell in cells.items():
+    def echo(self, column: Column, message: str) -> Callable[[Any], Any]:
+        """One unary echo on column's channel, waited for, with grpc or grpc.aio."""
+        echo = self.stubs[column].methods[message].echo
+        if sides(column[0])[0] == "aio":
+            return lambda request: self.clients.loop.run_until_complete(
+                _awaited(echo(request, timeout=CALL_TIMEOUT))
+            )
+        return functools.partial(echo, timeout=CALL_TIMEOUT)
+
+    def measure_peaks(self, cells: Dict[Column, Cell], job: Job) -> None:
+        """Peak memory over one more echo per column (the pool is warm by now)."""
+        for column, cell in cells.items():
             if cell.errors:
                 continue
-            where = f"peak memory, {job.message} {human_size(job.size)} {mode}"
+            where = f"peak memory, {job.message} {human_size(job.size)} {column_name(column)}"
+            control = self.controls[sides(cell.api)[1]]
             try:
-                cell.peak = measure_peak(self.stubs[mode].methods[job.message], self.control, job)
+                cell.peak = measure_peak(self.echo(column, job.message), control, job)
             except grpc.RpcError as exc:
                 self.warn(f"{where}: {exc.code().name}: {exc.details()}")
             except ValueError as exc:  # the reply was wrong
@@ -937,44 +1224,63 @@ class Bench:
         self.probe.delta()  # these calls belong to no cell
 
     def sample(self, cell: Cell, job: Job, record: bool) -> None:
-        if cell.errors:  # one broken mode must not stop the others
+        if cell.errors:  # one broken column must not stop the others
             return
         whole, spot = job.check.whole_checks, job.check.spot_checks
+        methods = self.stubs[cell.column].methods[job.message]
+        outcome: Optional[Outcome] = None
         try:
-            elapsed, problem, remote = RUNNERS[job.shape](self.stubs[cell.mode].methods[job.message], job)
+            if sides(cell.api)[0] == "aio":
+                outcome = self.clients.loop.run_until_complete(AIO_RUNNERS[job.shape](methods, job))
+            else:
+                outcome = RUNNERS[job.shape](methods, job)
+            problem, remote = outcome.problem, outcome.remote
         except grpc.RpcError as exc:
-            elapsed, problem, remote = None, f"{exc.code().name}: {exc.details()}", NOTHING_REMOTE
+            problem, remote = f"{exc.code().name}: {exc.details()}", NOTHING_REMOTE
         cell.checked_whole += job.check.whole_checks - whole + remote[0]
         cell.checked_sampled += job.check.spot_checks - spot + remote[1]
         if problem:
             cell.errors.append(problem)
-            self.warn(f"{job.message} {job.shape} {human_size(job.size)} {cell.mode}: {problem}")
-        elif record:
-            cell.samples_ns.append(elapsed)
-        self.account(cell, job, record=record and not problem)
+            self.warn(f"{job.message} {job.shape} {human_size(job.size)} {column_name(cell.column)}: {problem}")
+        self.account(cell, job, outcome if record and not problem else None)
 
-    def account(self, cell: Cell, job: Job, record: bool) -> None:
-        """Attribute shmgrpc's counters since the last sample to this one, and
-        check that a big message took the mode's fast path."""
-        client, server = self.probe.delta()
-        if not record:
+    def account(self, cell: Cell, job: Job, outcome: Optional[Outcome]) -> None:
+        """Attribute shmgrpc's counters and the server's CPU time since the
+        last sample to this one (if `outcome`: a sample to record), and check
+        that a big message took the mode's fast path."""
+        client, servers, server_cpu = self.probe.delta()
+        if outcome is None:
             return
+        server_api = sides(cell.api)[1]
+        cell.samples_ns.append(outcome.wall_ns)
+        cell.client_cpu_ns.append(outcome.cpu_ns)
+        # Less what the snapshot itself cost the server, and its own checks.
+        busy = server_cpu[server_api] - self.probe.cost[server_api] - outcome.server_off_ns
+        cell.server_cpu_ns.append(busy // outcome.calls)
         _add(cell.client_stats, client)
-        _add(cell.server_stats, server)
-        if cell.mode in SHMGRPC_MODES and job.payload.wire_size >= self.threshold:
+        _add(cell.server_stats, servers[server_api])
+        if cell.mode in SHMGRPC_MODES and job.payload.wire_size >= self.fast_path_from(cell.mode):
             shortfall = offload_shortfall(job, cell.mode, client)
+            where = f"{job.message} {job.shape} {human_size(job.size)} {column_name(cell.column)}"
             if shortfall and not cell.shortfalls:
-                self.warn(f"{job.message} {job.shape} {human_size(job.size)} {cell.mode}: {shortfall}")
+                self.warn(f"{where}: {shortfall}")
             if shortfall:
                 cell.shortfalls.append(shortfall)
 
-    def record_channels(self, statuses: Dict[str, shmgrpc.ChannelStatus]) -> None:
-        """Each shmgrpc mode's channel status; a warning for a channel that
+    def fast_path_from(self, mode: str) -> int:
+        """The smallest message mode's transport carries: cma also has a
+        threshold of its own (SHMGRPC_CMA_THRESHOLD, 512 KiB by default);
+        below it a message goes inline, as it should, not short of anything."""
+        return max(self.threshold, self.cma_threshold) if mode == "cma" else self.threshold
+
+    def record_channels(self, statuses: Dict[Column, shmgrpc.ChannelStatus]) -> None:
+        """Each shmgrpc column's channel status; a warning for a channel that
         does not (or no longer does) use its mode's transport."""
         self.channels = dict(statuses)
-        for mode, status in statuses.items():
+        for (api, mode), status in statuses.items():
             if status.transport != mode:
-                self.warn(f"the {mode} channel ends the run with transport {status.transport}: {status.reason}")
+                self.warn(f"the {column_name((api, mode))} channel ends the run with transport "
+                          f"{status.transport}: {status.reason}")
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -1044,16 +1350,29 @@ def _ms(ns: Optional[float]) -> Optional[float]:
 
 
 def _cell_json(cell: Cell) -> dict:
+    cpu = cell.cpu_per_message_ns()
+    client_api, server_api = sides(cell.api)
     return {
         "message": cell.message,
         "shape": cell.shape,
         "size": cell.size,
         "wire_size": cell.wire_size,
         "count": cell.count,
+        "api": cell.api,
+        "client_api": client_api,
+        "server_api": server_api,
         "mode": cell.mode,
         "samples_ms": [_ms(ns) for ns in cell.samples_ns],
         "median_ms": _ms(cell.median_ns),
         "per_message_ms": _ms(cell.per_message_ns),
+        # CPU time, user + system, every thread of the process: samples in
+        # the unit of samples_ms, medians per message (the sum's is the
+        # median of the per-sample sums).
+        "client_cpu_samples_ms": [_ms(ns) for ns in cell.client_cpu_ns],
+        "server_cpu_samples_ms": [_ms(ns) for ns in cell.server_cpu_ns],
+        "client_cpu_per_message_ms": _ms(cpu["client"]),
+        "server_cpu_per_message_ms": _ms(cpu["server"]),
+        "cpu_per_message_ms": _ms(cpu["sum"]),
         "throughput_mib_s": mib_per_s(cell.shape, cell.size, _ms(cell.per_message_ns)),
         "errors": cell.errors,
         "fast_path_shortfalls": cell.shortfalls,
@@ -1079,12 +1398,16 @@ def results(
             "shapes": bench.args.shapes,
             "plan": bench.args.plan,
             "modes": bench.modes,
+            "apis": bench.apis,
             "repeat": bench.args.repeat,
             "stream_bytes": bench.args.stream_bytes,
             "threshold": bench.threshold,
+            "cma_threshold": bench.cma_threshold,
             "stream_keep_max": srv.STREAM_KEEP_MAX,
         },
-        "units": "times in ms; streams: per message; throughput: payload MiB/s, echoes count both ways",
+        "units": "times in ms (CPU: user + system, all threads of a process); streams: per message; "
+        "throughput: payload MiB/s, echoes count both ways; speedups and cpu ratios against "
+        f"{BASELINE} of the same api",
         "cells": [_cell_json(cell) for cell in bench.cells.values()],
         "floor": [
             {
@@ -1097,8 +1420,11 @@ def results(
             if samples
         ],
         "shmgrpc_pool": srv.shmgrpc_stats().get("pool"),
-        "shmgrpc_channels": {mode: dataclasses.asdict(status) for mode, status in bench.channels.items()},
-        "shmgrpc_channel_text": {mode: status_text(status) for mode, status in bench.channels.items()},
+        "shmgrpc_channels": {column_name(column): dataclasses.asdict(status)
+                             for column, status in bench.channels.items()},
+        "shmgrpc_channel_text": {column_name(column): status_text(status)
+                                 for column, status in bench.channels.items()},
+        "server_cpu_per_snapshot_ms": {api: _ms(cost) for api, cost in bench.probe.cost.items()},
         "notes": notes,
         "warnings": bench.warnings,
     }
@@ -1106,8 +1432,11 @@ def results(
     view = Results(data)
     for cell in data["cells"]:
         key = (cell["message"], cell["shape"], cell["size"])
-        per_message = view.per_message(*key, cell["mode"])
-        cell[f"speedup_vs_{BASELINE}"] = _div(view.per_message(*key, BASELINE), per_message)
+        per_message = view.per_message(*key, cell["mode"], cell["api"])
+        cell[f"speedup_vs_{BASELINE}"] = _div(view.per_message(*key, BASELINE, cell["api"]), per_message)
+        cell[f"speedup_vs_{SYNC_API}_api"] = _div(view.per_message(*key, cell["mode"], SYNC_API), per_message)
+        cell[f"cpu_ratio_to_{BASELINE}"] = _div(view.cpu(*key, cell["mode"], cell["api"]),
+                                                view.cpu(*key, BASELINE, cell["api"]))
         cell["ratio_to_floor"] = _div(per_message, view.floor(*key))
     return data
 
@@ -1128,29 +1457,41 @@ class Results:
         self.data = data
         options = data["options"]
         self.modes: List[str] = options["modes"]
+        self.apis: List[str] = options.get("apis", [SYNC_API])
         self.plan: Dict[str, Dict[str, List[int]]] = options["plan"]
         self.repeat: int = options["repeat"]
         self.threshold: int = options["threshold"]
-        self.cells = {(c["message"], c["shape"], c["size"], c["mode"]): c for c in data["cells"]}
+        self.cells = {
+            (c["message"], c["shape"], c["size"], c.get("api", SYNC_API), c["mode"]): c for c in data["cells"]
+        }
         self.floors = {(f["message"], f["size"]): f["one_way_median_ms"] for f in data["floor"]}
 
     def pairs(self) -> List[Tuple[str, str]]:
         """(message, shape) in the order they ran."""
         return [(m, s) for m in MESSAGES if m in self.plan for s in SHAPES if s in self.plan[m]]
 
-    def sizes(self, message: str, shape: str) -> List[int]:
+    def sizes(self, message: str, shape: str, api: Optional[str] = None) -> List[int]:
+        """The sizes measured, in api's cells or in any api's."""
+        apis = self.apis if api is None else [api]
         return [
             size
             for size in self.plan.get(message, {}).get(shape, [])
-            if any((message, shape, size, mode) in self.cells for mode in self.modes)
+            if any((message, shape, size, a, mode) in self.cells for a in apis for mode in self.modes)
         ]
 
-    def cell(self, message: str, shape: str, size: int, mode: str) -> Optional[dict]:
-        return self.cells.get((message, shape, size, mode))
+    def cell(self, message: str, shape: str, size: int, mode: str, api: str = SYNC_API) -> Optional[dict]:
+        return self.cells.get((message, shape, size, api, mode))
 
-    def per_message(self, message: str, shape: str, size: int, mode: str) -> Optional[float]:
-        cell = self.cell(message, shape, size, mode)
+    def per_message(self, message: str, shape: str, size: int, mode: str, api: str = SYNC_API) -> Optional[float]:
+        cell = self.cell(message, shape, size, mode, api)
         return None if cell is None or cell["errors"] else cell["per_message_ms"]
+
+    def cpu(self, message: str, shape: str, size: int, mode: str, api: str = SYNC_API,
+            side: str = "") -> Optional[float]:
+        """CPU ms per message: client and server summed, or `side`'s alone."""
+        cell = self.cell(message, shape, size, mode, api)
+        key = f"{side}_cpu_per_message_ms" if side else "cpu_per_message_ms"
+        return None if cell is None or cell["errors"] else cell.get(key)
 
     def floor(self, message: str, shape: str, size: int) -> Optional[float]:
         """The floor per reported unit: one way, or both ways for echoes."""
@@ -1172,6 +1513,14 @@ SHAPE_TITLES = {
 }
 
 
+API_TITLES = {
+    "sync": "grpc client, grpc server",
+    "aio": "grpc.aio client, grpc.aio server",
+    "aio-sync": "grpc.aio client, grpc server",
+    "sync-aio": "grpc client, grpc.aio server",
+}
+
+
 def _cell_text(cell: Optional[dict]) -> str:
     if cell is None:
         return "-"
@@ -1186,40 +1535,55 @@ def _align(rows: List[List[str]]) -> str:
     return "\n".join("  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in rows)
 
 
-def _title(message: str, shape: str) -> str:
-    return f"{MESSAGE_TITLES[message]} / {SHAPE_TITLES[shape]}"
+def _title(message: str, shape: str, api: Optional[str] = None) -> str:
+    title = f"{MESSAGE_TITLES[message]} / {SHAPE_TITLES[shape]}"
+    return title if api is None else f"{title}\n  api {api}: {API_TITLES[api]}"
 
 
-def table(view: Results, message: str, shape: str) -> str:
-    modes = view.modes
-    fast = [mode for mode in SHMGRPC_MODES if mode in modes]
-    has_base = BASELINE in modes
-    header = ["size"] + modes
-    header += [f"{mode} speedup" for mode in fast if has_base]
-    header += ["floor"] + [f"{mode}/floor" for mode in fast]
+TABLE_LEGEND = (
+    f"ms = median time; speedup = {BASELINE} ms / mode ms (same api); vs sync = the sync api's ms / this "
+    "api's (same mode);\ncpu client, server = median CPU time (user + system, all threads) of each process, "
+    f"ms per call or message; sum/{BASELINE} = CPU sum / {BASELINE}'s CPU sum (same api)"
+)
+
+
+def table(view: Results, message: str, shape: str, api: str = SYNC_API) -> str:
+    """A row per size and mode: time, speedups, CPU time of both processes."""
+    fast = [mode for mode in SHMGRPC_MODES if mode in view.modes]
+    vs_sync = api != SYNC_API and SYNC_API in view.apis
+    header = ["size", "mode", "ms", "speedup"] + (["vs sync"] if vs_sync else [])
+    header += ["cpu client", "server", "sum", f"sum/{BASELINE}", "/floor", "floor"]
     rows = [header]
-    for size in view.sizes(message, shape):
-        per = {mode: view.per_message(message, shape, size, mode) for mode in modes}
-        floor = view.floor(message, shape, size)
-        row = [human_size(size)] + [_cell_text(view.cell(message, shape, size, mode)) for mode in modes]
-        row += [ratio(_div(per[BASELINE], per[mode])) for mode in fast if has_base]
-        row += [fmt_ms(floor)] + [ratio(_div(per[mode], floor)) for mode in fast]
-        rows.append(row)
+    for size in view.sizes(message, shape, api):
+        key = (message, shape, size)
+        base, base_cpu = view.per_message(*key, BASELINE, api), view.cpu(*key, BASELINE, api)
+        floor = view.floor(*key)
+        for index, mode in enumerate(view.modes):
+            per, cpu = view.per_message(*key, mode, api), view.cpu(*key, mode, api)
+            first = index == 0
+            row = [human_size(size) if first else "", mode, _cell_text(view.cell(*key, mode, api))]
+            row.append("" if mode == BASELINE else ratio(_div(base, per)))
+            if vs_sync:
+                row.append(ratio(_div(view.per_message(*key, mode, SYNC_API), per)))
+            row += [fmt_ms(view.cpu(*key, mode, api, side)) for side in ("client", "server")]
+            row += [fmt_ms(cpu), "" if mode == BASELINE else ratio(_div(cpu, base_cpu))]
+            row += [ratio(_div(per, floor)) if mode in fast else "", fmt_ms(floor) if first else ""]
+            rows.append(row)
     return _align(rows)
 
 
-def below_threshold_note(view: Results, message: str, shape: str) -> List[str]:
+def below_threshold_note(view: Results, message: str, shape: str, api: str = SYNC_API) -> List[str]:
     """What shmgrpc on the channel costs where it only passes messages through."""
     notes = []
-    for size in view.sizes(message, shape):
-        cells = [view.cell(message, shape, size, mode) for mode in view.modes]
+    for size in view.sizes(message, shape, api):
+        cells = [view.cell(message, shape, size, mode, api) for mode in view.modes]
         if any(cell and cell["wire_size"] >= view.threshold for cell in cells):
             continue
-        base = view.per_message(message, shape, size, BASELINE)
+        base = view.per_message(message, shape, size, BASELINE, api)
         costs = [
             f"{mode} {100 * (overhead - 1):+.1f}%"
             for mode in (METADATA_MODE,) + SHMGRPC_MODES
-            for overhead in [_div(view.per_message(message, shape, size, mode), base)]
+            for overhead in [_div(view.per_message(message, shape, size, mode, api), base)]
             if overhead is not None
         ]
         if costs:
@@ -1243,11 +1607,11 @@ def peak_table(view: Results) -> str:
         for size in view.sizes(message, "unary"):
             if size < PEAK_MIN_SIZE:
                 continue
-            for mode in view.modes:
-                cell = view.cell(message, "unary", size, mode)
+            for api, mode in ((api, mode) for api in view.apis for mode in view.modes):
+                cell = view.cell(message, "unary", size, mode, api)
                 if not cell or not cell["peak_memory"]:
                     continue
-                row = [message, human_size(size), mode]
+                row = [message, human_size(size), column_name((api, mode))]
                 for side in ("client", "server"):
                     peak = cell["peak_memory"][side]
                     row += [
@@ -1277,17 +1641,18 @@ def report_text(view: Results) -> str:
     data = view.data
     out = [
         f"shmgrpc bench, malloc {data['malloc']}: {machine_line(data['machine'])}",
-        f"{rounds_text(view.repeat)}; speedup = {BASELINE} time / mode time; "
-        "floor = in-process serialize + copy + parse",
+        f"{rounds_text(view.repeat)}; floor = in-process serialize + copy + parse",
+        TABLE_LEGEND,
     ]
     for message, shape in view.pairs():
-        if not view.sizes(message, shape):
-            continue
-        out += ["", _title(message, shape)]
-        if shape != "unary":
-            out.append("  (the floor runs on one core; a stream overlaps sender and receiver, so it can beat it)")
-        out.append(table(view, message, shape))
-        out += [f"  {line}" for line in below_threshold_note(view, message, shape)]
+        for api in view.apis:
+            if not view.sizes(message, shape, api):
+                continue
+            out += ["", _title(message, shape, api)]
+            if shape != "unary":
+                out.append("  (the floor runs on one core; a stream overlaps sender and receiver, so it can beat it)")
+            out.append(table(view, message, shape, api))
+            out += [f"  {line}" for line in below_threshold_note(view, message, shape, api)]
     peaks = peak_table(view)
     if peaks:
         out += [
@@ -1303,7 +1668,10 @@ def report_text(view: Results) -> str:
     out += ["", checked_line([view])]
     if data["shmgrpc_channel_text"]:
         out.append("shmgrpc channels at the end of the run:")
-        out += [f"  {mode}: {text}" for mode, text in data["shmgrpc_channel_text"].items()]
+        out += [f"  {column}: {text}" for column, text in data["shmgrpc_channel_text"].items()]
+    if data.get("server_cpu_per_snapshot_ms"):
+        costs = ", ".join(f"{api} {fmt_ms(cost)} ms" for api, cost in data["server_cpu_per_snapshot_ms"].items())
+        out.append(f"server CPU per stats snapshot, taken off every sample's: {costs}")
     out += [f"note: {line}" for line in data["notes"] + data["warnings"]]
     return "\n".join(out)
 
@@ -1317,47 +1685,54 @@ def combined(phases: Dict[str, Results]) -> List[dict]:
     base = phases.get(BASE_MALLOC)
     rows = []
     for malloc, view in phases.items():
-        for (message, shape, size, mode), cell in view.cells.items():
-            per = view.per_message(message, shape, size, mode)
+        for (message, shape, size, api, mode), cell in view.cells.items():
+            key = (message, shape, size)
+            per = view.per_message(*key, mode, api)
             rows.append(
                 {
                     "message": message,
                     "shape": shape,
                     "size": size,
                     "malloc": malloc,
+                    "api": api,
                     "mode": mode,
                     "per_message_ms": per,
+                    "cpu_per_message_ms": view.cpu(*key, mode, api),
                     f"speedup_vs_{BASELINE}_{BASE_MALLOC}_malloc": _div(
-                        base.per_message(message, shape, size, BASELINE) if base else None, per
+                        base.per_message(*key, BASELINE, api) if base else None, per
                     ),
-                    f"speedup_vs_{BASELINE}_same_malloc": _div(view.per_message(message, shape, size, BASELINE), per),
+                    f"speedup_vs_{BASELINE}_same_malloc": _div(view.per_message(*key, BASELINE, api), per),
                 }
             )
     return rows
 
 
-def combined_table(phases: Dict[str, Results], message: str, shape: str) -> str:
+def combined_table(phases: Dict[str, Results], message: str, shape: str, api: str = SYNC_API) -> str:
     base = phases.get(BASE_MALLOC)
     modes = [mode for mode in MODES if any(mode in view.modes for view in phases.values())]
     fast = [mode for mode in (BASELINE,) + SHMGRPC_MODES if mode in modes]
     header = ["size", "malloc"] + modes + ["floor"] + [f"{mode} x" for mode in fast]
+    header += [f"cpu {mode}" for mode in modes] + [f"cpu {mode}/base" for mode in fast if mode != BASELINE]
     rows = [header]
-    sizes = sorted({size for view in phases.values() for size in view.sizes(message, shape)})
+    sizes = sorted({size for view in phases.values() for size in view.sizes(message, shape, api)})
     for size in sizes:
         for malloc, view in phases.items():
-            if size not in view.sizes(message, shape):
+            if size not in view.sizes(message, shape, api):
                 continue
             row = [human_size(size), malloc]
-            row += [_cell_text(view.cell(message, shape, size, mode)) for mode in modes]
+            row += [_cell_text(view.cell(message, shape, size, mode, api)) for mode in modes]
             row.append(fmt_ms(view.floor(message, shape, size)))
-            same_base = view.per_message(message, shape, size, BASELINE)
-            first_base = base.per_message(message, shape, size, BASELINE) if base else None
+            same_base = view.per_message(message, shape, size, BASELINE, api)
+            first_base = base.per_message(message, shape, size, BASELINE, api) if base else None
             for mode in fast:
-                per = view.per_message(message, shape, size, mode)
+                per = view.per_message(message, shape, size, mode, api)
                 text = "" if malloc == BASE_MALLOC and mode == BASELINE else ratio(_div(first_base, per))
                 if malloc != BASE_MALLOC and mode != BASELINE:
                     text += f" ({ratio(_div(same_base, per))})"
                 row.append(text)
+            cpu = {mode: view.cpu(message, shape, size, mode, api) for mode in modes}
+            row += [fmt_ms(cpu[mode]) for mode in modes]
+            row += [ratio(_div(cpu[mode], cpu.get(BASELINE))) for mode in fast if mode != BASELINE]
             rows.append(row)
     return _align(rows)
 
@@ -1368,15 +1743,20 @@ def combined_text(phases: Dict[str, Results]) -> str:
         f"shmgrpc bench, malloc {' and '.join(phases)}: {machine_line(first.data['machine'])}",
         f"{rounds_text(first.repeat)}; ms per call or per message; "
         f"'MODE x' = speedup: {BASELINE} with the {BASE_MALLOC} malloc / MODE, "
-        f"in brackets {BASELINE} with the same malloc / MODE",
+        f"in brackets {BASELINE} with the same malloc / MODE; 'cpu MODE' = CPU ms (client + server, user + "
+        f"system) per call or message, 'cpu MODE/base' = that / {BASELINE}'s of the same malloc (each "
+        "phase's report.txt has client and server apart)",
         "malloc keep = SHMGRPC_MALLOC=keep in both processes and every mode, plain gRPC included; "
         f"malloc hugepages = GLIBC_TUNABLES={HUGETLB_TUNABLE} the same way",
     ]
     pairs = []
     for view in phases.values():
         pairs += [pair for pair in view.pairs() if pair not in pairs]
+    apis = list(dict.fromkeys(api for view in phases.values() for api in view.apis))
     for message, shape in pairs:
-        out += ["", _title(message, shape), combined_table(phases, message, shape)]
+        for api in apis:
+            if any(view.sizes(message, shape, api) for view in phases.values()):
+                out += ["", _title(message, shape, api), combined_table(phases, message, shape, api)]
     out += ["", checked_line(list(phases.values()))]
     warnings = [
         f"{malloc}: interrupted: its cells hold what was measured until then"
@@ -1399,14 +1779,15 @@ MODE_COLORS = {
     METADATA_MODE: "tab:purple",
     FLOOR: "black",
 }
-# Line and marker per malloc phase; the floor is dotted.
-PHASE_STYLES = [("-", "o"), ("--", "s"), ("-.", "^")]
+# Line and marker per malloc phase (and api); the floor is dotted.
+PHASE_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), ((0, (5, 1, 1, 1, 1, 1)), "v")]
 
 
 def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
     """Payload throughput against size, log-log: one panel per message and
     RPC shape, a line per mode (and per malloc phase), the legend below the
-    panels. Returns a note instead when matplotlib is missing."""
+    panels; runs of more than one api get a line per api as well. Returns a
+    note instead when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -1432,14 +1813,16 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
             if (message, shape) not in pairs:
                 ax.set_axis_off()
                 continue
-            for index, (label, view) in enumerate(runs):
+            lines = [(label, view, api) for label, view in runs for api in view.apis]
+            for index, (label, view, api) in enumerate(lines):
                 linestyle, marker = PHASE_STYLES[index % len(PHASE_STYLES)]
-                sizes = view.sizes(message, shape)
-                for mode in view.modes + [FLOOR]:
+                sizes = view.sizes(message, shape, api)
+                # The floor once per phase: it is the same for every api.
+                for mode in view.modes + ([FLOOR] if api == view.apis[0] else []):
                     times = [
                         view.floor(message, shape, size)
                         if mode == FLOOR
-                        else view.per_message(message, shape, size, mode)
+                        else view.per_message(message, shape, size, mode, api)
                         for size in sizes
                     ]
                     points = [(size, mib_per_s(shape, size, t)) for size, t in zip(sizes, times)]
@@ -1447,6 +1830,7 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
                     if not points:
                         continue
                     name = "in-process floor" if mode == FLOOR else mode
+                    name += f", api {api}" if mode != FLOOR and len(view.apis) > 1 else ""
                     name += f", malloc {label}" if label else ""
                     (line,) = ax.plot(
                         *zip(*points),
@@ -1481,7 +1865,10 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
     title = ["shmgrpc bench: payload throughput, MiB/s (echoes count both ways)"]
     title += textwrap.wrap(machine_line(runs[0][1].data["machine"]), width=int(width * 12))
     figure.suptitle("\n".join(title), fontsize=9)
-    height = figure.get_figheight()
+    # Room for the legend below the panels, which keep their height: a
+    # line per mode, phase and api can be many rows.
+    height = figure.get_figheight() + 0.22 * legend_rows
+    figure.set_figheight(height)
     # tight_layout keeps the panels clear of the suptitle, not of a figure legend.
     figure.tight_layout(rect=(0, (0.22 * legend_rows + 0.1) / height, 1, 1))
     figure.savefig(path, dpi=110, bbox_inches="tight")  # nothing cut off, whatever the fonts
@@ -1498,26 +1885,32 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def measure(args: argparse.Namespace, threshold: int) -> Tuple[Bench, bool]:
-    """Run the benchmark against a fresh server; (bench, interrupted)."""
-    with tempfile.TemporaryDirectory(prefix="shmgrpc-bench-") as directory:
-        server = start_server(os.path.join(directory, "bench.sock"))
+def measure(args: argparse.Namespace, config: Config) -> Tuple[Bench, bool]:
+    """Run the benchmark against fresh servers (one per server API the
+    --apis name); (bench, interrupted)."""
+    with tempfile.TemporaryDirectory(prefix="shmgrpc-bench-") as directory, contextlib.ExitStack() as stack:
+        servers: Dict[str, Server] = {}
+        for server_api in dict.fromkeys(sides(api)[1] for api in args.apis):
+            server = start_server(os.path.join(directory, f"bench-{server_api}.sock"), server_api)
+            stack.callback(stop_server, server.process)  # after the channels are closed
+            servers[server_api] = server
         clients = Clients()
-        try:
-            open_modes(args.modes, args.messages, server, clients)
+        stack.callback(clients.close)
+        open_modes(args.apis, args.modes, args.messages, servers, clients)
+        # The control calls (stats, peak memory) go over plain sync channels of their own.
+        controls = {}
+        for server_api, server in servers.items():
             clients.channels.append(open_channel(f"unix:{server.unix_path}"))
-            bench = Bench(args, clients.stubs, Stubs.on(clients.channels[-1], args.messages), threshold)
-            interrupted = False
-            try:
-                bench.run()
-            except KeyboardInterrupt:
-                progress("interrupted: reporting what was measured so far")
-                interrupted = True
-            bench.record_channels(clients.statuses())
-            return bench, interrupted
-        finally:
-            clients.close()
-            stop_server(server.process)
+            controls[server_api] = Stubs.on(clients.channels[-1], args.messages)
+        bench = Bench(args, clients, controls, config)
+        interrupted = False
+        try:
+            bench.run()
+        except KeyboardInterrupt:
+            progress("interrupted: reporting what was measured so far")
+            interrupted = True
+        bench.record_channels(clients.statuses())
+        return bench, interrupted
 
 
 def _save(out: str, data: dict, text: str) -> None:
@@ -1553,10 +1946,10 @@ def run_phase(args: argparse.Namespace, command: str) -> int:
     elif os.environ.get("SHMGRPC_MALLOC"):
         # The server would inherit it and warm its malloc behind our back.
         notes.append(f"SHMGRPC_MALLOC={os.environ.pop('SHMGRPC_MALLOC')} ignored: this phase is --malloc default")
-    threshold = Config.from_env().threshold
+    config = Config.from_env()
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
-    bench, interrupted = measure(args, threshold)
+    bench, interrupted = measure(args, config)
     elapsed = time.monotonic() - started
 
     data = results(bench, command, malloc, notes, elapsed, interrupted)

@@ -1,13 +1,16 @@
 """`python -m shmgrpc.bench`, the command behind the README's numbers, run
-for real (its own server process, every mode over a real socket) on a tiny
-plan: every reply checked, the offloaded sizes really offloaded by both
-processes, the inline ones not, and grpc-unix-md reported beside them."""
+for real (its own server processes, every mode over a real socket) on tiny
+plans: every reply checked, the offloaded sizes really offloaded by both
+processes, the inline ones not, grpc-unix-md reported beside them; and every
+api (sync and grpc.aio clients and servers, crossed) in every shape, with
+the CPU time of both processes beside each time."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,8 +25,8 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, "-m", "shmgrpc.bench", "--messages", "bytes", "--sizes", "4KiB,256KiB",
-         "--shapes", "unary,server_stream", "--modes", "grpc-unix,grpc-unix-md,memfd,shm", "--repeat", "1",
-         "--stream-bytes", "1MiB", "--out", str(out)],
+         "--shapes", "unary,server_stream", "--modes", "grpc-unix,grpc-unix-md,memfd,shm", "--apis", "sync",
+         "--repeat", "1", "--stream-bytes", "1MiB", "--out", str(out)],
         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -73,3 +76,55 @@ def test_the_metadata_mode_is_measured_beside_the_others(results):
     assert seen == [{"metadata": (bench.HELLO_LIKE,), "timeout": 1}]
     assert len(bench.HELLO_LIKE[1]) == 190
     assert "grpc-unix-md" not in bench.DEFAULT_MODES
+
+
+@pytest.fixture(scope="module")
+def api_results(tmp_path_factory):
+    """One offloaded size, every shape, plain and memfd, in each api."""
+    out = tmp_path_factory.mktemp("bench-apis")
+    proc = subprocess.run(
+        [sys.executable, "-m", "shmgrpc.bench", "--messages", "bytes", "--sizes", "256KiB",
+         "--shapes", ",".join(bench.SHAPES), "--modes", "grpc-unix,memfd", "--apis", ",".join(bench.APIS),
+         "--repeat", "1", "--stream-bytes", "1MiB", "--out", str(out)],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads((out / "results.json").read_text()), (out / "report.txt").read_text()
+
+
+def _moved(stats, transport, what):
+    return stats["by_transport"].get(transport, {}).get(what, {}).get("count", 0)
+
+
+def test_every_api_runs_every_shape_with_cpu_time_beside_each_time(api_results):
+    data, report = api_results
+    cells = {(c["api"], c["shape"], c["mode"]): c for c in data["cells"]}
+    assert len(cells) == len(bench.APIS) * len(bench.SHAPES) * 2
+    for (api, shape, mode), cell in cells.items():
+        key = (api, shape, mode)
+        assert (cell["client_api"], cell["server_api"]) == bench.sides(api), key
+        assert cell["errors"] == [] and cell["fast_path_shortfalls"] == [], key
+        assert cell["checked_whole"] > 0 and cell["per_message_ms"] > 0, key
+        assert cell["client_cpu_per_message_ms"] > 0 and cell["server_cpu_per_message_ms"] > 0, key
+        assert cell["cpu_per_message_ms"] > 0 and cell["cpu_ratio_to_grpc-unix"] > 0, key
+        assert len(cell["client_cpu_samples_ms"]) == len(cell["server_cpu_samples_ms"]) == 1, key
+        if mode == "memfd":
+            # Offloaded through memfd, each way the payload goes, by both processes.
+            client, server = cell["client_shmgrpc_stats"], cell["server_shmgrpc_stats"]
+            up = cell["count"] if shape in bench.PAYLOAD_UP else 0
+            down = cell["count"] if shape in bench.PAYLOAD_DOWN else 0
+            assert _moved(client, "memfd", "offloaded") >= up and _moved(server, "memfd", "restored") >= up, key
+            assert _moved(server, "memfd", "offloaded") >= down and _moved(client, "memfd", "restored") >= down, key
+        else:
+            assert cell["client_shmgrpc_stats"]["offloaded"]["count"] == 0, key
+            assert cell["server_shmgrpc_stats"]["offloaded"]["count"] == 0, key
+    assert data["options"]["apis"] == list(bench.APIS)
+    for api in bench.APIS:
+        assert f"api {api}: {bench.API_TITLES[api]}" in report
+    assert "vs sync" in report and "cpu client" in report and "sum/grpc-unix" in report
+
+
+def test_no_cma_shortfall_below_its_own_threshold():
+    config = SimpleNamespace(threshold=128 * KiB, cma_threshold=512 * KiB)
+    assert bench.Bench.fast_path_from(config, "cma") == 512 * KiB
+    assert bench.Bench.fast_path_from(config, "shm") == 128 * KiB
