@@ -159,7 +159,7 @@ def take(stats) -> bytes:
             elif time.monotonic() - quiet_since > 0.15:
                 break
             time.sleep(0.02)
-        spans = [span_of(s) for s in EXPORTER.get_finished_spans() if not s.name.startswith(CONTROL_PREFIX[1:])]
+        spans = [span_of(s) for s in EXPORTER.get_finished_spans() if CONTROL_PREFIX.strip("/") not in s.name]
         EXPORTER.clear()
     with _lock:
         records = list(RECORDS)
