@@ -21,6 +21,9 @@ SPEC, JSON:
                               instrumented before the server is built (so
                               grpc.server / grpc.aio.server are patched, and
                               shmgrpc.server calls the patched function)
+               "otel-inner"   not outermost: grpc.server(interceptors=[
+                              shmgrpc's ServerInterceptor, otel's]) (the
+                              aio flavours likewise), OTel inside shmgrpc
     path     unix socket path to listen on
     parent   pid: stop when it is no longer our parent
 
@@ -143,6 +146,8 @@ def observers(spec) -> list:
         return gi_interceptors(kind)
     if outer in ("otel", "otel-global"):
         return otel_setup(outer, kind)
+    if outer == "otel-inner":
+        return otel_setup("otel", kind)
     if outer in (None, "none"):
         return []
     raise SystemExit(f"_obs_server: unknown outer {outer!r}")
@@ -180,7 +185,12 @@ def ready(pid: int) -> None:
 def serve_sync(spec, stop: threading.Event) -> None:
     executor = futures.ThreadPoolExecutor(max_workers=16)
     outer = observers(spec)
-    if spec["shmgrpc"]:
+    if spec["shmgrpc"] and spec["outer"] == "otel-inner":
+        import shmgrpc
+
+        icpt = shmgrpc.ServerInterceptor(options=GRPC_OPTIONS)
+        server = grpc.server(executor, interceptors=[icpt, *outer], options=GRPC_OPTIONS)
+    elif spec["shmgrpc"]:
         import shmgrpc
 
         server = shmgrpc.server(executor, interceptors=outer, options=GRPC_OPTIONS)
@@ -202,7 +212,12 @@ def serve_sync(spec, stop: threading.Event) -> None:
 
 async def serve_aio(spec, stop: threading.Event) -> None:
     outer = observers(spec)
-    if spec["shmgrpc"]:
+    if spec["shmgrpc"] and spec["outer"] == "otel-inner":
+        import shmgrpc.aio
+
+        icpt = shmgrpc.aio.ServerInterceptor(options=GRPC_OPTIONS)
+        server = aio.server(interceptors=[icpt, *outer], options=GRPC_OPTIONS)
+    elif spec["shmgrpc"]:
         import shmgrpc.aio
 
         server = shmgrpc.aio.server(interceptors=outer, options=GRPC_OPTIONS)

@@ -10,7 +10,8 @@ an InMemorySpanExporter in each process:
   shmgrpc.server / shmgrpc.aio.server call);
 - explicit interceptors: client_interceptor inside and outside the wrapper,
   aio_client_interceptors inside shmgrpc.aio.insecure_channel,
-  server_interceptor / aio_server_interceptor outermost on the server.
+  server_interceptor / aio_server_interceptor outermost on the server, or
+  inside shmgrpc's ServerInterceptor.
 
 They patch grpc globally, so every party is a process of its own
 (tests/_otel_client.py, tests/_obs_server.py). Each client process runs the
@@ -39,35 +40,36 @@ from tests.conftest import run_python, suite_env
 
 TRANSPORT = "shm"
 
-# (client kind, client placement, server kind): every instrumentation kind of
-# both sides at least once, sync and aio crossed.
+# (client kind, client placement, server kind, server instrumentation): every
+# instrumentation kind of both sides at least once, sync and aio crossed.
+# Server instrumentation: "otel-global" (the instrumentor), "otel" (the explicit
+# interceptor, outermost), "otel-inner" (the explicit interceptor inside
+# shmgrpc's: grpc.server(interceptors=[shmgrpc.ServerInterceptor(), otel's])).
 CASES = [
-    ("sync", "global", "sync"),
-    ("aio", "global", "aio"),
-    ("aio", "global", "sync"),
-    ("sync", "inside", "aio"),
-    ("sync", "outside", "sync"),
-    ("aio", "inside", "sync"),
+    ("sync", "global", "sync", "otel-global"),
+    ("aio", "global", "aio", "otel-global"),
+    ("aio", "global", "sync", "otel-global"),
+    ("sync", "inside", "aio", "otel"),
+    ("sync", "outside", "sync", "otel"),
+    ("aio", "inside", "sync", "otel"),
+    ("sync", "inside", "sync", "otel-inner"),
+    ("aio", "inside", "aio", "otel-inner"),
 ]
-
-
-def server_outer(placement: str) -> str:
-    return "otel-global" if placement == "global" else "otel"
 
 
 @pytest.fixture(scope="module")
 def obs():
     servers = ObsServers(suite_env(TRANSPORT))
-    servers.start(*{(kind, mode, server_outer(placement)) for _, placement, kind in CASES for mode in (False, True)})
+    servers.start(*{(kind, mode, outer) for _, _, kind, outer in CASES for mode in (False, True)})
     yield servers
     servers.stop_all()
 
 
-@pytest.mark.parametrize("client_kind,placement,server_kind", CASES,
-                         ids=[f"{c}-client-{p}-{s}-server" for c, p, s in CASES])
-def test_otel_spans_and_responses_equal_plain(obs, client_kind, placement, server_kind):
-    plain_server = obs.get(server_kind, False, server_outer(placement))
-    shm_server = obs.get(server_kind, True, server_outer(placement))
+@pytest.mark.parametrize("client_kind,placement,server_kind,server_otel", CASES,
+                         ids=[f"{c}-client-{p}-{s}-server-{o}" for c, p, s, o in CASES])
+def test_otel_spans_and_responses_equal_plain(obs, client_kind, placement, server_kind, server_otel):
+    plain_server = obs.get(server_kind, False, server_otel)
+    shm_server = obs.get(server_kind, True, server_otel)
     plain_server.take(), shm_server.take()
     spec = {"kind": client_kind, "placement": placement, "plain": plain_server.target,
             "shm": shm_server.target, "env": suite_env(TRANSPORT)}
