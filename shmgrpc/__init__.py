@@ -16,7 +16,7 @@ from ._version import __version__
 from ._client import ClientInterceptor
 from ._core import ChannelStatus, stats
 from ._malloc import tune_malloc
-from ._server import ServerInterceptor, server
+from ._server import Server, ServerInterceptor, server
 from .config import Config
 from .errors import (
     CmaBadAddress,
@@ -52,6 +52,7 @@ __all__ = [
     "HandleTooLarge",
     "PeerGoneError",
     "PoolUsage",
+    "Server",
     "ServerInterceptor",
     "ShmGrpcError",
     "StaleSessionError",

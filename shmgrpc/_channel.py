@@ -4,53 +4,117 @@
     stub = my_pb2_grpc.MyServiceStub(channel)            # unchanged
 
 Like grpc.intercept_channel (grpc/_interceptor.py, _Channel), the wrapper
-hands out multicallables of the channel it wraps. The difference is where it
-acts: each call gets its own multicallable of the inner channel, built with
-the caller's (de)serializers wrapped for that call's route (see _codec.py).
-So interceptors inside and outside the wrapper see the application's
-messages, any codec works, and the per-peer state lives in the one object
-that talks to that peer.
+hands out multicallables of the channel it wraps, and acts at the codec: a
+call that may carry a handle gets the caller's own (de)serializers wrapped
+for its route (see _codec.py). So interceptors inside and outside the
+wrapper see the application's messages, any codec works, and the per-peer
+state lives in the one object that talks to that peer.
 
-Per call:
-- no route and no handshake yet: the once-per-channel handshake first, with
-  the caller's metadata, credentials and wait_for_ready, within a share of
-  the caller's deadline (never adding to it);
-- every call carries the hello; a shmgrpc server answers a hello that does
-  not name it with a welcome in the trailing metadata, so a channel whose
-  handshake call was refused still learns its route from its first call;
-- a channel whose server has no shmgrpc sends neither: the wrapped channel's
-  own multicallable, untouched.
+Which calls carry shmgrpc's hello (its metadata), and so may carry a handle:
+- a unary request whose serialized size reaches the threshold (the wrapper
+  serializes it once, before the call, and gRPC sends those very bytes);
+- every call of a method that has answered this channel with a message at
+  or above the threshold (it may do so again);
+- every request-streaming call (its messages are not known in advance).
+Every other call is gRPC's own, on a multicallable made once per method:
+no metadata of ours, no extra interceptor, nothing for the server to check.
+
+There is no handshake call: the first calls that carry the hello go
+inline, and the server's answer (its welcome) rides in their trailing
+metadata (Engine.client_answered). A channel whose server has no shmgrpc
+learns that from the first such call that ends OK, and from then on is the
+wrapped channel's own multicallables, untouched.
 """
 
 from __future__ import annotations
 
+import contextvars
 import time
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import grpc
 
 from . import wire
 from ._codec import CallCodec, ThreadCodec, Tickets, current
 from ._core import ChannelStatus, Engine, EngineOwner
-from .config import Config
+from .config import Config, check_config
 from .errors import ShmGrpcError
 
-# The handshake gets this share of the caller's remaining time, at most
-# HANDSHAKE_MAX_SECONDS (and that much when the call has no deadline). A
-# healthy handshake takes a millisecond or two.
-HANDSHAKE_SHARE = 0.2
-HANDSHAKE_MAX_SECONDS = 5.0
 _DESERIALIZE_REQUEST_FAILED = "Exception deserializing request!"  # grpc/_server.py's words
 
 
-def handshake_timeout(timeout: Optional[float]) -> float:
-    return HANDSHAKE_MAX_SECONDS if timeout is None else min(HANDSHAKE_MAX_SECONDS, timeout * HANDSHAKE_SHARE)
-
-
 def remaining(deadline: Optional[float]) -> Optional[float]:
-    """The caller's timeout, less what the handshake took (never below a
+    """The caller's timeout, less what has passed (never below a
     microsecond: gRPC then fails the call with DEADLINE_EXCEEDED itself)."""
     return None if deadline is None else max(1e-6, deadline - time.monotonic())
+
+
+# (request, its serialized bytes): set by a call that serialized its request
+# to learn its size, read by the call's serializer (_presized_serializer) so
+# the request is serialized once. gRPC serializes a request in the calling
+# thread (sync) or in the task it creates for the call (grpc.aio), which
+# copies this context; anywhere else the serializer simply serializes.
+_presized: "contextvars.ContextVar[Optional[Tuple[Any, Any]]]" = contextvars.ContextVar(
+    "shmgrpc_presized", default=None)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def presized_serializer(original: Optional[Callable[[Any], bytes]]) -> Callable[[Any], Any]:
+    """`original`, or the bytes this very request was already serialized to."""
+    serialize = original or _identity
+
+    def serializer(message: Any) -> Any:
+        done = _presized.get()
+        if done is not None and done[0] is message:
+            return done[1]
+        return serialize(message)
+
+    return serializer
+
+
+class MethodPath:
+    """What the multicallables of one method share on the way to deciding
+    whether a call carries the hello: the caller's serializer, run once per
+    request to learn its size, and whether the method has answered large."""
+
+    __slots__ = ("method", "serializer", "threshold", "answers_large")
+
+    def __init__(self, channel_engine: Engine, method: str, serializer: Optional[Callable], answers_large: set):
+        self.method = method
+        self.serializer = serializer or _identity
+        self.threshold = channel_engine.config.threshold
+        self.answers_large = answers_large  # the channel's: methods that answered at or above the threshold
+
+    def presize(self, request: Any) -> Any:
+        """The request's bytes, or None when the serializer fails or makes
+        no bytes: then the call goes as it would without shmgrpc, and gRPC
+        runs the serializer again and reports the failure in its own way."""
+        try:
+            data = self.serializer(request)
+        except Exception:
+            return None
+        return data if isinstance(data, (bytes, bytearray, memoryview)) else None
+
+    def quiet(self, data: Any) -> bool:
+        """A call that carries no hello: its request is small and the method
+        never answered large."""
+        return (data is None or len(data) < self.threshold) and self.method not in self.answers_large
+
+    def noting(self, original: Optional[Callable[[bytes], Any]]) -> Callable[[bytes], Any]:
+        """`original`, noting a large answer on a call without hello: the
+        method's next calls carry it, so their large answers can be offloaded."""
+        deserialize = original or _identity
+        threshold, answers, method = self.threshold, self.answers_large, self.method
+
+        def deserializer(raw: bytes) -> Any:
+            if len(raw) >= threshold:
+                answers.add(method)
+            return deserialize(raw)
+
+        return deserializer
 
 
 def with_hello(metadata, hello: Tuple[str, str]):
@@ -264,16 +328,19 @@ class _CallProxy(grpc.RpcError, grpc.Call, grpc.Future):
 
 
 class _Call:
-    """One call's start: inner multicallable, metadata, timeout, codec."""
+    """One call that carries the hello: its multicallable, metadata, codec,
+    the tickets of its offloaded requests, and whether it is the channel's
+    first contact with its server (no route yet)."""
 
-    __slots__ = ("multicallable", "metadata", "timeout", "codec", "tickets")
+    __slots__ = ("multicallable", "metadata", "timeout", "codec", "tickets", "first_contact")
 
-    def __init__(self, multicallable, metadata, timeout):
+    def __init__(self, multicallable, metadata, timeout, codec: CallCodec, first_contact: bool):
         self.multicallable = multicallable
         self.metadata = metadata
         self.timeout = timeout
-        self.codec: Optional[CallCodec] = None  # None: a plain call
+        self.codec = codec
         self.tickets: Optional[Tickets] = None  # made on the first offload only: most calls make none
+        self.first_contact = first_contact
 
     def keep(self, ticket) -> None:
         """The codec's keep: an offloaded request, freed when the call ends."""
@@ -281,45 +348,66 @@ class _Call:
             self.tickets = Tickets(self.codec.engine)
         self.tickets.add(ticket)
 
-    def watch(self, engine: Engine, call) -> None:
-        """When `call` ends: free its offloaded requests, learn from its welcome."""
-        if self.codec is not None:
-            call.add_done_callback(lambda finished: self.settle(engine, finished))
+    def release(self) -> None:
+        if self.tickets is not None:
+            self.tickets.release()
 
     def settle(self, engine: Engine, finished) -> bool:
         """`finished` (the call, or its RpcError) is over: free its offloaded
-        requests, learn from its welcome. True if it carried one (its
-        trailing metadata then needs the welcome stripped)."""
-        if self.tickets is not None:
-            self.tickets.release()
+        requests and learn from its trailers (Engine.client_answered). True
+        if they carry a welcome (the application's view then needs it
+        stripped)."""
+        self.release()
         try:
             trailing = finished.trailing_metadata()
-        except Exception:  # a call that never started has none
+            ok = finished.code() == grpc.StatusCode.OK
+        except Exception:  # not a finished grpc.Call: nothing to learn
             return False
-        if wire.metadata_value(trailing, wire.WELCOME_KEY) is None:
-            return False
-        engine.client_welcome(trailing)
-        return True
+        engine.client_answered(ok, trailing, self.first_contact)
+        return wire.metadata_value(trailing, wire.WELCOME_KEY) is not None
+
+
+def _settling(responses: Iterator, call: _Call, engine: Engine) -> Iterator:
+    """A response stream that is not a grpc.Call (an interceptor inside the
+    wrapper may return a generator: grpc's API allows it): the call's
+    offloaded requests are freed when it ends, a response handle that could
+    not be restored fails it with its own status. Without the call object
+    there are no trailers to learn from: a later call does that."""
+    try:
+        yield from responses
+    except grpc.RpcError as err:
+        converted = _converted(err, call.codec)
+        if converted is err:
+            raise
+        raise converted from None
+    finally:
+        call.release()
 
 
 class _MultiCallable:
     """What the four shapes share: the start of a call."""
 
     _kind = ""  # the inner channel's factory: "unary_unary", ...
+    _always_hello = False  # a request stream: it may carry a handle, whatever its first message
 
     def __init__(self, channel: "Channel", method: str, serializer, deserializer, registered: bool):
         self._channel = channel
         self._method = method
-        self._serializer = serializer
-        self._deserializer = deserializer
         self._registered = registered
-        # The inner multicallable with the caller's own codec, made now, as a
-        # stub makes its multicallables: registering a method on a channel
-        # that was closed since is what gRPC must never be asked to do.
+        self._path = MethodPath(channel._engine, method, serializer, channel._answers_large)
+        self._serializer = presized_serializer(serializer)
+        self._deserializer = self._path.noting(deserializer)  # framed calls note large answers too
+        # The inner multicallables, made now as a stub makes its own:
+        # registering a method on a channel that was closed since is what
+        # gRPC must never be asked to do. `_plain`: the caller's codec, for a
+        # channel that is plain; `_quiet`: for a call without hello, with the
+        # serializer that reuses the bytes the size check made, and the
+        # deserializer that notes a large answer.
         factory = getattr(channel._inner, self._kind)
         kwargs = {"_registered_method": True} if registered else {}
         self._plain = factory(method, serializer, deserializer, **kwargs)
-        self._framed = None  # (route, its multicallable with a ThreadCodec): see _start
+        self._quiet = factory(method, self._serializer, self._deserializer, **kwargs)
+        self._framed = None  # (route, its multicallable with a ThreadCodec): see _framed_multicallable
 
     def _framed_multicallable(self, route):
         """The multicallable for blocking calls on `route`, made once per
@@ -332,46 +420,60 @@ class _MultiCallable:
             framed = self._framed = (route, factory(self._method, codec.serialize, codec.deserialize, **kwargs))
         return framed[1]
 
-    def _start(self, request, timeout, metadata, credentials, wait_for_ready, compression, plain=False,
-               blocking=False) -> _Call:
-        channel = self._channel
-        engine = channel._engine
-        state = None if plain else engine.client_call_state()
-        if state is not None and state[1] is None and engine.client_needs_handshake():
-            deadline = None if timeout is None else time.monotonic() + timeout
-            channel._handshake(timeout, metadata, credentials, wait_for_ready, compression)
-            timeout = remaining(deadline)  # the handshake's time is the caller's, never extra
-            state = engine.client_call_state()
-        if state is None:
-            return _Call(self._plain, metadata, timeout)
+    def _hello_call(self, state, timeout, metadata, blocking: bool) -> _Call:
+        """A call that carries the hello of `state` (hello, route)."""
         hello, route = state
-        call = _Call(None, (*metadata, hello) if metadata else (hello,), timeout)
+        engine = self._channel._engine
+        call = _Call(None, (*metadata, hello) if metadata else (hello,), timeout, None, route is None)  # type: ignore[arg-type]
         codec = call.codec = CallCodec(engine, route, keep=call.keep)
-        if blocking and route is not None:
+        if not codec.framed:
+            # First contact: its messages go inline; the welcome comes back
+            # in its trailers.
+            call.multicallable = self._quiet
+        elif blocking:
             call.multicallable = self._framed_multicallable(route)
         else:
             # A multicallable of this call's own: its serializers are this
             # call's (gRPC may run them in another thread). Not registered:
             # gRPC's registration is not meant for many threads at once.
-            factory = getattr(channel._inner, self._kind)
+            factory = getattr(self._channel._inner, self._kind)
             call.multicallable = factory(self._method, codec.serializer(self._serializer),
                                          codec.deserializer(self._deserializer))
         return call
 
     def _launch(self, how: str, request, timeout, metadata, credentials, wait_for_ready, compression):
         """Start a call that returns at once (`future`, or a response
-        stream's `__call__`): the inner call, behind a _CallProxy when framed."""
-        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
-        inner = getattr(call.multicallable, how)(
-            request, timeout=call.timeout, metadata=call.metadata, credentials=credentials,
-            wait_for_ready=wait_for_ready, compression=compression,
-        )
-        if call.codec is None:
-            return inner
-        call.watch(self._channel._engine, inner)
+        stream's `__call__`)."""
+        engine = self._channel._engine
+        if engine.plain:
+            return getattr(self._plain, how)(request, timeout=timeout, metadata=metadata, credentials=credentials,
+                                              wait_for_ready=wait_for_ready, compression=compression)
+        token = None
+        if self._always_hello:
+            state = engine.client_call_state()
+        else:
+            data = self._path.presize(request)
+            token = _presized.set((request, data))
+            state = None if self._path.quiet(data) else engine.client_call_state()
+        try:
+            if state is None:
+                return getattr(self._quiet, how)(request, timeout=timeout, metadata=metadata, credentials=credentials,
+                                                  wait_for_ready=wait_for_ready, compression=compression)
+            call = self._hello_call(state, timeout, metadata, blocking=False)
+            inner = getattr(call.multicallable, how)(
+                request, timeout=timeout, metadata=call.metadata, credentials=credentials,
+                wait_for_ready=wait_for_ready, compression=compression,
+            )
+        finally:
+            if token is not None:
+                _presized.reset(token)
+        add_done_callback = getattr(inner, "add_done_callback", None)
+        if add_done_callback is None:
+            return _settling(inner, call, engine)
+        add_done_callback(lambda finished: call.settle(engine, finished))
         return _CallProxy(inner, call.codec)
 
-    def _resend(self, reason: str, error: grpc.RpcError, call: _Call) -> None:
+    def _resend(self, reason: str, error: grpc.RpcError) -> None:
         engine = self._channel._engine
         if reason == "plain":
             engine.client_lost_peer(
@@ -387,40 +489,72 @@ class _UnaryRequest(_MultiCallable):
     """unary-unary and stream-unary: __call__, with_call, future."""
 
     def _invoke(self, request, timeout, metadata, credentials, wait_for_ready, compression, resend: bool):
+        """(response, call) of a blocking call that carries the hello, or
+        None: the call goes without (the caller makes it)."""
         engine = self._channel._engine
-        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression, plain=not resend,
-                           blocking=self._kind == "unary_unary")
-        deadline = None if call.timeout is None else time.monotonic() + call.timeout
-        if call.codec is not None:
-            previous = getattr(current, "codec", None)
-            current.codec = call.codec  # the codec of this thread's call (see ThreadCodec)
+        if self._always_hello:
+            state = engine.client_call_state()
+        else:
+            state = engine.client_call_state() if not self._path.quiet(_presized.get()[1]) else None
+        if state is None:
+            return None
+        call = self._hello_call(state, timeout, metadata, blocking=not self._always_hello)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        previous = getattr(current, "codec", None)
+        current.codec = call.codec  # the codec of this thread's call (see ThreadCodec)
         try:
             response, outcome = call.multicallable.with_call(
-                request, timeout=call.timeout, metadata=call.metadata, credentials=credentials,
+                request, timeout=timeout, metadata=call.metadata, credentials=credentials,
                 wait_for_ready=wait_for_ready, compression=compression,
             )
         except grpc.RpcError as err:
-            if call.codec is None:
-                raise
-            call.settle(engine, err)
-            reason = resend_reason(err, call.codec) if resend and self._resendable else None
+            welcomed = call.settle(engine, err)
+            reason = resend_reason(err, call.codec) if resend and not self._always_hello else None
             if reason is None:
-                raise _CallProxy(err, call.codec)._raised(err)
-            self._resend(reason, err, call)
+                converted = _converted(err, call.codec)
+                if converted is err and not welcomed:
+                    raise  # gRPC's own error, as gRPC raised it
+                raise (converted if converted is not err else _CallProxy(err, call.codec)) from None
+            self._resend(reason, err)
             # Sent again plain: no hello, no frame, whatever server it reaches.
-            return self._invoke(request, remaining(deadline), metadata, credentials, wait_for_ready, compression, False)
+            return self._quiet.with_call(request, timeout=remaining(deadline), metadata=metadata,
+                                         credentials=credentials, wait_for_ready=wait_for_ready,
+                                         compression=compression)
         finally:
-            if call.codec is not None:
-                current.codec = previous
-        if call.codec is not None and call.settle(engine, outcome):
+            current.codec = previous
+        if call.settle(engine, outcome):
             return response, _CallProxy(outcome, call.codec)  # its trailers without our welcome
         return response, outcome
 
+    def _blocking(self, with_call: bool, request, timeout, metadata, credentials, wait_for_ready, compression):
+        engine = self._channel._engine
+        if engine.plain:
+            mc = self._plain
+            if with_call:
+                return mc.with_call(request, timeout=timeout, metadata=metadata, credentials=credentials,
+                                    wait_for_ready=wait_for_ready, compression=compression)
+            return mc(request, timeout=timeout, metadata=metadata, credentials=credentials,
+                      wait_for_ready=wait_for_ready, compression=compression)
+        token = None if self._always_hello else _presized.set((request, self._path.presize(request)))
+        try:
+            answer = self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression, True)
+            if answer is not None:
+                return answer if with_call else answer[0]
+            mc = self._quiet
+            if with_call:
+                return mc.with_call(request, timeout=timeout, metadata=metadata, credentials=credentials,
+                                    wait_for_ready=wait_for_ready, compression=compression)
+            return mc(request, timeout=timeout, metadata=metadata, credentials=credentials,
+                      wait_for_ready=wait_for_ready, compression=compression)
+        finally:
+            if token is not None:
+                _presized.reset(token)
+
     def with_call(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):
-        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression, True)
+        return self._blocking(True, request, timeout, metadata, credentials, wait_for_ready, compression)
 
     def __call__(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):
-        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression, True)[0]
+        return self._blocking(False, request, timeout, metadata, credentials, wait_for_ready, compression)
 
     def future(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):
         return self._launch("future", request, timeout, metadata, credentials, wait_for_ready, compression)
@@ -428,12 +562,11 @@ class _UnaryRequest(_MultiCallable):
 
 class UnaryUnaryMultiCallable(_UnaryRequest, grpc.UnaryUnaryMultiCallable):
     _kind = "unary_unary"
-    _resendable = True  # the request is still at hand
 
 
 class StreamUnaryMultiCallable(_UnaryRequest, grpc.StreamUnaryMultiCallable):
     _kind = "stream_unary"
-    _resendable = False  # the request iterator is consumed
+    _always_hello = True  # its request iterator cannot be resent
 
 
 class _StreamResponse(_MultiCallable):
@@ -447,6 +580,7 @@ class UnaryStreamMultiCallable(_StreamResponse, grpc.UnaryStreamMultiCallable):
 
 class StreamStreamMultiCallable(_StreamResponse, grpc.StreamStreamMultiCallable):
     _kind = "stream_stream"
+    _always_hello = True
 
 
 class Channel(EngineOwner, grpc.Channel):
@@ -461,45 +595,10 @@ class Channel(EngineOwner, grpc.Channel):
             hint = " (a grpc.aio channel: use shmgrpc.aio.intercept_channel)" if isinstance(
                 channel, grpc.aio.Channel) else ""
             raise TypeError(f"shmgrpc.intercept_channel needs a grpc.Channel, not {type(channel).__name__}{hint}")
+        check_config(config, "shmgrpc.intercept_channel")
         self._inner = channel
         self._engine = Engine(config, "client", options, name or type(channel).__name__)
-
-    # the once-per-channel handshake
-
-    def _handshake(self, timeout, metadata, credentials, wait_for_ready, compression) -> None:
-        """Call the handshake method once per channel. Threads starting calls
-        meanwhile wait for it (at most its timeout), so their first large
-        messages are offloaded too.
-
-        A request stream of no message: it needs no serializer and no message
-        of the caller's type, and interceptors inside the wrapper that only
-        handle the caller's shapes are not even called for it. Nothing it
-        raises reaches the caller."""
-        engine = self._engine
-        lock = engine.client_handshake_lock()
-        if not lock.acquire(timeout=handshake_timeout(timeout)):
-            return
-        try:
-            if not engine.client_needs_handshake():
-                return  # another thread's handshake settled it
-            state = engine.client_call_state()
-            if state is None:
-                return
-            hello = state[0]
-            try:
-                shake = self._inner.stream_unary(wire.HANDSHAKE_METHOD)
-                _, call = shake.with_call(
-                    iter(()), timeout=handshake_timeout(timeout), metadata=with_hello(metadata, hello),
-                    credentials=credentials, wait_for_ready=wait_for_ready, compression=compression,
-                )
-                engine.client_handshake_done(grpc.StatusCode.OK, call.trailing_metadata())
-            except grpc.RpcError as err:
-                code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-                engine.client_handshake_done(code, err.trailing_metadata() if hasattr(err, "trailing_metadata") else ())
-            except Exception as err:  # the caller's own interceptor or serializer, on our call
-                engine.client_handshake_failed(err)
-        finally:
-            lock.release()
+        self._answers_large: set = set()  # methods that answered at or above the threshold (see MethodPath)
 
     # grpc.Channel
 
@@ -565,7 +664,8 @@ def insecure_channel(target: str, options: Optional[Sequence[Tuple[str, Any]]] =
                      compression: Optional[grpc.Compression] = None, *,
                      config: Optional[Config] = None) -> Channel:
     """grpc.insecure_channel(target, options, compression), wrapped."""
-    return Channel(grpc.insecure_channel(target, options, compression), config, options, name=target)
+    return Channel(grpc.insecure_channel(target, options=options, compression=compression), config, options,
+                   name=target)
 
 
 def secure_channel(target: str, credentials: grpc.ChannelCredentials,
@@ -573,7 +673,8 @@ def secure_channel(target: str, credentials: grpc.ChannelCredentials,
                    compression: Optional[grpc.Compression] = None, *,
                    config: Optional[Config] = None) -> Channel:
     """grpc.secure_channel(target, credentials, options, compression), wrapped."""
-    return Channel(grpc.secure_channel(target, credentials, options, compression), config, options, name=target)
+    return Channel(grpc.secure_channel(target, credentials, options=options, compression=compression), config,
+                   options, name=target)
 
 
 def _target_of(channel) -> str:

@@ -1,4 +1,4 @@
-"""The engine behind every channel and server: handshake, offload, restore.
+"""The engine behind every channel and server: routes, offload, restore.
 
 One Engine per channel wrapper (it knows exactly one peer: the server that
 channel talks to) and one per server interceptor. What a process needs only
@@ -17,12 +17,9 @@ import collections
 import logging
 import os
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
-
-import grpc
 
 from . import _malloc, cma, pins, pool, session, side, wire
 from .config import Config
@@ -40,15 +37,8 @@ log = logging.getLogger(__name__)
 AUTO_ORDER = ("memfd", "shm", "cma")
 TRANSPORTS = ("memfd", "shm", "cma")
 
-HANDSHAKE_RETRY_SECONDS = 5.0  # after a transient failure, at most one handshake per interval
 # DEBUG lines about fallbacks: at most one per engine, cause and minute.
 _FALLBACK_LOG = RateLimit(60.0)
-_TRANSIENT = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-)
 
 
 # --- stats --------------------------------------------------------------------
@@ -506,9 +496,7 @@ class Engine:
         self._server_routes: "collections.OrderedDict[str, Optional[Route]]" = collections.OrderedDict()
         self._route: Optional[Route] = None  # client: the server last heard from
         self._hello: Optional[Tuple[Tuple[str, str], Optional[Route]]] = None
-        self._probe = "todo"  # client: todo -> done | plain (the server has no shmgrpc) | calls
-        self._probe_after = 0.0  # client: no handshake before this (after a transient failure)
-        self._handshaking = threading.Lock()  # client: one handshake at a time
+        self._probe = "todo"  # client: todo (no answer yet) -> done (a welcome came) | plain
         self._order = self._transport_order()
         self._announced: Optional[str] = None  # client: the status last logged
         self._limit_noted = False
@@ -621,7 +609,6 @@ class Engine:
         # The parent still owns the node's segments (Node.after_fork_in_child
         # drops them untouched); this engine makes a new node on first use.
         self._lock = threading.Lock()
-        self._handshaking = threading.Lock()
         self._released.node = None
         self._node = None
         self._welcomes.clear()
@@ -650,7 +637,13 @@ class Engine:
         memfd = "m" if "memfd" in order else ""
         return shm + cma_ok + memfd
 
-    # -- client: handshake and status
+    # -- client: route and status
+
+    @property
+    def plain(self) -> bool:
+        """A client whose calls go as gRPC's own, hello-less: the server has
+        no shmgrpc (or cannot prove it shares this host), or offload is off."""
+        return self._probe == "plain" or self._state in ("disabled", "closed")
 
     def client_call_state(self) -> Optional[Tuple[Tuple[str, str], Optional[Route]]]:
         """(hello metadata, route) for one call, taken together, or None when
@@ -662,13 +655,13 @@ class Engine:
         route = self._route
         if route is not None and route.send_memfd and self._side_lost(route):
             # Our side connection to the server closed (it restarted, or the
-            # connection broke): forget the route and shake hands again for
-            # a new ticket; until then the calls go inline.
+            # connection broke): forget the route; the next call that carries
+            # the hello gets a new welcome (a new ticket). Until then, inline.
             with self._lock:
                 if self._route is route:
                     self._route, self._hello = None, None
                     self._probe = "todo" if self._probe == "done" else self._probe
-            self.stats.note("memfd", "side connection to the server closed; handshake again")
+            self.stats.note("memfd", "side connection to the server closed; the next call learns the route again")
         state = self._hello
         if state is None:
             node = self._node
@@ -699,54 +692,33 @@ class Engine:
         side_ = node.side if node is not None else None
         return side_ is None or route.peer is None or side_.conn_for(route.peer.inst) is None
 
-    def client_needs_handshake(self) -> bool:
-        return (
-            self._probe == "todo"
-            and self._route is None
-            and self._state == "ready"
-            and time.monotonic() >= self._probe_after
-        )
+    def client_answered(self, ok: bool, trailing_metadata, first_contact: bool) -> None:
+        """A call that carried the hello has ended: learn from its trailers.
 
-    def client_handshake_lock(self) -> threading.Lock:
-        """Held by the one thread doing the handshake; others wait for it."""
-        return self._handshaking
-
-    def client_handshake_done(self, code: grpc.StatusCode, trailing_metadata) -> None:
-        """Take the result of the handshake call."""
-        log.debug("%s: handshake answered %s", self.name, code.name)
-        if code == grpc.StatusCode.OK:
+        There is no handshake call: a channel learns its route from the
+        trailing metadata of the first calls that carry the hello. A shmgrpc
+        server answers a hello that does not name it with a welcome, on every
+        call it serves (the welcome travels with the status, failures too).
+        So a first-contact call that ended OK without one reached a server
+        without shmgrpc, or one that cannot prove it shares this host: the
+        channel stays plain. A call that failed without one (refused before
+        it reached a handler: auth, an unknown method, a transient error)
+        says nothing; the next call that carries the hello asks again."""
+        if trailing_metadata is None:
+            # Not gRPC's call: an interceptor answered with an object of its
+            # own (grpc.aio's UnaryUnaryCallResponse has no metadata). It
+            # says nothing about the server.
+            return
+        welcomed = wire.metadata_value(trailing_metadata, wire.WELCOME_KEY) is not None
+        if welcomed:
             self.client_welcome(trailing_metadata)
-            if self._route is None:  # a shmgrpc server that cannot open our segments
-                self._go_plain(
-                    "the server could not prove it shares this host (different host, "
-                    "shm namespace or uid)"
-                )
-            elif self._probe == "todo":
-                self._probe = "done"
-        elif code == grpc.StatusCode.UNIMPLEMENTED:
-            self._go_plain("the server has no shmgrpc (handshake answered UNIMPLEMENTED)")
-        elif code in _TRANSIENT:
-            # The server may be starting or busy, or the deadline was short:
-            # the real call says. Try again, but at most once per interval.
-            self._probe_after = time.monotonic() + HANDSHAKE_RETRY_SECONDS
-            self.stats.note("server", f"handshake answered {code.name}; will try again")
+        if not (ok and first_contact and self._route is None and self._probe == "todo"):
+            return
+        if welcomed:  # a shmgrpc server, but we can reach none of its transports
+            self._go_plain(self.stats.notes.get("not_colocated") or "the server's welcome names nothing we can reach")
         else:
-            # An interceptor of the server refused the method (auth, allow
-            # lists): no more handshake calls, but every call still carries
-            # the hello, and a shmgrpc server answers it in its trailers.
-            self._probe = "calls"
-            self.stats.note("server", f"handshake answered {code.name}; learning from calls instead")
-            log.debug("%s: handshake answered %s; learning from calls", self.name, code.name)
-
-    def client_handshake_failed(self, err: BaseException) -> None:
-        """The handshake call raised something other than an RpcError: an
-        interceptor or serializer of the caller's that does not expect it.
-        Never the caller's problem: no more handshake calls; the calls
-        themselves carry the hello and learn the route from their trailers."""
-        self._probe = "calls"
-        self.stats.note("server", f"handshake call failed on this side ({type(err).__name__}: {err}); "
-                                  "learning from calls instead")
-        log.debug("%s: handshake call raised %r; learning from calls", self.name, err)
+            self._go_plain("the server answered our hello without a welcome: it has no shmgrpc, "
+                           "or it cannot prove it shares this host (different host, shm namespace or uid)")
 
     def _go_plain(self, why: str) -> None:
         with self._lock:
@@ -785,6 +757,7 @@ class Engine:
                 if self._probe == "plain":
                     return
                 self._route, self._hello = route, None
+                self._probe = "done"
             self._announce()
 
     def _route_from_welcome(self, text: str) -> Optional[Route]:
@@ -849,7 +822,8 @@ class Engine:
         route = self._route
         if route is None:
             pending = self._probe != "done"
-            why = self.stats.notes.get("server") or "no call yet: the handshake comes with the first call"
+            why = self.stats.notes.get("server") or (
+                "no answer yet: the channel learns its route from the first call that may carry a large message")
             if not pending:
                 why = self.stats.notes.get("not_colocated", "the server did not prove co-location")
             return ChannelStatus("inline", (), why, not pending)

@@ -636,8 +636,9 @@ def probe_channel(target: str, config: Config, echo: Optional[Echo], size: int, 
     result = Probe(config.transport)
     channel = shmgrpc.insecure_channel(target, CHANNEL_OPTIONS, config=config)
     try:
-        # The wrapper's own handshake comes first (as before any first call),
-        # then this call of the handshake method, which carries the hello too.
+        # A call of the handshake method (a request stream: it carries the
+        # hello); a shmgrpc server answers with its welcome in the trailers,
+        # which settles the channel's route as any first call would.
         try:
             channel.stream_unary(wire.HANDSHAKE_METHOD)(iter(()), timeout=timeout)
             result.code = "OK"
@@ -705,7 +706,7 @@ def _fix_for(transport: str, reason: str, notes: Dict[str, str]) -> str:
     text = (reason + " " + " ".join(notes.values())).lower()
     if "unimplemented" in text or "no shmgrpc" in text:
         return ("install shmgrpc in the server: shmgrpc.server(...), or interceptors=[shmgrpc.ServerInterceptor"
-                "(options=...)]; shmgrpc 0.1 servers (handshake version 1) do not interoperate with 0.2")
+                "(options=...)]; shmgrpc 0.1 servers (handshake version 1) do not interoperate with later ones")
     if transport == "memfd":
         if "uid" in text:
             return "run both as the same uid, or list the client's uid in SHMGRPC_SIDE_UIDS on the server"
@@ -772,8 +773,10 @@ def target_checks(target: str, config: Config, method: Optional[str], size: int,
                                 f"{wire.HANDSHAKE_METHOD} through"))
         return checks, main, {}
     if main.code == "UNIMPLEMENTED" or "no shmgrpc" in st.reason:
-        checks.append(Check("handshake", FAIL, f"{target} is a gRPC server without shmgrpc: {st.reason}",
-                            _fix_for("", st.reason, main.notes)))
+        why = (f"it answered {wire.HANDSHAKE_METHOD} with UNIMPLEMENTED" if main.code == "UNIMPLEMENTED"
+               else st.reason)
+        checks.append(Check("handshake", FAIL, f"{target} is a gRPC server without shmgrpc: {why}",
+                            _fix_for("", why, main.notes)))
         return checks, main, {}
     who, data = _namespace_note(main.peer_pid)
     data["handshake_version"] = wire.VERSION

@@ -21,16 +21,17 @@ name and prove this server; it travels with the status: no extra operation).
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from concurrent import futures
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import grpc
 
 from . import wire
 from ._codec import CallCodec, Failed, Tickets
 from ._core import Engine, EngineOwner, Route
-from .config import Config
+from .config import Config, check_config
 from .errors import ShmGrpcError, StaleSessionError
 
 
@@ -283,13 +284,16 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
     """Restores offloaded requests and offloads large responses for clients
     that proved they share this host. Everyone else is served untouched.
 
-    shmgrpc.server() installs one; to install it yourself, pass the server's
-    options here too, so that offloaded messages meet the same size limits
-    as inline ones (without them gRPC's defaults are assumed: receive 4 MiB,
-    send unlimited)."""
+    shmgrpc.server() installs it without gRPC's interceptor machinery (it
+    wraps the handlers where they are registered); installed by hand, in
+    grpc.server(interceptors=[...]), it works the same but every call pays
+    gRPC's interceptor dispatch. Pass it the server's options too, so that
+    offloaded messages meet the same size limits as inline ones (without
+    them gRPC's defaults are assumed: receive 4 MiB, send unlimited)."""
 
     def __init__(self, config: Optional[Config] = None, *,
                  options: Optional[Sequence[Tuple[str, Any]]] = None) -> None:
+        check_config(config, "shmgrpc.ServerInterceptor")
         self._engine = Engine(config, "server", options, "server")
         self._handlers = HandlerCache(self._wrap)
 
@@ -298,13 +302,25 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Optional[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Optional[grpc.RpcMethodHandler]:
-        if handler_call_details.method == wire.HANDSHAKE_METHOD:
-            return handshake_handler(self._engine, handler_call_details)
         handler = continuation(handler_call_details)
-        hello = wire.metadata_value(handler_call_details.invocation_metadata, wire.HELLO_KEY)
-        if handler is None or hello is None:
+        if handler is None:
+            return self.unknown(handler_call_details)
+        return self.handler_for(handler_call_details, handler)
+
+    def handler_for(self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler that serves this call: `handler` itself for a call
+        without hello, else the one wrapped for its client's route."""
+        hello = wire.metadata_value(details.invocation_metadata, wire.HELLO_KEY)
+        if hello is None:
             return handler
         return self._handlers.get(self._engine.server_route(hello), handler)
+
+    def unknown(self, details: grpc.HandlerCallDetails) -> Optional[grpc.RpcMethodHandler]:
+        """A method the application does not serve: the handshake method of
+        clients before 0.3 and of `shmgrpc doctor`, or None (UNIMPLEMENTED)."""
+        if details.method == wire.HANDSHAKE_METHOD:
+            return handshake_handler(self._engine, details)
+        return None
 
     def _wrap(self, route: Optional[Route], handler):
         """The handler for every call of `route`'s client (see HandlerCache)."""
@@ -312,6 +328,87 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
         behavior = _wrap_behavior(handler, route.welcome if route is not None else None,
                                   engine if route is not None and route.offloads else None)
         return rebuild_handler(handler, call_codec(engine, route), behavior, keep_of=_keep_of)
+
+
+def validate_generic_handlers(generic_rpc_handlers: Iterable[Any]) -> Tuple[Any, ...]:
+    """gRPC's own check (grpc/_server.py, _validate_generic_rpc_handlers), same words."""
+    handlers = tuple(generic_rpc_handlers)
+    for handler in handlers:
+        if getattr(handler, "service", None) is None:
+            raise AttributeError(f'"{handler}" must conform to'
+                                 'grpc.GenericRpcHandler type but does not have "service" method!')
+    return handlers
+
+
+class Dispatch(grpc.GenericRpcHandler):
+    """The one generic handler a shmgrpc server registers with gRPC: it finds
+    the application's handler as gRPC would (registered methods first, then
+    generic handlers in the order they were added) and gives it to the
+    interceptor's handler_for. A call without hello gets the application's
+    handler itself, through one dict lookup and one scan of its metadata."""
+
+    def __init__(self, interceptor: Any) -> None:
+        self._interceptor = interceptor
+        self.registered: Dict[str, Any] = {}
+        self.generic: Tuple[Any, ...] = ()
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Optional[grpc.RpcMethodHandler]:
+        handler = self.registered.get(handler_call_details.method)
+        if handler is None:
+            for generic in self.generic:
+                handler = generic.service(handler_call_details)
+                if handler is not None:
+                    break
+            else:
+                return self._interceptor.unknown(handler_call_details)
+        return self._interceptor.handler_for(handler_call_details, handler)
+
+    def add_registered(self, service_name: str, method_handlers: Dict[str, Any]) -> None:
+        self.registered.update({f"/{service_name}/{method}": handler for method, handler in method_handlers.items()})
+
+
+class Server(grpc.Server):
+    """A grpc.Server with shmgrpc: what shmgrpc.server() returns.
+
+    Handlers registered here reach gRPC through one generic handler (see
+    Dispatch): gRPC's registered-method fast path is not used (its handler
+    is fixed per method, while shmgrpc picks one per client). `shmgrpc`: the
+    ServerInterceptor behind it (stats(), close())."""
+
+    def __init__(self, inner: grpc.Server, interceptor: "ServerInterceptor", dispatch: Dispatch) -> None:
+        self._inner = inner
+        self._dispatch = dispatch
+        self._started = False
+        self.shmgrpc = interceptor
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._dispatch.generic += validate_generic_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str,
+                                       method_handlers: Dict[str, grpc.RpcMethodHandler]) -> None:
+        if self._started:  # gRPC's words and behaviour
+            logging.getLogger("grpc._server").warning("Cannot register method handlers once server has started")
+            return
+        self._dispatch.add_registered(service_name, method_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._inner.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self._inner.add_secure_port(address, server_credentials)
+
+    def start(self) -> None:
+        self._started = True
+        self._inner.start()
+
+    def stop(self, grace: Optional[float]) -> threading.Event:
+        return self._inner.stop(grace)
+
+    def wait_for_termination(self, timeout: Optional[float] = None) -> bool:
+        return self._inner.wait_for_termination(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def server(
@@ -324,15 +421,16 @@ def server(
     xds: bool = False,
     *,
     config: Optional[Config] = None,
-) -> grpc.Server:
+) -> Server:
     """grpc.server(...) with shmgrpc installed, innermost: your interceptors
     run first and see the real requests; shmgrpc knows the server's options.
 
     The ServerInterceptor is reachable as `server.shmgrpc` (stats, close)."""
     icpt = ServerInterceptor(config, options=options)
-    srv = grpc.server(
-        thread_pool, handlers=handlers, interceptors=[*(interceptors or ()), icpt], options=options,
+    dispatch = Dispatch(icpt)
+    dispatch.generic = validate_generic_handlers(handlers or ())
+    inner = grpc.server(
+        thread_pool, handlers=(dispatch,), interceptors=interceptors, options=options,
         maximum_concurrent_rpcs=maximum_concurrent_rpcs, compression=compression, xds=xds,
     )
-    srv.shmgrpc = icpt
-    return srv
+    return Server(inner, icpt, dispatch)

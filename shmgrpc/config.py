@@ -275,3 +275,14 @@ def _warn_unknown(env: Mapping[str, str]) -> None:
         close = difflib.get_close_matches(var.upper()[len(PREFIX):], [n[len(PREFIX):] for n in ENV], n=1)
         hint = f"did you mean {PREFIX}{close[0]}?" if close else "known: " + ", ".join(ENV)
         log.warning("%s is not a shmgrpc setting (%s); ignored", var, hint)
+
+
+def check_config(config: object, where: str) -> None:
+    """TypeError unless `config` is a Config or None: a list there is almost
+    always channel options given where the config goes."""
+    if config is None or isinstance(config, Config):
+        return
+    hint = ""
+    if isinstance(config, (list, tuple)):
+        hint = f"; channel options go by keyword: {where}(channel, options=OPTIONS)"
+    raise TypeError(f"{where}: config must be a shmgrpc.Config or None, not {type(config).__name__}{hint}")

@@ -108,6 +108,32 @@ def _channel(target: str, env: Optional[Dict[str, str]]):
     return raw, wrapper, wrapper
 
 
+def _learn(stub, wrapper) -> None:
+    """What a shmgrpc channel's first large call does (tests/conftest.py
+    learn_route), done before a role's own calls so that they meet a settled
+    channel: one Unary call at the threshold, which carries the hello and
+    goes inline; the server's welcome in its trailers gives the channel its
+    route. Unary then counts as answering large, so its calls carry the
+    hello. Nothing for a plain channel."""
+    if wrapper is None:
+        return
+    from protos import echo_test_pb2 as pb
+
+    size = max(64 * KiB, wrapper._engine.config.threshold)
+    reply = stub.Unary(pb.Payload(seq=0, body=b"r" * size), timeout=30)
+    assert reply.body_len_seen == size
+
+
+def _learn_server_stream(stub) -> None:
+    """One ServerStream call answered with a large message, inline (the
+    method has not answered this channel large before): from then on the
+    method's calls carry the hello, so their large answers are offloaded."""
+    from protos import echo_test_pb2 as pb
+
+    got = list(stub.ServerStream(pb.Payload(seq=1, reply_size=1 * MiB), timeout=30))
+    assert len(got) == 1 and len(got[0].body) == 1 * MiB
+
+
 def _error(err) -> Dict[str, str]:
     try:
         return {"code": err.code().name, "details": err.details() or ""}
@@ -153,6 +179,7 @@ def truncate_request(spec: dict) -> dict:
         reply = stub.Unary(pb.Payload(seq=seq, body=body, digest=digest(body), reply_size=16), timeout=30)
         return reply.seq == seq and reply.body_len_seen == size and reply.body == pattern(16, seq)
 
+    _learn(stub, wrapper)
     out["first_ok"] = call(1)
     out["segments_before"] = data_names(shm_dir)
     engine = wrapper._engine
@@ -202,7 +229,8 @@ def truncate_response(spec: dict) -> dict:
     raw_channel, channel, wrapper = _channel(spec["target"], spec["env"])
     stub = pb_grpc.EchoStub(channel)
     out: dict = {"pid": os.getpid()}
-    stub.Unary(pb.Payload(seq=0, body=b"hi"), timeout=30)  # the handshake
+    _learn(stub, wrapper)
+    _learn_server_stream(stub)
 
     def server_offloaded() -> int:
         return _server_stats(spec["target"])["shmgrpc"]["by_transport"]["shm"]["offloaded"]["count"]
@@ -331,7 +359,8 @@ def fork_workers(spec: dict) -> dict:
 
 
 def client(spec: dict) -> dict:
-    """Unary calls of the given sizes; with `until_offloaded`, the list is
+    """Unary calls of the given sizes (after _learn, unless `learn` is
+    false); with `until_offloaded`, the list is
     repeated until a call offloaded its request `settle` times in a row or
     that many seconds passed. Every call's outcome is recorded, never raised.
 
@@ -358,6 +387,9 @@ def client(spec: dict) -> dict:
     logging.getLogger("shmgrpc").setLevel(logging.DEBUG)
     _, channel, wrapper = _channel(spec["target"], spec.get("env"))
     stub = pb_grpc.EchoStub(channel)
+    if spec.get("learn", True):
+        _learn(stub, wrapper)
+    server_before = _server_stats(spec["target"])["shmgrpc"] if spec.get("server_stats") else None
     calls = spec["calls"]
     until = spec.get("until_offloaded")
     settle = spec.get("settle", 1)
@@ -388,7 +420,7 @@ def client(spec: dict) -> dict:
             break
         time.sleep(spec.get("pause", 0.2))
     out = {"pid": os.getpid(), "results": results, "stats": wrapper.stats() if wrapper else None,
-           "status": None, "log": records}
+           "status": None, "log": records, "server_before": server_before}
     if wrapper is not None:
         st = wrapper.status()
         out["status"] = {"transport": st.transport, "transports": list(st.transports), "reason": st.reason}
@@ -627,7 +659,7 @@ def soak(spec: dict) -> dict:
     rng = random.Random(spec["seed"])
     _, channel, wrapper = _channel(spec["target"], spec["env"])
     stub = pb_grpc.EchoStub(channel)
-    stub.Unary(pb.Payload(seq=0, body=b"hi"), timeout=30)  # the handshake
+    _learn(stub, wrapper)
     sizes = [4 * KiB, 60 * KiB, 200 * KiB, 1 * MiB, 3 * MiB, 8 * MiB]
     outcomes: Dict[str, int] = {}
     unexpected: List[str] = []

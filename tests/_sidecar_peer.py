@@ -20,7 +20,9 @@ Roles:
     aioserver  the same with grpc.aio / shmgrpc.aio.server (shutdown "event").
     client     runs spec["ops"] through shmgrpc.insecure_channel and prints
                RESULT {...} (see run_client); with spec["loop"] it calls until
-               killed, printing one P {...} progress line per call.
+               killed, printing one P {...} progress line per call. First
+               (unless spec["learn"] is false) one inline Unary call at the
+               threshold that settles the channel's route (_learn).
     aioclient  the unary ops of `client` through shmgrpc.aio.insecure_channel.
     nsinit     pid 1 of a fresh pid + mount namespace (under `unshare`): mounts
                a private tmpfs of spec["size"] on /dev/shm, runs CMD as its
@@ -415,6 +417,26 @@ def _server_stats(stub, timeout=30):
     return json.loads(stub.Stats(pb.Control(), timeout=timeout, wait_for_ready=True).note)
 
 
+def _learn_size(channel) -> int:
+    return max(64 * KiB, channel._engine.config.threshold)
+
+
+def _learn(channel, stub, timeout) -> None:
+    """What a shmgrpc channel's first large call does (tests/conftest.py
+    learn_route), done before the role's own calls so that they all meet a
+    settled channel: one Unary request at the threshold, without digest (the
+    service's `checked` counter does not see it), which carries the hello and
+    goes inline both ways; the server's welcome in its trailers gives the
+    channel its route (for memfd: the side address and ticket, so the side
+    connection is made by the next call). Unary then counts as answering
+    large, so its calls carry the hello. Disabled by spec["learn"] = false."""
+    from protos import echo_test_pb2 as pb
+
+    size = _learn_size(channel)
+    reply = stub.Unary(pb.Payload(seq=0, body=b"r" * size), timeout=timeout, wait_for_ready=True)
+    assert reply.body_len_seen == size
+
+
 def run_client(spec) -> int:
     import grpc
     import grpc._channel  # noqa: F401 - everything imported before a uid drop
@@ -435,6 +457,8 @@ def run_client(spec) -> int:
         os.setgid(spec["uid"])
         os.setuid(spec["uid"])
     timeout = spec.get("timeout", 60)
+    if spec.get("learn", True):
+        _learn(channel, stub, timeout)
     if spec.get("loop"):
         return _loop(channel, stub, spec["loop"], timeout)
     out = {"pid": os.getpid(), "uid": os.getuid(), "results": [], "errors": []}
@@ -517,6 +541,11 @@ def run_aio_client(spec) -> int:
     async def main():
         channel = shmgrpc.aio.insecure_channel(spec["target"], options=CLIENT_OPTIONS, config=_config(spec))
         stub = pb_grpc.EchoStub(channel)
+        if spec.get("learn", True):  # as _learn does
+            size = _learn_size(channel)
+            reply = await stub.Unary(pb.Payload(seq=0, body=b"r" * size), timeout=spec.get("timeout", 60),
+                                     wait_for_ready=True)
+            assert reply.body_len_seen == size
         out = {"pid": os.getpid(), "results": [], "errors": []}
         for op in spec["ops"]:
             for i in range(op.get("count", 1)):

@@ -42,7 +42,9 @@ class Outer(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is None or self._mode == "none" or handler.request_streaming:
-            return handler  # (shmgrpc's handshake is a request stream: left alone)
+            # (request streams are left alone, among them the old handshake
+            # method that shmgrpc still answers for doctor and old clients)
+            return handler
         if handler.response_streaming:
             inner = handler.unary_stream
 

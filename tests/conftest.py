@@ -104,6 +104,7 @@ def run_python(code: str, *args: str, env: Optional[Dict[str, str]] = None, time
 #   reply_size when set, the server answers with bodies of this size
 #   deny       install the seccomp filter that denies process_vm_readv first
 #   uid        build everything as root, then drop to this uid before calling
+#   learn      false: no route-learning call before the calls (default true)
 # It prints {"pid", "uid", "ok", "bad", "stats", "log"}: calls whose answer was
 # right, the indexes of those that were not, its wrapper's stats() and
 # what logger "shmgrpc" said.
@@ -137,6 +138,10 @@ if spec.get("uid") is not None:
     os.setgroups([])
     os.setgid(spec["uid"])
     os.setuid(spec["uid"])
+if wrapper is not None and spec.get("learn", True):
+    # The channel's first large call carries the hello and goes inline; its
+    # trailers settle the route (conftest.learn_route).
+    stub.Unary(pb.Payload(body=b"r" * max(64 * 1024, wrapper._engine.config.threshold)), timeout=60)
 ok, bad = 0, []
 reply_size = spec.get("reply_size", 0)
 for i in range(spec["calls"]):
@@ -366,6 +371,30 @@ def client_config(transport: str = "auto", **env: str) -> shmgrpc.Config:
     return shmgrpc.Config.from_env(suite_env(transport, **env))
 
 
+def route_probe(size: int = THRESHOLD) -> pb.Payload:
+    """A request of at least `size` bytes, answered as large."""
+    return pb.Payload(seq=0, body=b"r" * size)
+
+
+def learn_route(stub, size: int = THRESHOLD) -> None:
+    """What a shmgrpc channel's first large call does, done before a test's
+    own calls so that they all meet a settled channel: it carries the hello,
+    goes inline, and the server's welcome in its trailers gives the channel
+    its route (or tells it the server has no shmgrpc). The Unary method then
+    counts as answering large on this channel: its calls carry the hello.
+    A small server-stream request answered large does the same for
+    ServerStream (its answer inline: the call carried no hello)."""
+    stub.Unary(route_probe(size), timeout=CALL_TIMEOUT)
+    list(stub.ServerStream(pb.Payload(seq=1, reply_size=size), timeout=CALL_TIMEOUT))
+
+
+async def learn_route_aio(stub, size: int = THRESHOLD) -> None:
+    """learn_route for a grpc.aio stub."""
+    await stub.Unary(route_probe(size), timeout=CALL_TIMEOUT)
+    async for _ in stub.ServerStream(pb.Payload(seq=1, reply_size=size), timeout=CALL_TIMEOUT):
+        pass
+
+
 class Client:
     """A channel, its stub, and (unless plain) the shmgrpc wrapper around it.
 
@@ -375,7 +404,7 @@ class Client:
     `wrapper` is that wrapper (None when plain); `interceptor` is another name
     for it, kept for the tests written against the old interceptor API."""
 
-    def __init__(self, target: str, config: Optional[shmgrpc.Config], options: Iterable = ()):
+    def __init__(self, target: str, config: Optional[shmgrpc.Config], options: Iterable = (), learn: bool = True):
         self.options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1), *options]
         self.raw_channel = grpc.insecure_channel(target, options=self.options)
         self.wrapper: Optional[shmgrpc.Channel] = (
@@ -386,6 +415,8 @@ class Client:
         self.interceptor = self.wrapper
         self.channel = self.wrapper if self.wrapper is not None else self.raw_channel
         self.stub = pb_grpc.EchoStub(self.channel)
+        if learn and self.wrapper is not None and config is not None and config.threshold <= 16 * MiB:
+            learn_route(self.stub, max(THRESHOLD, config.threshold))
 
     @property
     def engine(self):
@@ -407,8 +438,9 @@ def make_client():
     """make_client(target, config or None for plain) -> Client, closed after the test."""
     made: List[Client] = []
 
-    def make(target: str, config: Optional[shmgrpc.Config] = None, options: Iterable = ()) -> Client:
-        client = Client(target, config, options)
+    def make(target: str, config: Optional[shmgrpc.Config] = None, options: Iterable = (),
+             learn: bool = True) -> Client:
+        client = Client(target, config, options, learn)
         made.append(client)
         return client
 

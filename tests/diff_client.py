@@ -21,6 +21,11 @@ is wall-clock; neither is compared.
 mode "plain": grpc channels; shmgrpc is never imported. mode "shmgrpc": the
 same program with shmgrpc's channel wrappers, configured per channel with
 Config.from_env({"SHMGRPC_TRANSPORT": transport, "SHMGRPC_THRESHOLD": threshold, "SHMGRPC_CMA_THRESHOLD": threshold}).
+Every channel a scenario uses starts with a route-learning warm-up call, in
+both modes (Run.warm_up_request), except where a scenario observes a
+channel's first contact itself (a target nobody listens at; the auth
+scenario's "unauthenticated first" channel).
+
 "variant" says how shmgrpc is put on the channel (plain runs ignore it):
     helper   shmgrpc.insecure_channel / shmgrpc.aio.insecure_channel; the
              scenario's client interceptors wrap it from the outside (sync),
@@ -73,6 +78,9 @@ from tests._diff import (
     text,
 )
 
+ECHO_UNARY = f"/{ECHO_SERVICE}/Unary"
+WARM_UP_SUFFIX = "/warm-up"  # the rid suffix of every channel's route-learning call (Run.warm_up_request)
+WARM_UP_SEQ = 900
 CALL_TIMEOUT = 20.0  # every call of a scenario has a deadline: a hang is a failure, not a stall
 BIG_OPTIONS = [("grpc.max_receive_message_length", 64 * MiB), ("grpc.max_send_message_length", 64 * MiB)]
 RETRY_SERVICE_CONFIG = json.dumps(
@@ -99,6 +107,14 @@ RETRY_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.per_rpc_retry_buffer_size", 8 * MiB),
 ]
+
+
+def parse_size(value: str) -> int:
+    """"16KiB" -> 16384 (the units SHMGRPC_THRESHOLD takes here)."""
+    for unit, factor in (("MiB", MiB), ("KiB", KiB), ("B", 1)):
+        if value.endswith(unit):
+            return int(value[: -len(unit)]) * factor
+    return int(value)
 
 
 def payload(seq: int, size: int, **fields) -> pb.Payload:
@@ -427,9 +443,43 @@ class Run:
 
     # sync channels
 
-    def channel(self, target: str, options=None, interceptors=(), config=None, label: str = ""):
+    # A shmgrpc channel has no handshake call: it learns its server's route
+    # from the trailers of its first calls that carry the hello, and those
+    # go inline. So that a scenario's large messages are offloaded from its
+    # first call on, every channel a scenario uses starts with one
+    # route-learning call (warm_up), made through the very channel the
+    # scenario gets (every client and server interceptor sees it), in the
+    # plain run too: both runs make the same calls, and its outcome is
+    # recorded and compared like any other. Its rid carries WARM_UP_SUFFIX,
+    # so the server files it apart from the scenario's own calls.
+
+    def warm_up_request(self) -> pb.Payload:
+        """An Echo request and answer of at least the run's threshold: the
+        request carries the hello (a unary request at or above the
+        threshold), and the large answer marks Echo/Unary as a method that
+        answers large, so its later calls carry the hello too."""
+        size = parse_size(self.cmd["threshold"])
+        return payload(WARM_UP_SEQ, size, reply_size=size, note="warm-up")
+
+    def _warm_up_extra(self, target: str, interceptors) -> list:
+        # the auth site refuses calls without credentials (and a refused
+        # call teaches a channel nothing): carry them unless an interceptor adds them
+        return [(AUTH_KEY, AUTH_VALUE)] if target == "auth" and "add-auth" not in interceptors else []
+
+    def channel(self, target: str, options=None, interceptors=(), config=None, label: str = "",
+                warm_up: bool = True):
         """A sync channel to targets[target] carrying `interceptors` (names),
-        through shmgrpc as self.variant says unless the run is plain."""
+        through shmgrpc as self.variant says unless the run is plain; with
+        `warm_up`, after one route-learning call (see warm_up_request)."""
+        channel = self._channel(target, options, interceptors, config, label)
+        if warm_up:
+            echo = channel.unary_unary(ECHO_UNARY, request_serializer=pb.Payload.SerializeToString,
+                                       response_deserializer=pb.Payload.FromString)
+            self.unary(f"warm-up {label or target}", echo, self.warm_up_request(), suffix=WARM_UP_SUFFIX,
+                       extra=self._warm_up_extra(target, interceptors))
+        return channel
+
+    def _channel(self, target: str, options, interceptors, config, label: str):
         address = self.targets[target]
         icpts = self.interceptors_for(interceptors)
         if self.mode == "plain":
@@ -459,7 +509,18 @@ class Run:
 
     # aio channels
 
-    def aio_channel(self, target: str, options=None, interceptors=(), config=None, label: str = ""):
+    async def aio_channel(self, target: str, options=None, interceptors=(), config=None, label: str = "",
+                          warm_up: bool = True):
+        """channel()'s aio twin: the channel, after its route-learning call."""
+        channel = self._aio_channel(target, options, interceptors, config, label)
+        if warm_up:
+            echo = channel.unary_unary(ECHO_UNARY, request_serializer=pb.Payload.SerializeToString,
+                                       response_deserializer=pb.Payload.FromString)
+            await self.aio_unary(f"warm-up {label or target}", echo, self.warm_up_request(), suffix=WARM_UP_SUFFIX,
+                                 extra=self._warm_up_extra(target, interceptors))
+        return channel
+
+    def _aio_channel(self, target: str, options, interceptors, config, label: str):
         address = self.targets[target]
         icpts = self.interceptors_for(interceptors) or None
         if self.mode == "plain":
@@ -790,7 +851,7 @@ def sync_retry_interceptor(run: Run) -> None:
 
 def sync_wait_for_ready(run: Run) -> None:
     """Nothing listens at the target: both calls wait for it until their 1 s deadline."""
-    stub = pb_grpc.EchoStub(run.channel("nowhere"))
+    stub = pb_grpc.EchoStub(run.channel("nowhere", warm_up=False))
     results: Dict[str, dict] = {}
 
     def unary():
@@ -864,9 +925,12 @@ def sync_auth(run: Run) -> None:
     b = pb_grpc.EchoStub(run.channel("auth", interceptors=["add-auth"], label="interceptor"))
     run.unary("icpt-uu", b.Unary, payload(7, 300 * KiB, reply_size=200 * KiB))
     run.stream("icpt-ss", lambda: b.BidiStream(iter([payload(8, 300 * KiB)]), metadata=run.md(), timeout=CALL_TIMEOUT))
-    c = pb_grpc.EchoStub(run.channel("auth", label="unauthenticated first"))
+    # no warm-up: the first call, refused before any welcome, teaches the
+    # channel nothing; the next (inline) learns the route; the last is offloaded
+    c = pb_grpc.EchoStub(run.channel("auth", label="unauthenticated first", warm_up=False))
     run.unary("first-none", c.Unary, payload(9, 300 * KiB))
     run.unary("then-md", c.Unary, payload(10, 300 * KiB), extra=auth)
+    run.unary("then-md-again", c.Unary, payload(11, 300 * KiB), extra=auth)
 
 
 def sync_errors(run: Run) -> None:
@@ -975,28 +1039,28 @@ async def aio_shapes(run: Run) -> None:
     target = run.params.get("target", "main")
     shapes = run.params.get("shapes", ["uu", "us", "su", "ss"])
 
-    def stub(shape):
-        return pb_grpc.EchoStub(run.aio_channel(target, label=shape))
+    async def stub(shape):
+        return pb_grpc.EchoStub(await run.aio_channel(target, label=shape))
 
     if "uu" in shapes:
-        uu = stub("uu")
+        uu = await stub("uu")
         for i, (size, reply) in enumerate([(1 * KiB, 0), (300 * KiB, 0), (40 * KiB, 300 * KiB)]):
             await run.aio_unary(f"uu{i}", uu.Unary, payload(i, size, reply_size=reply))
     if "us" in shapes:
-        us = stub("us")
+        us = await stub("us")
         await run.aio_stream("us", lambda: us.ServerStream(payload(3, 200 * KiB, reply_size=100 * KiB),
                                                            metadata=run.md(), timeout=CALL_TIMEOUT))
     if "su" in shapes:
         requests = [payload(10, 300 * KiB, reply_size=64 * KiB), payload(11, 1 * KiB), payload(12, 100 * KiB)]
-        await run.aio_unary("su", stub("su").ClientStream, iter(requests))
+        await run.aio_unary("su", (await stub("su")).ClientStream, iter(requests))
     if "ss" in shapes:
-        ss = stub("ss")
+        ss = await stub("ss")
         requests = [payload(20, 300 * KiB), payload(21, 1 * KiB, reply_size=200 * KiB), payload(22, 50 * KiB)]
         await run.aio_stream("ss", lambda: ss.BidiStream(_agen(requests), metadata=run.md(), timeout=CALL_TIMEOUT))
 
 
 async def aio_stamp(run: Run) -> None:
-    stub = pb_grpc.EchoStub(run.aio_channel("main", interceptors=["stamp"]))
+    stub = pb_grpc.EchoStub(await run.aio_channel("main", interceptors=["stamp"]))
     await run.aio_unary("uu-large", stub.Unary, payload(1, 300 * KiB))
     await run.aio_unary("uu-small", stub.Unary, payload(2, 1 * KiB, reply_size=100 * KiB))
     await run.aio_unary("su", stub.ClientStream, iter([payload(3, 200 * KiB), payload(4, 2 * KiB)]))
@@ -1007,7 +1071,10 @@ async def aio_stamp(run: Run) -> None:
 
 
 async def aio_codecs(run: Run) -> None:
-    for label, multicallable, request, kind in codec_calls(lambda codec: run.aio_channel("main", label=codec)):
+    channels = {}
+    for codec in CODECS:  # made (and warmed up) first: codec_calls asks for them synchronously
+        channels[codec] = await run.aio_channel("main", label=codec)
+    for label, multicallable, request, kind in codec_calls(channels.__getitem__):
         if kind == "unary":
             await run.aio_unary(label, multicallable, request)
         else:
@@ -1015,7 +1082,7 @@ async def aio_codecs(run: Run) -> None:
 
 
 async def aio_prefix(run: Run) -> None:
-    channel = run.aio_channel("main")
+    channel = await run.aio_channel("main")
     raw_uu = channel.unary_unary(f"/{CODEC_SERVICE}/Raw")
     raw_ss = channel.stream_stream(f"/{CODEC_SERVICE}/RawBidi")
     for label, data in prefix_payloads():
@@ -1025,19 +1092,19 @@ async def aio_prefix(run: Run) -> None:
 
 
 async def aio_retry_service_config(run: Run) -> None:
-    flaky = _flaky(run.aio_channel("main", options=RETRY_OPTIONS))
+    flaky = _flaky(await run.aio_channel("main", options=RETRY_OPTIONS))
     for i, request in enumerate(flaky_requests()):
         await run.aio_unary(f"flaky{i}", flaky, request)
 
 
 async def aio_retry_interceptor(run: Run) -> None:
-    flaky = _flaky(run.aio_channel("main", interceptors=["retry"]))
+    flaky = _flaky(await run.aio_channel("main", interceptors=["retry"]))
     for i, request in enumerate(flaky_requests()):
         await run.aio_unary(f"flaky{i}", flaky, request)
 
 
 async def aio_wait_for_ready(run: Run) -> None:
-    stub = pb_grpc.EchoStub(run.aio_channel("nowhere"))
+    stub = pb_grpc.EchoStub(await run.aio_channel("nowhere", warm_up=False))
 
     async def timed(label, make_call):
         t0 = time.monotonic()
@@ -1058,28 +1125,28 @@ async def aio_wait_for_ready(run: Run) -> None:
 
 
 async def aio_limit_server_recv(run: Run) -> None:
-    stub = pb_grpc.EchoStub(run.aio_channel("small"))
+    stub = pb_grpc.EchoStub(await run.aio_channel("small"))
     await run.aio_unary("512KiB", stub.Unary, payload(1, 512 * KiB))
     await run.aio_unary("2MiB", stub.Unary, payload(2, 2 * MiB))
     await run.aio_unary("after", stub.Unary, payload(3, 1 * KiB))
 
 
 async def aio_limit_client_recv(run: Run) -> None:
-    stub = pb_grpc.EchoStub(run.aio_channel("main"))
+    stub = pb_grpc.EchoStub(await run.aio_channel("main"))
     await run.aio_unary("reply-2MiB", stub.Unary, payload(1, 1 * KiB, reply_size=2 * MiB))
     await run.aio_unary("reply-8MiB", stub.Unary, payload(2, 1 * KiB, reply_size=8 * MiB))
     await run.aio_unary("after", stub.Unary, payload(3, 1 * KiB))
 
 
 async def aio_limit_raised(run: Run) -> None:
-    stub = pb_grpc.EchoStub(run.aio_channel("big", options=BIG_OPTIONS))
+    stub = pb_grpc.EchoStub(await run.aio_channel("big", options=BIG_OPTIONS))
     await run.aio_unary("16MiB", stub.Unary, payload(1, 16 * MiB, reply_size=16 * MiB))
 
 
 async def aio_shared_config(run: Run) -> None:
     config = run.config() if run.mode != "plain" else None
-    a = pb_grpc.EchoStub(run.aio_channel("main", config=config, label="shmgrpc-server"))
-    b = pb_grpc.EchoStub(run.aio_channel("plain_main", config=config, label="plain-server"))
+    a = pb_grpc.EchoStub(await run.aio_channel("main", config=config, label="shmgrpc-server"))
+    b = pb_grpc.EchoStub(await run.aio_channel("plain_main", config=config, label="plain-server"))
     for i in range(2):
         await run.aio_unary(f"a{i}", a.Unary, payload(10 + i, 300 * KiB, reply_size=200 * KiB), suffix="/a")
         await run.aio_unary(f"b{i}", b.Unary, payload(20 + i, 300 * KiB, reply_size=200 * KiB), suffix="/b")
@@ -1090,7 +1157,7 @@ async def aio_shared_config(run: Run) -> None:
 
 async def aio_auth(run: Run) -> None:
     auth = [(AUTH_KEY, AUTH_VALUE)]
-    a = pb_grpc.EchoStub(run.aio_channel("auth", label="per-call metadata"))
+    a = pb_grpc.EchoStub(await run.aio_channel("auth", label="per-call metadata"))
     await run.aio_unary("md-uu", a.Unary, payload(1, 300 * KiB, reply_size=200 * KiB), extra=auth)
     await run.aio_stream("md-ss", lambda: a.BidiStream(_agen([payload(2, 300 * KiB), payload(3, 1 * KiB)]),
                                                metadata=run.md(extra=auth), timeout=CALL_TIMEOUT))
@@ -1098,17 +1165,18 @@ async def aio_auth(run: Run) -> None:
     await run.aio_stream("none-ss", lambda: a.BidiStream(_agen([payload(5, 300 * KiB)]), metadata=run.md(),
                                                  timeout=CALL_TIMEOUT))
     await run.aio_unary("md-uu-again", a.Unary, payload(6, 300 * KiB), extra=auth)
-    b = pb_grpc.EchoStub(run.aio_channel("auth", interceptors=["add-auth"], label="interceptor"))
+    b = pb_grpc.EchoStub(await run.aio_channel("auth", interceptors=["add-auth"], label="interceptor"))
     await run.aio_unary("icpt-uu", b.Unary, payload(7, 300 * KiB, reply_size=200 * KiB))
     await run.aio_stream("icpt-ss", lambda: b.BidiStream(_agen([payload(8, 300 * KiB)]), metadata=run.md(),
                                                  timeout=CALL_TIMEOUT))
-    c = pb_grpc.EchoStub(run.aio_channel("auth", label="unauthenticated first"))
+    c = pb_grpc.EchoStub(await run.aio_channel("auth", label="unauthenticated first", warm_up=False))
     await run.aio_unary("first-none", c.Unary, payload(9, 300 * KiB))
     await run.aio_unary("then-md", c.Unary, payload(10, 300 * KiB), extra=auth)
+    await run.aio_unary("then-md-again", c.Unary, payload(11, 300 * KiB), extra=auth)
 
 
 async def aio_errors(run: Run) -> None:
-    stub = pb_grpc.EchoStub(run.aio_channel("main"))
+    stub = pb_grpc.EchoStub(await run.aio_channel("main"))
     fail = payload(1, 300 * KiB, note="fail")
 
     call = stub.Unary(fail, metadata=run.md(), timeout=CALL_TIMEOUT)

@@ -39,10 +39,12 @@ from protos import echo_test_pb2_grpc as pb_grpc
 from tests.conftest import (
     CALL_TIMEOUT,
     MiB,
+    THRESHOLD,
     KiB,
     client_config,
     counts,
     delta,
+    learn_route_aio,
     shm_names,
     spawn,
     suite_env,
@@ -87,6 +89,11 @@ class AioClient:
             )
         assert isinstance(self.channel, shmgrpc.aio.Channel) and isinstance(self.channel, grpc.aio.Channel)
         self.stub = pb_grpc.EchoStub(self.channel)
+
+    async def learned(self) -> "AioClient":
+        """This client, its channel's route learned (see conftest.learn_route)."""
+        await learn_route_aio(self.stub, max(THRESHOLD, self.channel._engine.config.threshold))
+        return self
 
     def stats(self) -> dict:
         return self.channel.stats()
@@ -190,7 +197,7 @@ def test_every_shape_offloads_both_ways(servers, make_client, transport, client_
     else:
 
         async def run():
-            client = AioClient(server.unix_target, config)
+            client = await AioClient(server.unix_target, config).learned()
             try:
                 answers = await aio_workload(client.stub)
                 check_settled(client.channel, transport)
@@ -245,37 +252,37 @@ class Methods:
         self.interceptors = [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
 
 
-def test_concurrent_first_calls_share_one_handshake(servers, transport):
-    """Eight calls start at once on a new channel: one of them makes the
-    channel's one handshake and the others make none: they join it (as
-    shmgrpc.aio._channel documents), so every first large message is
-    offloaded too, every answer is right, and no handshake follows."""
+def test_concurrent_first_calls_learn_the_route_without_a_handshake(servers, transport):
+    """Eight large calls start at once on a new channel. There is no
+    handshake call: each carries the hello and goes inline (the channel has
+    no route yet), every answer is right, and their trailers settle the
+    channel. The interceptors inside the wrapper see only the application's
+    calls. The next eight are offloaded both ways."""
     server = servers.shared(suite_env(transport), ["--aio"])
     before = server.stats()["interceptor"]
 
     async def run():
         methods = Methods()
-        client = AioClient(server.unix_target, client_config(transport), make="insecure", interceptors=methods.interceptors)
+        client = AioClient(server.unix_target, client_config(transport), make="insecure",
+                           interceptors=methods.interceptors)
         try:
             assert client.channel.status().settled is False
             requests = [message(i, 256 * KiB) for i in range(8)]
             answers = await asyncio.gather(*(client.stub.Unary(r, timeout=CALL_TIMEOUT) for r in requests))
             assert [a.body for a in answers] == [r.body for r in requests]
-            assert methods.seen.count(wire.HANDSHAKE_METHOD) == 1, methods.seen
-            # Every call waited for the one handshake, so all were offloaded both ways.
-            first = counts(client.stats(), transport)
-            assert first == (8, 8), first
+            assert methods.seen == ["/shmgrpc.testing.v1.Echo/Unary"] * 8, methods.seen
+            assert counts(client.stats(), transport) == (0, 0)
             after = server.stats()["interceptor"]
             for direction in ("offloaded", "restored"):
-                assert delta(after, before, "by_transport", transport, direction, "count") == 8, after
+                assert delta(after, before, "by_transport", transport, direction, "count") == 0, after
             check_settled(client.channel, transport)
 
             before_more = server.stats()["interceptor"]
             more = [message(10 + i, 256 * KiB) for i in range(8)]
             answers = await asyncio.gather(*(client.stub.Unary(r, timeout=CALL_TIMEOUT) for r in more))
             assert [a.body for a in answers] == [r.body for r in more]
-            assert methods.seen.count(wire.HANDSHAKE_METHOD) == 1
-            assert counts(client.stats(), transport) == (first[0] + 8, first[1] + 8)
+            assert wire.HANDSHAKE_METHOD not in methods.seen
+            assert counts(client.stats(), transport) == (8, 8)
             after = server.stats()["interceptor"]
             for direction in ("offloaded", "restored"):
                 assert delta(after, before_more, "by_transport", transport, direction, "count") == 8, after
@@ -297,7 +304,7 @@ def test_response_stream_read_and_async_for_through_the_wrapper(servers, transpo
     server = servers.shared(suite_env(transport), ["--aio"])
 
     async def run():
-        client = AioClient(server.unix_target, client_config(transport), make="insecure")
+        client = await AioClient(server.unix_target, client_config(transport), make="insecure").learned()
         try:
             call = client.stub.ServerStream(pb.Payload(seq=4, reply_size=300 * KiB), timeout=CALL_TIMEOUT)
             assert isinstance(call, grpc.aio.UnaryStreamCall)
@@ -336,7 +343,7 @@ def test_write_done_writing_read_through_the_wrapper(servers, transport):
     server = servers.shared(suite_env(transport), ["--aio"])
 
     async def run():
-        client = AioClient(server.unix_target, client_config(transport))
+        client = await AioClient(server.unix_target, client_config(transport)).learned()
         try:
             requests = stream_requests()
             call = client.stub.ClientStream(timeout=CALL_TIMEOUT)
@@ -370,14 +377,13 @@ def test_write_done_writing_read_through_the_wrapper(servers, transport):
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("when", ["at-once", "mid-handshake"])
-def test_cancel_before_the_handshake_finished(servers, transport, when):
-    """The first call of a fresh channel is cancelled while its start (the
-    channel's handshake) is pending: before the task began, or while the
-    handshake call is in flight. The call is cancelled as a grpc.aio call
-    would be (cancel() True, cancelled(), done(), its done callbacks run,
-    awaiting it raises CancelledError), nothing is held, and the channel
-    shakes hands with its next call and offloads."""
+def test_cancel_the_first_call_of_a_fresh_channel(servers, transport):
+    """The first (large) call of a fresh channel is cancelled at once, before
+    any answer could bring the route. The call is cancelled as a grpc.aio
+    call would be (cancel() True, cancelled(), done(), its done callbacks
+    run, awaiting it raises CancelledError), nothing is held, no handshake
+    call is ever made, and the channel learns its route from its next calls
+    and offloads."""
     server = servers.shared(suite_env(transport), ["--aio"])
     mine_before = set(shm_names(os.getpid()))
 
@@ -389,33 +395,19 @@ def test_cancel_before_the_handshake_finished(servers, transport, when):
             assert isinstance(call, grpc.aio.UnaryUnaryCall)
             done = []
             call.add_done_callback(done.append)
-            if when == "mid-handshake":
-                for _ in range(20):  # the start task runs and sends the handshake call
-                    if wire.HANDSHAKE_METHOD in methods.seen:
-                        break
-                    await asyncio.sleep(0)
-                assert methods.seen == [wire.HANDSHAKE_METHOD]
-            else:
-                assert methods.seen == []
             assert client.channel.status().settled is False
             assert not call.done()
             assert call.cancel() is True
-            assert call.cancel() is False  # once
-            assert call.cancelled() and call.done()
-            assert done == [call]
             with pytest.raises(asyncio.CancelledError):
                 await call
-            call.add_done_callback(done.append)  # on a done call: at once
-            assert done == [call, call]
+            assert call.cancelled() and call.done()
+            assert done == [call]
+            assert client.channel.status().settled is False  # a cancelled call says nothing
 
-            # A stream call cancelled before its handshake: its writer and
-            # reader say so the way grpc.aio's do.
             fresh = AioClient(server.unix_target, client_config(transport))
             try:
                 bidi = fresh.stub.BidiStream(timeout=CALL_TIMEOUT)
                 assert bidi.cancel() is True
-                with pytest.raises(asyncio.CancelledError):
-                    await bidi.write(message(2, 1 * MiB))
                 with pytest.raises(asyncio.CancelledError):
                     await bidi.read()
             finally:
@@ -423,11 +415,11 @@ def test_cancel_before_the_handshake_finished(servers, transport, when):
 
             assert counts(client.stats(), transport) == (0, 0)
             assert drained(client.stats()["pool"])
-            assert methods.seen in ([], [wire.HANDSHAKE_METHOD])  # the cancelled call itself never went out
-            request = message(3, 1 * MiB)
-            assert (await client.stub.Unary(request, timeout=CALL_TIMEOUT)).body == request.body
+            for seq in (3, 4):  # the first learns the route (inline), the second is offloaded
+                request = message(seq, 1 * MiB)
+                assert (await client.stub.Unary(request, timeout=CALL_TIMEOUT)).body == request.body
             assert counts(client.stats(), transport) == (1, 1)
-            assert methods.seen[-2:] == [wire.HANDSHAKE_METHOD, "/shmgrpc.testing.v1.Echo/Unary"]
+            assert wire.HANDSHAKE_METHOD not in methods.seen
             check_settled(client.channel, transport)
             assert drained(await pool_drained(client.stats))
         finally:
@@ -438,8 +430,8 @@ def test_cancel_before_the_handshake_finished(servers, transport, when):
     assert left == set(), f"this test left {sorted(left)} in /dev/shm"
 
 
-def test_a_call_cancelled_before_its_handshake_reports_cancelled(servers):
-    """grpc.aio's Call contract, for a call cancelled before it started:
+def test_a_first_call_cancelled_at_once_reports_cancelled(servers):
+    """grpc.aio's Call contract, for the first call of a channel cancelled at once:
     code() is CANCELLED and the metadata methods return, as they do for a
     plain grpc.aio call cancelled at once. They must not raise
     CancelledError into a task nobody cancelled."""
@@ -451,7 +443,7 @@ def test_a_call_cancelled_before_its_handshake_reports_cancelled(servers):
         try:
             outcomes = []
             for channel in (plain, client.channel):
-                call = pb_grpc.EchoStub(channel).Unary(pb.Payload(), timeout=CALL_TIMEOUT)
+                call = pb_grpc.EchoStub(channel).Unary(message(1, 1 * MiB), timeout=CALL_TIMEOUT)
                 assert call.cancel()
                 outcome = {}
                 for name in ("code", "details", "initial_metadata", "trailing_metadata"):
@@ -495,26 +487,38 @@ GOOD = BytesValue(value=b"genuine").SerializeToString()
 
 
 class HandshakeOnly(grpc.aio.ServerInterceptor):
-    """A fake shmgrpc server: a genuine shmgrpc engine answers the handshake
-    (so the client's calls are framed and it reads their response frames),
-    but nothing of shmgrpc touches the calls themselves: their handlers send
-    raw bytes, forged frames included."""
+    """A fake shmgrpc server: a genuine shmgrpc engine answers the hello of a
+    first contact (its welcome in the trailers: the client's later calls are
+    framed and it reads their response frames), but nothing of shmgrpc
+    touches the framed calls themselves: their handlers send raw bytes,
+    forged frames included."""
 
     def __init__(self, config: shmgrpc.Config):
         self.shmgrpc = shmgrpc.aio.ServerInterceptor(config, options=GRPC_OPTIONS)
 
     async def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method == wire.HANDSHAKE_METHOD:
-            return await self.shmgrpc.intercept_service(continuation, handler_call_details)
-        return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        hello = wire.metadata_value(handler_call_details.invocation_metadata, wire.HELLO_KEY)
+        route = self.shmgrpc._engine.server_route(hello) if hello is not None else None
+        if handler is None or route is None or route.framed:
+            return handler
+        return self.shmgrpc.handler_for(handler_call_details, handler)
+
+
+LEARN = b"learn"  # a request the forge answers large, in genuine bytes
 
 
 def forge_handler():
     async def unary(request, context):
+        if request.startswith(LEARN):
+            return BytesValue(value=request).SerializeToString()
         assert wire.metadata_value(context.invocation_metadata(), wire.HELLO_KEY) is not None  # framed
         return FORGED[request][0] if request in FORGED else GOOD
 
     async def stream(request, context):  # a genuine message first, then the forgery
+        if request == LEARN:  # a small request answered large
+            yield BytesValue(value=LEARN + bytes(THRESHOLD)).SerializeToString()
+            return
         yield GOOD
         yield FORGED[request][0]
 
@@ -556,8 +560,13 @@ def test_a_forged_response_handle_is_an_aio_error_with_its_own_status(tmp_path):
         stream = channel.unary_stream(f"/{FORGE}/Stream", **ser)
         bidi = channel.stream_stream(f"/{FORGE}/Bidi", **ser)
         try:
-            assert (await unary(b"hello", timeout=CALL_TIMEOUT)).value == b"genuine"  # after the handshake
+            # A large request carries the hello and learns the route; Unary and
+            # Stream answer large once, so their small calls carry it too.
+            learn = LEARN + bytes(THRESHOLD)
+            assert (await unary(learn, timeout=CALL_TIMEOUT)).value == learn
+            assert [r.value async for r in stream(LEARN, timeout=CALL_TIMEOUT)] == [learn]
             check_settled(channel, "shm")
+            assert (await unary(b"hello", timeout=CALL_TIMEOUT)).value == b"genuine"
 
             def check(err: grpc.aio.AioRpcError, key: bytes):
                 _, code, words = FORGED[key]
@@ -678,20 +687,29 @@ def test_reader_writer_and_sync_handlers_on_an_aio_server(transport, tmp_path):
             ser = dict(request_serializer=BytesValue.SerializeToString, response_deserializer=BytesValue.FromString)
             channel = client.channel
             parts = [pattern(100 * KiB, i) for i in range(3)]
-            pulled = await channel.stream_unary(f"/{SERVICE}/Pull", **ser)(
-                (BytesValue(value=p) for p in parts), timeout=CALL_TIMEOUT
-            )
-            assert pulled.value == b"".join(parts)
             body = pattern(150 * KiB, 7)
-            pushed = [r.value async for r in channel.unary_stream(f"/{SERVICE}/Push", **ser)(BytesValue(value=body))]
-            assert pushed == [body[i:] + body[:i] for i in range(3)]
-            echoed = await channel.unary_unary(f"/{SERVICE}/SyncEcho", **ser)(BytesValue(value=body))
-            assert echoed.value == body
-            bidi = channel.stream_stream(f"/{SERVICE}/SyncBidi", **ser)(iter([BytesValue(value=p) for p in parts]))
-            assert [r.value async for r in bidi] == parts
+
+            async def every_shape():
+                pulled = await channel.stream_unary(f"/{SERVICE}/Pull", **ser)(
+                    (BytesValue(value=p) for p in parts), timeout=CALL_TIMEOUT
+                )
+                assert pulled.value == b"".join(parts)
+                pushed = [r.value async for r in channel.unary_stream(f"/{SERVICE}/Push", **ser)(BytesValue(value=body))]
+                assert pushed == [body[i:] + body[:i] for i in range(3)]
+                echoed = await channel.unary_unary(f"/{SERVICE}/SyncEcho", **ser)(BytesValue(value=body))
+                assert echoed.value == body
+                bidi = channel.stream_stream(f"/{SERVICE}/SyncBidi", **ser)(iter([BytesValue(value=p) for p in parts]))
+                assert [r.value async for r in bidi] == parts
+
+            # The first round learns the route (its first call carries the
+            # hello, inline) and that Push answers large (its request is small).
+            await every_shape()
+            mine, theirs = counts(client.stats(), transport), counts(interceptor.stats(), transport)
+            await every_shape()
             # requests: 3 pulled + 1 push + 1 echo + 3 bidi; responses: 1 pull + 3 push + 1 echo + 3 bidi
-            assert counts(client.stats(), transport) == (8, 8)
-            assert counts(interceptor.stats(), transport) == (8, 8)
+            after_mine, after_theirs = counts(client.stats(), transport), counts(interceptor.stats(), transport)
+            assert (after_mine[0] - mine[0], after_mine[1] - mine[1]) == (8, 8)
+            assert (after_theirs[0] - theirs[0], after_theirs[1] - theirs[1]) == (8, 8)
             assert client.stats()["errors"] == {} and interceptor.stats()["errors"] == {}
         finally:
             await client.close()
@@ -822,7 +840,7 @@ def test_cancel_and_deadline_mid_stream_leave_nothing_held(fresh_server, transpo
     mine_before = set(shm_names(os.getpid()))
 
     async def run():
-        client = AioClient(server.unix_target, client_config(transport))
+        client = await AioClient(server.unix_target, client_config(transport)).learned()
         try:
             await client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # handshake
 
@@ -886,7 +904,7 @@ def test_an_ended_call_does_not_free_its_slots_next_use(servers):
     server = servers.shared(suite_env("shm"), ["--aio"])
 
     async def run():
-        client = AioClient(server.unix_target, client_config("shm", segment_size="1MiB"))
+        client = await AioClient(server.unix_target, client_config("shm", segment_size="1MiB")).learned()
         try:
             await client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # handshake
             before = server.stats()["interceptor"]
@@ -915,7 +933,7 @@ def test_a_reused_response_slot_is_data_loss_as_an_aio_error(servers):
     )
 
     async def run():
-        client = AioClient(server.unix_target, client_config("shm"))
+        client = await AioClient(server.unix_target, client_config("shm")).learned()
         try:
             await client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # handshake
             call = client.stub.ServerStream(pb.Payload(seq=30, reply_size=2 * MiB, delay=0.1), timeout=CALL_TIMEOUT)
@@ -953,7 +971,7 @@ def test_server_restart_behind_the_same_address(fresh_server, server_kind, tmp_p
         return response.server_pid
 
     async def run():
-        client = AioClient(f"unix:{path}", client_config("cma"))
+        client = await AioClient(f"unix:{path}", client_config("cma")).learned()
         try:
             assert await call(client, 1) == first.pid
             assert first.stop() == 0

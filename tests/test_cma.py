@@ -151,7 +151,7 @@ channel = shmgrpc.intercept_channel(
     options=options,
 )
 stub = pb_grpc.EchoStub(channel)
-stub.Unary(pb.Payload(seq=0), timeout=30)  # handshake
+stub.Unary(pb.Payload(seq=0, body=b"r" * int(threshold)), timeout=30)  # carries the hello: learns the route
 
 def requests():
     yield pb.Payload(seq=0, body=b"wait", delay=2.0)

@@ -62,7 +62,8 @@ def test_shmgrpc_client_plain_server(servers, make_client, transport):
     echo_all_shapes(client)
     stats = client.stats()
     assert_nothing_offloaded(stats)
-    assert "UNIMPLEMENTED" in stats["notes"]["server"]
+    assert "answered our hello without a welcome" in stats["notes"]["server"]
+    assert client.wrapper.status().settled and client.wrapper.status().transport == "inline"
 
 
 def test_plain_client_shmgrpc_server(make_client, echo_server):
@@ -92,7 +93,8 @@ def test_transport_off_on_the_server(servers, make_client, transport):
     echo_all_shapes(client)
     stats = client.stats()
     assert_nothing_offloaded(stats)
-    assert "UNIMPLEMENTED" in stats["notes"]["server"]
+    assert "answered our hello without a welcome" in stats["notes"]["server"]
+    assert client.wrapper.status().settled and client.wrapper.status().transport == "inline"
     after = server.stats()["shmgrpc"]
     assert_server_untouched(after, before)
     assert after["notes"].get("disabled") == "SHMGRPC_TRANSPORT=off"
@@ -106,7 +108,7 @@ def test_peer_in_another_shm_directory_is_not_colocated(make_client, echo_server
     client = make_client(echo_server.unix_target, client_config(transport, shm_dir=str(tmp_path)))
     echo_all_shapes(client)
     assert_nothing_offloaded(client.stats())
-    assert "could not prove it shares this host" in client.stats()["notes"]["server"]
+    assert "cannot prove it shares this host" in client.stats()["notes"]["server"]
     after = echo_server.stats()["shmgrpc"]
     assert_server_untouched(after, before)
     assert delta(after, before, "fallbacks", "peer_not_colocated") >= 1

@@ -336,11 +336,13 @@ def memfd_counts(stats: dict) -> tuple:
 
 def raw_welcome(target: str, inst: Optional[bytes] = None):
     """Ask a server for a welcome (side address and a fresh ticket) with a
-    hello of our own making: (our inst, the decoded welcome)."""
+    hello of our own making, on an ordinary call (an empty Echo request), as
+    a client's first calls that carry the hello get theirs, in the trailers:
+    (our inst, the decoded welcome)."""
     inst = inst or os.urandom(16)
     hello = wire.encode_hello(wire.Hello(inst, session.NO_SEGMENT, "m", None, None, None, -1))
     with grpc.insecure_channel(target) as channel:
-        _, call = channel.unary_unary(wire.HANDSHAKE_METHOD).with_call(
+        _, call = channel.unary_unary(ECHO_UNARY).with_call(
             b"", metadata=[(wire.HELLO_KEY, hello)], timeout=10)
         text = wire.metadata_value(call.trailing_metadata(), wire.WELCOME_KEY)
     assert text, "the server sent no welcome"

@@ -14,10 +14,11 @@ from ._client import (
     UnaryUnaryClientInterceptor,
     client_interceptors,
 )
-from ._server import ServerInterceptor, server
+from ._server import Server, ServerInterceptor, server
 
 __all__ = [
     "Channel",
+    "Server",
     "ServerInterceptor",
     "StreamStreamClientInterceptor",
     "StreamUnaryClientInterceptor",

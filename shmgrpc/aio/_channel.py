@@ -1,21 +1,16 @@
 """The grpc.aio client: a grpc.aio.Channel that wraps another, one engine per
-channel. The same design as the sync wrapper (shmgrpc._channel): each call
-gets a multicallable of the inner channel built with the caller's own
-(de)serializers wrapped for that call's route (shmgrpc._codec).
+channel. The same design as the sync wrapper (shmgrpc._channel): the same
+calls carry the hello, the same multicallables serve those that do not, and
+a call that may carry a handle gets a multicallable of the inner channel
+built with the caller's own (de)serializers wrapped for its route.
 
-What differs is only the waiting. grpc.aio's multicallables return a call
-object at once and do their work in tasks; so does this wrapper:
-
-- a channel that is plain: the inner channel's own call, untouched;
-- a channel that knows its route: the inner call, started at once, behind a
-  thin proxy that frees the call's offloaded requests when it ends and turns
-  a response handle that could not be restored into an AioRpcError with its
-  own status (grpc.aio would hand the caller None with status OK:
-  grpc/aio/_call.py logs a deserializer's exception and returns None);
-- the channel's first call: the proxy starts a task that does the handshake
-  (with the caller's metadata, credentials and wait_for_ready, within a
-  share of its deadline) and then the call; every method of the proxy waits
-  for that start.
+grpc.aio's multicallables return a call object at once and do their work in
+tasks; so does this wrapper: a call that carries the hello is the inner
+call, started at once, behind a thin proxy that frees the call's offloaded
+requests when it ends, learns the route from its trailers, and turns a
+response handle that could not be restored into an AioRpcError with its own
+status (grpc.aio would hand the caller None with status OK:
+grpc/aio/_call.py logs a deserializer's exception and returns None).
 
 Restoring runs where grpc.aio deserializes, on the event loop: a parse of a
 large message blocks the loop there, as it does in plain grpc.aio.
@@ -23,7 +18,6 @@ large message blocks the loop there, as it does in plain grpc.aio.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -32,8 +26,10 @@ from grpc import aio
 
 from .. import wire
 from .._channel import (
+    MethodPath,
+    _presized,
     _target_of,
-    handshake_timeout,
+    presized_serializer,
     remaining,
     resend_reason,
     with_hello,
@@ -41,10 +37,9 @@ from .._channel import (
 )
 from .._codec import CallCodec, Tickets
 from .._core import ChannelStatus, Engine, EngineOwner
-from ..config import Config
+from ..config import Config, check_config
 
 
-_LOCALLY_CANCELLED = "Locally cancelled by application!"  # grpc/aio/_call.py's words
 
 
 def _clean(err: aio.AioRpcError) -> aio.AioRpcError:
@@ -64,77 +59,51 @@ def _error_of(codec: CallCodec, initial, trailing, inner_debug: Optional[str] = 
 
 
 class _Call:
-    """What all four call shapes share: the start (maybe after a handshake)
-    and the grpc.aio.Call surface, forwarded once started."""
+    """What all four call shapes share: the start and the grpc.aio.Call
+    surface, forwarded to the inner call."""
 
     def __init__(self, multicallable: "_MultiCallable", request, timeout, metadata, credentials,
-                 wait_for_ready, compression):
+                 wait_for_ready, compression, first_contact: bool):
         self._mc = multicallable
         self._request = request
         self._args = (timeout, metadata, credentials, wait_for_ready, compression)
         self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._inner = None
+        self._inner: Any = None
         self._codec: Optional[CallCodec] = None
-        self._tickets: Optional[Tickets] = None
-        self._cancelled = False
-        self._callbacks = []
         self._failure: Optional[aio.AioRpcError] = None
-        self._starting: Optional[asyncio.Task] = None
-
-    # -- start
+        self._first_contact = first_contact
+        self._learned = False
 
     def _start_now(self, state, timeout: Optional[float]) -> None:
         """Start the inner call with this route state (None: plain)."""
         _, metadata, credentials, wait_for_ready, compression = self._args
         mc = self._mc
+        tickets = None
         if state is None:
-            multicallable, md = mc._plain, metadata
+            multicallable, md = mc._quiet, metadata
         else:
             hello, route = state
             engine = mc._channel._engine
-            self._tickets = Tickets(engine)
-            self._codec = CallCodec(engine, route, keep=self._tickets.add)
-            multicallable = mc._factory()(mc._method, self._codec.serializer(mc._serializer),
-                                          self._codec.deserializer(mc._deserializer))
+            tickets = Tickets(engine)
+            self._codec = CallCodec(engine, route, keep=tickets.add)
+            if self._codec.framed:
+                multicallable = mc._factory()(mc._method, self._codec.serializer(mc._serializer),
+                                              self._codec.deserializer(mc._deserializer))
+            else:  # first contact: inline, the welcome comes in the trailers
+                multicallable = mc._quiet
             md = with_hello(metadata, hello)
         self._inner = multicallable(self._request, timeout=timeout, metadata=md, credentials=credentials,
                                     wait_for_ready=wait_for_ready, compression=compression)
-        if self._tickets is not None:
-            tickets = self._tickets
+        if tickets is not None:
             self._inner.add_done_callback(lambda _: tickets.release())
-        for callback in self._callbacks:
-            self._inner.add_done_callback(callback)
-        self._callbacks = []
 
-    def _start_later(self) -> None:
-        self._starting = asyncio.get_running_loop().create_task(self._handshake_then_start())
-
-    async def _handshake_then_start(self) -> None:
-        timeout, metadata, credentials, wait_for_ready, compression = self._args
-        channel = self._mc._channel
-        await channel._handshake(timeout, metadata, credentials, wait_for_ready, compression)
-        if self._cancelled:
-            return
-        self._start_now(channel._engine.client_call_state(), remaining(self._deadline))
-
-    async def _started(self):
-        if self._inner is None and self._starting is not None and not self._cancelled:
-            await asyncio.shield(self._starting)
-        return self._inner  # None: cancelled before it started (see _Cancelled)
-
-    async def _live(self):
-        """The started inner call; CancelledError for a call cancelled before
-        it started, as grpc.aio raises for its own cancelled calls."""
-        inner = await self._started()
-        if inner is None:
-            raise asyncio.CancelledError()
-        return inner
-
-    async def _learn(self, inner) -> None:
-        """After a call that carried the hello: a welcome in its trailers
-        tells us our route (a new one after a reconnect)."""
-        if self._codec is not None:
-            self._mc._channel._engine.client_welcome(await inner.trailing_metadata())
+    async def _learn(self, inner, ok: bool) -> None:
+        """After a call that carried the hello: its trailers tell us our
+        route (a welcome), or that the server has no shmgrpc (a first
+        contact that ended OK without one)."""
+        if self._codec is not None and not self._learned:
+            self._learned = True
+            self._mc._channel._engine.client_answered(ok, await inner.trailing_metadata(), self._first_contact)
 
     async def _restore_failed(self, inner) -> aio.AioRpcError:
         inner.cancel()
@@ -151,77 +120,43 @@ class _Call:
     # -- grpc.aio.Call
 
     def cancel(self) -> bool:
-        if self._inner is not None:
-            return self._inner.cancel()
-        if self._cancelled:
-            return False
-        self._cancelled = True
-        if self._starting is not None:
-            self._starting.cancel()
-        for callback in self._callbacks:
-            callback(self)
-        self._callbacks = []
-        return True
+        return self._inner.cancel()
 
     def cancelled(self) -> bool:
-        return self._inner.cancelled() if self._inner is not None else self._cancelled
+        return self._inner.cancelled()
 
     def done(self) -> bool:
-        return self._inner.done() if self._inner is not None else self._cancelled
+        return self._inner.done()
 
     def time_remaining(self) -> Optional[float]:
-        if self._inner is not None:
-            return self._inner.time_remaining()
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        return self._inner.time_remaining()
 
     def add_done_callback(self, callback) -> None:
-        wrapped = lambda _: callback(self)  # noqa: E731 - the callback gets this call, as grpc.aio's do
-        if self._inner is not None:
-            self._inner.add_done_callback(wrapped)
-        elif self._cancelled:
-            callback(self)
-        else:
-            self._callbacks.append(wrapped)
+        self._inner.add_done_callback(lambda _: callback(self))  # the callback gets this call, as grpc.aio's do
 
     async def initial_metadata(self):
-        inner = await self._started()
-        return aio.Metadata() if inner is None else await inner.initial_metadata()
+        return await self._inner.initial_metadata()
 
     async def trailing_metadata(self):
-        inner = await self._started()
-        if inner is None:
-            return aio.Metadata()
-        trailing = await inner.trailing_metadata()
+        trailing = await self._inner.trailing_metadata()
         if trailing is None or wire.metadata_value(trailing, wire.WELCOME_KEY) is None:
             return trailing
         return aio.Metadata(*without_welcome(tuple(trailing)))
 
     async def code(self) -> grpc.StatusCode:
-        inner = await self._started()
-        if inner is None:
-            return grpc.StatusCode.CANCELLED
-        code = await inner.code()
+        code = await self._inner.code()
         return self._failure.code() if self._failure is not None else code
 
     async def details(self) -> str:
-        inner = await self._started()
-        if inner is None:
-            return _LOCALLY_CANCELLED
-        details = await inner.details()
+        details = await self._inner.details()
         return self._failure.details() if self._failure is not None else details
 
     async def debug_error_string(self) -> Optional[str]:
-        inner = await self._started()
-        if inner is None:
-            return None
-        text = await inner.debug_error_string()
+        text = await self._inner.debug_error_string()
         return self._failure.debug_error_string() if self._failure is not None else text
 
     async def wait_for_connection(self) -> None:
-        inner = await self._started()
-        if inner is None:
-            raise asyncio.CancelledError()  # as grpc.aio's own cancelled call does
-        return await inner.wait_for_connection()
+        return await self._inner.wait_for_connection()
 
 
 class _UnaryResponse:
@@ -231,19 +166,19 @@ class _UnaryResponse:
         return self._response().__await__()
 
     async def _response(self):
-        inner = await self._live()
+        inner = self._inner
         try:
             response = await inner
         except aio.AioRpcError as err:
             reason = resend_reason(err, self._codec) if self._resendable else None
             if reason is None:
-                await self._learn(inner)
+                await self._learn(inner, False)
                 raise _clean(err) from None
             response = await self._resend(reason, err)
             inner = self._inner
         if self._codec is not None and self._codec.failure is not None:
             raise await self._restore_failed(inner)
-        await self._learn(inner)
+        await self._learn(inner, True)
         return response
 
     async def _resend(self, reason: str, err: aio.AioRpcError):
@@ -269,13 +204,14 @@ class _StreamResponse:
     """read() and async iteration of unary-stream and stream-stream calls."""
 
     async def read(self):
-        inner = await self._live()
+        inner = self._inner
         try:
             response = await inner.read()
         except aio.AioRpcError as err:
+            await self._learn(inner, False)
             raise _clean(err) from None
         if response is aio.EOF:
-            await self._learn(inner)
+            await self._learn(inner, await inner.code() == grpc.StatusCode.OK)
         elif self._codec is not None and self._codec.failure is not None:
             raise await self._restore_failed(inner)
         return response
@@ -295,10 +231,10 @@ class _RequestStream:
     """write() and done_writing() of stream-unary and stream-stream calls."""
 
     async def write(self, request) -> None:
-        await (await self._live()).write(request)
+        await self._inner.write(request)
 
     async def done_writing(self) -> None:
-        await (await self._live()).done_writing()
+        await self._inner.done_writing()
 
 
 class UnaryUnaryCall(_UnaryResponse, _Call, aio.UnaryUnaryCall):
@@ -320,15 +256,19 @@ class StreamStreamCall(_RequestStream, _StreamResponse, _Call, aio.StreamStreamC
 class _MultiCallable:
     _kind = ""
     _call_type: type = _Call
+    _always_hello = False  # a request stream: it may carry a handle, whatever its first message
 
     def __init__(self, channel: "Channel", method: str, serializer, deserializer, registered: bool):
         self._channel = channel
         self._method = method
-        self._serializer = serializer
-        self._deserializer = deserializer
-        self._registered = registered
+        self._path = MethodPath(channel._engine, method, serializer, channel._answers_large)
+        self._serializer = presized_serializer(serializer)
+        self._deserializer = self._path.noting(deserializer)  # framed calls note large answers too
         kwargs = {"_registered_method": True} if registered else {}
-        self._plain = self._factory()(method, serializer, deserializer, **kwargs)  # made now, as a stub does
+        factory = self._factory()
+        # Made now, as a stub does (see shmgrpc._channel._MultiCallable).
+        self._plain = factory(method, serializer, deserializer, **kwargs)
+        self._quiet = factory(method, self._serializer, self._deserializer, **kwargs)
 
     def _factory(self):
         return getattr(self._channel._inner, self._kind)
@@ -336,16 +276,29 @@ class _MultiCallable:
     def __call__(self, request=None, *, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
                  compression=None):
         engine = self._channel._engine
-        state = engine.client_call_state()
-        if state is None:
+        if engine.plain:
             return self._plain(request, timeout=timeout, metadata=metadata, credentials=credentials,
                                wait_for_ready=wait_for_ready, compression=compression)
-        call = self._call_type(self, request, timeout, metadata, credentials, wait_for_ready, compression)
-        if engine.client_needs_handshake():
-            call._start_later()
+        token = None
+        if self._always_hello:
+            state = engine.client_call_state()
         else:
+            # grpc.aio serializes in the task it creates for the call, which
+            # copies this context: the bytes made here are the ones sent.
+            data = self._path.presize(request)
+            token = _presized.set((request, data))
+            state = None if self._path.quiet(data) else engine.client_call_state()
+        try:
+            if state is None:
+                return self._quiet(request, timeout=timeout, metadata=metadata, credentials=credentials,
+                                   wait_for_ready=wait_for_ready, compression=compression)
+            call = self._call_type(self, request, timeout, metadata, credentials, wait_for_ready, compression,
+                                   state[1] is None)
             call._start_now(state, timeout)
-        return call
+            return call
+        finally:
+            if token is not None:
+                _presized.reset(token)
 
 
 class UnaryUnaryMultiCallable(_MultiCallable, aio.UnaryUnaryMultiCallable):
@@ -361,11 +314,13 @@ class UnaryStreamMultiCallable(_MultiCallable, aio.UnaryStreamMultiCallable):
 class StreamUnaryMultiCallable(_MultiCallable, aio.StreamUnaryMultiCallable):
     _kind = "stream_unary"
     _call_type = StreamUnaryCall
+    _always_hello = True
 
 
 class StreamStreamMultiCallable(_MultiCallable, aio.StreamStreamMultiCallable):
     _kind = "stream_stream"
     _call_type = StreamStreamCall
+    _always_hello = True
 
 
 class Channel(EngineOwner, aio.Channel):
@@ -378,46 +333,10 @@ class Channel(EngineOwner, aio.Channel):
         if not isinstance(channel, aio.Channel):
             hint = " (a sync grpc channel: use shmgrpc.intercept_channel)" if isinstance(channel, grpc.Channel) else ""
             raise TypeError(f"shmgrpc.aio.intercept_channel needs a grpc.aio.Channel, not {type(channel).__name__}{hint}")
+        check_config(config, "shmgrpc.aio.intercept_channel")
         self._inner = channel
         self._engine = Engine(config, "client", options, name or type(channel).__name__)
-        self._shaking: Optional[asyncio.Future] = None  # the handshake in flight
-
-    async def _handshake(self, timeout, metadata, credentials, wait_for_ready, compression) -> None:
-        """The once-per-channel handshake call: a request stream of no message,
-        as in shmgrpc._channel.Channel._handshake. Calls started meanwhile
-        join it. A caller's cancel stops its own wait, not the handshake.
-        Nothing it raises reaches the caller."""
-        engine = self._engine
-        if not engine.client_needs_handshake():
-            return
-        shake = self._shaking
-        if shake is None or shake.done():
-            state = engine.client_call_state()
-            if state is None:
-                return
-            shake = self._shaking = asyncio.ensure_future(
-                self._shake(state[0], timeout, metadata, credentials, wait_for_ready, compression)
-            )
-        await asyncio.shield(shake)
-
-    async def _shake(self, hello, timeout, metadata, credentials, wait_for_ready, compression) -> None:
-        engine = self._engine
-        try:
-            call = self._inner.stream_unary(wire.HANDSHAKE_METHOD)(
-                iter(()), timeout=handshake_timeout(timeout), metadata=with_hello(metadata, hello),
-                credentials=credentials, wait_for_ready=wait_for_ready, compression=compression,
-            )
-            await call
-            engine.client_handshake_done(grpc.StatusCode.OK, await call.trailing_metadata())
-        except aio.AioRpcError as err:
-            engine.client_handshake_done(err.code(), err.trailing_metadata())
-        except asyncio.CancelledError:
-            # grpc.aio ends a request-streaming call whose deadline passed with
-            # CancelledError rather than AioRpcError; nothing else cancels
-            # this task (the caller's cancel stops at the shield).
-            engine.client_handshake_done(grpc.StatusCode.DEADLINE_EXCEEDED, ())
-        except Exception as err:  # the caller's own interceptor, on our call
-            engine.client_handshake_failed(err)
+        self._answers_large: set = set()  # methods that answered at or above the threshold (see MethodPath)
 
     # grpc.aio.Channel
 
@@ -480,7 +399,8 @@ def insecure_channel(target: str, options: Optional[Sequence[Tuple[str, Any]]] =
                      config: Optional[Config] = None) -> Channel:
     """grpc.aio.insecure_channel(target, options, compression, interceptors), wrapped.
     The interceptors run inside the wrapper and see the application's messages."""
-    return Channel(aio.insecure_channel(target, options, compression, interceptors), config, options, name=target)
+    inner = aio.insecure_channel(target, options=options, compression=compression, interceptors=interceptors)
+    return Channel(inner, config, options, name=target)
 
 
 def secure_channel(target: str, credentials: grpc.ChannelCredentials,
@@ -489,5 +409,6 @@ def secure_channel(target: str, credentials: grpc.ChannelCredentials,
                    interceptors: Optional[Sequence[aio.ClientInterceptor]] = None, *,
                    config: Optional[Config] = None) -> Channel:
     """grpc.aio.secure_channel(...), wrapped."""
-    return Channel(aio.secure_channel(target, credentials, options, compression, interceptors), config, options,
-                   name=target)
+    inner = aio.secure_channel(target, credentials, options=options, compression=compression,
+                               interceptors=interceptors)
+    return Channel(inner, config, options, name=target)

@@ -30,7 +30,7 @@ import contextvars
 import inspect
 import logging
 from concurrent import futures
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import grpc
 from grpc import aio
@@ -40,8 +40,17 @@ from .._codec import Failed, Tickets
 from .._core import Engine, EngineOwner, Route
 from .._server import _Context as _SyncContext
 from .._server import _Sent as _SyncSent
-from .._server import HandlerCache, _wrap_behavior, abort_details, call_codec, handshake_trailers, rebuild_handler
-from ..config import Config
+from .._server import (
+    Dispatch,
+    HandlerCache,
+    _wrap_behavior,
+    abort_details,
+    call_codec,
+    handshake_trailers,
+    rebuild_handler,
+    validate_generic_handlers,
+)
+from ..config import Config, check_config
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +193,7 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
 
     def __init__(self, config: Optional[Config] = None, *,
                  options: Optional[Sequence[Tuple[str, Any]]] = None) -> None:
+        check_config(config, "shmgrpc.aio.ServerInterceptor")
         self._engine = Engine(config, "server", options, "server")
         self._handlers = HandlerCache(self._wrap)
         self._warned = False
@@ -202,14 +212,23 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
         return self._intercept(continuation, handler_call_details)
 
     async def _intercept(self, continuation, details):
-        engine = self._engine
-        if details.method == wire.HANDSHAKE_METHOD:
-            return _handshake_handler(engine, details)
         handler = await continuation(details)
+        if handler is None:
+            return self.unknown(details)
+        return self.handler_for(details, handler)
+
+    def handler_for(self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """See shmgrpc.ServerInterceptor.handler_for."""
         hello = wire.metadata_value(details.invocation_metadata, wire.HELLO_KEY)
-        if handler is None or hello is None:
+        if hello is None:
             return handler
-        return self._handlers.get(engine.server_route(hello), handler)
+        return self._handlers.get(self._engine.server_route(hello), handler)
+
+    def unknown(self, details: grpc.HandlerCallDetails) -> Optional[grpc.RpcMethodHandler]:
+        """See shmgrpc.ServerInterceptor.unknown."""
+        if details.method == wire.HANDSHAKE_METHOD:
+            return _handshake_handler(self._engine, details)
+        return None
 
     def _wrap(self, route: Optional[Route], handler):
         """The handler for every call of `route`'s client (see HandlerCache)."""
@@ -245,6 +264,41 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
         return factory(refuse)
 
 
+class Server(aio.Server):
+    """A grpc.aio.Server with shmgrpc: what shmgrpc.aio.server() returns (see
+    shmgrpc.Server). `shmgrpc`: the ServerInterceptor behind it."""
+
+    def __init__(self, inner: aio.Server, interceptor: ServerInterceptor, dispatch: Dispatch) -> None:
+        self._inner = inner
+        self._dispatch = dispatch
+        self.shmgrpc = interceptor
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._dispatch.generic += validate_generic_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str,
+                                       method_handlers: Dict[str, grpc.RpcMethodHandler]) -> None:
+        self._dispatch.add_registered(service_name, method_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._inner.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self._inner.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        await self._inner.start()
+
+    async def stop(self, grace: Optional[float]) -> None:
+        await self._inner.stop(grace)
+
+    async def wait_for_termination(self, timeout: Optional[float] = None) -> bool:
+        return await self._inner.wait_for_termination(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 def server(
     migration_thread_pool: Optional[futures.Executor] = None,
     handlers: Optional[Sequence[grpc.GenericRpcHandler]] = None,
@@ -254,13 +308,14 @@ def server(
     compression: Optional[grpc.Compression] = None,
     *,
     config: Optional[Config] = None,
-) -> aio.Server:
+) -> Server:
     """grpc.aio.server(...) with shmgrpc installed, innermost (see
     shmgrpc.server). The ServerInterceptor is reachable as `server.shmgrpc`."""
     icpt = ServerInterceptor(config, options=options)
-    srv = aio.server(
-        migration_thread_pool, handlers=handlers, interceptors=[*(interceptors or ()), icpt], options=options,
+    dispatch = Dispatch(icpt)
+    dispatch.generic = validate_generic_handlers(handlers or ())
+    inner = aio.server(
+        migration_thread_pool, handlers=(dispatch,), interceptors=interceptors, options=options,
         maximum_concurrent_rpcs=maximum_concurrent_rpcs, compression=compression,
     )
-    srv.shmgrpc = icpt
-    return srv
+    return Server(inner, icpt, dispatch)
