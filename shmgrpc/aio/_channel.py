@@ -285,9 +285,11 @@ class _MultiCallable:
         else:
             # grpc.aio serializes in the task it creates for the call, which
             # copies this context: the bytes made here are the ones sent.
-            data = self._path.presize(request)
-            token = _presized.set((request, data))
-            state = None if self._path.quiet(data) else engine.client_call_state()
+            size, data = self._path.sized(request)
+            if data is not None:
+                token = _presized.set([request, data])
+                data = None
+            state = None if self._path.quiet(size) else engine.client_call_state()
         try:
             if state is None:
                 return self._quiet(request, timeout=timeout, metadata=metadata, credentials=credentials,
