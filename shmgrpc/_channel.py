@@ -112,6 +112,16 @@ class MethodPath:
         data = self.presize(request)
         return (0 if data is None else len(data)), data
 
+    def route_state(self, engine: Engine, request: Any, always_hello: bool) -> Tuple[Any, Any]:
+        """(the call's hello state, Engine.client_call_state(), or None: it
+        goes without hello; the token of the presized bytes to reset when
+        the call has started, or None)."""
+        if always_hello:
+            return engine.client_call_state(), None
+        size, data = self.sized(request)
+        token = _presized.set([request, data]) if data is not None else None
+        return (None if self.quiet(size) else engine.client_call_state()), token
+
     def quiet(self, size: int) -> bool:
         """A call that carries no hello: its request is small and the method
         never answered large."""
@@ -462,15 +472,7 @@ class _MultiCallable:
         if engine.plain:
             return getattr(self._plain, how)(request, timeout=timeout, metadata=metadata, credentials=credentials,
                                               wait_for_ready=wait_for_ready, compression=compression)
-        token = None
-        if self._always_hello:
-            state = engine.client_call_state()
-        else:
-            size, data = self._path.sized(request)
-            if data is not None:
-                token = _presized.set([request, data])
-                data = None
-            state = None if self._path.quiet(size) else engine.client_call_state()
+        state, token = self._path.route_state(engine, request, self._always_hello)
         try:
             if state is None:
                 return getattr(self._quiet, how)(request, timeout=timeout, metadata=metadata, credentials=credentials,
@@ -504,16 +506,9 @@ class _MultiCallable:
 class _UnaryRequest(_MultiCallable):
     """unary-unary and stream-unary: __call__, with_call, future."""
 
-    def _invoke(self, request, size, timeout, metadata, credentials, wait_for_ready, compression, resend: bool):
-        """(response, call) of a blocking call that carries the hello, or
-        None: the call goes without (the caller makes it)."""
+    def _invoke(self, state, request, timeout, metadata, credentials, wait_for_ready, compression, resend: bool):
+        """(response, call) of a blocking call that carries the hello of `state`."""
         engine = self._channel._engine
-        if self._always_hello:
-            state = engine.client_call_state()
-        else:
-            state = engine.client_call_state() if not self._path.quiet(size) else None
-        if state is None:
-            return None
         call = self._hello_call(state, timeout, metadata, blocking=not self._always_hello)
         deadline = None if timeout is None else time.monotonic() + timeout
         previous = getattr(current, "codec", None)
@@ -544,29 +539,16 @@ class _UnaryRequest(_MultiCallable):
 
     def _blocking(self, with_call: bool, request, timeout, metadata, credentials, wait_for_ready, compression):
         engine = self._channel._engine
-        if engine.plain:
-            mc = self._plain
-            if with_call:
-                return mc.with_call(request, timeout=timeout, metadata=metadata, credentials=credentials,
-                                    wait_for_ready=wait_for_ready, compression=compression)
-            return mc(request, timeout=timeout, metadata=metadata, credentials=credentials,
-                      wait_for_ready=wait_for_ready, compression=compression)
-        token, size = None, 0
-        if not self._always_hello:
-            size, data = self._path.sized(request)
-            if data is not None:
-                token = _presized.set([request, data])
-                data = None
+        state, token = (None, None) if engine.plain else self._path.route_state(engine, request, self._always_hello)
         try:
-            answer = self._invoke(request, size, timeout, metadata, credentials, wait_for_ready, compression, True)
-            if answer is not None:
+            if state is not None:
+                answer = self._invoke(state, request, timeout, metadata, credentials, wait_for_ready, compression,
+                                      True)
                 return answer if with_call else answer[0]
-            mc = self._quiet
-            if with_call:
-                return mc.with_call(request, timeout=timeout, metadata=metadata, credentials=credentials,
-                                    wait_for_ready=wait_for_ready, compression=compression)
-            return mc(request, timeout=timeout, metadata=metadata, credentials=credentials,
-                      wait_for_ready=wait_for_ready, compression=compression)
+            mc = self._plain if engine.plain else self._quiet
+            call = mc.with_call if with_call else mc
+            return call(request, timeout=timeout, metadata=metadata, credentials=credentials,
+                        wait_for_ready=wait_for_ready, compression=compression)
         finally:
             if token is not None:
                 _presized.reset(token)

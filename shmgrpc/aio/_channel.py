@@ -279,17 +279,9 @@ class _MultiCallable:
         if engine.plain:
             return self._plain(request, timeout=timeout, metadata=metadata, credentials=credentials,
                                wait_for_ready=wait_for_ready, compression=compression)
-        token = None
-        if self._always_hello:
-            state = engine.client_call_state()
-        else:
-            # grpc.aio serializes in the task it creates for the call, which
-            # copies this context: the bytes made here are the ones sent.
-            size, data = self._path.sized(request)
-            if data is not None:
-                token = _presized.set([request, data])
-                data = None
-            state = None if self._path.quiet(size) else engine.client_call_state()
+        # grpc.aio serializes in the task it creates for the call, which
+        # copies this context: the bytes the size check made are the ones sent.
+        state, token = self._path.route_state(engine, request, self._always_hello)
         try:
             if state is None:
                 return self._quiet(request, timeout=timeout, metadata=metadata, credentials=credentials,
