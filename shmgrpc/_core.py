@@ -189,11 +189,21 @@ class Route:
         return getattr(self, "send_" + transport)
 
 
-def _protobuf_parser(deserializer: Callable) -> bool:
-    """True if `deserializer` is a protobuf Message.FromString: those parse from
-    a memoryview, so the payload is parsed straight out of shared memory."""
+def parses_views(deserializer: Callable) -> bool:
+    """True if `deserializer` takes a memoryview as it takes bytes, so the
+    payload is parsed straight out of shared memory (one copy fewer, and
+    1 MiB less fresh memory per MiB received): a protobuf Message.FromString,
+    or one of shmgrpc's own pass-through wrappers of one (PARSES_VIEWS set)."""
+    marked = getattr(deserializer, PARSES_VIEWS, None)
+    if marked is not None:
+        return marked
     owner = getattr(deserializer, "__self__", None)
     return isinstance(owner, type) and hasattr(owner, "DESCRIPTOR") and deserializer.__name__ == "FromString"
+
+
+# The attribute by which a wrapper that hands its argument on untouched says
+# whether what it wraps parses views (parses_views).
+PARSES_VIEWS = "_shmgrpc_parses_views"
 
 
 # gRPC's defaults (grpc/_cython/_cygrpc/... GRPC_DEFAULT_MAX_RECV_MESSAGE_LENGTH):
@@ -1162,7 +1172,7 @@ class Engine:
         failure = None
         message = None
         try:
-            message = deserializer(view if _protobuf_parser(deserializer) else bytes(view))
+            message = deserializer(view if parses_views(deserializer) else bytes(view))
         except Exception as err:  # the parser's own error; re-raised after the check below
             failure = err
         finally:
@@ -1192,7 +1202,7 @@ class Engine:
                 self.config.max_message, dest, reread,
             )
             try:
-                message = deserializer(payload if _protobuf_parser(deserializer) else bytes(payload))
+                message = deserializer(payload if parses_views(deserializer) else bytes(payload))
             finally:
                 payload.release()
         finally:

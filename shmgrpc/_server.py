@@ -237,14 +237,15 @@ _FACTORIES = {
 }
 
 
-def rebuild_handler(handler, codec: CallCodec, behavior: Callable, keep_of=None):
+def rebuild_handler(handler, codec: CallCodec, behavior: Callable, keep_of=None, response_serializer=None):
     """A new RpcMethodHandler of the same shape, with wrapped functions
-    (`keep_of`: see CallCodec.serializer)."""
+    (`keep_of`: see CallCodec.serializer; `response_serializer`: one made
+    already)."""
     factory = _FACTORIES[(bool(handler.request_streaming), bool(handler.response_streaming))]
     return factory(
         behavior,
         request_deserializer=codec.deserializer(handler.request_deserializer),
-        response_serializer=codec.serializer(handler.response_serializer, keep_of),
+        response_serializer=response_serializer or codec.serializer(handler.response_serializer, keep_of),
     )
 
 

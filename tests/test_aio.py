@@ -22,6 +22,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from concurrent import futures
@@ -710,6 +711,98 @@ def test_reader_writer_and_sync_handlers_on_an_aio_server(transport, tmp_path):
             after_mine, after_theirs = counts(client.stats(), transport), counts(interceptor.stats(), transport)
             assert (after_mine[0] - mine[0], after_mine[1] - mine[1]) == (8, 8)
             assert (after_theirs[0] - theirs[0], after_theirs[1] - theirs[1]) == (8, 8)
+            assert client.stats()["errors"] == {} and interceptor.stats()["errors"] == {}
+        finally:
+            await client.close()
+            await server.stop(None)
+            interceptor.close()
+
+    asyncio.run(run())
+
+
+class SwapResponse(grpc.aio.ServerInterceptor):
+    """Outermost: answers Echo with another message than the handler's."""
+
+    def __init__(self, replacement: bytes):
+        self.replacement = replacement
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.endswith("/Echo"):
+            return handler
+        inner, replacement = handler.unary_unary, self.replacement
+
+        async def swapped(request, context):
+            await inner(request, context)
+            return BytesValue(value=replacement)
+
+        return handler._replace(unary_unary=swapped)
+
+
+def test_large_responses_of_async_handlers_are_serialized_off_the_loop(transport, tmp_path):
+    """Once a method of an async handler has answered large, its responses are
+    serialized in shmgrpc's thread (not on the event loop, whose malloc arena
+    also holds the request: see aio/_server.py _Responses), for a returned
+    response and for context.write() alike, and offloaded; an outer
+    interceptor that answers with another message gets that one to the
+    client, never the one serialized ahead."""
+    config = client_config(transport)
+    threads = []
+
+    def serialize(message):
+        threads.append(threading.current_thread().name)
+        return message.SerializeToString()
+
+    async def echo(request, context):
+        return request
+
+    async def push(request, context):
+        for i in range(2):
+            await context.write(BytesValue(value=request.value[i:] + request.value[:i]))
+
+    def handler(factory, fn):
+        return factory(fn, request_deserializer=BytesValue.FromString, response_serializer=serialize)
+
+    service = "shmgrpc.testing.OffLoop"
+    replacement = pattern(300 * KiB, 9)
+
+    async def run():
+        server = shmgrpc.aio.server(interceptors=[SwapResponse(replacement)], options=GRPC_OPTIONS, config=config)
+        interceptor = server.shmgrpc
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {
+            "Plain": handler(grpc.unary_unary_rpc_method_handler, echo),
+            "Echo": handler(grpc.unary_unary_rpc_method_handler, echo),
+            "Push": handler(grpc.unary_stream_rpc_method_handler, push),
+        }),))
+        target = f"unix:{tmp_path / 'offloop.sock'}"
+        server.add_insecure_port(target)
+        await server.start()
+        client = AioClient(target, config)
+        ser = dict(request_serializer=BytesValue.SerializeToString, response_deserializer=BytesValue.FromString)
+        try:
+            channel = client.channel
+            body = pattern(200 * KiB, 3)
+            plain = channel.unary_unary(f"/{service}/Plain", **ser)
+            echoed = channel.unary_unary(f"/{service}/Echo", **ser)
+            pushed = channel.unary_stream(f"/{service}/Push", **ser)
+            for _ in range(2):  # the first calls learn the route and that each method answers large
+                assert (await plain(BytesValue(value=body))).value == body
+                assert (await echoed(BytesValue(value=body))).value == replacement
+                assert [r.value async for r in pushed(BytesValue(value=body))] == [body, body[1:] + body[:1]]
+            threads.clear()
+            before = counts(interceptor.stats(), transport)
+            for _ in range(3):
+                assert (await plain(BytesValue(value=body))).value == body
+                assert (await echoed(BytesValue(value=body))).value == replacement
+                assert [r.value async for r in pushed(BytesValue(value=body))] == [body, body[1:] + body[:1]]
+            after = counts(interceptor.stats(), transport)
+            assert (after[0] - before[0], after[1] - before[1]) == (3 * 4, 3 * 3)  # every response and request
+            # Plain and Push: 3 + 6 responses, each serialized once, off the loop;
+            # Echo: the handler's response off the loop (then dropped), the
+            # replacement on the loop when grpc asks for it.
+            assert threads.count("MainThread") == 3, threads
+            assert all(name.startswith("shmgrpc-serialize") for name in threads if name != "MainThread"), threads
+            assert len(threads) == 3 + 3 + 3 + 6, threads
             assert client.stats()["errors"] == {} and interceptor.stats()["errors"] == {}
         finally:
             await client.close()

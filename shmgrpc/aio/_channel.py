@@ -261,7 +261,7 @@ class _MultiCallable:
     def __init__(self, channel: "Channel", method: str, serializer, deserializer, registered: bool):
         self._channel = channel
         self._method = method
-        self._path = MethodPath(channel._engine, method, serializer, channel._answers_large)
+        self._path = MethodPath(channel._engine, method, serializer, channel._large)
         self._serializer = presized_serializer(serializer)
         self._deserializer = self._path.noting(deserializer)  # framed calls note large answers too
         kwargs = {"_registered_method": True} if registered else {}
@@ -330,7 +330,7 @@ class Channel(EngineOwner, aio.Channel):
         check_config(config, "shmgrpc.aio.intercept_channel")
         self._inner = channel
         self._engine = Engine(config, "client", options, name or type(channel).__name__)
-        self._answers_large: set = set()  # methods that answered at or above the threshold (see MethodPath)
+        self._large: set = set()  # methods that sent or answered at or above the threshold (see MethodPath)
 
     # grpc.aio.Channel
 
