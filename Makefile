@@ -24,14 +24,19 @@ demo: $(STAMP) $(GEN)
 test: $(STAMP) $(GEN)
 	$(BIN)/python -m pytest -q tests
 
-# Every message and RPC shape, three malloc phases (default, keep, hugepages; each a
-# process of its own), combined: ~10-15 minutes on 2 cores (shmgrpc/bench.py), sync
-# gRPC on both sides. Each further api (aio, aio-sync, sync-aio) adds as much again:
-# `make bench BENCH_APIS=sync,aio` measures grpc.aio beside sync.
+# Two parts, ~15-20 minutes on 2 cores (shmgrpc/bench.py):
+# 1. every message and RPC shape, three malloc phases (default, keep,
+#    hugepages; each a process of its own), sync gRPC on both sides
+#    (BENCH_APIS=sync,aio adds grpc.aio to all of it, doubling the time);
+# 2. the unary bytes echo at 4 KiB, 1, 4 and 16 MiB in every api mix (sync,
+#    aio, aio-sync, sync-aio), all transports, default malloc: the small-call
+#    and grpc.aio numbers of the README, in bench-results/apis.
 BENCH_APIS ?= sync
 bench: $(STAMP) $(GEN)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[plot]'
 	$(BIN)/python -m shmgrpc.bench --malloc default,keep,hugepages --apis $(BENCH_APIS) --out bench-results
+	$(BIN)/python -m shmgrpc.bench --apis sync,aio,aio-sync,sync-aio --shapes unary --messages bytes \
+		--sizes 4KiB,1MiB,4MiB,16MiB --out bench-results/apis
 
 clean:
 	rm -rf $(VENV) $(GEN) $(PROTOS:.proto=_pb2_grpc.py) bench-results
