@@ -456,7 +456,9 @@ class _MultiCallable:
         """A call that carries the hello of `state` (hello, route)."""
         hello, route = state
         engine = self._channel._engine
-        call = _Call(None, (*metadata, hello) if metadata else (hello,), timeout, None, route is None)  # type: ignore[arg-type]
+        # No codec yet (None): it needs call.keep, and is set on the next line.
+        call = _Call(None, (*metadata, hello) if metadata else (hello,), timeout,
+                     None, route is None)  # type: ignore[arg-type]
         codec = call.codec = CallCodec(engine, route, keep=call.keep)
         if not codec.framed:
             # First contact: its messages go inline; the welcome comes back
