@@ -159,8 +159,8 @@ async def _measure(target: str, mode: str, size: int, calls: int) -> Dict:
         channel = wrapper = insecure_channel(target, OPTIONS, config=config)
     unary: Dict[str, Any] = dict(request_serializer=BytesValue.SerializeToString,
                                  response_deserializer=BytesValue.FromString)
-    echo = channel.unary_unary(ECHO, **unary)
-    worst = channel.unary_unary(WORST, **unary)
+    echo: grpc.aio.UnaryUnaryMultiCallable[BytesValue, BytesValue] = channel.unary_unary(ECHO, **unary)
+    worst: grpc.aio.UnaryUnaryMultiCallable[BytesValue, BytesValue] = channel.unary_unary(WORST, **unary)
     request = BytesValue(value=bytes(range(256)) * (size // 256) + b"\x5a" * (size % 256))
     ticker = Ticker()
     ticker.start()
