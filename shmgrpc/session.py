@@ -71,7 +71,7 @@ class Identity:
         # still cannot forge what we issued to a peer over its connection.
         self._master = secrets.token_bytes(32)
         self._probe = ctypes.create_string_buffer(self.inst, len(self.inst))
-        self._mm: Optional[mmap.mmap] = None  # None: no id segment, or closed
+        self._mm: Optional[mmap.mmap] = None  # None: no id segment, or abandoned after fork
         self._fd = -1
         self.name = NO_SEGMENT
         if not named:
