@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# With typed stubs beside them (mypy-protobuf: %_pb2.pyi, %_pb2_grpc.pyi), so a
+# program using them type-checks (tests/test_typing.py).
 protos/%_pb2.py: protos/%.proto $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. $<
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. $<
 
 demo: $(STAMP) $(GEN)
 	$(BIN)/python -m client_example --demo
@@ -39,4 +43,5 @@ bench: $(STAMP) $(GEN)
 		--sizes 4KiB,1MiB,4MiB,16MiB --out bench-results/apis
 
 clean:
-	rm -rf $(VENV) $(GEN) $(PROTOS:.proto=_pb2_grpc.py) bench-results
+	rm -rf $(VENV) $(GEN) $(PROTOS:.proto=_pb2_grpc.py) $(PROTOS:.proto=_pb2.pyi) $(PROTOS:.proto=_pb2_grpc.pyi) \
+		bench-results

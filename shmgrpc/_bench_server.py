@@ -441,7 +441,7 @@ def reset_peak() -> bool:
         return False
 
 
-def shmgrpc_stats() -> dict:
+def shmgrpc_stats() -> shmgrpc.StatsSnapshot:
     """shmgrpc.stats() of this process: every engine's counters (the bench
     runs one call at a time, so a difference belongs to that call)."""
     return shmgrpc.stats()
@@ -567,8 +567,9 @@ class _AioBench:
 
 
 def _handlers(bench: Any) -> grpc.GenericRpcHandler:
-    control = dict(request_deserializer=BytesValue.FromString, response_serializer=BytesValue.SerializeToString)
-    methods = {
+    control: Dict[str, Any] = dict(request_deserializer=BytesValue.FromString,
+                                   response_serializer=BytesValue.SerializeToString)
+    methods: Dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Peak": grpc.unary_unary_rpc_method_handler(bench.peak, **control),
         "Stats": grpc.unary_unary_rpc_method_handler(bench.stats, **control),
     }
@@ -577,7 +578,7 @@ def _handlers(bench: Any) -> grpc.GenericRpcHandler:
             cls = kind.cls
         except ImportError:  # protos/bench_pb2.py not generated: bytes only
             continue
-        io = dict(request_deserializer=cls.FromString, response_serializer=cls.SerializeToString)
+        io: Dict[str, Any] = dict(request_deserializer=cls.FromString, response_serializer=cls.SerializeToString)
         methods.update(
             {
                 f"Echo{kind.suffix}": grpc.unary_unary_rpc_method_handler(bench.echo, **io),

@@ -438,7 +438,8 @@ class _MultiCallable:
         kwargs = {"_registered_method": True} if registered else {}
         self._plain = factory(method, serializer, deserializer, **kwargs)
         self._quiet = factory(method, self._serializer, self._deserializer, **kwargs)
-        self._framed = None  # (route, its multicallable with a ThreadCodec): see _framed_multicallable
+        # (route, its multicallable with a ThreadCodec): see _framed_multicallable
+        self._framed: Optional[Tuple[Any, Any]] = None
 
     def _framed_multicallable(self, route):
         """The multicallable for blocking calls on `route`, made once per
@@ -455,7 +456,9 @@ class _MultiCallable:
         """A call that carries the hello of `state` (hello, route)."""
         hello, route = state
         engine = self._channel._engine
-        call = _Call(None, (*metadata, hello) if metadata else (hello,), timeout, None, route is None)  # type: ignore[arg-type]
+        # No codec yet (None): it needs call.keep, and is set on the next line.
+        call = _Call(None, (*metadata, hello) if metadata else (hello,), timeout,
+                     None, route is None)  # type: ignore[arg-type]
         codec = call.codec = CallCodec(engine, route, keep=call.keep)
         if not codec.framed:
             # First contact: its messages go inline; the welcome comes back
@@ -578,6 +581,19 @@ class StreamUnaryMultiCallable(_UnaryRequest, grpc.StreamUnaryMultiCallable):
     _kind = "stream_unary"
     _always_hello = True  # its request iterator cannot be resent
 
+    # grpc's parameter names: a caller may pass `request_iterator=` by keyword.
+    def with_call(self, request_iterator, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
+                  compression=None):
+        return self._blocking(True, request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+
+    def __call__(self, request_iterator, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
+                 compression=None):
+        return self._blocking(False, request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+
+    def future(self, request_iterator, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
+               compression=None):
+        return self._launch("future", request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+
 
 class _StreamResponse(_MultiCallable):
     def __call__(self, request, timeout=None, metadata=None, credentials=None, wait_for_ready=None, compression=None):
@@ -591,6 +607,10 @@ class UnaryStreamMultiCallable(_StreamResponse, grpc.UnaryStreamMultiCallable):
 class StreamStreamMultiCallable(_StreamResponse, grpc.StreamStreamMultiCallable):
     _kind = "stream_stream"
     _always_hello = True
+
+    def __call__(self, request_iterator, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
+                 compression=None):  # grpc's parameter names (see StreamUnaryMultiCallable)
+        return self._launch("__call__", request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
 
 
 class Channel(EngineOwner, grpc.Channel):
@@ -648,9 +668,8 @@ class Channel(EngineOwner, grpc.Channel):
     def __enter__(self) -> "Channel":
         return self
 
-    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
-        self.close()
-        return False
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        self.close()  # None: never swallows the exception (a checker knows code after `with` may not run)
 
     def status(self) -> ChannelStatus:
         """Which transport carries this channel's large messages now, and why."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar
 
 import grpc
 
@@ -21,6 +21,11 @@ from ._core import Stats
 from .config import Config
 
 log = logging.getLogger(__name__)
+
+# The pass-through methods are generic as grpc's own are: a request of any
+# type in, whatever the continuation returns out.
+_Request = TypeVar("_Request")
+_Result = TypeVar("_Result")
 
 DEPRECATED = (
     "shmgrpc.ClientInterceptor no longer offloads anything (it could not do so safely); "
@@ -73,14 +78,34 @@ class ClientInterceptor(
 ):
     """Deprecated: passes calls through untouched. Use shmgrpc.intercept_channel()."""
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, _Request], _Result],
+        client_call_details: grpc.ClientCallDetails,
+        request: _Request,
+    ) -> _Result:
         return continuation(client_call_details, request)
 
-    def intercept_unary_stream(self, continuation, client_call_details, request):
+    def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, _Request], _Result],
+        client_call_details: grpc.ClientCallDetails,
+        request: _Request,
+    ) -> _Result:
         return continuation(client_call_details, request)
 
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+    def intercept_stream_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Iterator[_Request]], _Result],
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[_Request],
+    ) -> _Result:
         return continuation(client_call_details, request_iterator)
 
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+    def intercept_stream_stream(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Iterator[_Request]], _Result],
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[_Request],
+    ) -> _Result:
         return continuation(client_call_details, request_iterator)

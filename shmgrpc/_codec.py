@@ -133,6 +133,7 @@ class CallCodec:
             return original(raw)
         if wire.escaped(raw):
             return original(raw[len(wire.ESCAPE):])
+        assert self.route is not None  # deserializer() hands out deserialize on framed calls only
         try:
             return self.engine.restore(raw, self.route, original, self.reread)
         except ShmGrpcError as err:

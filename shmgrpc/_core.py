@@ -19,7 +19,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 from . import _malloc, cma, pins, pool, session, side, wire
 from .config import Config
@@ -562,6 +562,7 @@ class Engine:
         if "memfd" in order and not node.memfd_ok:
             order = tuple(t for t in order if t != "memfd")
             self.stats.note("memfd", "not available here (memfd_create, SCM_RIGHTS or SO_PEERCRED missing)")
+        assert node.identity is not None  # a node has one until it is closed
         if not node.identity.named and ("shm" in order or "cma" in order):
             # shm and cma both start from the peer opening our id segment
             order = tuple(t for t in order if t == "memfd")
@@ -1023,6 +1024,7 @@ class Engine:
                         handle, ticket, reason = None, None, "below_cma_threshold"
                     else:
                         peer = route.peer
+                        assert peer is not None  # the loop runs only with a peer
                         handle, ticket, reason = node.get_pins().pin(
                             data, route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid(), held=held,
                         )
@@ -1070,15 +1072,16 @@ class Engine:
         )
 
     def _offload_memfd(self, node: Node, data, route: Route, held: bool):
-        side_ = node.side
-        conn = side_.conn_for(route.peer.inst) if side_ is not None else None
+        side_, peer = node.side, route.peer
+        assert peer is not None  # offload() tries transports only with a peer
+        conn = side_.conn_for(peer.inst) if side_ is not None else None
         if conn is None:
             return None, None, "side_closed"
         pool_ = node.get_pool()
         slot, reason = pool_.alloc(len(data), conn, "memfd", held=held)
         if slot is None:
             return None, None, reason
-        segment = slot.segment
+        segment = cast(pool.MemfdSegment, slot.segment)  # a "memfd" alloc
         segment.conns.add(conn)
         if not conn.send_segment(segment.number, segment.size, segment.fd):
             pool_.release(pool.Ticket(slot, slot.generation))
@@ -1087,11 +1090,12 @@ class Engine:
         segment.mm[off : off + len(data)] = data
         pool_.publish(slot)
         self.stats.add("offloaded", "memfd", 1, len(data))
-        return wire.encode_memfd(slot.handle()), pool.Ticket(slot, slot.generation), ""
+        return wire.encode_memfd(cast(wire.MemfdHandle, slot.handle())), pool.Ticket(slot, slot.generation), ""
 
     def _offload_shm(self, node: Node, data, route: Route, held: bool):
         pool_ = node.get_pool()
         peer = route.peer
+        assert peer is not None  # offload() tries transports only with a peer
         slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=held)
         if slot is None:
             return None, None, reason
@@ -1099,7 +1103,7 @@ class Engine:
         slot.segment.mm[off : off + len(data)] = data
         pool_.publish(slot)
         self.stats.add("offloaded", "shm", 1, len(data))
-        return wire.encode_shm(slot.handle()), pool.Ticket(slot, slot.generation), ""
+        return wire.encode_shm(cast(wire.ShmHandle, slot.handle())), pool.Ticket(slot, slot.generation), ""
 
     def release(self, ticket: "Optional[pool.Ticket | pins.Ticket]", unread_only: bool = False) -> None:
         """The call that carried `ticket` is over: nobody will read it any
@@ -1157,7 +1161,7 @@ class Engine:
             raise HandleError(f"received a {transport} handle, but SHMGRPC_TRANSPORT does not allow {transport}")
         node = self._node
         attacher = node.attacher if node else None
-        if attacher is None:
+        if node is None or attacher is None:
             raise HandleError(f"received a {transport} handle, but this engine is closed")
         if memfd:
             conn = node.side.conn_for(peer.inst) if node.side is not None else None

@@ -35,7 +35,7 @@ import ctypes
 import logging
 import re
 import threading
-from typing import Mapping
+from typing import Dict, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def hugetlb_requested(environ: Mapping[str, str]) -> bool:
     return HUGETLB_TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
 
 
-def with_hugetlb(environ: Mapping[str, str]) -> dict:
+def with_hugetlb(environ: Mapping[str, str]) -> Dict[str, str]:
     """A copy of `environ` whose GLIBC_TUNABLES holds HUGETLB_TUNABLE."""
     env = dict(environ)
     if not hugetlb_requested(env):

@@ -24,7 +24,7 @@ import collections
 import logging
 import threading
 from concurrent import futures
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 import grpc
 
@@ -364,7 +364,7 @@ class Dispatch(grpc.GenericRpcHandler):
                 return self._interceptor.unknown(handler_call_details)
         return self._interceptor.handler_for(handler_call_details, handler)
 
-    def add_registered(self, service_name: str, method_handlers: Dict[str, Any]) -> None:
+    def add_registered(self, service_name: str, method_handlers: Mapping[str, Any]) -> None:
         self.registered.update({f"/{service_name}/{method}": handler for method, handler in method_handlers.items()})
 
 
@@ -386,7 +386,7 @@ class Server(grpc.Server):
         self._dispatch.generic += validate_generic_handlers(generic_rpc_handlers)
 
     def add_registered_method_handlers(self, service_name: str,
-                                       method_handlers: Dict[str, grpc.RpcMethodHandler]) -> None:
+                                       method_handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
         if self._started:  # gRPC's words and behaviour
             logging.getLogger("grpc._server").warning("Cannot register method handlers once server has started")
             return
@@ -430,8 +430,10 @@ def server(
     icpt = ServerInterceptor(config, options=options)
     dispatch = Dispatch(icpt)
     dispatch.generic = validate_generic_handlers(handlers or ())
+    # types-grpcio asks for a ThreadPoolExecutor and a list of interceptors; grpc
+    # calls only submit() of its executor and takes any sequence of interceptors.
     inner = grpc.server(
-        thread_pool, handlers=(dispatch,), interceptors=interceptors, options=options,
-        maximum_concurrent_rpcs=maximum_concurrent_rpcs, compression=compression, xds=xds,
+        thread_pool, handlers=[dispatch], interceptors=interceptors,  # type: ignore[arg-type]
+        options=options, maximum_concurrent_rpcs=maximum_concurrent_rpcs, compression=compression, xds=xds,
     )
     return Server(inner, icpt, dispatch)

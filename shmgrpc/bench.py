@@ -144,7 +144,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grpc
 from google.protobuf import __version__ as protobuf_version
@@ -155,6 +155,7 @@ import shmgrpc.aio
 
 from . import _bench_server as srv
 from ._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode, tune_malloc, with_hugetlb
+from ._core import ChannelStatus
 from .config import Config, parse_size
 from .errors import ConfigError
 
@@ -422,6 +423,7 @@ def start_server(unix_path: str, api: str = "sync") -> Server:
 
 
 def _read_ready_line(process: subprocess.Popen) -> dict:
+    assert process.stdout is not None  # started with stdout=PIPE
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
         if not selector.select(SERVER_START_TIMEOUT):
@@ -458,9 +460,9 @@ class Methods:
     echo_stream: Callable
 
     @classmethod
-    def on(cls, channel: grpc.Channel, message: str) -> "Methods":
+    def on(cls, channel: "Calls", message: str) -> "Methods":
         kind = srv.KINDS[message].cls
-        payload = dict(request_serializer=kind.SerializeToString, response_deserializer=kind.FromString)
+        payload: Dict[str, Any] = dict(request_serializer=kind.SerializeToString, response_deserializer=kind.FromString)
         return cls(
             echo=channel.unary_unary(srv.method("Echo", message), **payload),
             download=channel.unary_stream(
@@ -486,8 +488,8 @@ class Stubs:
     stats: Callable
 
     @classmethod
-    def on(cls, channel: grpc.Channel, messages: Sequence[str]) -> "Stubs":
-        control = dict(request_serializer=BytesValue.SerializeToString, response_deserializer=BytesValue.FromString)
+    def on(cls, channel: "Calls", messages: Sequence[str]) -> "Stubs":
+        control: Dict[str, Any] = dict(request_serializer=BytesValue.SerializeToString, response_deserializer=BytesValue.FromString)
         return cls(
             methods={message: Methods.on(channel, message) for message in messages},
             peak=channel.unary_unary(srv.PEAK, **control),
@@ -538,11 +540,11 @@ class Clients:
         # its shared memory.
         for channel in self.channels:
             channel.close()
-        for channel in self.aio_channels:
-            self.loop.run_until_complete(channel.close())
+        for aio_channel in self.aio_channels:
+            self.loop.run_until_complete(aio_channel.close())
         self.loop.close()
 
-    def statuses(self) -> Dict[Column, "shmgrpc.ChannelStatus"]:
+    def statuses(self) -> Dict[Column, ChannelStatus]:
         return {column: shmgrpc.channel_status(channel) for column, channel in self.shmgrpc.items()}
 
 
@@ -555,6 +557,7 @@ def open_modes(
         server = servers[server_api]
         for name in names:
             target = f"127.0.0.1:{server.tcp_port}" if name == "grpc-tcp" else f"unix:{server.unix_path}"
+            channel: Union[grpc.Channel, grpc.aio.Channel]
             # Told the channel's options, shmgrpc offloads replies up to the
             # raised receive limit (without them it assumes gRPC's 4 MiB).
             config = Config.from_env(transport=name) if name in SHMGRPC_MODES else None
@@ -574,11 +577,15 @@ def open_modes(
             clients.stubs[(api, name)] = Stubs.on(calls, messages)
 
 
+# What Stubs.on makes its multicallables with.
+Calls = Union[grpc.Channel, grpc.aio.Channel, "_WithMetadata"]
+
+
 class _WithMetadata:
     """A channel's multicallables (grpc or grpc.aio), each call carrying
     HELLO_LIKE as well (the bench passes no metadata of its own)."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: Union[grpc.Channel, grpc.aio.Channel]) -> None:
         self._channel = channel
 
     def _wrap(self, multicallable: Callable) -> Callable:
@@ -932,7 +939,7 @@ def _add(total: dict, delta: dict) -> dict:
 COUNTERS = ("offloaded", "restored", "inline", "fallbacks", "by_transport")
 
 
-def counters(stats: Optional[dict]) -> dict:
+def counters(stats: Optional[Mapping[str, Any]]) -> dict:
     return {key: stats[key] for key in COUNTERS if stats and key in stats}
 
 

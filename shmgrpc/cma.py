@@ -19,7 +19,7 @@ import ctypes
 import errno as _errno
 import os
 import sys
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Type
 
 from .errors import CmaBadAddress, CmaError, CmaNotPermitted, CmaPeerGone
 
@@ -170,6 +170,7 @@ def _checked(remote: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
 def _error(call: str, pid: int, address: int, length: int, code: int) -> CmaError:
     name = _errno.errorcode.get(code, str(code))
     text = f"{call}(pid {pid}, 0x{address:x}+{length}): {name}, {os.strerror(code).lower()}"
+    cls: Type[CmaError]
     if code in (_errno.EPERM, _errno.EACCES):
         cls = CmaNotPermitted
         scope = ptrace_scope()
@@ -268,7 +269,7 @@ def probe(pid: int, address: int, expected: bytes) -> Optional[str]:
         step = "process_vm_writev"
         write_from(pid, [(address, len(expected))], expected)  # the same bytes: changes nothing
     except CmaNotPermitted as err:
-        name = _errno.errorcode.get(err.errno, str(err.errno))
+        name = _errno.errorcode.get(err.errno or 0, str(err.errno))  # _error always sets errno
         scope = ptrace_scope()
         which = "" if step == "process_vm_readv" else " for process_vm_writev (the ack)"
         return f"not permitted: {name}{which}" + ("" if scope is None else f" (kernel.yama.ptrace_scope={scope})")

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import threading
-from typing import Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 from .errors import ConfigError
 
@@ -35,7 +35,7 @@ _SECONDS_RE = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,12})?)\s*(ms|s|m)?\s*$", re.IG
 _SECONDS_FORMS = "seconds such as 30, 30s, 500ms or 2m"
 
 
-def _shown(text) -> str:
+def _shown(text: object) -> str:
     """A value as quoted in an error: repr, cut short (a 5000-digit number
     should not fill the log)."""
     text = repr(text)
@@ -112,11 +112,11 @@ class Config:
                 raise ConfigError(f"{field.name}={_shown(getattr(self, field.name))}: {problem}")
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> "Config":
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Config":
         """Build a Config from SHMGRPC_* variables; `overrides` win over both."""
         env = os.environ if environ is None else environ
         _warn_unknown(env)
-        values = {}
+        values: Dict[str, Any] = {}  # field -> value, of the field's type
         for var, (field, parse) in ENV.items():
             raw = env.get(var)
             if raw is None or raw.strip() == "":
@@ -169,7 +169,7 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
-def _problem(field: str, value) -> Optional[str]:
+def _problem(field: str, value: object) -> Optional[str]:
     """Why `value` is not acceptable for `field`, or None."""
     if field == "transport":
         return None if value in TRANSPORTS else f"expected one of {', '.join(TRANSPORTS)}"

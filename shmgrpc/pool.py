@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import wire
-from .errors import DataLossError, HandleError, HandleTooLarge
+from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ class Slot:
         return self.segment.data_offset(self.index)
 
     def handle(self) -> "wire.ShmHandle | wire.MemfdHandle":
-        if self.segment.kind == "memfd":
+        if isinstance(self.segment, MemfdSegment):  # kind "memfd"
             return wire.MemfdHandle(
                 self.length, self.token, self.generation, self.offset, self.index, self.segment.number
             )
@@ -456,7 +456,7 @@ class Pool:
         self._counter = 0
         self._lock = threading.Lock()  # protects everything below
         self._segments: Dict[str, Segment] = {}
-        self._free: Dict[int, List[Slot]] = {}  # slot size -> free slots (LIFO: warm pages first)
+        self._free: Dict[Tuple[str, int], List[Slot]] = {}  # (kind, slot size) -> free slots, LIFO: warm first
         self._busy: Dict[Tuple[str, int], Slot] = {}
         self._mapped = 0
         self._closed = False
@@ -642,7 +642,7 @@ class Pool:
         self._free.setdefault(key, []).extend(reversed(slots[1:]))
         return slots[0], ""
 
-    def trim_idle(self, idle_seconds: float = None) -> int:
+    def trim_idle(self, idle_seconds: Optional[float] = None) -> int:
         """Give back segments none of whose slots was handed out for
         `idle_seconds` (IDLE_SECONDS) and none is in use: the pool shrinks to
         what recent traffic needs. Returns the bytes given back."""
@@ -778,7 +778,7 @@ class Attacher:
             self._memfd[key] = seg
             self._arrived.notify_all()
             unmap_old = old is not None and self._drop_locked(old)
-        if unmap_old:
+        if old is not None and unmap_old:
             _unmap(old)
         return True
 
@@ -891,6 +891,7 @@ class Attacher:
                 return seg
         match = wire.NAME_RE.match(name)
         fd, st = open_peer_file(self.shm_dir, name, writable=True)
+        assert match is not None  # open_peer_file refuses any name NAME_RE does not match
         try:
             if st.st_size < 64 + SLOT_HEADER:
                 # Our names are made with their full size reserved: a shorter
@@ -901,7 +902,7 @@ class Attacher:
             os.close(fd)
             raise
         magic, header_size, count, slot_size, _pid, _retired, owner = _SEG.unpack_from(mm, 0)
-        problem = None
+        problem: Optional[ShmGrpcError] = None
         if magic != SEG_MAGIC or header_size < 64 + SLOT_HEADER * count:
             problem = HandleError(f"segment {name} has a corrupt or foreign header")
         elif header_size + count * slot_size > st.st_size:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import hmac
+import mmap
 import os
 import secrets
 import struct
@@ -70,7 +71,8 @@ class Identity:
         # still cannot forge what we issued to a peer over its connection.
         self._master = secrets.token_bytes(32)
         self._probe = ctypes.create_string_buffer(self.inst, len(self.inst))
-        self._mm, self._fd = None, -1
+        self._mm: Optional[mmap.mmap] = None  # None: no id segment, or abandoned after fork
+        self._fd = -1
         self.name = NO_SEGMENT
         if not named:
             return
@@ -105,15 +107,16 @@ class Identity:
             pool._unlink(os.path.join(self.shm_dir, self.name))
         self._close_fd()
         try:
-            self._mm.close()
-        except (BufferError, ValueError, AttributeError):
+            if self._mm is not None:
+                self._mm.close()
+        except (BufferError, ValueError):
             pass
 
     def abandon(self) -> None:
         """After fork, in the child: the parent still owns the file (and its
         lock; the child's copy of the descriptor is closed)."""
         self._close_fd()
-        self._mm = None  # type: ignore[assignment]
+        self._mm = None
 
 
 @dataclass

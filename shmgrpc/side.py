@@ -52,7 +52,7 @@ import stat
 import struct
 import threading
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, cast
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ _SIDE_NAME = re.compile(r"^shmgrpc-\d{1,10}-[0-9a-f]{16}\.sock$")
 def reap_side_dir(side_dir: str) -> list:
     """Remove side socket files of ours that nobody listens on any more (a
     server killed before it could close). A live one answers connect()."""
-    removed = []
+    removed: List[str] = []
     try:
         names = os.listdir(side_dir)
     except OSError:
@@ -199,8 +199,8 @@ class Side:
     `on_segment(conn, number, mm, size)` / `on_retire(conn, number)` /
     `on_lost(conn)` are the node's: they keep the mappings (pool.Attacher)."""
 
-    def __init__(self, inst: bytes, side_dir: str = "", uids=(), on_segment: Callable = None,
-                 on_retire: Callable = None, on_lost: Callable = None):
+    def __init__(self, inst: bytes, side_dir: str = "", uids=(), on_segment: Optional[Callable] = None,
+                 on_retire: Optional[Callable] = None, on_lost: Optional[Callable] = None):
         self.inst = inst
         self.side_dir = side_dir
         self.uids = {os.geteuid(), *uids}
@@ -231,13 +231,16 @@ class Side:
         self._thread.start()
 
     def _wake(self) -> None:
+        wake_w = self._wake_w  # None: the thread never started
         try:
-            self._wake_w.send(b"x", socket.MSG_DONTWAIT)
-        except (OSError, AttributeError):
+            if wake_w is not None:
+                wake_w.send(b"x", socket.MSG_DONTWAIT)
+        except OSError:
             pass
 
     def _run(self) -> None:
         sel = self._sel
+        assert sel is not None  # _start_locked made it before it started this thread
         while not self._closed:
             for key, _ in sel.select(timeout=1.0):
                 if key.fileobj is self._wake_r:
@@ -250,7 +253,7 @@ class Side:
                 elif isinstance(key.data, Conn):
                     self._read(key.data)
                 else:
-                    self._authenticate(key.fileobj)
+                    self._authenticate(cast(socket.socket, key.fileobj))  # only sockets are registered
             self._expire()
 
     def _register(self, sock: socket.socket, data) -> None:
@@ -258,13 +261,16 @@ class Side:
             if self._closed:
                 return
             self._start_locked()
+            assert self._sel is not None  # _start_locked made it
             self._sel.register(sock, selectors.EVENT_READ, data)
         self._wake()
 
     def _unregister(self, sock: socket.socket) -> None:
+        sel = self._sel  # None: the thread never started
         try:
-            self._sel.unregister(sock)
-        except (KeyError, ValueError, AttributeError):
+            if sel is not None:
+                sel.unregister(sock)
+        except (KeyError, ValueError):
             pass
 
     # -- server: listen, tickets, accept
@@ -302,9 +308,12 @@ class Side:
         return ticket
 
     def _accept(self) -> None:
+        listener, sel = self._listener, self._sel
+        if listener is None or sel is None:  # closed since the event
+            return
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -312,7 +321,7 @@ class Side:
             sock.setblocking(False)
             with self._lock:
                 self._pending[sock] = time.monotonic() + CONNECT_SECONDS
-            self._sel.register(sock, selectors.EVENT_READ, "pending")
+            sel.register(sock, selectors.EVENT_READ, "pending")
 
     def _authenticate(self, sock: socket.socket) -> None:
         """The first message of an accepted connection: a ticket we issued to
@@ -449,8 +458,9 @@ class Side:
             if why is not None:
                 log.debug("segment %d from the side connection refused: %s", number, why)
                 return
-            self._on_segment(conn, number, mm, size)
-        elif kind == T_RETIRE:
+            if self._on_segment is not None:  # (a Side built without it drops the mapping)
+                self._on_segment(conn, number, mm, size)
+        elif kind == T_RETIRE and self._on_retire is not None:
             self._on_retire(conn, number)
 
     def lost(self, conn: Conn) -> None:

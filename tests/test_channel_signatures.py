@@ -9,6 +9,8 @@
   adds `interceptors` to its keyword arguments (OpenTelemetry's
   GrpcAioInstrumentorClient does exactly that) works, and the application's
   own interceptors still reach it.
+- Their multicallables take what grpc's take: a request stream is
+  `request_iterator`, by keyword too.
 - shmgrpc.intercept_channel(channel, OPTIONS) (options given positionally
   where the Config goes) is a TypeError that says what was given and what is
   expected, sync and aio.
@@ -51,6 +53,40 @@ def test_signature_matches_grpc(name, grpc_fn, shm_fn):
         f"shmgrpc's {name} takes other arguments than {name}:\n"
         f"  grpc:    {inspect.signature(grpc_fn)}\n  shmgrpc: {inspect.signature(shm_fn)}"
     )
+
+
+SHAPES = ["unary_unary", "unary_stream", "stream_unary", "stream_stream"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_multicallables_take_what_grpcs_take(shape):
+    """A stub's multicallables take grpc's parameters, same names and kinds:
+    `stub.Stream(request_iterator=requests)` and `stub.Stream(requests, 5.0)`
+    work through shmgrpc as through grpc (sync and aio)."""
+    async def aio_pair():
+        plain, wrapped = grpc.aio.insecure_channel(TARGET), shmgrpc.aio.insecure_channel(TARGET, config=client_config())
+        try:
+            return getattr(plain, shape)("/shmgrpc.test/Signature"), getattr(wrapped, shape)("/shmgrpc.test/Signature")
+        finally:
+            await plain.close()
+            await wrapped.close()
+
+    plain, wrapped = grpc.insecure_channel(TARGET), shmgrpc.insecure_channel(TARGET, config=client_config())
+    try:
+        pairs = [("sync", getattr(plain, shape)("/shmgrpc.test/Signature"),
+                  getattr(wrapped, shape)("/shmgrpc.test/Signature"))]
+    finally:
+        plain.close()
+        wrapped.close()
+    pairs.append(("aio", *asyncio.run(aio_pair())))
+    for api, theirs, ours in pairs:
+        for name in ("__call__", "with_call", "future"):
+            if hasattr(theirs, name):
+                assert described(getattr(ours, name)) == described(getattr(theirs, name)), (
+                    f"{api} {shape}.{name}: shmgrpc takes other arguments than grpc\n"
+                    f"  grpc:    {inspect.signature(getattr(theirs, name))}\n"
+                    f"  shmgrpc: {inspect.signature(getattr(ours, name))}"
+                )
 
 
 # --- behaviour: what reaches grpc's function -------------------------------------------------

@@ -38,6 +38,7 @@ from .._channel import (
 from .._codec import CallCodec, Tickets
 from .._core import ChannelStatus, Engine, EngineOwner
 from ..config import Config, check_config
+from ..errors import ShmGrpcError
 
 
 
@@ -52,8 +53,7 @@ def _clean(err: aio.AioRpcError) -> aio.AioRpcError:
     return aio.AioRpcError(err.code(), err.initial_metadata(), kept, err.details(), err.debug_error_string())
 
 
-def _error_of(codec: CallCodec, initial, trailing, inner_debug: Optional[str] = None) -> aio.AioRpcError:
-    err = codec.failure
+def _error_of(err: ShmGrpcError, initial, trailing, inner_debug: Optional[str] = None) -> aio.AioRpcError:
     return aio.AioRpcError(err.status_code, initial, trailing, f"shmgrpc: {err}",
                            f"shmgrpc: {err}" + (f" (gRPC: {inner_debug})" if inner_debug else ""))
 
@@ -114,7 +114,9 @@ class _Call:
                 trailing = await inner.trailing_metadata()
             except Exception:  # a cancelled call may have neither
                 pass
-            self._failure = _error_of(self._codec, initial, trailing)
+            codec = self._codec
+            assert codec is not None and codec.failure is not None  # what the callers checked
+            self._failure = _error_of(codec.failure, initial, trailing)
         return self._failure
 
     # -- grpc.aio.Call
@@ -149,7 +151,7 @@ class _Call:
 
     async def details(self) -> str:
         details = await self._inner.details()
-        return self._failure.details() if self._failure is not None else details
+        return (self._failure.details() or "") if self._failure is not None else details  # ours always has some
 
     async def debug_error_string(self) -> Optional[str]:
         text = await self._inner.debug_error_string()
@@ -159,7 +161,9 @@ class _Call:
         return await self._inner.wait_for_connection()
 
 
-class _UnaryResponse:
+# The three parts below derive from _Call, whose state they use; each call
+# class lists them before _Call, so the order of methods is what it was.
+class _UnaryResponse(_Call):
     """__await__ of unary-unary and stream-unary calls."""
 
     def __await__(self):
@@ -200,7 +204,7 @@ class _UnaryResponse:
             raise _clean(again) from None
 
 
-class _StreamResponse:
+class _StreamResponse(_Call):
     """read() and async iteration of unary-stream and stream-stream calls."""
 
     async def read(self):
@@ -227,7 +231,7 @@ class _StreamResponse:
             yield response
 
 
-class _RequestStream:
+class _RequestStream(_Call):
     """write() and done_writing() of stream-unary and stream-stream calls."""
 
     async def write(self, request) -> None:
@@ -273,7 +277,7 @@ class _MultiCallable:
     def _factory(self):
         return getattr(self._channel._inner, self._kind)
 
-    def __call__(self, request=None, *, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
+    def __call__(self, request, *, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
                  compression=None):
         engine = self._channel._engine
         if engine.plain:
@@ -305,13 +309,24 @@ class UnaryStreamMultiCallable(_MultiCallable, aio.UnaryStreamMultiCallable):
     _call_type = UnaryStreamCall
 
 
-class StreamUnaryMultiCallable(_MultiCallable, aio.StreamUnaryMultiCallable):
+class _StreamRequest(_MultiCallable):
+    """grpc.aio's request-streaming multicallables take `request_iterator`
+    (by keyword too) and the rest by position as well (its unary-request
+    ones take `request` and the rest by keyword only, as _MultiCallable)."""
+
+    def __call__(self, request_iterator=None, timeout=None, metadata=None, credentials=None, wait_for_ready=None,
+                 compression=None):
+        return _MultiCallable.__call__(self, request_iterator, timeout=timeout, metadata=metadata,
+                                       credentials=credentials, wait_for_ready=wait_for_ready, compression=compression)
+
+
+class StreamUnaryMultiCallable(_StreamRequest, aio.StreamUnaryMultiCallable):
     _kind = "stream_unary"
     _call_type = StreamUnaryCall
     _always_hello = True
 
 
-class StreamStreamMultiCallable(_MultiCallable, aio.StreamStreamMultiCallable):
+class StreamStreamMultiCallable(_StreamRequest, aio.StreamStreamMultiCallable):
     _kind = "stream_stream"
     _call_type = StreamStreamCall
     _always_hello = True
@@ -340,7 +355,9 @@ class Channel(EngineOwner, aio.Channel):
     async def __aexit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
         await self.close()
 
-    async def close(self, grace: Optional[float] = None) -> None:
+    # grpc.aio.Channel's close, a coroutine, replaces EngineOwner's (which it calls in effect):
+    # `await channel.close()` as with any grpc.aio channel.
+    async def close(self, grace: Optional[float] = None) -> None:  # type: ignore[override]
         """Close the wrapped channel and let go of shared memory."""
         try:
             await self._inner.close(grace)

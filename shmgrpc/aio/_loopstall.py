@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import grpc
 from google.protobuf.wrappers_pb2 import BytesValue
@@ -157,9 +157,10 @@ async def _measure(target: str, mode: str, size: int, calls: int) -> Dict:
         channel, wrapper = grpc.aio.insecure_channel(target, options=OPTIONS), None
     else:
         channel = wrapper = insecure_channel(target, OPTIONS, config=config)
-    unary = dict(request_serializer=BytesValue.SerializeToString, response_deserializer=BytesValue.FromString)
-    echo = channel.unary_unary(ECHO, **unary)
-    worst = channel.unary_unary(WORST, **unary)
+    unary: Dict[str, Any] = dict(request_serializer=BytesValue.SerializeToString,
+                                 response_deserializer=BytesValue.FromString)
+    echo: grpc.aio.UnaryUnaryMultiCallable[BytesValue, BytesValue] = channel.unary_unary(ECHO, **unary)
+    worst: grpc.aio.UnaryUnaryMultiCallable[BytesValue, BytesValue] = channel.unary_unary(WORST, **unary)
     request = BytesValue(value=bytes(range(256)) * (size // 256) + b"\x5a" * (size % 256))
     ticker = Ticker()
     ticker.start()
@@ -204,6 +205,7 @@ def _run_mode(mode: str, size: int, calls: int) -> Dict:
             stdout=subprocess.PIPE,
             text=True,
         )
+        assert server.stdout is not None  # stdout=PIPE
         try:
             line = server.stdout.readline()
             if not line.startswith(READY):

@@ -33,7 +33,7 @@ import inspect
 import logging
 import os
 from concurrent import futures
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import grpc
 from grpc import aio
@@ -115,7 +115,7 @@ aio.ServicerContext.register(_Context)
 # the route's shared serializer to keep the tickets of what it offloads.
 # A behavior that an outer interceptor runs in another task leaves it unset
 # in grpc's: such responses are freed by the client's ack or the lease.
-_current = contextvars.ContextVar("shmgrpc_aio_call", default=None)
+_current: contextvars.ContextVar[Optional[_Sent]] = contextvars.ContextVar("shmgrpc_aio_call", default=None)
 
 
 class _Sent(_SyncSent):
@@ -188,7 +188,7 @@ class _Responses:
         def serializer(message: Any) -> Any:
             sent = _current.get()
             ready = sent.ready if sent is not None else None
-            if ready is not None:
+            if sent is not None and ready is not None:  # (ready implies sent: said for the checker)
                 sent.ready = None
                 if ready[0] is message:
                     return send(ready[1], sent.keep)
@@ -355,11 +355,11 @@ class Server(aio.Server):
         self._dispatch = dispatch
         self.shmgrpc = interceptor
 
-    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         self._dispatch.generic += validate_generic_handlers(generic_rpc_handlers)
 
     def add_registered_method_handlers(self, service_name: str,
-                                       method_handlers: Dict[str, grpc.RpcMethodHandler]) -> None:
+                                       method_handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
         self._dispatch.add_registered(service_name, method_handlers)
 
     def add_insecure_port(self, address: str) -> int:
