@@ -413,7 +413,7 @@ class Server(grpc.Server):
 
 
 def server(
-    thread_pool: Optional[futures.Executor] = None,
+    thread_pool: futures.Executor,  # required, as grpc.server's: a server without one fails every call
     handlers: Optional[Sequence[grpc.GenericRpcHandler]] = None,
     interceptors: Optional[Sequence[grpc.ServerInterceptor]] = None,
     options: Optional[Sequence[Tuple[str, Any]]] = None,
