@@ -285,6 +285,10 @@ def fallback_words(reason: str, config, notes: Dict[str, str]) -> str:
         return "pool_closed: the channel or server was closing"
     if reason == "resent_inline":
         return "resent_inline: the server could not read it (another server process): resent inline"
+    if reason == "peer_not_colocated":
+        return "peer_not_colocated: the peer could not prove it shares this host, shm directory or side socket and uid"
+    if reason == "peer_without_shmgrpc":
+        return "peer_without_shmgrpc: a request frame reached a server without shmgrpc: plain gRPC from then on"
     if reason == "peer_cannot_read":
         why = "; ".join(f"{k}: {v}" for k, v in sorted(notes.items()) if k in TRANSPORT_NAMES)
         return "peer_cannot_read: the peer reads none of the transports in effect" + (f" ({why})" if why else "")

@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from shmgrpc import cma
+from shmgrpc import ChannelStatus, Config, cma
+from shmgrpc._status import RECENT, Recent, carrier, fallback_words, inline_notes, summarize
 from tests.conftest import MiB, spawn, suite_env
 
 APIS = ("sync", "aio")
@@ -196,3 +197,40 @@ def test_cma_server_this_client_may_not_read(fresh_server, api):
         assert report["ok"] is True and report["transport"] == "cma", report["summary"]
         assert report["summary"].startswith("large messages to ") and " travel via cma (proved by" in \
             report["summary"], report["summary"]
+
+
+# --- the words and the window, alone -----------------------------------------------------
+
+
+def test_every_fallback_reason_has_words():
+    """Each reason the source counts in stats()["fallbacks"] is explained in
+    the status with its own words (never echoed bare)."""
+    from tests.test_demo import fallback_reasons_in_source
+
+    config = Config()
+    for reason in sorted(fallback_reasons_in_source()):
+        words = fallback_words(reason, config, {})
+        assert words.startswith(reason + ": ") and len(words) > len(reason) + 20, (reason, words)
+
+
+def test_a_blip_shows_beside_the_transport_that_carries_the_rest():
+    """The last RECENT outcomes, oldest first; the latest decides `via`, an
+    inline one among them still shows (fallback, the mix, the reason's note)."""
+    recent = Recent()
+    for i in range(RECENT + 8):
+        recent.add("pool_full" if i % 10 == 0 else "memfd")  # 0, 10, 20, 30, 40: the last three remembered
+    assert recent.window() == ["pool_full" if i % 10 == 0 else "memfd" for i in range(8, RECENT + 8)]
+    sent = summarize(recent, ("memfd", ""), lambda outcome: (outcome, f"{outcome}: words"))
+    assert (sent.via, sent.fallback, sent.messages, sent.recent) == ("memfd", "pool_full", RECENT + 8,
+                                                                     (("memfd", 29), ("pool_full", 3)))
+    assert sent.words("requests") == "requests via memfd [last 32: memfd 29, pool_full 3]"
+    received = summarize(Recent(), ("memfd", ""), lambda outcome: (outcome, ""))
+    assert (received.via, received.messages) == ("memfd", 0)  # none yet: what the route expects
+    status = ChannelStatus(carrier(sent, received), ("memfd",), "co-located server pid 1", True, sent, received)
+    assert inline_notes(sent, received, ("requests", "responses")) == "; 3 of the last 32 requests inline (pool_full)"
+    assert str(status) == ("memfd: requests via memfd [last 32: memfd 29, pool_full 3]; responses expected via "
+                           "memfd (none yet); co-located server pid 1")
+    recent.add("shm_no_space")  # the latest went inline: so does the way
+    sent = summarize(recent, ("memfd", ""), lambda outcome: (outcome, f"{outcome}: words"))
+    assert (sent.via, sent.reason, sent.fallback) == ("inline", "shm_no_space: words", "shm_no_space")
+    assert carrier(sent, received) == "inline"
