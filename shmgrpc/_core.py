@@ -978,9 +978,11 @@ class Engine:
     def peer_statuses(self) -> List[PeerStatus]:
         """A server's PeerStatus of each client route it has framed calls of,
         the newest first; a channel's, of its server."""
+        if self._state != "ready":
+            return []
         if self.role == "client":
             route = self._route
-            routes = [route] if route is not None and self._state == "ready" else []
+            routes = [route] if route is not None else []
         else:
             with self._lock:
                 known = list(self._server_routes.values())
