@@ -892,8 +892,7 @@ class Engine:
             why += "; " + ", ".join(f"{t} unavailable" for t in skipped)
             if "cma" in skipped and "cma" in notes:
                 why += f" ({notes['cma']})"
-        nouns = ("requests", "responses") if self.role == "client" else ("responses", "requests")
-        why += inline_notes(sent, received, nouns)
+        why += inline_notes(sent, received) if self.role == "client" else inline_notes(received, sent)
         return carrier(sent, received), rungs, why, sent, received
 
     def _peer_words(self, route: Route) -> str:
@@ -972,7 +971,7 @@ class Engine:
         text = (f"{who} sent them inline: below its SHMGRPC_THRESHOLD or SHMGRPC_CMA_THRESHOLD, or a fallback; "
                 "its own status says which")
         if sent.inline and sent.messages:
-            text += f" (this side's own large messages go inline too: {sent.fallback})"
+            text += f"; this side's own large messages go inline too ({sent.fallback})"
         return outcome, text
 
     def peer_statuses(self) -> List[PeerStatus]:

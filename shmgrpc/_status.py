@@ -160,12 +160,12 @@ def carrier(sent: Direction, received: Direction) -> str:
     return sent.via if sent.offloads else "inline"
 
 
-def inline_notes(sent: Direction, received: Direction, nouns: Tuple[str, str]) -> str:
+def inline_notes(requests: Direction, responses: Direction) -> str:
     """'; responses inline: why', for each direction whose large messages go
     (or, before any, would go) inline, or of which some of the recent ones
     did: appended to a status's reason."""
     out = []
-    for d, noun in ((sent, nouns[0]), (received, nouns[1])):
+    for d, noun in ((requests, "requests"), (responses, "responses")):
         if d.inline:
             out.append(f"{noun} {'inline' if d.messages else 'would go inline'}: {d.reason}")
         elif d.fallback:
@@ -201,7 +201,7 @@ class ChannelStatus:
     received: Direction = Direction()
 
     def __str__(self) -> str:
-        return _line(self.transport, self.reason, self.sent, self.received, ("requests", "responses"))
+        return _line(self.transport, self.reason, self.sent, self.received)
 
 
 @dataclass(frozen=True)
@@ -221,22 +221,18 @@ class PeerStatus:
     received: Direction = Direction()
 
     def __str__(self) -> str:
-        return f"{self.peer}: " + _line(self.transport, self.reason, self.sent, self.received,
-                                        ("responses", "requests"))
+        return f"{self.peer}: " + _line(self.transport, self.reason, self.received, self.sent)
 
 
-def _line(transport: str, reason: str, sent: Direction, received: Direction, nouns: Tuple[str, str]) -> str:
+def _line(transport: str, reason: str, requests: Direction, responses: Direction) -> str:
     """str() of a status: 'memfd: requests via memfd; responses via memfd;
     co-located server pid 6112'. The reason's notes on inline directions
     are left out: each direction says its own."""
-    if not sent.via and not received.via:
+    if not requests.via and not responses.via:
         return f"{transport}: {reason}"
-    notes = inline_notes(sent, received, nouns)
+    notes = inline_notes(requests, responses)
     basis = reason[: -len(notes)] if notes and reason.endswith(notes) else reason
-    words = [sent.words(nouns[0]), received.words(nouns[1])]
-    if nouns[0] == "responses":
-        words.reverse()  # requests first, as a call goes
-    return f"{transport}: {'; '.join(words)}; {basis}"
+    return f"{transport}: {requests.words('requests')}; {responses.words('responses')}; {basis}"
 
 
 def peer_json(of: str, peer: str, pid: Optional[int], transport: str, reason: str, sent: Direction,

@@ -227,7 +227,7 @@ def test_a_blip_shows_beside_the_transport_that_carries_the_rest():
     received = summarize(Recent(), ("memfd", ""), lambda outcome: (outcome, ""))
     assert (received.via, received.messages) == ("memfd", 0)  # none yet: what the route expects
     status = ChannelStatus(carrier(sent, received), ("memfd",), "co-located server pid 1", True, sent, received)
-    assert inline_notes(sent, received, ("requests", "responses")) == "; 3 of the last 32 requests inline (pool_full)"
+    assert inline_notes(sent, received) == "; 3 of the last 32 requests inline (pool_full)"
     assert str(status) == ("memfd: requests via memfd [last 32: memfd 29, pool_full 3]; responses expected via "
                            "memfd (none yet); co-located server pid 1")
     recent.add("shm_no_space")  # the latest went inline: so does the way
