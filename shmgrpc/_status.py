@@ -75,9 +75,9 @@ class Recent:
     def window(self) -> List[str]:
         """The remembered outcomes, oldest first."""
         n, ring = self.count, list(self.ring)
-        start = n % RECENT if n > RECENT else 0
-        ordered = ring[start:] + ring[:start] if n > RECENT else ring[:n]
-        return [o for o in ordered if o is not None]
+        if n > RECENT:  # wrapped: the oldest is the one the next add overwrites
+            ring = ring[n % RECENT:] + ring[: n % RECENT]
+        return [o for o in ring[:n] if o is not None]
 
 
 @dataclass(frozen=True)

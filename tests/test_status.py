@@ -51,7 +51,8 @@ def warnings(records: List[dict]) -> List[str]:
 
 
 def stderr_warnings(text: str) -> List[str]:
-    return [line for line in text.splitlines() if line.startswith("WARNING:")]
+    """shmgrpc's WARNING lines in a server's stderr (its logging.basicConfig format)."""
+    return [line for line in text.splitlines() if line.startswith("WARNING:shmgrpc")]
 
 
 def peer_of(server_stats: dict, pid: int) -> dict:
