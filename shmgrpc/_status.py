@@ -326,7 +326,7 @@ def cannot_honour(reason: str, config, role: str, peer: str, n: int, notes: Dict
     if reason == "peer_cannot_read":
         why = notes.get(t, "")
         if t == "cma":
-            fix = ("the peer names the reason in its own log and status; " + cma_fix(why))
+            fix = cma_fix(why)
         elif t == "memfd":
             fix = ("the peer's side socket must be reachable (one network namespace, or SHMGRPC_SIDE_DIR in "
                    "both) and its SHMGRPC_SIDE_UIDS must allow this uid; or set SHMGRPC_TRANSPORT=auto")
@@ -334,7 +334,8 @@ def cannot_honour(reason: str, config, role: str, peer: str, n: int, notes: Dict
             fix = ("both must see one shm directory and run as one uid; or set SHMGRPC_TRANSPORT=memfd "
                    "(or auto)")
         return (f"SHMGRPC_TRANSPORT={t} cannot be honoured for {what} to {peer}: it does not accept {t} from this "
-                f"process{f' ({why})' if why else ''}, so large {what} go inline. To change it: {fix}")
+                f"process{f' ({why})' if why else ''}, so large {what} go inline; its own log and status say why. "
+                f"To change it: {fix}")
     return None
 
 
