@@ -11,10 +11,10 @@ shmgrpc.stats(); exporters in shmgrpc.metrics (prometheus, otel).
 import logging as _logging
 
 from ._channel import Channel, channel_status, insecure_channel, intercept_channel, secure_channel
-from ._types import CountBytes, PoolUsage, StatsSnapshot, TransportCounts
+from ._types import CountBytes, DirectionRecord, PeerRecord, PoolUsage, StatsSnapshot, TransportCounts
 from ._version import __version__
 from ._client import ClientInterceptor
-from ._core import ChannelStatus, stats
+from ._core import ChannelStatus, Direction, PeerStatus, stats
 from ._malloc import tune_malloc
 from ._server import Server, ServerInterceptor, server
 from .config import Config
@@ -48,9 +48,13 @@ __all__ = [
     "ConfigError",
     "CountBytes",
     "DataLossError",
+    "Direction",
+    "DirectionRecord",
     "HandleError",
     "HandleTooLarge",
     "PeerGoneError",
+    "PeerRecord",
+    "PeerStatus",
     "PoolUsage",
     "Server",
     "ServerInterceptor",

@@ -94,13 +94,18 @@ class CallCodec:
 
     def deserializer(self, original: Optional[Callable]) -> Callable:
         original = original or _identity
-        if self.route is None:
+        route = self.route
+        if route is None:
             return original
         deserialize = self.deserialize
+        engine = self.engine
+        threshold = engine.config.threshold
 
         def deserializer(raw):
             if raw[:_PREFIX_LEN] != _PREFIX:
                 self.committed = True
+                if len(raw) >= threshold:  # a large message that came inline: the status says so
+                    engine.received_inline(route, len(raw))
                 return original(raw)  # not a frame: the message itself
             return deserialize(original, raw)
 
@@ -129,10 +134,11 @@ class CallCodec:
     def deserialize(self, original: Callable, raw: bytes) -> Any:
         """`original` of the bytes `raw` stands for (a framed call)."""
         self.committed = True
-        if raw[:_PREFIX_LEN] != _PREFIX:
-            return original(raw)
-        if wire.escaped(raw):
-            return original(raw[len(wire.ESCAPE):])
+        framed = raw[:_PREFIX_LEN] == _PREFIX
+        if not framed or wire.escaped(raw):  # the message itself, or escaped: it came inline
+            if self.route is not None and len(raw) >= self.engine.config.threshold:
+                self.engine.received_inline(self.route, len(raw))
+            return original(raw[len(wire.ESCAPE):] if framed else raw)
         assert self.route is not None  # deserializer() hands out deserialize on framed calls only
         try:
             return self.engine.restore(raw, self.route, original, self.reread)
@@ -180,6 +186,8 @@ class ThreadCodec:
 
     def deserialize(self, raw: bytes) -> Any:
         if raw[:_PREFIX_LEN] != _PREFIX:
+            if len(raw) >= self.engine.config.threshold:  # a large message that came inline
+                self.engine.received_inline(self.route, len(raw))
             return self.original_deserializer(raw)  # not a frame: the message itself
         return self._codec().deserialize(self.original_deserializer, raw)
 

@@ -18,12 +18,26 @@ import logging
 import os
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 from . import _malloc, cma, pins, pool, session, side, wire
 from .config import Config
-from ._log import RateLimit, repeats
+from ._log import RateLimit, once, repeats
+from ._status import (
+    SENT_INLINE,
+    ChannelStatus,
+    Direction,
+    PeerStatus,
+    Recent,
+    cannot_honour,
+    carrier,
+    cma_fix,
+    fallback_words,
+    inline_notes,
+    peer_json,
+    summarize,
+)
 from ._types import StatsSnapshot
 from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError
 
@@ -39,6 +53,12 @@ TRANSPORTS = ("memfd", "shm", "cma")
 
 # DEBUG lines about fallbacks: at most one per engine, cause and minute.
 _FALLBACK_LOG = RateLimit(60.0)
+
+# Fallbacks of an explicitly configured transport that a configuration change
+# fixes: each draws one WARNING per process (_status.cannot_honour). The
+# others pass (pool pressure, a side connection being replaced) or have a
+# line of their own (over_limit).
+_CANNOT_HONOUR = frozenset(("shm_no_space", "memfd_no_space", "pool_too_small", "peer_cannot_read"))
 
 
 # --- stats --------------------------------------------------------------------
@@ -139,8 +159,9 @@ _ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
 def stats() -> StatsSnapshot:
-    """Process-wide counters, plus the pools of live engines."""
+    """Process-wide counters, plus the peers and pools of live engines."""
     snap = Stats.process_snapshot()
+    snap["peers"] = [record for engine in list(_ENGINES) for record in engine.peer_records()]
     total = {"capacity": 0, "bytes_mapped": 0, "bytes_in_use": 0, "segments": 0, "cma_pinned": 0}
     with Node._lock:
         nodes = list(Node._nodes.values())
@@ -152,6 +173,9 @@ def stats() -> StatsSnapshot:
 
 
 # --- routes -------------------------------------------------------------------
+
+
+_LETTER = {"memfd": "m", "shm": "s", "cma": "c"}  # a transport's letter in a hello's or welcome's accepts
 
 
 def _rungs(accepts: str) -> str:
@@ -180,6 +204,10 @@ class Route:
     framed: bool = True  # server: the hello named a server, so the client frames this call
     side_conn: Optional[int] = None  # server: the peer's side connection (id, 0 none) when made; None: no memfd
     welcome: Optional[Tuple[str, str]] = None  # server: trailing metadata, if the client needs it
+    peer_accepts: str = ""  # what the peer reads (its hello's or welcome's accepts): its own transports
+    # What the large messages of this route did, each way (see _status.py).
+    sent: Recent = field(default_factory=Recent, repr=False, compare=False)
+    received: Recent = field(default_factory=Recent, repr=False, compare=False)
 
     @property
     def offloads(self) -> bool:
@@ -454,25 +482,6 @@ class Node:
 atexit.register(Node.close_all)
 
 
-@dataclass(frozen=True)
-class ChannelStatus:
-    """Where a channel stands: what carries its large messages, and why.
-
-    transport: "shm" or "cma", the first rung a large message tries now, or
-        "inline" (every message travels through gRPC as it would without
-        shmgrpc);
-    transports: every rung in effect, in the order tried (empty when inline);
-    reason: why, in words: what the handshake found, or why offload is off;
-    settled: the handshake has concluded (False until the first call, or
-        while a transient failure leaves it to be tried again).
-    """
-
-    transport: str
-    transports: Tuple[str, ...]
-    reason: str
-    settled: bool
-
-
 class _Released:
     """The finalizer's view of an engine: releases its node once."""
 
@@ -508,6 +517,9 @@ class Engine:
         self._hello: Optional[Tuple[Tuple[str, str], Optional[Route]]] = None
         self._probe = "todo"  # client: todo (no answer yet) -> done (a welcome came) | plain
         self._order = self._transport_order()
+        # The configuration names one transport: not being able to use it is
+        # worth a WARNING (under auto the next rung serves, quietly).
+        self._explicit = self.config.transport not in ("auto", "off")
         self._announced: Optional[str] = None  # client: the status last logged
         self._limit_noted = False
         _ENGINES.add(self)
@@ -582,20 +594,33 @@ class Engine:
         self.stats.note("disabled", why)
         log.log(level, "offload disabled (%s); plain gRPC only", why)
 
-    def _cma_unavailable(self, why: str) -> None:
-        """Record (once: stats note, one log line) why cma cannot be used.
+    def _cma_unavailable(self, why: str, peer: Optional[session.Peer] = None) -> None:
+        """Record (once: stats note, one log line) why cma cannot be used:
+        `why` this process may not read `peer` (None: cma is unavailable here).
 
         A failed probe of one peer only means we cannot read *that* peer: our
-        accepts for it drop "c", so it sends us shm or inline. A WARNING only
-        when cma was asked for explicitly; under `auto` the next rung serves."""
+        accepts for it drop "c", so it sends us shm or inline. A WARNING (one
+        per process) only when cma was asked for explicitly, saying which way
+        goes inline and what to change; under `auto` the next rung serves."""
         if "cma" not in self._order or "cma" in self.stats.notes:
             return
-        self.stats.note("cma", f"not permitted: {why}")
+        text = f"cannot read pid {peer.pid}: {why}" if peer is not None else why
+        self.stats.note("cma", f"not permitted: {text}")
         if self._order == ("cma",):
-            log.warning("SHMGRPC_TRANSPORT=cma, but cma is not permitted (%s); sending inline", why)
+            if not once(("cma_unavailable", self.role, peer is None)):
+                return
+            if peer is None:
+                log.warning("SHMGRPC_TRANSPORT=cma cannot be honoured: %s, so large messages go inline. Set "
+                            "SHMGRPC_TRANSPORT=memfd or shm", why)
+                return
+            theirs, who = ("responses", "server") if self.role == "client" else ("requests", "client")
+            ours = "requests" if theirs == "responses" else "responses"
+            log.warning("SHMGRPC_TRANSPORT=cma cannot be honoured for %s: this process may not read %s pid %d "
+                        "(%s), so the %s sends its large %s inline (%s still go via cma where it may read this "
+                        "process). To change it: %s", theirs, who, peer.pid, why, who, theirs, ours, cma_fix(why))
         else:
             others = " or ".join(t for t in self._order if t != "cma")
-            log.info("cma not permitted (%s); %s carries large messages where it can", why, others)
+            log.info("cma not permitted (%s); %s carries large messages where it can", text, others)
 
     @property
     def node(self) -> Optional[Node]:
@@ -636,7 +661,7 @@ class Engine:
         assert self._node is not None
         peer = self._node.peer(inst, id_segment, probe_cma="cma" in self._order)
         if "cma" in self._order and peer.cma_reason is not None:
-            self._cma_unavailable(f"cannot read pid {peer.pid}: {peer.cma_reason}")
+            self._cma_unavailable(peer.cma_reason, peer)
         return peer
 
     def _accepts(self, peer: Optional[session.Peer]) -> str:
@@ -811,6 +836,7 @@ class Engine:
             send_memfd=conn is not None,
             peer_key=w.cma_key,
             max_receive=w.max_receive,
+            peer_accepts=w.accepts,
         )
         log.debug("%s: welcome from server pid %d: it reads %s; id segment proof %s, side connection %s; "
                   "we send via %s", self.name, peer.pid, _rungs(w.accepts), "ok" if proved else "none",
@@ -838,26 +864,140 @@ class Engine:
             if not pending:
                 why = self.stats.notes.get("not_colocated", "the server did not prove co-location")
             return ChannelStatus("inline", (), why, not pending)
+        transport, rungs, why, sent, received = self._route_status(route)
+        return ChannelStatus(transport, rungs, why, True, sent, received)
+
+    # -- what large messages did, per route and direction (see _status.py)
+
+    def _route_status(self, route: Route) -> Tuple[str, Tuple[str, ...], str, Direction, Direction]:
+        """(transport, rungs, reason, sent, received) of a route: what its
+        large messages did each way, or before any, what it expects."""
         rungs = tuple(t for t in self._order if route.sends(t))
-        if not rungs:
-            why = "the server shares this host but can read none of our transports"
-            if "cma" in self.stats.notes:
-                why += f" (cma {self.stats.notes['cma']})"
-            return ChannelStatus("inline", (), why, True)
+        notes = self.stats.notes
+        expected = self._expect_sent(route, rungs)
+
+        def why_sent(outcome: str) -> Tuple[str, str]:
+            if outcome == "peer_cannot_read":  # the route says which transport the peer does not take, and why
+                return outcome, f"peer_cannot_read: {self._expect_sent(route, ())[1]}"
+            return outcome, fallback_words(outcome, self.config, notes)
+
+        sent = summarize(route.sent, expected, why_sent)
+        received = summarize(route.received, self._expect_received(route),
+                             lambda outcome: self._why_received_inline(route, outcome, sent))
         peer = route.peer
-        why = f"co-located server pid {peer.pid}" if peer is not None and peer.pid else "co-located server"
+        why = "co-located " + self._peer_words(route)
         if peer is not None and not peer.named:
             why += " (known by its side connection; no shared shm directory in use)"
-        if "cma" in rungs and peer is not None and peer.cma_reason is not None and not (
-            route.send_memfd or route.send_shm
-        ):
-            why += "; answers come back inline: this side cannot read the server with cma (stats notes: cma)"
         skipped = [t for t in self._order if t not in rungs]
-        if skipped:
+        if skipped and rungs:
             why += "; " + ", ".join(f"{t} unavailable" for t in skipped)
-            if "cma" in skipped and "cma" in self.stats.notes:
-                why += f" ({self.stats.notes['cma']})"
-        return ChannelStatus(rungs[0], rungs, why, True)
+            if "cma" in skipped and "cma" in notes:
+                why += f" ({notes['cma']})"
+        why += inline_notes(sent, received) if self.role == "client" else inline_notes(received, sent)
+        return carrier(sent, received), rungs, why, sent, received
+
+    def _peer_words(self, route: Route) -> str:
+        who = "server" if self.role == "client" else "client"
+        pid = self._peer_pid(route)
+        return f"{who} pid {pid}" if pid else who
+
+    def _peer_pid(self, route: Route) -> Optional[int]:
+        """The peer's pid as seen here: from its id segment, else from its
+        side connection (SO_PEERCRED); None in another pid namespace."""
+        peer = route.peer
+        if peer is None:
+            return None
+        if peer.pid:
+            return peer.pid
+        node = self._node
+        conn = node.side.conn_for(peer.inst) if node is not None and node.side is not None else None
+        return conn.pid if conn is not None and conn.pid else None
+
+    def _expect_sent(self, route: Route, rungs: Tuple[str, ...]) -> Tuple[str, str]:
+        """(the first rung a large message to the peer tries, "") or ("inline", why)."""
+        if rungs:
+            return rungs[0], ""
+        who = self._peer_words(route)
+        whys = []
+        for t in self._order:
+            if _LETTER[t] not in route.peer_accepts:
+                whys.append(f"{t}: {who} does not accept it from this process"
+                            + (" (it may not read this process, or does not use cma: its own status says which)"
+                               if t == "cma" else ""))
+            else:
+                whys.append(f"{t}: {self.stats.notes.get(t) or 'not usable with this peer'}")
+        return "inline", "; ".join(whys) or "no transport in effect"
+
+    def _expect_received(self, route: Route) -> Tuple[str, str]:
+        """(the transport the peer's large messages are expected by, "") or
+        ("inline", why not one): what we read from the peer, and what its
+        handshake says it uses. (A peer whose accepts lack "c" may still
+        send cma: it may use cma but be unable to read us.)"""
+        peer = route.peer
+        ours = self._accepts(peer)
+        who = self._peer_words(route)
+        whys = []
+        for t in self._order:
+            if _LETTER[t] not in ours:
+                whys.append(f"{t}: {self._why_unreadable(t, peer, who)}")
+            elif t == "memfd" and not route.send_memfd:
+                whys.append(f"memfd: no side connection with {who}"
+                            + (f" ({self.stats.notes['memfd']})" if "memfd" in self.stats.notes else ""))
+            elif t != "cma" and _LETTER[t] not in route.peer_accepts:
+                whys.append(f"{t}: {who} does not use it")
+            else:
+                return t, ""
+        return "inline", "; ".join(whys) or "no transport in effect"
+
+    def _why_unreadable(self, transport: str, peer: Optional[session.Peer], who: str) -> str:
+        if peer is None or not peer.named:
+            return f"this process cannot open the id segment of {who} (no shared shm directory)"
+        if transport == "cma" and peer.cma_reason is not None:
+            return f"this process may not read {who} ({peer.cma_reason})"
+        return self.stats.notes.get(transport) or "not available here"
+
+    def _why_received_inline(self, route: Route, outcome: str, sent: Direction) -> Tuple[str, str]:
+        """(reason code, words): why a large message came inline, as far as
+        this side knows: a peer that sent it inline because we cannot read
+        what it has is peer_cannot_read there."""
+        if outcome == "over_limit":
+            return outcome, ("over_limit: above what this side accepts offloaded (its gRPC "
+                             "max_receive_message_length and SHMGRPC_MAX_MESSAGE): gRPC accepts or refuses it inline")
+        if outcome != SENT_INLINE:
+            return outcome, fallback_words(outcome, self.config, self.stats.notes)
+        via, why = self._expect_received(route)
+        if via == "inline":
+            return "peer_cannot_read", why
+        who = self._peer_words(route)
+        text = (f"{who} sent them inline: below its SHMGRPC_THRESHOLD or SHMGRPC_CMA_THRESHOLD, or a fallback; "
+                "its own status says which")
+        if sent.inline and sent.messages:
+            text += f"; this side's own large messages go inline too ({sent.fallback})"
+        return outcome, text
+
+    def peer_statuses(self) -> List[PeerStatus]:
+        """A server's PeerStatus of each client route it has framed calls of,
+        the newest first; a channel's, of its server."""
+        if self._state != "ready":
+            return []
+        if self.role == "client":
+            route = self._route
+            routes = [route] if route is not None else []
+        else:
+            with self._lock:
+                known = list(self._server_routes.values())
+            routes = [r for r in reversed(known) if r is not None and r.framed and r.peer is not None]
+        out = []
+        for route in routes:
+            transport, rungs, why, sent, received = self._route_status(route)
+            out.append(PeerStatus(self._peer_words(route), self._peer_pid(route), transport, rungs, why, sent,
+                                  received))
+        return out
+
+    def peer_records(self) -> List[Dict[str, Any]]:
+        """stats()["peers"]: peer_statuses() as plain data."""
+        return [peer_json(self.name, p.peer, p.pid, p.transport, p.reason, p.sent, p.received)
+                for p in self.peer_statuses()]
 
     def _announce(self) -> None:
         """One INFO line when the channel settles, one WARNING when a channel
@@ -984,6 +1124,7 @@ class Engine:
             framed=h.server_inst is not None,  # else the welcome is all this call carries
             welcome=(wire.WELCOME_KEY, welcome) if welcome else None,
             side_conn=None if side_ is None else self._side_conn_id_of(side_, h.inst),
+            peer_accepts=h.accepts,
         )
 
     # -- the two operations
@@ -1035,6 +1176,7 @@ class Engine:
                 if handle is not None:
                     if keep is not None:
                         keep(ticket)
+                    route.sent.add(transport)
                     if missed is not None:
                         self._log_offload(n, transport, missed)
                     return handle
@@ -1042,9 +1184,22 @@ class Engine:
                     missed = [*(missed or ()), f"{transport}: {reason}"]
         self.stats.add("fallback", reason)
         self.stats.add_inline(n)
+        route.sent.add(reason)
+        if self._explicit and reason in _CANNOT_HONOUR:
+            self._cannot_honour(reason, n, route)
         if log.isEnabledFor(logging.DEBUG):
             self._log_offload(n, "inline", missed, reason)
         return None
+
+    def _cannot_honour(self, reason: str, n: int, route: Route) -> None:
+        """One WARNING per cause and process: the configured transport could
+        not carry a large message, and a configuration change would fix it."""
+        key = ("cannot_honour", reason, self.config.transport, self.role)
+        if not once(key):
+            return
+        text = cannot_honour(reason, self.config, self.role, self._peer_words(route), n, self.stats.notes)
+        if text is not None:
+            log.warning("%s", text)
 
     def _log_offload(self, n: int, via: str, missed: Optional[List[str]], reason: str = "") -> None:
         """DEBUG, rate-limited: a message that did not take the first rung."""
@@ -1145,13 +1300,24 @@ class Engine:
                     f"Received message larger than max ({h.length} vs. {self.max_receive})"
                 )
             if isinstance(h, wire.ShmHandle):
-                return self._restore_shm(h, route.peer, deserializer, reread)
-            if isinstance(h, wire.MemfdHandle):
-                return self._restore_shm(h, route.peer, deserializer, reread)
-            return self._restore_cma(h, route.peer, deserializer, reread)
+                message = self._restore_shm(h, route.peer, deserializer, reread)
+                route.received.add("shm")
+            elif isinstance(h, wire.MemfdHandle):
+                message = self._restore_shm(h, route.peer, deserializer, reread)
+                route.received.add("memfd")
+            else:
+                message = self._restore_cma(h, route.peer, deserializer, reread)
+                route.received.add("cma")
+            return message
         except ShmGrpcError as err:
             self.stats.add("error", type(err).__name__)
             raise
+
+    def received_inline(self, route: Route, n: int) -> None:
+        """A message of `n` bytes, at or above the threshold, came inline on
+        a framed call of `route`. Above what we accept offloaded, we know
+        why; otherwise only its sender does (see _status.py)."""
+        route.received.add(SENT_INLINE if within(n, self.offload_limit()) else "over_limit")
 
     def _restore_shm(self, h, peer: session.Peer, deserializer: Callable, reread: bool) -> Any:
         """Restore an shm or a memfd handle: both are slots of a mapped segment."""
@@ -1233,9 +1399,11 @@ class EngineOwner:
         return self._engine.transports
 
     def stats(self) -> StatsSnapshot:
-        """This object's counters and its process's pool (shmgrpc.stats()
-        sums every engine's counters)."""
+        """This object's counters, what its peers' large messages did lately
+        (peers: a channel's server, a server's client routes) and its
+        process's pool (shmgrpc.stats() sums every engine's counters)."""
         snap = self._engine.stats.snapshot()
+        snap["peers"] = self._engine.peer_records()
         snap["pool"] = self._engine.pool_stats()
         return snap  # type: ignore[return-value]  # the StatsSnapshot shape (see _types.py)
 

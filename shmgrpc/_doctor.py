@@ -15,7 +15,11 @@ Two parts:
   as `Blob(data=request.data)`, drops an unknown field: its answer is empty).
 
 Each check says what it found, and for a failure the fix. The result is OK
-only when the transport the configuration would choose works.
+only when the transport the configuration would choose works both ways: a
+channel's status (shmgrpc.ChannelStatus.sent / .received) says, for requests
+and for responses, what carried the round trip's messages or, without a
+round trip, what the handshake expects; either way going inline fails the
+check, naming the way and why.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import cma, pool, side, wire
 from ._core import AUTO_ORDER, TRANSPORTS
+from ._status import cma_fix
+from ._status import size_text as size_text
 from ._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode
 from ._version import __version__
 from .config import Config
@@ -63,14 +69,6 @@ class Check:
         if self.data:
             out["data"] = self.data
         return out
-
-
-def size_text(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size:
-            return f"{n // size:.0f} {unit}" if n % size == 0 else f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 # --- facts about this process -------------------------------------------------
@@ -593,7 +591,8 @@ class Probe:
     transport: str  # the SHMGRPC_TRANSPORT it was built with
     code: str = ""  # the handshake method's answer
     details: str = ""
-    status: Any = None  # shmgrpc.ChannelStatus
+    status: Any = None  # shmgrpc.ChannelStatus at the end: what the round trip's messages did each way
+    handshake: Any = None  # shmgrpc.ChannelStatus after the handshake: what each way expects
     peer_pid: Optional[int] = None
     notes: Dict[str, str] = dataclasses.field(default_factory=dict)
     echo_code: Optional[str] = None
@@ -611,10 +610,20 @@ class Probe:
 
     def to_json(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
-        st = self.status
-        out["status"] = None if st is None else {"transport": st.transport, "transports": list(st.transports),
-                                                 "reason": st.reason, "settled": st.settled}
+        for key in ("status", "handshake"):
+            st = getattr(self, key)
+            out[key] = None if st is None else {
+                "transport": st.transport, "transports": list(st.transports), "reason": st.reason,
+                "settled": st.settled, "sent": st.sent.to_json(), "received": st.received.to_json()}
         return out
+
+    def inline(self) -> List[Tuple[str, Any]]:
+        """(noun, Direction) of each way whose large messages went inline in
+        the round trip, or, where it moved none that way, would."""
+        st = self.status
+        if st is None:
+            return []
+        return [(noun, d) for noun, d in (("requests", st.sent), ("responses", st.received)) if d.inline]
 
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * MiB), ("grpc.max_send_message_length", 256 * MiB),
@@ -644,7 +653,7 @@ def probe_channel(target: str, config: Config, echo: Optional[Echo], size: int, 
             result.code = "OK"
         except grpc.RpcError as err:
             result.code, result.details = _rpc_error(err)
-        result.status = shmgrpc.channel_status(channel)
+        result.status = result.handshake = shmgrpc.channel_status(channel)
         result.peer_pid = _peer_pid(channel)
         if echo is not None and result.code == "OK":
             request = echo.request(size)
@@ -718,9 +727,15 @@ def _fix_for(transport: str, reason: str, notes: Dict[str, str]) -> str:
         return ("both processes must see the same /dev/shm (docker: --ipc=shareable and --ipc=container:SERVER, "
                 "or a shared tmpfs volume as SHMGRPC_SHM_DIR) and run as the same uid; across hosts nothing but "
                 "plain gRPC works")
+    if transport == "cma" and ("may not read" in text or "not permitted" in text):
+        return cma_fix(text)
     if transport == "cma":
         return ("cma needs ptrace permission both ways and one pid namespace (docker --pid=container:SERVER, "
                 "Kubernetes shareProcessNamespace: true): see the cma line of this machine's checks")
+    if "shm_no_space" in text:
+        return ("give /dev/shm room (docker run --shm-size=1g; Kubernetes: an emptyDir {medium: Memory, sizeLimit: "
+                "1Gi} at /dev/shm), or set SHMGRPC_TRANSPORT=memfd, which needs no /dev/shm: see the shm line of "
+                "this machine's checks")
     if "no_space" in text or "pool" in text:
         return "see the shm line of this machine's checks: the pool needs room"
     return "see this machine's checks above"
@@ -761,7 +776,7 @@ def target_checks(target: str, config: Config, method: Optional[str], size: int,
         checks.append(Check("handshake", FAIL, str(err), "give --method /package.Service/Method [--field N]"))
         return checks, None, {}
     main = probe_channel(target, config, echo, size, timeout)
-    st = main.status
+    st = main.handshake
     if main.code not in ("OK", "UNIMPLEMENTED") and st.transport == "inline":
         if main.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
             checks.append(Check("handshake", FAIL, f"cannot reach {target}: {main.code}: {main.details}",
@@ -824,17 +839,21 @@ def _echo_check(name: str, p: Probe, echo: Echo, found: str, size: int, configur
     text = f"{what} out {out}, back {back}, {p.millis:.1f} ms; {p.echo_note}"
     if p.fallbacks:
         text += "; fallbacks: " + ", ".join(f"{k} {v}" for k, v in sorted(p.fallbacks.items()))
+    st = p.status
     if not p.sent_via:
-        return Check(name, FAIL, text, _fix_for(configured, " ".join(p.fallbacks), p.notes), data)
+        why = st.sent.reason if st is not None and st.sent.inline else " ".join(p.fallbacks)
+        return Check(name, FAIL, f"{text}; requests inline: {why}" if why else text,
+                     _fix_for(configured, why, p.notes), data)
     if p.echo_dropped:
         # Not a threshold matter: the answer had nothing large in it to offload.
         return Check(name, WARN, f"{what} out {out}, {p.millis:.1f} ms; {p.echo_dropped}, so only the request "
                                  "went through shared memory and the way back was not tried",
                      _FIELD_FIX if not echo.field else f"check --field {echo.field}: {_FIELD_FIX}", data)
-    settled = p.status.transport if p.status is not None else ""
-    if settled not in p.received_via and p.notes.get(settled):
-        return Check(name, WARN, f"{text}; the answer could not come via {settled}: {p.notes[settled]}",
-                     _fix_for(settled, p.notes[settled], p.notes), data)
+    if not p.received_via:
+        settled = p.handshake.transport if p.handshake is not None else configured
+        why = st.received.reason if st is not None and st.received.reason else p.notes.get(settled, "")
+        return Check(name, FAIL, f"{text}; responses inline: {why or 'no reason known here'}",
+                     _fix_for(settled, why, p.notes), data)
     return Check(name, OK, text, data=data)
 
 
@@ -843,15 +862,19 @@ _FIELD_FIX = ("give --field N, the number of a bytes field the method sends back
 
 
 def _transport_check(t: str, p: Probe, echo: Optional[Echo], size: int) -> Check:
-    st = p.status
+    hs, st = p.handshake, p.status
     data = p.to_json()
     notes = {k: v for k, v in p.notes.items() if k in (t, "not_colocated", "server", "disabled", "shm")}
-    if st is None or st.transport != t:
-        reason = st.reason if st is not None else f"{p.code}: {p.details}"
+    if hs is None or hs.transport != t:
+        reason = hs.reason if hs is not None else f"{p.code}: {p.details}"
         extra = "; ".join(f"{k}: {v}" for k, v in notes.items() if v not in reason)
         return Check(t, FAIL, reason + (f" ({extra})" if extra else ""), _fix_for(t, reason, notes), data)
     if echo is None:
-        return Check(t, OK, f"handshake settled on {t}: {st.reason}", data=data)
+        inline = p.inline()
+        if inline:  # what the handshake found says a way is closed
+            why = "; ".join(d.words(noun) for noun, d in inline)
+            return Check(t, FAIL, f"handshake settled on {t}, but {why}", _fix_for(t, why, notes), data)
+        return Check(t, OK, f"handshake settled on {t}: {hs.reason}", data=data)
     if p.echo_code != "OK" or not p.echo_ok:
         ok_enough = echo.kind == "method" and p.echo_code not in ("UNIMPLEMENTED", None) and t in p.sent_via \
             and not p.echo_details.startswith("shmgrpc:")
@@ -859,19 +882,20 @@ def _transport_check(t: str, p: Probe, echo: Optional[Echo], size: int) -> Check
                      f"settled on {t}, round trip: {p.echo_code}: {p.echo_details or p.echo_note}",
                      "" if ok_enough else _fix_for(t, p.echo_details, notes), data)
     if t not in p.sent_via:
-        why = ", ".join(f"{k} {v}" for k, v in sorted(p.fallbacks.items())) or "no fallback reason counted"
+        why = st.sent.reason if st.sent.inline else (
+            ", ".join(f"{k} {v}" for k, v in sorted(p.fallbacks.items())) or "no fallback reason counted")
         return Check(t, FAIL, f"settled on {t}, but the {size_text(size)} request went inline ({why})",
                      _fix_for(t, why, notes), data)
     if t not in p.received_via:
-        note = notes.get(t)
         if p.echo_dropped:
+            if st.received.inline:  # not tried, but the route says it would go inline
+                return Check(t, FAIL, f"request via {t}; {st.received.words('responses')}",
+                             _fix_for(t, st.received.reason, notes), data)
             return Check(t, OK, f"request via {t}, {p.millis:.1f} ms; the answer had no payload to carry back "
                                 "(see the round trip line)", data=data)
-        if note:
-            return Check(t, FAIL, f"requests via {t} work, but the answer came back inline: {note}",
-                         _fix_for(t, note, notes), data)
-        return Check(t, OK, f"request via {t}, answer inline (below the server's threshold?), "
-                            f"{p.millis:.1f} ms", data=data)
+        why = st.received.reason or notes.get(t) or "no reason known here"
+        return Check(t, FAIL, f"requests via {t} work, but the answer came back inline: {why}",
+                     _fix_for(t, why, notes), data)
     return Check(t, OK, f"{size_text(size)} out and back via {t}, {p.millis:.1f} ms", data=data)
 
 
@@ -934,31 +958,42 @@ def run(config: Config, target: Optional[str] = None, method: Optional[str] = No
     checks, main, per = target_checks(target, config, method, length, timeout, by_name, field)
     report.target_checks = checks
     named = {check.name: check for check in checks}
-    st = main.status if main is not None else None
+    hs = main.handshake if main is not None else None
     handshake = named.get("handshake")
-    if handshake is None or handshake.status == FAIL or st is None or st.transport == "inline":
+    if handshake is None or handshake.status == FAIL or main is None or hs is None or hs.transport == "inline":
         report.summary = handshake.detail if handshake is not None else "no answer"
         return report
-    chosen = st.transport
+    chosen = hs.transport
     local = by_name.get(chosen)
-    here = f"; on this machine: {local.detail}" if local is not None and local.status == FAIL else ""
     trip = named.get("round trip")
     row = named.get(chosen)
+
+    def here(text: str) -> str:  # what this machine's check of the chosen transport found, if not said yet
+        if local is None or local.status != FAIL or local.detail in text:
+            return text
+        return f"{text}; on this machine: {local.detail}"
+
+    st = main.status
+    ways = f"{st.sent.words('requests')}; {st.received.words('responses')}"
+    if main.inline():  # a way that is closed, and why: the verdict the user needs first
+        report.summary = here(f"large messages to {target}: {ways}")
+        return report
     if trip is not None and trip.status == FAIL:
-        report.summary = f"the channel settled on {chosen}, but the round trip failed: {trip.detail}{here}"
+        report.summary = here(f"the channel settled on {chosen}, but the round trip failed: {trip.detail}")
         return report
     if row is not None and row.status == FAIL:
-        report.summary = f"the channel settled on {chosen}, but {chosen} does not work: {row.detail}{here}"
+        report.summary = here(f"the channel settled on {chosen}, but {chosen} does not work: {row.detail}")
         return report
     echoed = trip is not None and trip.status in (OK, WARN)
-    if not echoed and here:
-        report.summary = f"the channel settled on {chosen} (handshake only){here}"
+    if not echoed and local is not None and local.status == FAIL:
+        report.summary = here(f"the channel settled on {chosen} (handshake only)")
         return report
     report.ok, report.transport = True, chosen
     proof = "an offloaded round trip" if echoed else "the handshake; no round trip tried"
-    if echoed and main is not None and main.echo_dropped:
+    if echoed and main.echo_dropped:
         proof = "an offloaded request; the answer had no payload to carry back: see --field"
-    report.summary = f"large messages to {target} travel via {chosen} (proved by {proof})"
+    both = st.sent.via == st.received.via == chosen
+    report.summary = f"large messages to {target} travel via {chosen}{'' if both else f' ({ways})'} (proved by {proof})"
     return report
 
 

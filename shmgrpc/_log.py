@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Dict, Hashable, Optional, Tuple
+from typing import Callable, Dict, Hashable, Optional, Set, Tuple
 
 
 class RateLimit:
@@ -40,6 +40,22 @@ class RateLimit:
                 self._keys.pop(next(iter(self._keys)))
             self._keys[key] = (now, 0)
             return entry[1] if entry is not None else 0
+
+
+_said_lock = threading.Lock()  # protects _said
+_said: Set[Hashable] = set()
+
+
+def once(key: Hashable) -> bool:
+    """True the first time `key` is asked about in this process, then False:
+    for the one WARNING a cause gets however many engines meet it."""
+    if key in _said:
+        return False
+    with _said_lock:
+        if key in _said:
+            return False
+        _said.add(key)
+        return True
 
 
 def repeats(suppressed: int) -> str:

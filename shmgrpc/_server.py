@@ -30,7 +30,7 @@ import grpc
 
 from . import wire
 from ._codec import CallCodec, Failed, Tickets
-from ._core import Engine, EngineOwner, Route
+from ._core import Engine, EngineOwner, PeerStatus, Route
 from .config import Config, check_config
 from .errors import ShmGrpcError, StaleSessionError
 
@@ -315,6 +315,12 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
         if hello is None:
             return handler
         return self._handlers.get(self._engine.server_route(hello), handler)
+
+    def status(self) -> Tuple[PeerStatus, ...]:
+        """What the large messages to and from each client route did lately,
+        the newest route first (PeerStatus: per direction, the transport that
+        carried them or inline and why); stats()["peers"] holds the same."""
+        return tuple(self._engine.peer_statuses())
 
     def unknown(self, details: grpc.HandlerCallDetails) -> Optional[grpc.RpcMethodHandler]:
         """A method the application does not serve: the handshake method of

@@ -7,7 +7,7 @@ into JSON. These TypedDicts only describe it (they cost nothing at run time).
 
 from __future__ import annotations
 
-from typing import Dict, TypedDict
+from typing import Dict, List, Optional, TypedDict
 
 
 class CountBytes(TypedDict):
@@ -36,6 +36,36 @@ class PoolUsage(TypedDict):
     cma_pinned: int
 
 
+class DirectionRecord(TypedDict):
+    """What the large messages (at or above the threshold) one way did
+    lately (shmgrpc.Direction as data): `via` the transport that carried the
+    latest, or "inline" (before any, with messages 0: what is expected);
+    `reason` why inline, in words; `fallback` the latest inline one's reason
+    among the recent ones ("inline": only its sender knows why); `messages`
+    how many so far; `recent` transport or reason -> count over the last 32."""
+
+    via: str
+    reason: str
+    fallback: str
+    messages: int
+    recent: Dict[str, int]
+
+
+class PeerRecord(TypedDict):
+    """One peer route: `of` the channel's target (or "server"), `peer` in
+    words ("server pid 4242", "client pid 77"), its pid, the transport that
+    carries its large messages or "inline", the reason in words, and each
+    direction: `sent` from this process, `received` by it."""
+
+    of: str
+    peer: str
+    pid: Optional[int]
+    transport: str
+    reason: str
+    sent: DirectionRecord
+    received: DirectionRecord
+
+
 class StatsSnapshot(TypedDict):
     """Counters since the process (or the channel or server) started.
 
@@ -46,7 +76,9 @@ class StatsSnapshot(TypedDict):
     shm_no_space, over_limit, side_closed, ...); errors: kind -> handles that
     could not be restored (DataLossError, HandleError, ...) and other
     failures; notes: transport or topic -> why it is not in use, in words;
-    pool: the process's pool."""
+    peers: what large messages to and from each peer did lately (a
+    channel's: its server; a server's: each client route; the process's:
+    every live channel's and server's); pool: the process's pool."""
 
     offloaded: CountBytes
     restored: CountBytes
@@ -55,7 +87,8 @@ class StatsSnapshot(TypedDict):
     fallbacks: Dict[str, int]
     errors: Dict[str, int]
     notes: Dict[str, str]
+    peers: List[PeerRecord]
     pool: PoolUsage
 
 
-__all__ = ["CountBytes", "PoolUsage", "StatsSnapshot", "TransportCounts"]
+__all__ = ["CountBytes", "DirectionRecord", "PeerRecord", "PoolUsage", "StatsSnapshot", "TransportCounts"]

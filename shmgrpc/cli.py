@@ -5,8 +5,9 @@
     shmgrpc gc [--dry-run]                                  remove what dead processes left
 
 Human-readable by default; --json for scripts. Exit status: doctor 0 only
-when the transport the configuration chooses works (1 otherwise); ls and gc
-0; 2 for a usage or configuration error.
+when the transport the configuration chooses works and neither requests nor
+responses to TARGET go inline (1 otherwise); ls and gc 0; 2 for a usage or
+configuration error.
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Check this machine and, given TARGET, a live server: which transports work, "
                                    "for each that does not the reason and the fix; then a real handshake and one "
                                    "offloaded round trip. Exit status 0 only when the transport the configuration "
-                                   "(SHMGRPC_*) chooses works.")
+                                   "(SHMGRPC_*) chooses works, and with TARGET neither requests nor responses "
+                                   "would go inline.")
     d.add_argument("target", nargs="?", help="a server address as grpc takes it (unix:/path.sock, host:port)")
     d.add_argument("--method", help="a unary method of TARGET for the round trip (/package.Service/Method); it gets a "
                                     "request of unknown fields only, which any protobuf type parses (an echo is "

@@ -5,7 +5,8 @@
 Serves on every --listen address (a unix socket, or host:port where port 0
 picks a free one) through shmgrpc.server() (its ServerInterceptor built from
 the SHMGRPC_* environment and told GRPC_OPTIONS), or with no interceptor at
-all under --plain. Once it serves it
+all under --plain (--aio: grpc.aio; --non-dumpable: no process without
+CAP_SYS_PTRACE may read it, as cma's reader). Once it serves it
 prints one line, READY followed by JSON:
 
     {"pid": 123, "addresses": ["unix:/path/to/sock", "127.0.0.1:40123"], "offload": true}
@@ -210,6 +211,8 @@ class EchoLogic:
             "pid": self.pid,
             "shmgrpc": shmgrpc.stats(),
             "interceptor": self.interceptor.stats() if self.interceptor is not None else None,
+            # server.shmgrpc.status(): a PeerStatus per client route, in words
+            "peer_status": [str(p) for p in self.interceptor.status()] if self.interceptor is not None else None,
             "echo": echo,
         }
 
@@ -455,7 +458,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--aio", action="store_true", help="serve with grpc.aio (shmgrpc.aio.ServerInterceptor)"
     )
+    parser.add_argument(
+        "--non-dumpable", action="store_true",
+        help="prctl(PR_SET_DUMPABLE, 0) first: a process without CAP_SYS_PTRACE may not read this one (cma)",
+    )
     args = parser.parse_args(argv)
+    if args.non_dumpable:
+        import ctypes
+
+        PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise SystemExit(f"echo_server: prctl(PR_SET_DUMPABLE, 0) failed: errno {ctypes.get_errno()}")
     # Like any real server: shmgrpc's logger has only a NullHandler, so its
     # warnings reach stderr (the test's server.log()) only through a handler
     # the program installs.

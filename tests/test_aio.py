@@ -129,6 +129,10 @@ def check_settled(channel, transport: str) -> None:
     status = shmgrpc.channel_status(channel)
     assert status == channel.status()
     assert (status.transport, status.transports, status.settled) == (transport, (transport,), True), status
+    # Each way: what carried the large messages (or, before any, what is expected), never inline.
+    assert status.sent.via == transport and not status.sent.fallback, status
+    assert status.received.via == transport and not status.received.fallback, status
+    assert str(status).startswith(f"{transport}: requests "), str(status)
     assert channel.transports == (transport,)
 
 
@@ -210,10 +214,19 @@ def test_every_shape_offloads_both_ways(servers, make_client, transport, client_
     check_answers(*answers)
     assert counts(stats, transport) == (REQUESTS, RESPONSES), stats
     assert stats["errors"] == {} and stats["fallbacks"] == {}
-    after = server.stats()["interceptor"]
+    # What the channel's status and stats say they did: every large message each way via the transport.
+    (peer,) = stats["peers"]
+    for way, moved in (("sent", REQUESTS), ("received", RESPONSES)):
+        assert peer[way]["via"] == transport and peer[way]["recent"] == {transport: moved}, peer
+    after = server.stats()
     for direction, expected in (("offloaded", RESPONSES), ("restored", REQUESTS)):
-        assert delta(after, before, "by_transport", transport, direction, "count") == expected, after
-    assert delta(after, before, "fallbacks", "peer_cannot_read") == 0
+        assert delta(after["interceptor"], before, "by_transport", transport, direction, "count") == expected, after
+    assert delta(after["interceptor"], before, "fallbacks", "peer_cannot_read") == 0
+    # The server says the same of this process's route (shared with other channels of this process: its latest).
+    ours = [p for p in after["interceptor"]["peers"] if p["pid"] == os.getpid()]
+    assert any(p["sent"]["via"] == p["received"]["via"] == transport for p in ours), ours
+    assert any(line.startswith(f"client pid {os.getpid()}: {transport}: requests via {transport}; responses via "
+                               f"{transport}") for line in after["peer_status"]), after["peer_status"]
 
 
 class Methods:

@@ -173,6 +173,9 @@ def test_doctor_passes_against_the_demo_server(demo):
     assert trip["status"] == "ok", trip
     assert trip["data"]["sent_via"] == ["memfd"] and trip["data"]["received_via"] == ["memfd"]
     assert "the answer is the request, unchanged" in trip["detail"]
+    status = trip["data"]["status"]  # the channel's status after the round trip: each way via memfd
+    assert status["sent"]["via"] == status["received"]["via"] == "memfd", status
+    assert status["sent"]["messages"] == status["received"]["messages"] == 1, status
     machine = checks(report, "machine")
     for transport in ("memfd", "shm", "cma"):  # each transport this machine permits works with the server
         if machine[transport]["status"] == "ok":
@@ -313,6 +316,10 @@ def test_doctor_fails_when_dev_shm_is_too_small():
     assert target["shm"]["status"] == "fail" and "shm_no_space" in target["shm"]["detail"]
     assert target["memfd"]["status"] == "ok"  # memfd needs no /dev/shm: the way out
     assert "shm_no_space" in report["summary"] and "No space left on device" in report["summary"]
+    # The summary names each way and why: requests by the doctor's own fallback, responses as it saw them.
+    assert "requests inline (shm_no_space: /dev/shm has" in report["summary"], report["summary"]
+    assert "responses inline (server pid" in report["summary"], report["summary"]
+    assert report["summary"].count("No space left on device") == 1, report["summary"]  # said once
 
 
 CMA_BLOCKED = """

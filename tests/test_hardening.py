@@ -308,6 +308,9 @@ def test_client_denied_only_process_vm_writev(servers, transport):
         assert delta(after, before, "inline", "count") == calls  # responses, inline,
         assert delta(after, before, "fallbacks", "peer_cannot_read") == calls  # and why
         assert out["status"]["transport"] == "cma", out["status"]
+        # The status says which way goes inline and why (it said only "cma").
+        assert "responses inline: cma: this process may not read server pid" in out["status"]["reason"], out
+        assert "process_vm_writev" in out["status"]["reason"], out["status"]
 
 
 # --- 4. a small /dev/shm --------------------------------------------------------------------------

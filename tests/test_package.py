@@ -225,6 +225,9 @@ def client(target: str) -> Tuple[str, int]:
         fallbacks: Dict[str, int] = snap["fallbacks"]
         in_use: int = snap["pool"]["bytes_in_use"]
         print(rungs, status.settled, fallbacks, snap["notes"], in_use, channel.transport)
+        answers: shmgrpc.Direction = status.received
+        ways: List[shmgrpc.PeerRecord] = snap["peers"]
+        print(status.sent.via, answers.inline, answers.recent, str(status), [p["sent"]["recent"] for p in ways])
     return status.transport, moved(shmgrpc.stats())
 
 
@@ -234,7 +237,8 @@ def serve() -> shmgrpc.ServerInterceptor:
     server.stop(None)
     interceptor = shmgrpc.ServerInterceptor(config, options=OPTIONS)
     pinned: int = interceptor.stats()["pool"]["cma_pinned"]
-    print(pinned, shmgrpc.__version__)
+    routes: Tuple[shmgrpc.PeerStatus, ...] = interceptor.status()
+    print(pinned, shmgrpc.__version__, [(r.peer, r.sent.fallback, r.received.messages) for r in routes])
     return interceptor
 
 

@@ -40,7 +40,7 @@ from grpc import aio
 
 from .. import wire
 from .._codec import Failed, Tickets
-from .._core import Engine, EngineOwner, Route
+from .._core import Engine, EngineOwner, PeerStatus, Route
 from .._server import _Context as _SyncContext
 from .._server import _Sent as _SyncSent
 from .._server import (
@@ -302,6 +302,10 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
         if hello is None:
             return handler
         return self._handlers.get(self._engine.server_route(hello), handler)
+
+    def status(self) -> Tuple[PeerStatus, ...]:
+        """See shmgrpc.ServerInterceptor.status."""
+        return tuple(self._engine.peer_statuses())
 
     def unknown(self, details: grpc.HandlerCallDetails) -> Optional[grpc.RpcMethodHandler]:
         """See shmgrpc.ServerInterceptor.unknown."""
