@@ -749,6 +749,15 @@ class Engine:
         self.stats.add("fallback", "peer_without_shmgrpc")
         self._go_plain(why)
 
+    def new_welcome(self, trailing_metadata) -> bool:
+        """Do these trailers carry a welcome this channel has not learned
+        from yet? Learning one may wait for the server (its side socket's
+        answer, CONNECT_SECONDS at most): grpc.aio learns it in a thread."""
+        if trailing_metadata is None:
+            return False
+        text = wire.metadata_value(trailing_metadata, wire.WELCOME_KEY)
+        return text is not None and text not in self._welcomes
+
     def client_welcome(self, trailing_metadata) -> None:
         """Take the server's welcome from a call's trailing metadata, if any.
 

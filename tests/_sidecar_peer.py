@@ -24,6 +24,8 @@ Roles:
                {"flood": N} sends N sealed 64-byte segments of fresh
                numbers (never retired) on the client's side connection
                before each large response, which then goes inline.
+               {"mute_side": true}: its side socket takes connections and
+               never answers them.
     aioserver  the same with grpc.aio / shmgrpc.aio.server (shutdown "event").
     client     runs spec["ops"] through shmgrpc.insecure_channel and prints
                RESULT {...} (see run_client); with spec["loop"] it calls until
@@ -332,6 +334,20 @@ def evil_server(evil: dict) -> None:
     import itertools
 
     from shmgrpc import _core, wire
+
+    if evil.get("mute_side"):
+        from shmgrpc import side
+
+        kept = []
+
+        def mute(self, sock):
+            """Take the connection and never answer it."""
+            with self._lock:
+                self._pending.pop(sock, None)
+            self._unregister(sock)
+            kept.append(sock)
+
+        side.Side._authenticate = mute
 
     honest = _core.Engine._offload_memfd
     numbers = itertools.count(10**9)
@@ -656,14 +672,14 @@ def run_aio_client(spec) -> int:
     async def main():
         channel = shmgrpc.aio.insecure_channel(spec["target"], options=CLIENT_OPTIONS, config=_config(spec))
         stub = pb_grpc.EchoStub(channel)
+        gap = [0.0]
+        tick = asyncio.ensure_future(ticker(gap))
+        await asyncio.sleep(0.01)
         if spec.get("learn", True):  # as _learn does
             size = _learn_size(channel)
             reply = await stub.Unary(pb.Payload(seq=0, body=b"r" * size), timeout=spec.get("timeout", 60),
                                      wait_for_ready=True)
             assert reply.body_len_seen == size
-        gap = [0.0]
-        tick = asyncio.ensure_future(ticker(gap))
-        await asyncio.sleep(0.01)
         out = {"pid": os.getpid(), "results": [], "errors": [], "call_seconds": []}
         for op in spec["ops"]:
             for i in range(op.get("count", 1)):
@@ -804,6 +820,8 @@ def run_sideauth(spec) -> int:
                 break
     except socket.timeout:
         reply = reply or "timeout"
+    except ConnectionResetError:  # closed at accept, our message unread (SO_PEERCRED)
+        reply = reply or "closed"
     except OSError as err:
         reply = reply or f"error: {err}"
     out["reply"] = reply
