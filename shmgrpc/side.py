@@ -86,7 +86,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._log import RateLimit, repeats
 
@@ -330,7 +330,7 @@ class Conn:
 
     # -- sending
 
-    def _send(self, kind: int, number: int = 0, size: int = 0, fds: List[int] = ()) -> bool:
+    def _send(self, kind: int, number: int = 0, size: int = 0, fds: Sequence[int] = ()) -> bool:
         """One message, never blocking (the caller holds _send_lock). False:
         the peer's queue is full (it does not read). OSError: the
         connection broke."""
@@ -465,9 +465,6 @@ class Conn:
         while len(self._gone) > _GONE_KEPT:
             self._gone.popitem(last=False)
 
-    def holds(self, number: int) -> bool:
-        return number in self._held
-
 
 class Side:
     """One node's side channel: its listener (servers), its connections, and
@@ -494,8 +491,6 @@ class Side:
         # accepted, not authenticated: socket -> (deadline, pid, uid), oldest first
         self._pending: "collections.OrderedDict[socket.socket, Tuple[float, int, int]]" = collections.OrderedDict()
         self._accept_paused = 0.0  # accept() stopped until then (EMFILE); 0: accepting
-        self.refused_uids = 0  # connections closed at accept: a uid not allowed
-        self.refused_pending = 0  # unauthenticated connections closed: too many, or too slow
         self._sel: Optional[selectors.BaseSelector] = None
         self._wake_r: Optional[socket.socket] = None
         self._wake_w: Optional[socket.socket] = None
@@ -619,7 +614,6 @@ class Side:
                 sock.close()
                 continue
             if uid not in self.uids:
-                self.refused_uids += 1
                 sock.close()
                 if _BUDGET_LOG.allow(("uid", uid)) is not None:
                     log.debug("side connection refused at accept: uid %d is not allowed (SO_PEERCRED; "
@@ -670,20 +664,16 @@ class Side:
         why = None
         if len(data) != MSG.size:
             why = "no first message in time" if not data else "malformed first message"
-            self.refused_pending += 1
         else:
             magic, kind, segments, nbytes, inst, ticket = MSG.unpack(data)
             with self._lock:
                 issued = self._tickets.pop(ticket, None) if magic == MAGIC and kind == T_AUTH else None
             if issued is None or not secrets.compare_digest(issued[0], inst) or issued[1] < time.monotonic():
                 why = "no valid ticket (it comes only with a welcome over the gRPC channel)"
-        grant = None
-        if why is None:
-            grant = LEDGER.open()
-            if grant is None:
-                why = "this process's memfd budget of descriptors is in use (half its RLIMIT_NOFILE)"
-        if why is not None:
-            log.debug("side connection refused: %s", why)
+        grant = LEDGER.open() if why is None else None
+        if grant is None:
+            log.debug("side connection refused: %s",
+                      why or "this process's memfd budget of descriptors is in use (half its RLIMIT_NOFILE)")
             sock.close()
             return
         # Known before the client hears AUTH_OK: its very next call may carry a
