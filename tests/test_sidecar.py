@@ -28,7 +28,8 @@ ticket from a welcome may use. These tests check what that promises:
   flood of the side socket (setpriv);
 - the side channel's own rules in one process: a handle right behind its
   segment is found (arrive() vs the reader thread), grants grow on request
-  up to a peer's share, sends never block on a peer that does not read.
+  up to a peer's share, sends never block on a peer that does not read,
+  silent connections of our own uid are capped.
 
 The processes are tests/_sidecar_peer.py; namespaced ones run under
 `unshare --pid --fork --mount --mount-proc` with that script's nsinit as
@@ -1365,4 +1366,58 @@ def test_side_sends_never_block_on_a_peer_that_does_not_read():
         assert kinds.count(side.T_RETIRE) == 10 and not conn._retiring, (kinds[-12:], conn._retiring)
         raw.close()
     finally:
+        server.close()
+
+
+def test_silent_connections_of_our_own_uid_are_capped():
+    """200 connections of our own uid (allowed) that never say anything: at
+    most PENDING_PER_UID are kept, the older ones are closed as newer ones
+    come (long before their 1 s), and a client with a ticket that connects
+    in the middle of them is let in."""
+    server = side.Side(os.urandom(16), on_segment=lambda *a: True, on_retire=lambda *a: None,
+                       on_lost=lambda conn: None)
+    silent: list = []
+    try:
+        address = server.listen()
+        name = "\0" + address[1:]
+
+        def connect_silent(n):
+            for _ in range(n):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+                s.setblocking(False)
+                deadline = time.monotonic() + 5
+                while True:
+                    try:
+                        s.connect(name)
+                        break
+                    except BlockingIOError:  # backlog full: the server is accepting
+                        assert time.monotonic() < deadline
+                        time.sleep(0.001)
+                silent.append(s)
+
+        started = time.monotonic()
+        connect_silent(100)
+        inst = os.urandom(16)
+        sock, kind = side_connect(address, inst, server.issue_ticket(inst))
+        assert kind == side.T_AUTH_OK
+        connect_silent(100)
+
+        def closed(s) -> bool:
+            try:
+                return s.recv(side.MSG.size) == b""  # EOF: the server closed it
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+
+        shut = wait_until(lambda: sum(closed(s) for s in silent) >= 200 - side.PENDING_PER_UID,
+                          side.PENDING_SECONDS * 0.8)
+        took = time.monotonic() - started
+        assert shut and took < side.PENDING_SECONDS, (sum(closed(s) for s in silent), took)
+        assert len(server._pending) <= side.PENDING_PER_UID, len(server._pending)
+        assert server.conn_for(inst) is not None
+        sock.close()
+    finally:
+        for s in silent:
+            s.close()
         server.close()
