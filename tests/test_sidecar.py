@@ -1259,9 +1259,11 @@ def test_a_handle_right_behind_its_segment_is_always_found():
     the receiver asks for it, racing its own reader thread: arrive() finds
     it every time, 2,000 times (a message the reader thread has taken is
     handled before arrive() looks); a number never sent, and one retired,
-    fail at once, saying which."""
+    fail at once, saying which. Retired segments give back their descriptor
+    and mapping."""
     pair = SidePair()
     try:
+        fds_before = len(os.listdir("/proc/self/fd"))
         for number in range(1, 2001):
             seg = pair.segment(number)
             assert pair.sender.send_segment(number, seg.size, seg.fd) == ""
@@ -1275,6 +1277,8 @@ def test_a_handle_right_behind_its_segment_is_always_found():
         assert "never sent" in pair.server.arrive(pair.receiver, 10**6)
         assert wait_until(lambda: "retired" in (pair.server.arrive(pair.receiver, 2000) or ""), 2)
         assert time.monotonic() - started < 1.0
+        assert not pair.receiver._held and not pair.attacher._memfd, (pair.receiver._held, pair.attacher._memfd)
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + 2, (fds_before, len(os.listdir("/proc/self/fd")))
     finally:
         pair.close()
 
