@@ -28,7 +28,8 @@ Roles:
                never answers them.
     aioserver  the same with grpc.aio / shmgrpc.aio.server (shutdown "event").
     client     runs spec["ops"] through shmgrpc.insecure_channel and prints
-               RESULT {...} (see run_client); with spec["loop"] it calls until
+               RESULT {...} (see run_client: each unary call's seconds, the
+               descriptors it holds at the end); with spec["loop"] it calls until
                killed, printing one P {...} progress line per call. First
                (unless spec["learn"] is false) one inline Unary call at the
                threshold that settles the channel's route (_learn).
@@ -580,7 +581,7 @@ def run_client(spec) -> int:
         _learn(channel, stub, timeout)
     if spec.get("loop"):
         return _loop(channel, stub, spec["loop"], timeout)
-    out = {"pid": os.getpid(), "uid": os.getuid(), "results": [], "errors": []}
+    out = {"pid": os.getpid(), "uid": os.getuid(), "results": [], "errors": [], "call_seconds": []}
     started = time.monotonic()
     for op in spec["ops"]:
         kind = op["op"]
@@ -588,12 +589,14 @@ def run_client(spec) -> int:
         try:
             if kind == "unary":
                 for i in range(op.get("count", 1)):
+                    t1 = time.monotonic()
                     try:
                         good, _ = _unary(stub, op["size"], op.get("seed", 0) + i, op.get("reply_size", 0),
                                          timeout)
                         out["results"].append([kind, good])
                     except grpc.RpcError as err:
                         out["errors"].append([kind, err.code().name, err.details()])
+                    out["call_seconds"].append(round(time.monotonic() - t1, 4))
             elif kind == "pause":
                 time.sleep(op["seconds"])
             elif kind == "cstream":
@@ -604,6 +607,7 @@ def run_client(spec) -> int:
             out["errors"].append([kind, err.code().name, err.details()])
         out.setdefault("op_seconds", []).append([kind, round(time.monotonic() - t0, 2)])
     out["seconds"] = time.monotonic() - started
+    out["fds"] = len(os.listdir("/proc/self/fd"))
     out["stats"] = channel.stats()
     out["status"] = _status(channel)
     if spec.get("server_stats", True):
