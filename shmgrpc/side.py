@@ -738,7 +738,8 @@ class Side:
             except (BrokenPipeError, ConnectionResetError):
                 data = b""  # closed at accept: the server does not allow our uid
             if len(data) != MSG.size:
-                raise ConnectionError(f"side socket {address} refused the ticket (or our uid)")
+                raise ConnectionError(f"side socket {address} refused the ticket (or our uid; or the server "
+                                      "has no descriptors to spare for memfd)")
             magic, kind, segments, nbytes, inst, _ = MSG.unpack(data)
             if magic != MAGIC or kind != T_AUTH_OK or not secrets.compare_digest(inst, server_inst):
                 raise ConnectionError(f"side socket {address} is not the server that welcomed us")
