@@ -1064,11 +1064,15 @@ def test_client_against_a_hostile_server(procs, tmp_sock_dir, evil, aio):
 def test_descriptor_flood_under_a_low_nofile(procs, tmp_sock_dir, aio):
     """A peer that shook hands sends one sealed 64-byte segment as 5,000
     distinct segment numbers to a server whose RLIMIT_NOFILE is 256. The
-    server holds at most this peer's share (half the soft limit is for
-    memfd, an eighth of that per peer) and closes the rest at once; it keeps
-    accepting gRPC connections and side connections, and offloads for
-    another client. Before, every segment cost a descriptor until the limit:
-    gRPC's listener hit EMFILE and new channels failed."""
+    server holds at most this peer's grant (half the soft limit is for
+    memfd, an eighth of that a peer's share, an eighth of the share the
+    first grant) and closes the rest at once; it keeps accepting gRPC
+    connections and side connections, and offloads for another client.
+    Then the peer opens 30 more side connections: those past memfd's half
+    are refused, another client is still served (inline if need be), and
+    once the peer has gone, new clients get memfd again. Before, every
+    segment cost a descriptor until the limit: gRPC's listener hit EMFILE
+    and new channels failed."""
     from tests._sidecar_peer import send_flood, tiny_segment
 
     sock = os.path.join(tmp_sock_dir, "fdflood.sock")
@@ -1088,13 +1092,33 @@ def test_descriptor_flood_under_a_low_nofile(procs, tmp_sock_dir, aio):
     print(f"descriptor flood: sent {sent}; server descriptors {before} -> {held} (limit 256)")
     assert sent >= 1000, sent
     assert held <= before + 16 + 2, (before, held)
-    for seed in (1, 2):  # new channels, new side connections, memfd both ways
-        out = run_client(procs, sock, env, [{"op": "unary", "size": 1 * MiB, "count": 2, "seed": seed}],
-                         aio=aio, log="INFO", timeout=60)
-        assert out["errors"] == [] and all(g for _, g in out["results"]), (out["results"], out["errors"])
-        assert memfd_counts(out["stats"]) == (2, 2), out["stats"]
+    ops = [{"op": "unary", "size": 1 * MiB, "count": 2, "reply_size": 1 * MiB}]
+    out = run_client(procs, sock, env, ops, aio=aio, log="INFO", timeout=60)  # a new channel, memfd both ways
+    assert out["errors"] == [] and all(g for _, g in out["results"]), (out["results"], out["errors"])
+    assert memfd_counts(out["stats"]) == (2, 2), out["stats"]
+    # the same peer opens side connection after side connection (each with a
+    # ticket of its own): each reserves itself and its grant, until memfd's
+    # half of the descriptors is spoken for; then they are refused
+    extra, refused = [], 0
+    for _ in range(30):
+        inst, welcome = raw_welcome(f"unix:{sock}")
+        conn, kind = side_connect(welcome.side, inst, welcome.ticket)
+        if kind == side.T_AUTH_OK:
+            extra.append(conn)
+        else:
+            refused += 1
+            conn.close()
+    held = len(os.listdir(f"/proc/{server.pid}/fd"))
+    print(f"connection flood: {len(extra)} accepted, {refused} refused; server descriptors {held}")
+    assert refused > 0 and held <= before + 128 + 8, (len(extra), refused, held)
+    out = run_client(procs, sock, env, ops, aio=aio, log="INFO", timeout=60)  # served, inline if need be
+    assert out["errors"] == [] and all(g for _, g in out["results"]), (out["results"], out["errors"])
+    for conn in extra + [attacker]:
+        conn.close()
+    time.sleep(0.3)  # the server's side thread sees them go, and their reservations with them
+    out = run_client(procs, sock, env, ops, aio=aio, log="INFO", timeout=60)
+    assert memfd_counts(out["stats"]) == (2, 2), out["stats"]
     assert "File descriptor limit" not in server.stderr(), server.stderr()[-2000:]
-    attacker.close()
     server.signal(signal.SIGTERM)
     assert server.wait(20) == 0
 
