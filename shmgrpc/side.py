@@ -726,9 +726,20 @@ class Side:
         if grant is None:
             raise ConnectionError("this process's memfd budget of descriptors is in use (half its RLIMIT_NOFILE)")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        deadline = time.monotonic() + CONNECT_SECONDS
         try:
             sock.settimeout(CONNECT_SECONDS)
-            sock.connect("\0" + address[1:] if address.startswith("@") else address)
+            while True:
+                try:
+                    sock.connect("\0" + address[1:] if address.startswith("@") else address)
+                    break
+                except BlockingIOError:
+                    # The listener's backlog is full (a burst of clients, or
+                    # a flood it is closing): room comes as it accepts.
+                    if time.monotonic() >= deadline:
+                        raise ConnectionError(f"side socket {address} is busy (its backlog stayed full)") from None
+                    time.sleep(0.005)
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
             pid, uid, _ = peer_cred(sock)
             if uid not in self.uids:
                 raise ConnectionError(f"side socket {address} is served by uid {uid}, not an allowed uid")
