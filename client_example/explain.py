@@ -19,6 +19,9 @@ FALLBACKS = {
     "too_large": "larger than SHMGRPC_MAX_MESSAGE",
     "over_limit": "above gRPC's message-size limit of one side: inline, gRPC accepts or refuses it itself",
     "side_closed": "the memfd side connection to the peer was closed",
+    "side_budget": "the peer holds all the memfd segments its share of descriptors allows (it grants more "
+                   "on request, while it has room)",
+    "side_busy": "the peer's side connection queue was full (it is not reading it): nothing waits for it",
     "pool_full": "the pool is at SHMGRPC_POOL_SIZE with its slots still in use",
     "pool_too_small": "the message needs more than all of SHMGRPC_POOL_SIZE",
     "pool_closed": "the pool was closing (the channel or server was being closed)",

@@ -386,13 +386,18 @@ class Node:
                 if self.side is None:
                     c = self.config
                     self.side = side.Side(self.identity.inst, c.side_dir, c.side_uids, self._segment_arrived,
-                                          self._segment_retired, self._conn_lost)
+                                          self._segment_retired, self._conn_lost, peer_bytes=c.pool_size)
         return self.side
 
-    def _segment_arrived(self, conn, number: int, mm, size: int) -> None:
+    def _segment_arrived(self, conn, number: int, mm, size: int) -> bool:
         attacher = self.attacher
-        if attacher is None or not attacher.add_memfd((conn.id, number), mm, size):
+        if attacher is None:
+            mm.close()
+            return False
+        if not attacher.add_memfd((conn.id, number), mm, size):
             log.debug("memfd segment %d from the side connection is not a shmgrpc segment", number)
+            return False
+        return True
 
     def _segment_retired(self, conn, number: int) -> None:
         if self.attacher is not None:
@@ -769,6 +774,15 @@ class Engine:
         over a mix, or the server was replaced): plain from now on."""
         self.stats.add("fallback", "peer_without_shmgrpc")
         self._go_plain(why)
+
+    def new_welcome(self, trailing_metadata) -> bool:
+        """Do these trailers carry a welcome this channel has not learned
+        from yet? Learning one may wait for the server (its side socket's
+        answer, CONNECT_SECONDS at most): grpc.aio learns it in a thread."""
+        if trailing_metadata is None:
+            return False
+        text = wire.metadata_value(trailing_metadata, wire.WELCOME_KEY)
+        return text is not None and text not in self._welcomes
 
     def client_welcome(self, trailing_metadata) -> None:
         """Take the server's welcome from a call's trailing metadata, if any.
@@ -1238,9 +1252,12 @@ class Engine:
             return None, None, reason
         segment = cast(pool.MemfdSegment, slot.segment)  # a "memfd" alloc
         segment.conns.add(conn)
-        if not conn.send_segment(segment.number, segment.size, segment.fd):
+        # "" once the peer holds the segment; else side_closed, side_budget
+        # (the peer's grant is used up) or side_busy (its queue is full)
+        reason = conn.send_segment(segment.number, segment.size, segment.fd)
+        if reason:
             pool_.release(pool.Ticket(slot, slot.generation))
-            return None, None, "side_closed"
+            return None, None, reason
         off = slot.offset
         segment.mm[off : off + len(data)] = data
         pool_.publish(slot)
@@ -1333,8 +1350,10 @@ class Engine:
             conn = node.side.conn_for(peer.inst) if node.side is not None else None
             if conn is None:
                 raise DataLossError("received a memfd handle, but the side connection to its sender is closed")
+            side_ = node.side
+            assert side_ is not None  # conn came from it
             view, seg = attacher.open_memfd((conn.id, h.segment), h, peer.inst, reread,
-                                            wait=side.ARRIVAL_SECONDS, alive=lambda: conn.alive)
+                                            arrive=lambda: side_.arrive(conn, h.segment))
         elif not peer.named:
             raise HandleError("received an shm handle from a peer whose id segment we cannot open")
         else:

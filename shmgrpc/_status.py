@@ -273,6 +273,11 @@ def fallback_words(reason: str, config, notes: Dict[str, str]) -> str:
         return "over_limit: above a gRPC message-size limit of one side (gRPC accepts or refuses it inline)"
     if reason == "side_closed":
         return "side_closed: the memfd side connection to the peer was closed"
+    if reason == "side_budget":
+        return ("side_budget: the peer holds all the memfd segments its share of descriptors allows "
+                "(it grants more on request, while it has room)")
+    if reason == "side_busy":
+        return "side_busy: the peer's side connection queue was full (it is not reading it); nothing waits for it"
     if reason == "cma_pinned_full":
         return "cma_pinned_full: SHMGRPC_CMA_MAX_PINNED bytes are pinned for readers that have not acknowledged"
     if reason == "cma_entries_full":

@@ -720,7 +720,6 @@ class Attacher:
         # memfd segments by (side connection id, the sender's segment number);
         # they go when their sender retires them or its connection closes.
         self._memfd: Dict[Tuple[int, int], _Attached] = {}
-        self._arrived = threading.Condition(self._lock)
         self._trimmed = time.monotonic()
 
     def open(self, h: wire.ShmHandle, owner_inst: bytes, reread: bool = False) -> Tuple[memoryview, _Attached]:
@@ -736,31 +735,33 @@ class Attacher:
             )
         return self._view(self._attach(h.name), h, owner_inst, reread)
 
-    def open_memfd(self, key: Tuple[int, int], h, owner_inst: bytes, reread: bool = False, wait: float = 1.0,
-                   alive: Callable[[], bool] = lambda: True):
-        """open() for a memfd handle: the segment came, or is coming, over the
-        side connection `key[0]` (its descriptor was sent before the handle).
-        `alive`: is that connection still open (a wait ends when it closes)."""
+    def open_memfd(self, key: Tuple[int, int], h, owner_inst: bytes, reread: bool = False,
+                   arrive: Callable[[], Optional[str]] = lambda: None):
+        """open() for a memfd handle: the segment came over the side
+        connection `key[0]` (its descriptor was sent before the handle).
+        Never waits: if it is not here yet, `arrive()` reads what that
+        connection has queued and says why it is not, if it still is not
+        (side.Side.arrive); then DATA_LOSS at once, in those words."""
         if h.length > self.max_message:
             raise HandleTooLarge(
                 f"handle offers {h.length} bytes; this receiver accepts at most "
                 f"{self.max_message} (SHMGRPC_MAX_MESSAGE)"
             )
-        deadline = time.monotonic() + wait
-        with self._lock:
-            while key not in self._memfd:
-                left = deadline - time.monotonic()
-                if not alive():
-                    raise DataLossError("the side connection of this memfd handle's sender closed")
-                if left <= 0:
-                    raise DataLossError(
-                        f"memfd segment {key[1]} never arrived on the side connection (its sender "
-                        "closed it, or the handle is forged)"
-                    )
-                self._arrived.wait(left)
-            seg = self._memfd[key]
-            seg.views += 1
+        seg = self._take_memfd(key)
+        if seg is None:
+            why = arrive()
+            seg = self._take_memfd(key)
+            if seg is None:
+                raise DataLossError(f"memfd segment {key[1]} {why or 'is not here'}")
         return self._view(seg, h, owner_inst, reread)
+
+    def _take_memfd(self, key: Tuple[int, int]) -> Optional[_Attached]:
+        """The memfd segment `key`, with a view reference, or None."""
+        with self._lock:
+            seg = self._memfd.get(key)
+            if seg is not None:
+                seg.views += 1
+            return seg
 
     def add_memfd(self, key: Tuple[int, int], mm: mmap.mmap, size: int) -> bool:
         """Take a mapped memfd segment that arrived on side connection key[0]."""
@@ -776,7 +777,6 @@ class Attacher:
         with self._lock:
             old = self._memfd.pop(key, None)
             self._memfd[key] = seg
-            self._arrived.notify_all()
             unmap_old = old is not None and self._drop_locked(old)
         if old is not None and unmap_old:
             _unmap(old)
@@ -789,7 +789,6 @@ class Attacher:
             keys = [k for k in self._memfd if k[0] == conn_id and (number is None or k[1] == number)]
             gone = [self._memfd.pop(k) for k in keys]
             unmap = [seg for seg in gone if self._drop_locked(seg)]
-            self._arrived.notify_all()  # waiters for this connection's segments: it is closed
         for seg in unmap:
             _unmap(seg)
 

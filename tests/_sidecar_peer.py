@@ -16,14 +16,30 @@ Roles:
                Prints READY {"pid": ...} once serving. With spec["await_go"]
                it prints WAITING and binds only after a line on stdin. With
                spec["adopt_delay"] the side thread sleeps that long after
-               sending AUTH_OK, before registering the connection.
+               sending AUTH_OK, before registering the connection. With
+               spec["nofile"] it lowers its RLIMIT_NOFILE (soft and hard)
+               to that first. spec["evil"] makes it a hostile server
+               (evil_server below): {"forge": true} answers every large
+               response with a memfd handle naming a segment it never sent;
+               {"flood": N} sends N sealed 64-byte segments of fresh
+               numbers (never retired) on the client's side connection
+               before each large response, which then goes inline.
+               {"mute_side": true}: its side socket takes connections and
+               never answers them.
     aioserver  the same with grpc.aio / shmgrpc.aio.server (shutdown "event").
     client     runs spec["ops"] through shmgrpc.insecure_channel and prints
-               RESULT {...} (see run_client); with spec["loop"] it calls until
+               RESULT {...} (see run_client: each unary call's seconds, the
+               descriptors it holds at the end); with spec["loop"] it calls until
                killed, printing one P {...} progress line per call. First
                (unless spec["learn"] is false) one inline Unary call at the
                threshold that settles the channel's route (_learn).
-    aioclient  the unary ops of `client` through shmgrpc.aio.insecure_channel.
+    aioclient  the unary ops of `client` through shmgrpc.aio.insecure_channel;
+               a ticker task keeps the event loop's longest gap (RESULT's
+               "loop_gap_ms"), and RESULT says how many descriptors the
+               process holds ("fds").
+    measure    a plain gRPC client (no shmgrpc) making spec["calls"] small
+               Unary calls spec["pause"] seconds apart; RESULT {"ms": [...]}
+               (each call's latency) once done.
     nsinit     pid 1 of a fresh pid + mount namespace (under `unshare`): mounts
                a private tmpfs of spec["size"] on /dev/shm, runs CMD as its
                child (SIGTERM/SIGINT forwarded; spec["skip_pids"] short-lived
@@ -264,13 +280,113 @@ def _delay_adopt(seconds: float) -> None:
     side.Side._adopt = late_adopt
 
 
+def _limit_nofile(spec) -> None:
+    """RLIMIT_NOFILE (soft and hard) to spec["nofile"], before anything opens."""
+    import resource
+
+    if spec.get("nofile"):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (spec["nofile"], spec["nofile"]))
+
+
+def tiny_segment(owner_inst: bytes) -> int:
+    """A sealed 64-byte memfd that passes for a shmgrpc segment with no slots
+    (a header, nothing else): what a descriptor flood sends again and again."""
+    import fcntl
+
+    from shmgrpc import pool, side
+
+    fd = side.memfd_segment("flood", 64)
+    header = pool._SEG.pack(pool.SEG_MAGIC, 64, 0, 0, os.getpid(), 0, owner_inst)
+    os.pwrite(fd, header, 0)
+    assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+    return fd
+
+
+def send_flood(sock, fd: int, inst: bytes, first: int, count: int, seconds: float = 10.0) -> int:
+    """Send `count` SEGMENT messages for numbers first.. (the same descriptor
+    each time) on a side connection, waiting for room when the peer's queue
+    is full; returns how many went (fewer if the peer closed or stalled)."""
+    import select
+
+    from shmgrpc import side
+
+    deadline = time.monotonic() + seconds
+    sent = 0
+    while sent < count and time.monotonic() < deadline:
+        message = side.MSG.pack(side.MAGIC, side.T_SEGMENT, first + sent, 64, inst, b"")
+        try:
+            socket.send_fds(sock, [message], [fd], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            select.select([], [sock], [], 0.05)
+            continue
+        except OSError:
+            break
+        sent += 1
+    return sent
+
+
+def evil_server(evil: dict) -> None:
+    """Make this process's shmgrpc a hostile server for memfd responses (the
+    wire is a real server's; only what it puts there lies):
+    forge: each response handle names a segment that was never sent;
+    flood: before each response, N fresh segments on the client's side
+    connection, never retired; the response itself then goes inline (its
+    calls should all succeed: the test judges what the flood did)."""
+    import itertools
+
+    from shmgrpc import _core, wire
+
+    if evil.get("mute_side"):
+        from shmgrpc import side
+
+        kept = []
+
+        def mute(self, sock):
+            """Take the connection and never answer it."""
+            with self._lock:
+                self._pending.pop(sock, None)
+            self._unregister(sock)
+            kept.append(sock)
+
+        side.Side._authenticate = mute
+
+    honest = _core.Engine._offload_memfd
+    numbers = itertools.count(10**9)
+
+    def offload_memfd(self, node, data, route, held):
+        if self.role != "server":
+            return honest(self, node, data, route, held)
+        if evil.get("forge"):
+            h = wire.MemfdHandle(len(data), os.urandom(16), 1, 4096, 0, next(numbers))
+            self.stats.add("offloaded", "memfd", 1, len(data))
+            return wire.encode_memfd(h), None, ""
+        conn = node.side.conn_for(route.peer.inst) if node.side is not None else None
+        if conn is not None and evil.get("flood"):
+            fd = tiny_segment(node.identity.inst)
+            try:
+                first = next(numbers)
+                for _ in range(evil["flood"] - 1):
+                    next(numbers)
+                sent = send_flood(conn.sock, fd, node.identity.inst, first, evil["flood"])
+                print(f"evil server: flooded {sent} segments", file=sys.stderr, flush=True)
+            finally:
+                os.close(fd)
+            return None, None, "evil_flood"
+        return honest(self, node, data, route, held)
+
+    _core.Engine._offload_memfd = offload_memfd
+
+
 def run_server(spec) -> int:
     import grpc  # noqa: F401
 
     import shmgrpc
     from protos import echo_test_pb2_grpc as pb_grpc
 
+    _limit_nofile(spec)
     _logging()
+    if spec.get("evil"):
+        evil_server(spec["evil"])
     if spec.get("adopt_delay"):
         _delay_adopt(spec["adopt_delay"])
     logic = Logic()
@@ -317,7 +433,10 @@ def run_aio_server(spec) -> int:
     from protos import echo_test_pb2 as pb
     from protos import echo_test_pb2_grpc as pb_grpc
 
+    _limit_nofile(spec)
     _logging()
+    if spec.get("evil"):
+        evil_server(spec["evil"])
     logic = Logic()
 
     class AioEcho(pb_grpc.EchoServicer):
@@ -446,6 +565,7 @@ def run_client(spec) -> int:
     from protos import echo_test_pb2 as pb  # noqa: F401
     from protos import echo_test_pb2_grpc as pb_grpc
 
+    _limit_nofile(spec)
     _logging(spec.get("log", "DEBUG"))
     channel = shmgrpc.insecure_channel(spec["target"], options=CLIENT_OPTIONS, config=_config(spec))
     stub = pb_grpc.EchoStub(channel)
@@ -461,7 +581,7 @@ def run_client(spec) -> int:
         _learn(channel, stub, timeout)
     if spec.get("loop"):
         return _loop(channel, stub, spec["loop"], timeout)
-    out = {"pid": os.getpid(), "uid": os.getuid(), "results": [], "errors": []}
+    out = {"pid": os.getpid(), "uid": os.getuid(), "results": [], "errors": [], "call_seconds": []}
     started = time.monotonic()
     for op in spec["ops"]:
         kind = op["op"]
@@ -469,12 +589,14 @@ def run_client(spec) -> int:
         try:
             if kind == "unary":
                 for i in range(op.get("count", 1)):
+                    t1 = time.monotonic()
                     try:
                         good, _ = _unary(stub, op["size"], op.get("seed", 0) + i, op.get("reply_size", 0),
                                          timeout)
                         out["results"].append([kind, good])
                     except grpc.RpcError as err:
                         out["errors"].append([kind, err.code().name, err.details()])
+                    out["call_seconds"].append(round(time.monotonic() - t1, 4))
             elif kind == "pause":
                 time.sleep(op["seconds"])
             elif kind == "cstream":
@@ -485,6 +607,7 @@ def run_client(spec) -> int:
             out["errors"].append([kind, err.code().name, err.details()])
         out.setdefault("op_seconds", []).append([kind, round(time.monotonic() - t0, 2)])
     out["seconds"] = time.monotonic() - started
+    out["fds"] = len(os.listdir("/proc/self/fd"))
     out["stats"] = channel.stats()
     out["status"] = _status(channel)
     if spec.get("server_stats", True):
@@ -532,32 +655,57 @@ def _loop(channel, stub, loop, timeout) -> int:
 def run_aio_client(spec) -> int:
     import asyncio
 
+    import grpc
+
     import shmgrpc.aio
     from protos import echo_test_pb2 as pb
     from protos import echo_test_pb2_grpc as pb_grpc
 
+    _limit_nofile(spec)
     _logging(spec.get("log", "DEBUG"))
+
+    async def ticker(gap: list) -> None:
+        """The event loop's longest stretch without a turn for this task."""
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.monotonic()
+            gap[0] = max(gap[0], now - last)
+            last = now
 
     async def main():
         channel = shmgrpc.aio.insecure_channel(spec["target"], options=CLIENT_OPTIONS, config=_config(spec))
         stub = pb_grpc.EchoStub(channel)
+        gap = [0.0]
+        tick = asyncio.ensure_future(ticker(gap))
+        await asyncio.sleep(0.01)
         if spec.get("learn", True):  # as _learn does
             size = _learn_size(channel)
             reply = await stub.Unary(pb.Payload(seq=0, body=b"r" * size), timeout=spec.get("timeout", 60),
                                      wait_for_ready=True)
             assert reply.body_len_seen == size
-        out = {"pid": os.getpid(), "results": [], "errors": []}
+        out = {"pid": os.getpid(), "results": [], "errors": [], "call_seconds": []}
         for op in spec["ops"]:
             for i in range(op.get("count", 1)):
                 seq = op.get("seed", 0) + i
                 data = body(op["size"], seq)
+                reply_size = op.get("reply_size", 0)
+                started = time.monotonic()
                 try:
-                    response = await stub.Unary(pb.Payload(seq=seq, body=data, digest=sha(data)),
+                    response = await stub.Unary(pb.Payload(seq=seq, body=data, digest=sha(data),
+                                                           reply_size=reply_size),
                                                 timeout=spec.get("timeout", 60), wait_for_ready=True)
-                    out["results"].append(["unary", response.body == data and response.seq == seq
-                                            and response.digest == sha(data)])
+                    expected = body(reply_size, seq) if reply_size else data
+                    out["results"].append(["unary", response.body == expected and response.seq == seq
+                                            and response.digest == sha(expected)])
+                except grpc.RpcError as err:
+                    out["errors"].append(["unary", err.code().name, (err.details() or "")[:500]])
                 except Exception as err:  # noqa: BLE001 - reported, the test judges
                     out["errors"].append(["unary", type(err).__name__, str(err)[:500]])
+                out["call_seconds"].append(round(time.monotonic() - started, 4))
+        tick.cancel()
+        out["loop_gap_ms"] = round(gap[0] * 1000, 1)
+        out["fds"] = len(os.listdir("/proc/self/fd"))
         out["stats"] = channel.stats()
         out["status"] = _status(channel)
         out["server"] = json.loads((await stub.Stats(pb.Control(), timeout=30)).note)
@@ -567,6 +715,33 @@ def run_aio_client(spec) -> int:
         emit(RESULT, out)
 
     asyncio.run(main())
+    return 0
+
+
+def run_measure(spec) -> int:
+    """Small unary calls through a plain gRPC channel: each one's latency."""
+    import grpc
+
+    from protos import echo_test_pb2 as pb
+    from protos import echo_test_pb2_grpc as pb_grpc
+
+    ms = []
+    with grpc.insecure_channel(spec["target"], options=CLIENT_OPTIONS) as channel:
+        stub = pb_grpc.EchoStub(channel)
+        stub.Unary(pb.Payload(seq=0, body=b"w"), timeout=30, wait_for_ready=True)
+        if spec.get("go"):  # started ahead of time: measure when told
+            emit(READY, {"pid": os.getpid()})
+            if not sys.stdin.readline():
+                return 0
+        until = time.monotonic() + spec.get("seconds", 60)
+        for i in range(spec["calls"]):
+            if time.monotonic() > until:
+                break
+            started = time.monotonic()
+            stub.Unary(pb.Payload(seq=i + 1, body=b"x" * 100), timeout=60)
+            ms.append(round((time.monotonic() - started) * 1000, 3))
+            time.sleep(spec.get("pause", 0.005))
+    emit(RESULT, {"ms": ms})
     return 0
 
 
@@ -619,11 +794,16 @@ def run_sideauth(spec) -> int:
         emit(RESULT, out)
         return 0
     message = spec.get("message", "auth")
-    if message == "auth":
-        sock.send(side.MSG.pack(side.MAGIC, side.T_AUTH, 0, 0, bytes.fromhex(spec["inst"]),
-                                bytes.fromhex(spec["ticket"])))
-    elif message == "garbage":
-        sock.send(os.urandom(side.MSG.size))
+    try:
+        if message == "auth":
+            sock.send(side.MSG.pack(side.MAGIC, side.T_AUTH, 0, 0, bytes.fromhex(spec["inst"]),
+                                    bytes.fromhex(spec["ticket"])))
+        elif message == "garbage":
+            sock.send(os.urandom(side.MSG.size))
+    except (BrokenPipeError, ConnectionResetError):  # closed at accept (SO_PEERCRED)
+        out["reply"], out["seconds"] = "closed", 0.0
+        emit(RESULT, out)
+        return 0
     sock.settimeout(spec.get("wait", 5))
     started = time.monotonic()
     reply = None
@@ -644,6 +824,8 @@ def run_sideauth(spec) -> int:
                 break
     except socket.timeout:
         reply = reply or "timeout"
+    except ConnectionResetError:  # closed at accept, our message unread (SO_PEERCRED)
+        reply = reply or "closed"
     except OSError as err:
         reply = reply or f"error: {err}"
     out["reply"] = reply
@@ -664,6 +846,8 @@ def main(argv) -> int:
         return run_client(spec)
     if role == "aioclient":
         return run_aio_client(spec)
+    if role == "measure":
+        return run_measure(spec)
     if role == "nsinit":
         return run_nsinit(spec, rest)
     if role == "sideauth":

@@ -20,7 +20,17 @@ ticket from a welcome may use. These tests check what that promises:
   allows it; SHMGRPC_SIDE_DIR puts a 0600 socket file there;
 - test_sigterm_*: SIGTERM with grpc's usual patterns (no handler, or one
   that stops the server and exits), memfd and shm;
-- test_forged_memfd_handle: a handle naming a segment never sent.
+- test_forged_memfd_handle: a handle naming a segment never sent;
+- hostile or broken peers (issue 18): forged handles fail at once and stall
+  no one (sync and aio servers); aio and sync clients against a server
+  answering with never-sent segments, flooding segments, or never answering
+  on its side socket (the aio client's event loop, descriptors); a
+  descriptor flood under RLIMIT_NOFILE 256; a uid-65534 flood of the side
+  socket (setpriv);
+- the side channel's own rules in one process: a handle right behind its
+  segment is found (arrive() vs the reader thread), grants grow on request
+  up to a peer's share, sends never block on a peer that does not read,
+  silent connections of our own uid are capped.
 
 The processes are tests/_sidecar_peer.py; namespaced ones run under
 `unshare --pid --fork --mount --mount-proc` with that script's nsinit as
@@ -353,7 +363,14 @@ def side_connect(address: str, inst: bytes, ticket: bytes) -> tuple:
     """Connect and authenticate like a client; (socket, reply kind or None if closed)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.settimeout(5)
-    sock.connect("\0" + address[1:] if address.startswith("@") else address)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            sock.connect("\0" + address[1:] if address.startswith("@") else address)
+            break
+        except BlockingIOError:  # the backlog is full: the server makes room as it accepts
+            assert time.monotonic() < deadline, "the side socket's backlog stayed full"
+            time.sleep(0.005)
     sock.send(side.MSG.pack(side.MAGIC, side.T_AUTH, 0, 0, inst, ticket))
     data = sock.recv(side.MSG.size)
     return sock, (data[4] if data else None)
@@ -680,7 +697,7 @@ def test_side_socket_refuses_without_ticket_replay_and_other_uid(procs, tmp_sock
     assert welcome.side == address and welcome.ticket is not None and "m" in welcome.accepts
 
     # same uid, no ticket: closed, nothing received. Saying nothing at all
-    # is cut off after the server's connect deadline (2 s, checked each second)
+    # is cut off after the server's deadline (side.PENDING_SECONDS, 1 s)
     silent: dict = {}
     silent_thread = threading.Thread(target=lambda: silent.update(probe(address, "none", wait=6)))
     silent_thread.start()
@@ -692,7 +709,7 @@ def test_side_socket_refuses_without_ticket_replay_and_other_uid(procs, tmp_sock
     out = probe(address, "auth", os.urandom(16), welcome.ticket)
     assert out["reply"] == "closed" and out["fds"] == 0, out
 
-    # another uid with a valid ticket: SO_PEERCRED refuses it
+    # another uid with a valid ticket: SO_PEERCRED refuses it, at accept
     inst2, w2 = raw_welcome(target)
     out = sideauth(procs, {"address": address, "inst": inst2.hex(), "ticket": w2.ticket.hex(), "uid": NOBODY})
     assert out["uid"] == NOBODY and out["reply"] == "closed" and out["fds"] == 0, out
@@ -705,11 +722,13 @@ def test_side_socket_refuses_without_ticket_replay_and_other_uid(procs, tmp_sock
     out = probe(address, "auth", inst3, w3.ticket)
     assert out["reply"] == "closed" and out["fds"] == 0, f"replayed ticket accepted: {out}"
     s3.close()
-    # nor is a ticket that an other-uid attempt used up usable afterwards
-    out = probe(address, "auth", inst2, w2.ticket)
-    assert out["reply"] == "closed", out
+    # the ticket an other-uid process presented never reached the server
+    # (closed at accept): it still works, once, for the instance it was issued to
+    s2, kind = side_connect(address, inst2, w2.ticket)
+    assert kind == side.T_AUTH_OK
+    s2.close()
     silent_thread.join(10)
-    assert silent["reply"] == "closed" and silent["fds"] == 0 and silent["seconds"] < 4.5, silent
+    assert silent["reply"] == "closed" and silent["fds"] == 0 and silent["seconds"] < 3, silent
 
     # a whole client of another uid: refused by the server's SO_PEERCRED check
     # (it accepts uid 0 itself), falls back and still gets right answers
@@ -721,7 +740,8 @@ def test_side_socket_refuses_without_ticket_replay_and_other_uid(procs, tmp_sock
     # (no shm either: a memfd-only server has no id segment, and ours is another uid's)
     assert other["status"]["transport"] == "inline" and other["status"]["settled"], other["status"]
     assert "refused the ticket" in other["stats"]["notes"].get("memfd", ""), other["stats"]["notes"]
-    assert server.stderr().count(f"uid {NOBODY} is not allowed") >= 2
+    # (refusals at accept are logged once a minute per uid: a flood of them says it once)
+    assert server.stderr().count(f"uid {NOBODY} is not allowed") >= 1
 
     # the server serves on, through memfd
     again = run_client(procs, sock, env, [{"op": "unary", "size": 1 * MiB, "count": 2, "seed": 9}])
@@ -862,8 +882,10 @@ def test_sigterm_shm_default_handler_leaves_files_next_start_reaps(procs, tmp_so
 
 def test_forged_memfd_handle(procs, tmp_sock_dir):
     """A client with a real side connection and a proved hello sends a memfd
-    handle naming a segment it never sent: DATA_LOSS after the arrival wait
-    (~1 s, side.ARRIVAL_SECONDS), not a hang; meanwhile and afterwards the server serves others."""
+    handle naming a segment it never sent: DATA_LOSS at once, saying so (the
+    descriptor of a segment is in the receiver's queue before any handle
+    naming it can be: what is not there was never sent); the server serves
+    others meanwhile and afterwards."""
     sock = os.path.join(tmp_sock_dir, "f.sock")
     target = f"unix:{sock}"
     env = suite_env("memfd")
@@ -874,32 +896,17 @@ def test_forged_memfd_handle(procs, tmp_sock_dir):
     hello = wire.encode_hello(wire.Hello(inst, session.NO_SEGMENT, "m", welcome.inst,
                                          session.proof(welcome.ticket, session.LABEL_HELLO, inst), None, -1))
     forged = wire.encode_memfd(wire.MemfdHandle(1 * MiB, os.urandom(16), 1, 4096, 0, 777))
-    result: dict = {}
-
-    def forge():
-        started = time.monotonic()
-        with grpc.insecure_channel(target) as channel:
-            try:
-                channel.unary_unary(ECHO_UNARY)(forged, metadata=[(wire.HELLO_KEY, hello)], timeout=30)
-                result["code"] = "OK"
-            except grpc.RpcError as err:
-                result["code"], result["details"] = err.code().name, err.details()
-        result["seconds"] = time.monotonic() - started
-
-    thread = threading.Thread(target=forge)
-    thread.start()
-    time.sleep(0.5)
-    # while that handle waits for its segment, others are served
     started = time.monotonic()
+    with grpc.insecure_channel(target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(ECHO_UNARY)(forged, metadata=[(wire.HELLO_KEY, hello)], timeout=30)
+    took = time.monotonic() - started
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS, info.value
+    assert "segment 777 was never sent" in info.value.details(), info.value.details()
+    assert took < 1.0, took  # a channel's connect and one call: nothing waits for the segment
     out = run_client(procs, sock, env, [{"op": "unary", "size": 1 * MiB, "count": 2}], log="INFO")
     assert out["errors"] == [] and all(g for _, g in out["results"]), (out["results"], out["errors"])
     assert memfd_counts(out["stats"]) == (2, 2), out["stats"]
-    assert thread.is_alive() or result.get("seconds", 0) >= 0.9, result  # side.ARRIVAL_SECONDS
-    thread.join(20)
-    assert not thread.is_alive(), "the forged handle hangs its call"
-    assert result["code"] == "DATA_LOSS", result
-    assert 0.9 <= result["seconds"] <= 8.0, result  # the arrival wait is 1 s; the rest is a loaded machine
-    assert "never arrived" in result["details"], result
     # the same hello once its side connection is gone: the server can no longer
     # verify it (the ticket went with the connection), so it reads no handle:
     # INVALID_ARGUMENT at once, no wait
@@ -921,3 +928,561 @@ def test_forged_memfd_handle(procs, tmp_sock_dir):
     assert again["server"]["server"]["errors"].get("HandleError", 0) == 1, again["server"]["server"]["errors"]
     server.signal(signal.SIGTERM)
     assert server.wait(20) == 0
+
+
+# --- 8. hostile or broken peers (issue 18) ------------------------------------------------------
+
+
+def percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(procs, sock: str, calls: int = 120, seconds: float = 3.0) -> dict:
+    """Small unrelated calls from a plain gRPC client process (latencies in
+    ms; at most `seconds` of calls): {"p50", "p99", "max", "n"}."""
+    proc = procs("measure", {"target": f"unix:{sock}", "calls": calls, "pause": 0.01, "seconds": seconds},
+                 name="measure")
+    out = proc.expect(RESULT, 120)
+    proc.wait(20)
+    ms = out["ms"]
+    return {"p50": percentile(ms, 0.5), "p99": percentile(ms, 0.99), "max": max(ms), "n": len(ms)}
+
+
+class Forger:
+    """A peer that shook hands properly (a real side connection, a proved
+    hello) and then sends memfd handles naming segments it never sent, from
+    `threads` threads, one call after another with a short pause."""
+
+    def __init__(self, target: str, threads: int = 4, pause: float = 0.02):
+        self.target = target
+        inst, welcome = raw_welcome(target)
+        self.side_sock, kind = side_connect(welcome.side, inst, welcome.ticket)
+        assert kind == side.T_AUTH_OK
+        self.hello = wire.encode_hello(wire.Hello(inst, session.NO_SEGMENT, "m", welcome.inst,
+                                                  session.proof(welcome.ticket, session.LABEL_HELLO, inst), None, -1))
+        self.pause = pause
+        self.results: List[tuple] = []  # (code, details, seconds)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, index: int) -> None:
+        number = 1000 * (index + 1)
+        with grpc.insecure_channel(self.target) as channel:
+            call = channel.unary_unary(ECHO_UNARY)
+            while not self._stop.is_set():
+                number += 1
+                forged = wire.encode_memfd(wire.MemfdHandle(1 * MiB, os.urandom(16), 1, 4096, 0, number))
+                started = time.monotonic()
+                try:
+                    call(forged, metadata=[(wire.HELLO_KEY, self.hello)], timeout=30)
+                    self.results.append(("OK", "", time.monotonic() - started))
+                except grpc.RpcError as err:
+                    self.results.append((err.code().name, err.details(), time.monotonic() - started))
+                self._stop.wait(self.pause)
+
+    def __enter__(self) -> "Forger":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(40)
+        self.side_sock.close()
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_forged_memfd_handles_fail_at_once_and_stall_no_one(procs, tmp_sock_dir, aio):
+    """Four threads of one peer send memfd handles naming segments never
+    sent on its side connection. Each fails at once (DATA_LOSS naming the
+    segment): nothing waits for a descriptor on the server's dispatch (the
+    sync server's polling thread, the aio server's event loop), so another
+    client's small calls keep their latency: p99 within 2x of a run without
+    the attack (plus 20 ms for a shared 2-core machine). Before the fix each
+    such handle held the dispatch for up to 1 s."""
+    sock = os.path.join(tmp_sock_dir, "stall.sock")
+    env = suite_env("memfd")
+    server = start_server(procs, sock, env, aio=aio)
+    quiet = measure(procs, sock)
+    with Forger(f"unix:{sock}") as forger:
+        time.sleep(0.2)
+        attacked = measure(procs, sock)
+    forged = forger.results
+    print(f"unrelated calls, ms: quiet {quiet}, attacked {attacked}; {len(forged)} forged handles, "
+          f"slowest {max(s for _, _, s in forged) * 1000:.1f} ms")
+    assert len(forged) >= 20, forged
+    assert {code for code, _, _ in forged} == {"DATA_LOSS"}, forged[:3]
+    assert all("never sent" in details and "segment " in details for _, details, _ in forged), forged[:3]
+    assert max(s for _, _, s in forged) < 0.5, sorted(s for _, _, s in forged)[-5:]
+    assert attacked["p99"] <= 2 * quiet["p99"] + 20, (quiet, attacked)
+    again = run_client(procs, sock, env, [{"op": "unary", "size": 1 * MiB, "count": 2}], aio=aio, log="INFO")
+    assert again["errors"] == [] and all(g for _, g in again["results"]), (again["results"], again["errors"])
+    assert memfd_counts(again["stats"]) == (2, 2), again["stats"]
+    server.signal(signal.SIGTERM)
+    assert server.wait(20) == 0
+
+
+@pytest.mark.parametrize("aio", [True, False], ids=["aio", "sync"])
+@pytest.mark.parametrize("evil", [{"forge": True}, {"flood": 3000}, {"mute_side": True}],
+                         ids=["never-sent", "flood", "mute-side"])
+def test_client_against_a_hostile_server(procs, tmp_sock_dir, evil, aio):
+    """A server that answers with memfd handles naming segments it never
+    sent, or that sends 3,000 sealed segments of fresh numbers before each
+    answer and never retires one, or whose side socket never answers the
+    client's ticket (the client waits CONNECT_SECONDS for it, in a thread of
+    its own: never on the loop). The aio client restores on its event
+    loop (a sync client in its calling thread: it only ever lost the one
+    call, and holds to the same share of descriptors): each forged handle
+    fails at once (DATA_LOSS), so the loop's
+    longest gap stays far below the 1 s arrival wait each handle cost before
+    (under 250 ms: a busy 2-core machine deschedules a process for ~100 ms
+    now and then; quiet, it is 5-20 ms);
+    the flood is refused beyond this client's share of its descriptors
+    (RLIMIT_NOFILE 1024 here: 512 for memfd, 64 per peer), so its
+    descriptors stay bounded (it was 3,000 more per answer, never given back)."""
+    sock = os.path.join(tmp_sock_dir, "evil.sock")
+    server = start_server(procs, sock, suite_env("memfd"), evil=evil)
+    calls = 6
+    out = run_client(procs, sock, suite_env("memfd"), [{"op": "unary", "size": 1024, "count": calls,
+                                                        "reply_size": 1 * MiB}],
+                     aio=aio, log="INFO", nofile=1024, timeout=120)
+    print(f"{'aio' if aio else 'sync'} client: loop gap {out.get('loop_gap_ms')} ms, {out['fds']} descriptors, "
+          f"{len(out['memfd_maps'])} memfd maps, calls {out['call_seconds']} s, errors {out['errors'][:1]}")
+    if aio:
+        assert out["loop_gap_ms"] < 250, out["loop_gap_ms"]
+    if evil.get("forge"):
+        assert len(out["errors"]) == calls and all(e[1] == "DATA_LOSS" and "never sent" in e[2]
+                                                   for e in out["errors"]), out["errors"]
+        assert max(out["call_seconds"]) < 0.5, out["call_seconds"]
+    elif evil.get("flood"):
+        assert out["errors"] == [] and out["results"] == [["unary", True]] * calls, out["errors"]
+        assert out["fds"] < 150, out["fds"]
+        assert len(out["memfd_maps"]) <= 64, len(out["memfd_maps"])
+    else:  # no side connection: the answers come inline
+        assert out["errors"] == [] and out["results"] == [["unary", True]] * calls, out["errors"]
+        assert out["status"]["transport"] == "inline", out["status"]
+        assert "refused the ticket" in out["stats"]["notes"].get("memfd", "") or "timed out" in \
+            out["stats"]["notes"].get("memfd", ""), out["stats"]["notes"]
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_descriptor_flood_under_a_low_nofile(procs, tmp_sock_dir, aio):
+    """A peer that shook hands sends one sealed 64-byte segment as 5,000
+    distinct segment numbers to a server whose RLIMIT_NOFILE is 256. The
+    server holds at most this peer's grant (half the soft limit is for
+    memfd, an eighth of that a peer's share, an eighth of the share the
+    first grant) and closes the rest at once; it keeps accepting gRPC
+    connections and side connections, and offloads for another client.
+    Then the peer opens 30 more side connections: those past memfd's half
+    are refused, another client is still served (inline if need be), and
+    once the peer has gone, new clients get memfd again. Before, every
+    segment cost a descriptor until the limit: gRPC's listener hit EMFILE
+    and new channels failed."""
+    from tests._sidecar_peer import send_flood, tiny_segment
+
+    sock = os.path.join(tmp_sock_dir, "fdflood.sock")
+    env = suite_env("memfd")
+    server = start_server(procs, sock, env, aio=aio, nofile=256)
+    before = len(os.listdir(f"/proc/{server.pid}/fd"))
+    inst, welcome = raw_welcome(f"unix:{sock}")
+    attacker, kind = side_connect(welcome.side, inst, welcome.ticket)
+    assert kind == side.T_AUTH_OK
+    fd = tiny_segment(inst)
+    try:
+        sent = send_flood(attacker, fd, inst, 1, 5000)
+    finally:
+        os.close(fd)
+    time.sleep(0.5)  # the server's side thread reads what is still queued
+    held = len(os.listdir(f"/proc/{server.pid}/fd"))
+    print(f"descriptor flood: sent {sent}; server descriptors {before} -> {held} (limit 256)")
+    assert sent >= 1000, sent
+    assert held <= before + 16 + 2, (before, held)
+    ops = [{"op": "unary", "size": 1 * MiB, "count": 2, "reply_size": 1 * MiB}]
+    out = run_client(procs, sock, env, ops, aio=aio, log="INFO", timeout=60)  # a new channel, memfd both ways
+    assert out["errors"] == [] and all(g for _, g in out["results"]), (out["results"], out["errors"])
+    assert memfd_counts(out["stats"]) == (2, 2), out["stats"]
+    # the same peer opens side connection after side connection (each with a
+    # ticket of its own): each reserves itself and its grant, until memfd's
+    # half of the descriptors is spoken for; then they are refused
+    extra, refused = [], 0
+    for _ in range(30):
+        inst, welcome = raw_welcome(f"unix:{sock}")
+        conn, kind = side_connect(welcome.side, inst, welcome.ticket)
+        if kind == side.T_AUTH_OK:
+            extra.append(conn)
+        else:
+            refused += 1
+            conn.close()
+    held = len(os.listdir(f"/proc/{server.pid}/fd"))
+    print(f"connection flood: {len(extra)} accepted, {refused} refused; server descriptors {held}")
+    assert refused > 0 and held <= before + 128 + 8, (len(extra), refused, held)
+    out = run_client(procs, sock, env, ops, aio=aio, log="INFO", timeout=60)  # served, inline if need be
+    assert out["errors"] == [] and all(g for _, g in out["results"]), (out["results"], out["errors"])
+    for conn in extra + [attacker]:
+        conn.close()
+    time.sleep(0.3)  # the server's side thread sees them go, and their reservations with them
+    out = run_client(procs, sock, env, ops, aio=aio, log="INFO", timeout=60)
+    assert memfd_counts(out["stats"]) == (2, 2), out["stats"]
+    assert "File descriptor limit" not in server.stderr(), server.stderr()[-2000:]
+    server.signal(signal.SIGTERM)
+    assert server.wait(20) == 0
+
+
+# A flood of the side socket by another uid (a process of this network
+# namespace, e.g. another container of the pod): `count` connections, each
+# held open; says how many connected and how many the server closed.
+SIDE_FLOOD = r"""
+import json, os, select, socket, sys, time
+address, count, hold = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+name = "\0" + address[1:] if address.startswith("@") else address
+socks, failed = [], 0
+deadline = time.monotonic() + 10
+while len(socks) + failed < count:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.setblocking(False)
+    try:
+        s.connect(name)
+        socks.append(s)
+    except BlockingIOError:  # the listener's backlog is full: try again
+        s.close()
+        if time.monotonic() > deadline:
+            failed += 1
+        else:
+            time.sleep(0.001)
+    except OSError:
+        failed += 1
+        s.close()
+print(json.dumps({"uid": os.getuid(), "connected": len(socks), "failed": failed}), flush=True)
+time.sleep(hold)
+closed = 0
+for s in socks:
+    poller = select.poll()  # select() cannot watch descriptors past 1023
+    poller.register(s, select.POLLIN)
+    if poller.poll(0):
+        try:
+            closed += s.recv(96) == b""
+        except OSError:
+            closed += 1
+print(json.dumps({"closed_by_server": closed}), flush=True)
+"""
+
+
+def nobody_python() -> Optional[str]:
+    """A Python that uid 65534 may run (the project's may live under /root)."""
+    for candidate in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
+        if not candidate:
+            continue
+        done = subprocess.run(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
+                               candidate, "-c", "pass"], capture_output=True, timeout=30)
+        if done.returncode == 0:
+            return candidate
+    return None
+
+
+@needs_root
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_other_uid_flood_of_the_side_socket(procs, tmp_sock_dir, aio):
+    """A uid-65534 process opens 1,100 connections to the side socket of a
+    server whose RLIMIT_NOFILE is 1024, and holds them. The server checks
+    SO_PEERCRED at accept and closes each at once: its descriptors stay
+    near where they were, gRPC's listener never meets EMFILE, and legitimate
+    clients are served through memfd meanwhile. Before, each connection was
+    kept up to 2 s unauthenticated, with no cap: the server sat at 1024/1024."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("no setpriv")
+    python = nobody_python()
+    if python is None:
+        pytest.skip("no Python that uid 65534 may run")
+    sock = os.path.join(tmp_sock_dir, "uidflood.sock")
+    env = suite_env("memfd")
+    server = start_server(procs, sock, env, aio=aio, nofile=1024)
+    _, welcome = raw_welcome(f"unix:{sock}")
+    before = len(os.listdir(f"/proc/{server.pid}/fd"))
+    peak = [before]
+    sampling = threading.Event()
+
+    def sample():
+        while not sampling.is_set():
+            try:
+                peak[0] = max(peak[0], len(os.listdir(f"/proc/{server.pid}/fd")))
+            except OSError:
+                pass
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    flood = subprocess.Popen(
+        ["prlimit", "--nofile=4096:4096", "setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
+         python, "-c", SIDE_FLOOD, welcome.side, "1100", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    SESSION_PIDS.add(flood.pid)
+    try:
+        opened = json.loads(flood.stdout.readline() or "{}")
+        out = run_client(procs, sock, env, [{"op": "unary", "size": 1 * MiB, "count": 2}], aio=aio, log="INFO",
+                         timeout=60)
+        finished = json.loads(flood.stdout.readline() or "{}")
+        flood.wait(30)
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+            flood.wait()
+        sampling.set()
+        sampler.join(5)
+    print(f"uid {NOBODY} flood: {opened}, {finished}; server descriptors {before}, peak {peak[0]} (limit 1024); "
+          f"legitimate client: errors {out['errors']}, memfd {memfd_counts(out['stats'])}, "
+          f"EMFILE logged: {'File descriptor limit' in server.stderr()}")
+    assert opened.get("uid") == NOBODY and opened.get("connected", 0) >= 1000, (opened, flood.stderr.read())
+    assert finished.get("closed_by_server", 0) >= opened["connected"] - 5, (opened, finished)
+    assert peak[0] <= before + 40, (before, peak[0])
+    assert out["errors"] == [] and all(g for _, g in out["results"]), (out["results"], out["errors"])
+    assert memfd_counts(out["stats"]) == (2, 2), out["stats"]
+    assert "File descriptor limit" not in server.stderr(), server.stderr()[-2000:]
+    server.signal(signal.SIGTERM)
+    assert server.wait(20) == 0
+
+
+
+# --- 9. the side channel's own rules, in one process (real sockets, real memfd) ----------------
+
+
+class SidePair:
+    """A listening Side (the receiver, with a real pool.Attacher) and a
+    client Side connected to it: two nodes of one process, each end a real
+    side connection."""
+
+    def __init__(self, peer_bytes: int = 1 * 1024 * MiB):
+        from shmgrpc import pool
+
+        self.attacher = pool.Attacher("/dev/shm", 1 * 1024 * MiB)
+        self.server_inst, self.client_inst = os.urandom(16), os.urandom(16)
+        self.server = side.Side(self.server_inst, on_segment=self._arrived, on_retire=self._retired,
+                                on_lost=lambda conn: self.attacher.drop_memfd(conn.id), peer_bytes=peer_bytes)
+        self.client = side.Side(self.client_inst, on_segment=lambda *a: False, on_retire=lambda *a: None,
+                                on_lost=lambda conn: None, peer_bytes=peer_bytes)
+        address = self.server.listen()
+        ticket = self.server.issue_ticket(self.client_inst)
+        self.sender = self.client.connect(address, ticket, self.server_inst)  # the client's end
+        assert wait_until(lambda: self.server.conn_for(self.client_inst) is not None, 5)
+        self.receiver = self.server.conn_for(self.client_inst)  # the server's end
+        self.segments: list = []
+
+    def _arrived(self, conn, number, mm, size):
+        return self.attacher.add_memfd((conn.id, number), mm, size)
+
+    def _retired(self, conn, number):
+        self.attacher.drop_memfd(conn.id, number)
+
+    def segment(self, number: int):
+        from shmgrpc import pool
+
+        seg = pool.MemfdSegment(number, 4096, 1, self.client_inst)
+        self.segments.append(seg)
+        return seg
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()
+        for seg in self.segments:
+            seg.close_fd()
+            seg.mm.close()
+        self.attacher.close()
+
+
+def test_a_handle_right_behind_its_segment_is_always_found():
+    """The sender passes a segment and at once (as a handle on gRPC would)
+    the receiver asks for it, racing its own reader thread: arrive() finds
+    it every time, 2,000 times (a message the reader thread has taken is
+    handled before arrive() looks); a number never sent, and one retired,
+    fail at once, saying which. Retired segments give back their descriptor
+    and mapping."""
+    pair = SidePair()
+    try:
+        fds_before = len(os.listdir("/proc/self/fd"))
+        for number in range(1, 2001):
+            seg = pair.segment(number)
+            assert pair.sender.send_segment(number, seg.size, seg.fd) == ""
+            why = pair.server.arrive(pair.receiver, number)
+            assert why is None, (number, why)
+            pair.sender.retire(number)
+            pair.segments.pop()
+            seg.close_fd()
+            seg.mm.close()
+        started = time.monotonic()
+        assert "never sent" in pair.server.arrive(pair.receiver, 10**6)
+        assert wait_until(lambda: "retired" in (pair.server.arrive(pair.receiver, 2000) or ""), 2)
+        assert time.monotonic() - started < 1.0
+        assert not pair.receiver._held and not pair.attacher._memfd, (pair.receiver._held, pair.attacher._memfd)
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + 2, (fds_before, len(os.listdir("/proc/self/fd")))
+    finally:
+        pair.close()
+
+
+def test_grants_grow_on_request_and_stop_at_a_peer_share():
+    """With a budget of 64 descriptors (8 per peer's first grant, 16 per
+    peer at most): an honest sender asks for more before it needs it and
+    gets it, up to its share, then sends such messages inline
+    (side_budget); the receiver never refused one of its segments. A
+    dishonest one past its grant is refused: descriptor closed, sender told."""
+    saved = side.LEDGER.budget
+    side.LEDGER.budget = side.Budget(total=64, per_peer=16)
+    try:
+        pair = SidePair()
+        try:
+            assert pair.sender.peer_grant == 8 and pair.receiver.granted == 8
+            sent, reasons = 0, []
+            for number in range(1, 40):
+                seg = pair.segment(number)
+                reason = pair.sender.send_segment(number, seg.size, seg.fd)
+                if reason == "side_budget" and sent < 16:
+                    # the grant may still be on its way: what a sender does is
+                    # send that one inline; the test waits and tries again
+                    wait_until(lambda: pair.sender.peer_grant > sent, 2)
+                    reason = pair.sender.send_segment(number, seg.size, seg.fd)
+                reasons.append(reason)
+                sent += reason == ""
+            assert sent == 16 and reasons[16:] == ["side_budget"] * (len(reasons) - 16), reasons
+            assert wait_until(lambda: len(pair.receiver._held) == 16, 2), len(pair.receiver._held)
+            assert not any("refused" in why for why in pair.receiver._gone.values()), dict(pair.receiver._gone)
+            # a sender that ignores its grant: the kernel delivers, the receiver refuses
+            fds_before = len(os.listdir("/proc/self/fd"))
+            seg = pair.segment(99)
+            with pair.sender._send_lock:
+                assert pair.sender._send(side.T_SEGMENT, 99, seg.size, [seg.fd])
+            assert wait_until(lambda: "refused" in (pair.server.arrive(pair.receiver, 99) or ""), 2)
+            assert "over this peer's share" in pair.server.arrive(pair.receiver, 99)
+            assert len(os.listdir("/proc/self/fd")) <= fds_before + 2  # the segment's own two here
+        finally:
+            pair.close()
+    finally:
+        side.LEDGER.budget = saved
+
+
+def test_side_sends_never_block_on_a_peer_that_does_not_read():
+    """A peer that shook hands and then never reads its side socket: our
+    sends to it fail at once when its queue is full (side_busy: that
+    message goes inline), the connection stays up, and the retires that did
+    not fit are sent once it reads again."""
+    server = side.Side(os.urandom(16), on_segment=lambda *a: True, on_retire=lambda *a: None,
+                       on_lost=lambda conn: None)
+    try:
+        address = server.listen()
+        inst = os.urandom(16)
+        ticket = server.issue_ticket(inst)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        raw.connect("\0" + address[1:])
+        # a grant far above what a queue holds: only the queue can stop the sends
+        raw.send(side.MSG.pack(side.MAGIC, side.T_AUTH, 10**6, 1 << 50, inst, ticket))
+        assert raw.recv(side.MSG.size)[4] == side.T_AUTH_OK
+        conn = server.conn_for(inst)
+        fd = os.memfd_create("busy")
+        try:
+            reasons, started = [], time.monotonic()
+            for number in range(1, 100000):
+                reasons.append(conn.send_segment(number, 4096, fd))
+                if reasons[-1]:
+                    break
+            took = time.monotonic() - started
+        finally:
+            os.close(fd)
+        assert reasons[-1] == "side_busy" and len(reasons) > 10, reasons[-3:]
+        assert took < 5 and conn.alive, took
+        held = len(conn._sent)
+        for number in range(1, 11):
+            conn.retire(number)  # the queue is full: kept, still counted as held
+        assert len(conn._retiring) == 10 and len(conn._sent) + len(conn._retiring) == held
+        kinds = []
+        deadline = time.monotonic() + 10
+        while kinds.count(side.T_RETIRE) < 10 and time.monotonic() < deadline:
+            try:
+                data, fds, _, _ = socket.recv_fds(raw, side.MSG.size, 1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                time.sleep(0.01)  # the server's side thread sends what waited, each pass
+                continue
+            for received in fds:
+                os.close(received)
+            kinds.append(data[4])
+        assert kinds.count(side.T_RETIRE) == 10 and not conn._retiring, (kinds[-12:], conn._retiring)
+        raw.close()
+    finally:
+        server.close()
+
+
+def test_silent_connections_of_our_own_uid_are_capped():
+    """200 connections of our own uid (allowed) that never say anything: at
+    most PENDING_PER_UID are kept, the older ones are closed as newer ones
+    come (long before their 1 s), and a client with a ticket that connects
+    in the middle of them is let in (it waits for room in the backlog the
+    flood fills, rather than give up at once)."""
+    server_inst = os.urandom(16)
+    server = side.Side(server_inst, on_segment=lambda *a: True, on_retire=lambda *a: None,
+                       on_lost=lambda conn: None)
+    client = side.Side(os.urandom(16), on_segment=lambda *a: True, on_retire=lambda *a: None,
+                       on_lost=lambda conn: None)
+    silent: list = []
+    try:
+        address = server.listen()
+        name = "\0" + address[1:]
+
+        def connect_silent(n):
+            for _ in range(n):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+                s.setblocking(False)
+                deadline = time.monotonic() + 5
+                while True:
+                    try:
+                        s.connect(name)
+                        break
+                    except BlockingIOError:  # backlog full: the server is accepting
+                        assert time.monotonic() < deadline
+                        time.sleep(0.001)
+                silent.append(s)
+
+        ticket = server.issue_ticket(client.inst)
+        outcome: dict = {}
+
+        def connect_client():
+            try:
+                outcome["conn"] = client.connect(address, ticket, server_inst)
+            except Exception as err:  # noqa: BLE001 - the test reports it
+                outcome["error"] = err
+
+        with server._lock:  # the side thread stops at its next accept: the backlog fills up
+            started = time.monotonic()
+            while True:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+                s.setblocking(False)
+                try:
+                    s.connect(name)
+                except BlockingIOError:
+                    s.close()
+                    break
+                silent.append(s)
+            thread = threading.Thread(target=connect_client)
+            thread.start()
+            time.sleep(0.1)
+        thread.join(side.CONNECT_SECONDS + 2)
+        assert "conn" in outcome, outcome
+        conn = outcome["conn"]
+        connect_silent(200 - len(silent))
+
+        def closed(s) -> bool:
+            try:
+                return s.recv(side.MSG.size) == b""  # EOF: the server closed it
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+
+        shut = wait_until(lambda: sum(closed(s) for s in silent) >= 200 - side.PENDING_PER_UID,
+                          side.PENDING_SECONDS * 0.8)
+        took = time.monotonic() - started
+        assert shut and took < side.PENDING_SECONDS, (sum(closed(s) for s in silent), took)
+        assert len(server._pending) <= side.PENDING_PER_UID, len(server._pending)
+        assert conn.alive and server.conn_for(client.inst) is not None
+    finally:
+        for s in silent:
+            s.close()
+        client.close()
+        server.close()

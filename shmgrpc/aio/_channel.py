@@ -13,11 +13,16 @@ status (grpc.aio would hand the caller None with status OK:
 grpc/aio/_call.py logs a deserializer's exception and returns None).
 
 Restoring runs where grpc.aio deserializes, on the event loop: a parse of a
-large message blocks the loop there, as it does in plain grpc.aio.
+large message blocks the loop there, as it does in plain grpc.aio. Nothing
+there waits for the server: a handle naming a memfd segment that is not
+here fails at once (shmgrpc.side), and a new welcome, whose side connection
+waits for the server's answer, is learned in a thread of its own (_off_loop).
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -41,6 +46,35 @@ from ..config import Config, check_config
 from ..errors import ShmGrpcError
 
 
+
+
+async def _off_loop(fn: Callable, *args) -> None:
+    """fn(*args) in a thread of its own, awaited: the loop runs meanwhile.
+    One thread per welcome (they are rare): a server that keeps sending new
+    ones delays only its own channel's calls, and no pool is held up."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(error: Optional[BaseException]) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    def run() -> None:
+        error: Optional[BaseException] = None
+        try:
+            fn(*args)
+        except BaseException as err:  # handed to the awaiting task
+            error = err
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    threading.Thread(target=run, name="shmgrpc-welcome", daemon=True).start()
+    await done
 
 
 def _clean(err: aio.AioRpcError) -> aio.AioRpcError:
@@ -103,7 +137,12 @@ class _Call:
         contact that ended OK without one)."""
         if self._codec is not None and not self._learned:
             self._learned = True
-            self._mc._channel._engine.client_answered(ok, await inner.trailing_metadata(), self._first_contact)
+            engine = self._mc._channel._engine
+            trailing = await inner.trailing_metadata()
+            if engine.new_welcome(trailing):
+                await _off_loop(engine.client_answered, ok, trailing, self._first_contact)
+            else:
+                engine.client_answered(ok, trailing, self._first_contact)
 
     async def _restore_failed(self, inner) -> aio.AioRpcError:
         inner.cancel()
@@ -195,7 +234,10 @@ class _UnaryResponse(_Call):
             )
         else:
             engine.stats.add("fallback", "resent_inline")
-            engine.client_welcome(err.trailing_metadata())
+            if engine.new_welcome(err.trailing_metadata()):
+                await _off_loop(engine.client_welcome, err.trailing_metadata())
+            else:
+                engine.client_welcome(err.trailing_metadata())
         self._resendable = False
         self._start_now(None, remaining(self._deadline))  # plain: no hello, no frame
         try:
