@@ -1146,7 +1146,7 @@ class Engine:
                 return self._restore_shm(h, route.peer, deserializer, reread)
             return self._restore_cma(h, route.peer, deserializer, reread)
         except ShmGrpcError as err:
-            self.stats.add("error", type(err).__name__)
+            self.stats.add("error", getattr(err, "counted_as", None) or type(err).__name__)
             raise
 
     def _restore_shm(self, h, peer: session.Peer, deserializer: Callable, reread: bool) -> Any:

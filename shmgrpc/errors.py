@@ -46,6 +46,15 @@ class DataLossError(ShmGrpcError):
     status_code = grpc.StatusCode.DATA_LOSS
 
 
+class SlotReclaimed(DataLossError):
+    """The sender took back the slot or pin a handle names (the handle's call
+    ended, or its lease expired) before the reader read it, or while it did:
+    the entry's generation moved on. Counted as DataLossError; a forged
+    handle is a HandleError, whatever the entry holds now."""
+
+    counted_as = "DataLossError"
+
+
 class PeerGoneError(DataLossError, ProcessLookupError):
     """The process that offered the bytes has exited."""
 
@@ -85,5 +94,6 @@ __all__ = [
     "HandleTooLarge",
     "PeerGoneError",
     "ShmGrpcError",
+    "SlotReclaimed",
     "StaleSessionError",
 ]

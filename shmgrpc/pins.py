@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import cma, pool, wire
-from .errors import CmaBadAddress, DataLossError, HandleError, HandleTooLarge, StaleSessionError
+from .errors import CmaBadAddress, HandleError, HandleTooLarge, SlotReclaimed, StaleSessionError
 
 ENTRY = struct.Struct("<8sQI4xQ16s16sQ24x")
 ENTRY_MAGIC = b"SHMGCMA1"
@@ -191,8 +191,9 @@ def _check_generation(h: wire.CmaHandle) -> None:
     after = bytearray(8)
     cma.read_into(h.pid, [(h.entry_addr + _GEN_AT, 8)], after)
     if struct.unpack("<Q", after)[0] != h.generation:
-        raise DataLossError(
-            f"cma entry {h.entry} was revoked while it was read; the bytes are discarded"
+        raise SlotReclaimed(
+            f"cma entry {h.entry} was revoked while it was read (the lease expired or the call "
+            "ended); the bytes are discarded"
         )
 
 
@@ -229,13 +230,16 @@ def read(
     magic, generation, state, length, token, key, addr = ENTRY.unpack(raw)
     if magic != ENTRY_MAGIC:
         raise HandleError(f"cma handle entry at {h.entry_addr:#x} is not a shmgrpc pin entry")
+    # The generation before the key: an entry that moved on since the handle
+    # was made may hold another peer's pin now (another key), and that is
+    # data loss, not a forgery. No payload byte is read either way.
+    if generation != h.generation:
+        raise SlotReclaimed(
+            f"cma entry {h.entry} was reused (generation {generation}, handle has "
+            f"{h.generation}): the lease expired or the call ended before it was read"
+        )
     if not hmac.compare_digest(key, my_key):
         raise HandleError("cma entry does not carry the key issued to this peer: not offered to us")
-    if generation != h.generation:
-        raise DataLossError(
-            f"cma entry {h.entry} was reused (generation {generation}, handle has "
-            f"{h.generation}): the lease expired before it was read"
-        )
     if not hmac.compare_digest(token, h.token):
         raise HandleError("cma entry was not offered for this message (token mismatch)")
     if state != pool.READY and not (reread and state == pool.ACKED):

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import wire
-from .errors import DataLossError, HandleError, HandleTooLarge
+from .errors import DataLossError, HandleError, HandleTooLarge, SlotReclaimed
 
 log = logging.getLogger(__name__)
 
@@ -821,7 +821,7 @@ class Attacher:
                 if claim and secrets.compare_digest(token, h.token):
                     struct.pack_into("<I", seg.mm, base + _STATE_AT, READING)
             if generation != h.generation:
-                raise DataLossError(
+                raise SlotReclaimed(
                     f"slot {h.slot} of {seg.name} was reused (generation {generation}, handle has "
                     f"{h.generation}): the lease expired or the call ended before it was read"
                 )
@@ -847,7 +847,7 @@ class Attacher:
             self._check_intact(seg)
             generation, _, _, token = _SLOT.unpack_from(seg.mm, base)
             if generation != h.generation or token != h.token:
-                raise DataLossError(
+                raise SlotReclaimed(
                     f"slot {h.slot} of {seg.name} changed while it was read "
                     f"(generation {h.generation} -> {generation}); the bytes are discarded"
                 )
