@@ -13,8 +13,16 @@ freely, that this region was offered to *it* for *this* message:
 - `addr`, `length`: the handle's iovec must be exactly the offered region.
 
 After the copy the receiver reads the generation again (a sender that revoked
-the pin bumps it *before* letting go of the bytes), then writes ACKED into the
-entry with process_vm_writev; the sender frees acknowledged entries lazily.
+the pin bumps it *before* letting go of the bytes), then acknowledges with one
+process_vm_writev: the handle's token into `acked`, then ACKED into `state`.
+The sender frees acknowledged entries lazily, and counts an entry as
+acknowledged only when `acked` holds the token of its current use: between
+the reader's last check and its write the sender may have freed the entry
+(the call ended) and pinned another message there, and such a late ack must
+not mark the newer message read (its sender would free it before its reader
+came). A late ack leaves its own token, so the newer message's reader sees
+an ACKED state that is not its own and reads on. An `acked` of zeros with
+state ACKED is a 0.2 reader's ack (it wrote the state only): honoured.
 
 Entry layout (96 bytes), little-endian:
 
@@ -27,7 +35,8 @@ Entry layout (96 bytes), little-endian:
     32     16   token
     48     16   key         issued by the receiver for this sender
     64     8    addr        first byte of the offered payload
-    72     24   reserved
+    72     16   acked       the token of the use its reader acknowledged
+    88     8    reserved
 """
 
 from __future__ import annotations
@@ -44,10 +53,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 from . import cma, pool, wire
 from .errors import CmaBadAddress, HandleError, HandleTooLarge, SlotReclaimed, StaleSessionError
 
-ENTRY = struct.Struct("<8sQI4xQ16s16sQ24x")
+ENTRY = struct.Struct("<8sQI4xQ16s16sQ16s8x")
 ENTRY_MAGIC = b"SHMGCMA1"
 _GEN_AT = 8
 _STATE_AT = 16
+_ACKED_AT = 72
+_NO_ACK = bytes(16)  # `acked` as pin() leaves it
+_ACKED_STATE = struct.pack("<I", pool.ACKED)
 DEFAULT_ENTRIES = 4096  # concurrent unacknowledged cma messages; past it, the next rung
 
 
@@ -65,6 +77,7 @@ class _Pin:
     payload: bytes  # holding the reference is what keeps the memory valid
     reader: Tuple[int, int]
     deadline: float
+    token: bytes  # this use's: an ack counts only if it carries it
     held: bool = False  # a request: readable until its call ends (see pool.Slot.held)
 
 
@@ -119,8 +132,9 @@ class Pins:
                 token,
                 key,
                 addr,
+                _NO_ACK,
             )
-            self._busy[index] = _Pin(payload, reader, self._clock() + self.lease_seconds, held)
+            self._busy[index] = _Pin(payload, reader, self._clock() + self.lease_seconds, token, held)
             self._pinned += length
         handle = wire.CmaHandle(
             length=length,
@@ -155,13 +169,25 @@ class Pins:
             for index in list(self._busy):
                 self._unpin_locked(index)
 
+    def _acked_locked(self, index: int, pin: _Pin) -> bool:
+        """Did this use's reader acknowledge it? (See the module docstring:
+        only an ack carrying this use's token, or a 0.2 reader's.)"""
+        base = index * ENTRY.size
+        (state,) = struct.unpack_from("<I", self._table, base + _STATE_AT)
+        if state != pool.ACKED:
+            return False
+        # Read after the state: the reader writes `acked` before the state
+        # (one process_vm_writev, in order), so an ACKED state seen here has
+        # its token in place (the ordering pool.Pool.alloc relies on too).
+        (acked,) = struct.unpack_from("16s", self._table, base + _ACKED_AT)
+        return acked == pin.token or acked == _NO_ACK
+
     def _reclaim_locked(self, pressure: bool = False) -> int:
         now = self._clock()
         gone = pool.Liveness()
         freed = 0
         for index, pin in list(self._busy.items()):
-            (state,) = struct.unpack_from("<I", self._table, index * ENTRY.size + _STATE_AT)
-            acked = state == pool.ACKED and (pressure or not pin.held)
+            acked = self._acked_locked(index, pin) and (pressure or not pin.held)
             if acked or now >= pin.deadline or gone(pin.reader):
                 self._unpin_locked(index)
                 freed += 1
@@ -227,7 +253,7 @@ def read(
         )
     raw = bytearray(ENTRY.size)
     cma.read_into(h.pid, [(h.entry_addr, ENTRY.size)], raw)
-    magic, generation, state, length, token, key, addr = ENTRY.unpack(raw)
+    magic, generation, state, length, token, key, addr, acked = ENTRY.unpack(raw)
     if magic != ENTRY_MAGIC:
         raise HandleError(f"cma handle entry at {h.entry_addr:#x} is not a shmgrpc pin entry")
     # The generation before the key: an entry that moved on since the handle
@@ -242,7 +268,10 @@ def read(
         raise HandleError("cma entry does not carry the key issued to this peer: not offered to us")
     if not hmac.compare_digest(token, h.token):
         raise HandleError("cma entry was not offered for this message (token mismatch)")
-    if state != pool.READY and not (reread and state == pool.ACKED):
+    # ACKED with another token: a late ack of an earlier use of this entry
+    # (module docstring), not ours: this message is unread.
+    ours = hmac.compare_digest(acked, h.token)
+    if not (state == pool.READY or (state == pool.ACKED and (reread or not ours))):
         raise HandleError(f"cma entry {h.entry} is not ready (state {state}); handles are single-use")
     if length != h.length or h.iovecs != ((addr, length),):
         raise HandleError(
@@ -265,7 +294,10 @@ def read(
             _check_generation(h)
             raise
         _check_generation(h)
-        cma.write_from(h.pid, [(h.entry_addr + _STATE_AT, 4)], struct.pack("<I", pool.ACKED))
+        # The ack names this use: its token first, then the state (see the
+        # module docstring), in one call.
+        cma.write_from(h.pid, [(h.entry_addr + _ACKED_AT, 16), (h.entry_addr + _STATE_AT, 4)],
+                       h.token + _ACKED_STATE)
     finally:
         if claim is not None:
             with _reading_lock:

@@ -31,7 +31,17 @@ Slot header:
     12     4    reserved
     16     8    length       payload bytes in this use
     24     16   token        random per use; the handle must carry the same
-    40     24   reserved
+    40     16   claim        the token of the use its reader claimed (READING)
+                             or acknowledged (ACKED)
+    56     8    reserved
+
+The reader writes `claim` before `state`, and the sender believes a READING
+or ACKED state only with the current use's token in `claim` (or zeros: a 0.2
+reader, which wrote the state only). Between a reader's last check and its
+write the sender may have freed the slot (the call ended) and handed it to
+another message; that late write leaves the old token, so the newer message
+is neither freed as read nor refused as "not ready" by its own reader.
+
 """
 
 from __future__ import annotations
@@ -64,10 +74,12 @@ IDLE_SECONDS = 30.0
 CLASSES_PER_DOUBLING = 4  # slot sizes 1, 1.25, 1.5, 1.75 x 2**k: at most 25% slack
 
 _SEG = struct.Struct("<8sIIQII16s16x")
-_SLOT = struct.Struct("<QI4xQ16s24x")
+_SLOT = struct.Struct("<QI4xQ16s16s8x")
 SEG_MAGIC = b"SHMGSEG1"
 SLOT_HEADER = _SLOT.size  # 64: one cache line per slot header
 _STATE_AT = 8  # offset of `state` inside a slot header
+_CLAIM_AT = 40  # offset of `claim`
+_NO_CLAIM = bytes(16)  # `claim` as alloc leaves it
 FREE, WRITING, READY, ACKED, READING = 0, 1, 2, 3, 4  # READING: a single-use reader claimed it
 
 
@@ -495,7 +507,7 @@ class Pool:
             # Generation first, then the bytes: a reader that checks the generation
             # after its copy sees any reuse that overlapped it.
             base = SLOT_HEADER * slot.index + 64
-            _SLOT.pack_into(segment.mm, base, slot.generation, WRITING, length, slot.token)
+            _SLOT.pack_into(segment.mm, base, slot.generation, WRITING, length, slot.token, _NO_CLAIM)
             self._busy[(segment.name, slot.index)] = slot
             return slot, ""
 
@@ -514,10 +526,8 @@ class Pool:
             slot = ticket.slot
             if slot.segment.generations[slot.index] != ticket.generation:
                 return
-            if unread_only and slot.segment.intact():
-                (state,) = struct.unpack_from("<I", slot.segment.mm, SLOT_HEADER * slot.index + 64 + _STATE_AT)
-                if state != READY:
-                    return
+            if unread_only and slot.segment.intact() and self._claimed_locked(slot) is not None:
+                return
             self._free_locked(slot)
 
     def reclaim(self) -> int:
@@ -559,6 +569,18 @@ class Pool:
     def _take(self, cls: Tuple[str, int]) -> Optional[Slot]:
         free = self._free.get(cls)
         return free.pop() if free else None
+
+    def _claimed_locked(self, slot: Slot) -> Optional[int]:
+        """READING or ACKED if this use's reader claimed or acknowledged it
+        (module docstring: only with its token, or a 0.2 reader's zeros),
+        else None."""
+        base = SLOT_HEADER * slot.index + 64
+        (state,) = struct.unpack_from("<I", slot.segment.mm, base + _STATE_AT)
+        if state != READING and state != ACKED:
+            return None
+        # Read after the state: the reader writes the claim first.
+        (claim,) = struct.unpack_from("16s", slot.segment.mm, base + _CLAIM_AT)
+        return state if claim == slot.token or claim == _NO_CLAIM else None
 
     def _free_locked(self, slot: Slot) -> None:
         if self._busy.pop((slot.segment.name, slot.index), None) is None:
@@ -608,9 +630,7 @@ class Pool:
                     self._drop_broken_locked(segment)
             if not ok:
                 continue
-            base = SLOT_HEADER * slot.index + 64
-            (state,) = struct.unpack_from("<I", segment.mm, base + _STATE_AT)
-            acked = state == ACKED and (pressure or not slot.held)
+            acked = self._claimed_locked(slot) == ACKED and (pressure or not slot.held)
             if acked or now >= slot.deadline or gone(slot.reader):
                 self._free_locked(slot)
                 freed += 1
@@ -682,6 +702,13 @@ class Pool:
 
 
 # --- the receiver's side ------------------------------------------------------
+
+
+def _claim(mm: mmap.mmap, base: int, token: bytes, state: int) -> None:
+    """Mark the slot header at `base` READING or ACKED for the use `token`:
+    the token first, then the state (module docstring)."""
+    mm[base + _CLAIM_AT : base + _CLAIM_AT + 16] = token
+    struct.pack_into("<I", mm, base + _STATE_AT, state)
 
 
 @dataclass
@@ -816,10 +843,15 @@ class Attacher:
             self._check_intact(seg)
             base = 64 + SLOT_HEADER * h.slot
             with self._lock:  # check and claim as one step: a single-use handle is read once
-                generation, state, length, token = _SLOT.unpack_from(seg.mm, base)
-                claim = state == READY and not reread and generation == h.generation and length == h.length
-                if claim and secrets.compare_digest(token, h.token):
-                    struct.pack_into("<I", seg.mm, base + _STATE_AT, READING)
+                generation, state, length, token, claim = _SLOT.unpack_from(seg.mm, base)
+                # READING or ACKED under another use's token: a late write
+                # of an earlier reader of this slot (module docstring), not a
+                # claim on this message.
+                ours = secrets.compare_digest(claim, h.token)
+                unread = state == READY or (state in (READING, ACKED) and not ours)
+                claimed = unread and not reread and generation == h.generation and length == h.length
+                if claimed and secrets.compare_digest(token, h.token):
+                    _claim(seg.mm, base, h.token, READING)
             if generation != h.generation:
                 raise SlotReclaimed(
                     f"slot {h.slot} of {seg.name} was reused (generation {generation}, handle has "
@@ -827,8 +859,8 @@ class Attacher:
                 )
             if not secrets.compare_digest(token, h.token):
                 raise HandleError(f"slot {h.slot} of {seg.name} was not offered for this message (token mismatch)")
-            readable = (READY, ACKED, READING) if reread else (READY,)
-            if state not in readable or length != h.length:
+            readable = state in (READY, ACKED, READING) if reread else unread
+            if not readable or length != h.length:
                 raise HandleError(
                     f"slot {h.slot} of {seg.name} is not ready for reading (state {state}); "
                     "handles are single-use"
@@ -845,14 +877,14 @@ class Attacher:
         base = 64 + SLOT_HEADER * h.slot
         try:
             self._check_intact(seg)
-            generation, _, _, token = _SLOT.unpack_from(seg.mm, base)
+            generation, _, _, token, _ = _SLOT.unpack_from(seg.mm, base)
             if generation != h.generation or token != h.token:
                 raise SlotReclaimed(
                     f"slot {h.slot} of {seg.name} changed while it was read "
                     f"(generation {h.generation} -> {generation}); the bytes are discarded"
                 )
             if consumed:
-                struct.pack_into("<I", seg.mm, base + _STATE_AT, ACKED)
+                _claim(seg.mm, base, h.token, ACKED)
         finally:
             self._unref(seg)
         self.maybe_trim()

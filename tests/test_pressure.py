@@ -1,0 +1,163 @@
+"""Memory under pressure (issue 18, items 2, 5 and 6): each peer's share of
+what a process offloads; a message in flight never taken from its reader;
+peers stopped past the lease.
+
+ 1. a late ack (the reader's write after the sender took the entry back and
+    gave it to the next message) marks nothing but its own message read:
+    cma entries and pool slots, in one process with real process_vm_readv
+    and real shared memory, the late write put exactly where it can land
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import List
+
+import grpc
+import pytest
+
+import shmgrpc.aio
+from protos import echo_test_pb2 as pb
+from protos import echo_test_pb2_grpc as pb_grpc
+from shmgrpc import pins, pool, wire
+from tests.conftest import (
+    CALL_TIMEOUT,
+    SHM_DIR,
+    KiB,
+    MiB,
+    client_config,
+    counts,
+    delta,
+    learn_route_aio,
+    read_line,
+    spawn,
+    stop_process,
+    suite_env,
+)
+from tests.echo_server import GRPC_OPTIONS, digest, pattern
+
+PROCS = "import sys; from tests._pressure_procs import main; sys.exit(main())"
+CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+
+
+def child(role: str, spec: dict) -> subprocess.Popen:
+    """tests/_pressure_procs.py ROLE, its stdin and stdout pipes ours."""
+    return spawn([sys.executable, "-c", PROCS, role, json.dumps(spec)],
+                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def said(proc: subprocess.Popen, timeout: float = 60.0) -> dict:
+    """The next JSON line of `proc`."""
+    line = read_line(proc, timeout)
+    if not line:
+        proc.kill()
+        pytest.fail(f"the child said nothing: {proc.stderr.read().decode()[-3000:]}")
+    return json.loads(line)
+
+
+def go_on(proc: subprocess.Popen) -> dict:
+    """Tell `proc` to go on; its last JSON line once it exits."""
+    proc.stdin.write(b"go\n")
+    proc.stdin.flush()
+    out = said(proc, 60.0)
+    assert proc.wait(30) == 0, proc.stderr.read().decode()[-3000:]
+    return out
+
+
+def wait_for(predicate, timeout: float, step: float = 0.1):
+    """predicate()'s first true value within `timeout` seconds, else its last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+def me() -> tuple:
+    return os.getpid(), pool.process_start(os.getpid())
+
+
+# --- 1. a late ack -----------------------------------------------------------------------------
+
+
+def test_a_late_cma_ack_marks_nothing_but_its_own_message_read(monkeypatch):
+    """The reader's last check passed; before its ack lands, the sender takes
+    the entry back (the call ended) and pins the next message there. The
+    late ack must not make the sender free the newer message as read (its
+    reader would find the entry reused: DATA_LOSS, or another peer's key),
+    nor make that reader refuse it as "not ready"."""
+    table = pins.Pins(64 * MiB, 60.0)
+    key, inst = os.urandom(16), os.urandom(16)
+    first, second = pattern(256 * KiB, 1), pattern(256 * KiB, 2)
+    raw, ticket, _ = table.pin(first, key, inst, me(), os.getpid())
+    h1 = wire.decode(raw)
+    newer = {}
+    checked = pins._check_generation
+
+    def then_reused(h):
+        checked(h)  # the reader's last check...
+        if h.generation == h1.generation:  # ...then the sender moves on
+            table.release(ticket)
+            raw2, _, _ = table.pin(second, key, inst, me(), os.getpid())
+            newer["handle"] = wire.decode(raw2)
+
+    monkeypatch.setattr(pins, "_check_generation", then_reused)
+    assert bytes(pins.read(h1, os.getpid(), inst, key, 1 << 30)) == first
+    h2 = newer["handle"]
+    assert h2.entry == h1.entry, "the freed entry was expected to be reused"
+    assert table.pinned_bytes == len(second), "the late ack freed the newer message"
+    assert bytes(pins.read(h2, os.getpid(), inst, key, 1 << 30)) == second
+    assert table.pinned_bytes == 0, "its own ack frees it"
+    table.close()
+
+
+def test_a_late_slot_ack_marks_nothing_but_its_own_message_read(monkeypatch):
+    """The same for a pool slot (shm; memfd slots are the same slots): the
+    reader checked the slot after its copy; before its ACKED lands, the
+    sender frees the slot and publishes the next message in it."""
+    inst = os.urandom(16)
+    p = pool.Pool(SHM_DIR, 4 * MiB, 1 * MiB, 60.0, inst)
+    attacher = pool.Attacher(SHM_DIR, 1 << 30)
+    first, second = pattern(200 * KiB, 1), pattern(200 * KiB, 2)
+
+    def publish(data: bytes):
+        slot, reason = p.alloc(len(data), me())
+        assert slot is not None, reason
+        slot.segment.mm[slot.offset : slot.offset + len(data)] = data
+        pool.Pool.publish(slot)
+        return slot.handle(), pool.Ticket(slot, slot.generation)
+
+    try:
+        h1, t1 = publish(first)
+        newer = {}
+        claim = pool._claim
+
+        def then_reused(mm, base, token, state):
+            if state == pool.ACKED and token == h1.token:
+                p.release(t1)
+                newer["handle"], _ = publish(second)
+            claim(mm, base, token, state)  # the late write
+
+        monkeypatch.setattr(pool, "_claim", then_reused)
+        view, seg = attacher.open(h1, inst)
+        assert bytes(view) == first
+        view.release()
+        attacher.finish(h1, seg)
+        h2 = newer["handle"]
+        assert h2.slot == h1.slot and h2.name == h1.name, "the freed slot was expected to be reused"
+        assert p.stats().slots_in_use == 1, "the late ack freed the newer message"
+        view, seg = attacher.open(h2, inst)
+        assert bytes(view) == second
+        view.release()
+        attacher.finish(h2, seg)
+        assert p.stats().slots_in_use == 0, "its own ack frees it"
+    finally:
+        attacher.close()
+        p.close()
