@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, List, Optional
 
-from . import wire
+from . import pool, wire
 from ._core import Engine, Route
 from .errors import ShmGrpcError
 
@@ -54,9 +54,11 @@ class CallCodec:
     handle this call could not restore. `committed` (client): a response
     has arrived, so gRPC will resend no request of this call (gRFC A6: a
     call is committed once response headers arrive); the requests it sends
-    from then on need not stay readable until the call ends."""
+    from then on need not stay readable until the call ends. `sent`: bytes
+    of the messages this call serialized (how plain gRPC's retry buffer
+    would have filled)."""
 
-    __slots__ = ("engine", "route", "keep", "reread", "failure", "failed_value", "sent_frame", "committed")
+    __slots__ = ("engine", "route", "keep", "reread", "failure", "failed_value", "sent_frame", "committed", "sent")
 
     def __init__(
         self,
@@ -75,6 +77,7 @@ class CallCodec:
         self.failed_value = failed_value
         self.sent_frame = False  # a handle or an escaped message went out
         self.committed = False
+        self.sent = 0
 
     @property
     def framed(self) -> bool:
@@ -91,6 +94,17 @@ class CallCodec:
         if keep_of is None:
             return lambda message: self.serialize(original, message)
         return lambda message: self.send(original(message), keep_of(message))
+
+    def _held(self) -> int:
+        """How long a request this call offloads now stays readable for a
+        resend (pool.Slot.held): until the call ends while plain gRPC could
+        still retry the call (it has sent no more than gRPC's retry buffer);
+        while there is room once plain gRPC would have committed it (core
+        buffered only our handles, so it may still retry it through us);
+        not at all once a response came."""
+        if self.committed:
+            return pool.FREE_ON_ACK
+        return pool.KEEP_UNTIL_END if self.sent <= self.engine.retry_buffer else pool.KEEP_WHILE_ROOM
 
     def deserializer(self, original: Optional[Callable]) -> Callable:
         original = original or _identity
@@ -114,11 +128,13 @@ class CallCodec:
         """What goes out for serialized `data` on a framed call: a handle
         (its ticket handed to `keep`), `data` escaped, or `data` itself."""
         if type(data) is bytes and len(data) < self.engine.config.threshold and data[:_PREFIX_LEN] != _PREFIX:
+            self.sent += len(data)
             self.engine.stats.add_inline(len(data))  # the common case, in short
             return data
         if not isinstance(data, _BYTES):
             return data  # not ours to judge: gRPC reports it as it would
-        out = self.engine.offload(data, self.route, keep, not self.committed)
+        self.sent += len(data)
+        out = self.engine.offload(data, self.route, keep, self._held())
         if out is None:
             out = wire.escape(data)
             if out is data:

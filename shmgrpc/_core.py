@@ -224,6 +224,24 @@ def limits_from_options(options) -> Tuple[int, int]:
     return send, receive
 
 
+# grpc/src/core/.../retry_filter: a call is committed (never retried) once
+# the messages it sent would overflow this buffer; channel argument
+# grpc.per_rpc_retry_buffer_size, default 256 KiB.
+GRPC_DEFAULT_RETRY_BUFFER = 256 * 1024
+
+
+def retry_buffer_from_options(options) -> int:
+    """How many bytes of requests a call may send and still be retried by
+    plain gRPC (0: retries are off, grpc.enable_retries=0)."""
+    size, enabled = GRPC_DEFAULT_RETRY_BUFFER, True
+    for key, value in options or ():
+        if key == "grpc.per_rpc_retry_buffer_size":
+            size = max(0, int(value))
+        elif key == "grpc.enable_retries":
+            enabled = bool(int(value))
+    return size if enabled else 0
+
+
 def _limit(value) -> int:
     value = int(value)
     return wire.UNLIMITED if value < 0 else value
@@ -495,6 +513,7 @@ class Engine:
         self.role = role
         self.name = name  # for log lines: the channel's target, or "server"
         self.max_send, self.max_receive = limits_from_options(options)
+        self.retry_buffer = retry_buffer_from_options(options)
         self.stats = Stats()
         self._lock = threading.Lock()  # protects setup, routes, hello, probe state
         self._state = "new"  # new -> ready | disabled; closed
@@ -988,14 +1007,16 @@ class Engine:
     # -- the two operations
 
     def offload(
-        self, data, route: Optional[Route], keep: Optional[Callable[[Any], None]] = None, held: bool = True
+        self, data, route: Optional[Route], keep: Optional[Callable[[Any], None]] = None,
+        held: int = pool.KEEP_WHILE_ROOM,
     ) -> Optional[bytes]:
         """Put serialized `data` where `route`'s peer can read it and return
         the handle, or None: send it inline. `keep`, if given, is called with
         a ticket for release() when the call ends without its reader.
-        `held` (clients only): the peer may read it again until the call
-        ends (gRPC may resend a request until the call is committed)."""
-        held = held and self.role == "client"
+        `held` (clients only): how long the peer may read it again, for
+        gRPC to resend the request (pool.KEEP_WHILE_ROOM, KEEP_UNTIL_END;
+        see CallCodec.send)."""
+        held = held if self.role == "client" else pool.FREE_ON_ACK
         n = len(data)
         if route is None or n < self.config.threshold or self._state != "ready":
             self.stats.add_inline(n)
@@ -1069,7 +1090,7 @@ class Engine:
             self.name, n, self.max_send, route.max_receive,
         )
 
-    def _offload_memfd(self, node: Node, data, route: Route, held: bool):
+    def _offload_memfd(self, node: Node, data, route: Route, held: int):
         side_ = node.side
         conn = side_.conn_for(route.peer.inst) if side_ is not None else None
         if conn is None:
@@ -1089,7 +1110,7 @@ class Engine:
         self.stats.add("offloaded", "memfd", 1, len(data))
         return wire.encode_memfd(slot.handle()), pool.Ticket(slot, slot.generation), ""
 
-    def _offload_shm(self, node: Node, data, route: Route, held: bool):
+    def _offload_shm(self, node: Node, data, route: Route, held: int):
         pool_ = node.get_pool()
         peer = route.peer
         slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=held)

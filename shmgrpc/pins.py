@@ -24,6 +24,10 @@ came). A late ack leaves its own token, so the newer message's reader sees
 an ACKED state that is not its own and reads on. An `acked` of zeros with
 state ACKED is a 0.2 reader's ack (it wrote the state only): honoured.
 
+A sender frees an entry (bumping the generation) only when its reader acked
+it, its reader exited, its call ended, or its lease ran out; never because
+the table or the pin budget is full (the message takes the next rung then).
+
 Entry layout (96 bytes), little-endian:
 
     offset size field
@@ -78,7 +82,7 @@ class _Pin:
     reader: Tuple[int, int]
     deadline: float
     token: bytes  # this use's: an ack counts only if it carries it
-    held: bool = False  # a request: readable until its call ends (see pool.Slot.held)
+    held: int = pool.FREE_ON_ACK  # see pool.Slot.held
 
 
 class Pins:
@@ -103,7 +107,8 @@ class Pins:
         self._pinned = 0
 
     def pin(
-        self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int, held: bool = False
+        self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int,
+        held: int = pool.FREE_ON_ACK
     ) -> Tuple[Optional[bytes], Optional[Ticket], str]:
         """Pin `payload`; returns (encoded handle, its ticket, "") or (None,
         None, reason). `held`: see pool.Slot.held."""
@@ -112,7 +117,7 @@ class Pins:
             if self._busy:
                 self._reclaim_locked()  # what readers are done with goes first
             if self._pinned + length > self.max_pinned or not self._free:
-                self._reclaim_locked(pressure=True)
+                self._reclaim_locked(short=True)
             if self._pinned + length > self.max_pinned:
                 return None, None, "cma_pinned_full"
             if not self._free:
@@ -182,12 +187,19 @@ class Pins:
         (acked,) = struct.unpack_from("16s", self._table, base + _ACKED_AT)
         return acked == pin.token or acked == _NO_ACK
 
-    def _reclaim_locked(self, pressure: bool = False) -> int:
+    def _reclaim_locked(self, short: bool = False) -> int:
+        """Free the pins that are done with: acknowledged (see pool.Slot.held;
+        `short`: a pin needs room, so KEEP_WHILE_ROOM ones go too), their
+        reader gone, or their lease over. Never a pin its reader has not
+        read, nor a request a retry plain gRPC would make may read again,
+        while its call lives and its lease runs: a full table or budget
+        sends the next message elsewhere instead."""
         now = self._clock()
         gone = pool.Liveness()
         freed = 0
+        keep = pool.KEEP_WHILE_ROOM if short else pool.FREE_ON_ACK
         for index, pin in list(self._busy.items()):
-            acked = self._acked_locked(index, pin) and (pressure or not pin.held)
+            acked = pin.held <= keep and self._acked_locked(index, pin)
             if acked or now >= pin.deadline or gone(pin.reader):
                 self._unpin_locked(index)
                 freed += 1

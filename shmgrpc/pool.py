@@ -42,6 +42,10 @@ write the sender may have freed the slot (the call ended) and handed it to
 another message; that late write leaves the old token, so the newer message
 is neither freed as read nor refused as "not ready" by its own reader.
 
+The sender frees a slot (bumping its generation) only when its reader
+acknowledged it, its reader is gone, its call ended, or its lease ran out:
+never because the pool is full (then the message takes the next rung, or
+goes inline).
 """
 
 from __future__ import annotations
@@ -81,6 +85,21 @@ _STATE_AT = 8  # offset of `state` inside a slot header
 _CLAIM_AT = 40  # offset of `claim`
 _NO_CLAIM = bytes(16)  # `claim` as alloc leaves it
 FREE, WRITING, READY, ACKED, READING = 0, 1, 2, 3, 4  # READING: a single-use reader claimed it
+
+# How long an acknowledged use stays readable, for gRPC to resend it (a
+# request of a call gRPC may still retry or hedge). The sender's, not in the
+# header; Slot.held and pins' held take these values (True is KEEP_WHILE_ROOM).
+FREE_ON_ACK = 0  # a response, or a request of a committed call
+# A request of a call plain gRPC would not retry (it sent more than gRPC's
+# retry buffer, grpc.per_rpc_retry_buffer_size: core commits such a call at
+# once), which core may retry through shmgrpc (it buffered a handle only):
+# kept until its call ends while there is room, freed once acknowledged when
+# the pool (or the peer's share) is short.
+KEEP_WHILE_ROOM = 1
+# A request of a call plain gRPC could retry too: readable until its call
+# ends (or the lease runs out), however short the pool; never taken back
+# from a call that may still read it.
+KEEP_UNTIL_END = 2
 
 
 def round_up(n: int, to: int) -> int:
@@ -396,10 +415,9 @@ class Slot:
     length: int = 0
     reader: object = (0, 0)  # (pid, start) of the process that will read it, or its side.Conn
     deadline: float = 0.0
-    # A request: its reader may read it again (gRPC retries, hedging) until
-    # the sender's call ends and releases it. An ack frees it only when the
-    # pool needs the room; a response (not held) is freed by its ack.
-    held: bool = False
+    # FREE_ON_ACK, KEEP_WHILE_ROOM or KEEP_UNTIL_END: how long an
+    # acknowledged use stays readable for a resend (see there).
+    held: int = FREE_ON_ACK
 
     @property
     def size(self) -> int:
@@ -476,7 +494,7 @@ class Pool:
 
     # sender side
 
-    def alloc(self, length: int, reader, kind: str = "shm", held: bool = False) -> Tuple[Optional[Slot], str]:
+    def alloc(self, length: int, reader, kind: str = "shm", held: int = FREE_ON_ACK) -> Tuple[Optional[Slot], str]:
         """A slot for `length` bytes in a segment of `kind` ("shm" or
         "memfd"), or (None, reason). `reader`: (pid, start) of the process
         that will read it, or its side.Conn (memfd). `held`: see Slot.held."""
@@ -486,7 +504,7 @@ class Pool:
                 return None, "pool_closed"
             slot = self._take(cls)
             if slot is None:
-                self._reclaim_locked(pressure=True)
+                self._reclaim_locked(short=True)
                 slot = self._take(cls)
             if slot is not None and not slot.segment.intact():
                 self._drop_broken_locked(slot.segment)
@@ -614,13 +632,18 @@ class Pool:
         except (BufferError, ValueError):
             pass
 
-    def _reclaim_locked(self, pressure: bool = False) -> int:
-        """Free busy slots that are done with; `pressure`: an alloc needs room,
-        so held slots that were acknowledged go too."""
+    def _reclaim_locked(self, short: bool = False) -> int:
+        """Free busy slots that are done with: acknowledged (see Slot.held;
+        `short`: an alloc needs room, so KEEP_WHILE_ROOM ones go too), their
+        reader gone, or their lease over. Never a slot its reader has not
+        read, nor a request a retry plain gRPC would make may read again,
+        while its call lives and its lease runs, however full the pool: the
+        next message goes elsewhere instead."""
         now = self._clock()
         gone = Liveness()
         freed = 0
         checked: Dict[str, bool] = {}
+        keep = KEEP_WHILE_ROOM if short else FREE_ON_ACK  # the most held an acked slot may be to go
         for slot in list(self._busy.values()):
             segment = slot.segment
             ok = checked.get(segment.name)
@@ -630,7 +653,7 @@ class Pool:
                     self._drop_broken_locked(segment)
             if not ok:
                 continue
-            acked = self._claimed_locked(slot) == ACKED and (pressure or not slot.held)
+            acked = slot.held <= keep and self._claimed_locked(slot) == ACKED
             if acked or now >= slot.deadline or gone(slot.reader):
                 self._free_locked(slot)
                 freed += 1

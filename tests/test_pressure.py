@@ -6,6 +6,9 @@ peers stopped past the lease.
     gave it to the next message) marks nothing but its own message read:
     cma entries and pool slots, in one process with real process_vm_readv
     and real shared memory, the late write put exactly where it can land
+ 2. a request gRPC could still resend stays readable however full the pool
+    (only its call's end or its lease frees it); one plain gRPC would not
+    retry goes once read, when room is short
 """
 
 from __future__ import annotations
@@ -158,6 +161,57 @@ def test_a_late_slot_ack_marks_nothing_but_its_own_message_read(monkeypatch):
         view.release()
         attacher.finish(h2, seg)
         assert p.stats().slots_in_use == 0, "its own ack frees it"
+    finally:
+        attacher.close()
+        p.close()
+
+
+# --- 2. requests gRPC may resend ---------------------------------------------------------------
+
+
+def test_a_request_grpc_could_resend_stays_readable_however_full_the_pool():
+    """Two requests, both read (acknowledged) by their server: one of a call
+    plain gRPC could retry (KEEP_UNTIL_END), one of a call only shmgrpc's
+    handle keeps retryable (KEEP_WHILE_ROOM). The pool runs short: the
+    second goes, the first stays readable until its call ends, and the next
+    message finds no room (it would go inline) rather than taking it."""
+    inst = os.urandom(16)
+    size = 64 * KiB
+    # One segment of four 64 KiB slots: the whole pool.
+    p = pool.Pool(SHM_DIR, 4096 + 4 * size, 4 * size, 60.0, inst)
+    attacher = pool.Attacher(SHM_DIR, 1 << 30)
+
+    def publish(seq: int, held: int = pool.FREE_ON_ACK):
+        data = pattern(size, seq)
+        slot, reason = p.alloc(size, me(), held=held)
+        if slot is None:
+            return None, reason
+        slot.segment.mm[slot.offset : slot.offset + size] = data
+        pool.Pool.publish(slot)
+        return (slot.handle(), pool.Ticket(slot, slot.generation)), ""
+
+    def read(h, reread: bool = False) -> bytes:
+        view, seg = attacher.open(h, inst, reread=reread)
+        try:
+            return bytes(view)
+        finally:
+            view.release()
+            attacher.finish(h, seg)
+
+    try:
+        (h_end, t_end), _ = publish(1, pool.KEEP_UNTIL_END)
+        (h_room, _), _ = publish(2, pool.KEEP_WHILE_ROOM)
+        assert read(h_end) == pattern(size, 1) and read(h_room) == pattern(size, 2)
+        unread = [publish(3 + i) for i in range(2)]
+        assert all(u[0] is not None for u in unread)
+        third, _ = publish(5)  # no free slot: the acknowledged KEEP_WHILE_ROOM one goes
+        assert third is not None and third[0].slot == h_room.slot
+        fourth, reason = publish(6)
+        assert fourth is None and reason == "pool_full", "a request gRPC may resend was taken back"
+        assert read(h_end, reread=True) == pattern(size, 1)  # gRPC's retry reads it again
+        p.release(t_end)  # its call ended
+        fifth, _ = publish(7)
+        assert fifth is not None and fifth[0].slot == h_end.slot
     finally:
         attacher.close()
         p.close()
