@@ -303,7 +303,8 @@ class Node:
         """The node for these settings; `named`: with an id segment (shm and
         cma need one; a memfd-only process writes nothing to any shm dir)."""
         key = (config.shm_dir, config.pool_size, config.segment_size, config.max_message,
-               config.lease_seconds, config.cma_max_pinned, config.side_dir, config.side_uids, named)
+               config.lease_seconds, config.cma_max_pinned, config.peer_share, config.side_dir, config.side_uids,
+               named)
         with cls._lock:
             node = cls._nodes.get(key)
             if node is None:
@@ -328,7 +329,7 @@ class Node:
                     assert self.identity is not None
                     c = self.config
                     self.pool = pool.Pool(c.shm_dir, c.pool_size, c.segment_size, c.lease_seconds,
-                                          self.identity.inst)
+                                          self.identity.inst, peer_share=c.peer_share)
                     self._start_janitor()
         return self.pool
 
@@ -365,7 +366,8 @@ class Node:
         if self.pins is None:
             with self._setup_lock:
                 if self.pins is None:
-                    self.pins = pins.Pins(self.config.cma_max_pinned, self.config.lease_seconds)
+                    c = self.config
+                    self.pins = pins.Pins(c.cma_max_pinned, c.lease_seconds, peer_share=c.peer_share)
         return self.pins
 
     def get_side(self) -> Optional[side.Side]:
@@ -1092,11 +1094,13 @@ class Engine:
 
     def _offload_memfd(self, node: Node, data, route: Route, held: int):
         side_ = node.side
-        conn = side_.conn_for(route.peer.inst) if side_ is not None else None
+        peer = route.peer
+        assert peer is not None  # offload() tries no rung without one
+        conn = side_.conn_for(peer.inst) if side_ is not None else None
         if conn is None:
             return None, None, "side_closed"
         pool_ = node.get_pool()
-        slot, reason = pool_.alloc(len(data), conn, "memfd", held=held)
+        slot, reason = pool_.alloc(len(data), conn, "memfd", held=held, peer=peer.inst)
         if slot is None:
             return None, None, reason
         segment = slot.segment
@@ -1113,7 +1117,8 @@ class Engine:
     def _offload_shm(self, node: Node, data, route: Route, held: int):
         pool_ = node.get_pool()
         peer = route.peer
-        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=held)
+        assert peer is not None  # offload() tries no rung without one
+        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=held, peer=peer.inst)
         if slot is None:
             return None, None, reason
         off = slot.offset

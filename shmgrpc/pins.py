@@ -82,11 +82,16 @@ class _Pin:
     reader: Tuple[int, int]
     deadline: float
     token: bytes  # this use's: an ack counts only if it carries it
+    peer: bytes  # the reader's instance id: whose share the bytes count against
     held: int = pool.FREE_ON_ACK  # see pool.Slot.held
 
 
 class Pins:
-    """Sender side: the pin table and the pinned payloads."""
+    """Sender side: the pin table and the pinned payloads.
+
+    `peer_share`: the fraction of `max_pinned` the unacknowledged pins of one
+    reader (its instance id) may hold; past it, that reader's messages take
+    the next rung, or go inline, while other readers' still pin."""
 
     def __init__(
         self,
@@ -94,8 +99,10 @@ class Pins:
         lease_seconds: float,
         entries: int = DEFAULT_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
+        peer_share: float = 1.0,
     ):
         self.max_pinned = max_pinned
+        self.peer_max = int(max_pinned * peer_share)
         self.lease_seconds = lease_seconds
         self._clock = clock
         self._table = ctypes.create_string_buffer(ENTRY.size * entries)
@@ -105,21 +112,26 @@ class Pins:
         self._generations = [0] * entries
         self._busy: Dict[int, _Pin] = {}
         self._pinned = 0
+        self._by_peer: Dict[bytes, int] = {}  # reader's instance id -> bytes pinned for it
 
     def pin(
         self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int,
         held: int = pool.FREE_ON_ACK
     ) -> Tuple[Optional[bytes], Optional[Ticket], str]:
-        """Pin `payload`; returns (encoded handle, its ticket, "") or (None,
-        None, reason). `held`: see pool.Slot.held."""
+        """Pin `payload` for the reader `receiver` (its instance id); returns
+        (encoded handle, its ticket, "") or (None, None, reason). `held`: see
+        pool.Slot.held."""
         length = len(payload)
         with self._lock:
             if self._busy:
                 self._reclaim_locked()  # what readers are done with goes first
-            if self._pinned + length > self.max_pinned or not self._free:
+            if (self._pinned + length > self.max_pinned or not self._free
+                    or self._by_peer.get(receiver, 0) + length > self.peer_max):
                 self._reclaim_locked(short=True)
             if self._pinned + length > self.max_pinned:
                 return None, None, "cma_pinned_full"
+            if self._by_peer.get(receiver, 0) + length > self.peer_max:
+                return None, None, "cma_peer_share_full"
             if not self._free:
                 return None, None, "cma_entries_full"
             index = self._free.pop()
@@ -139,8 +151,9 @@ class Pins:
                 addr,
                 _NO_ACK,
             )
-            self._busy[index] = _Pin(payload, reader, self._clock() + self.lease_seconds, token, held)
+            self._busy[index] = _Pin(payload, reader, self._clock() + self.lease_seconds, token, receiver, held)
             self._pinned += length
+            self._by_peer[receiver] = self._by_peer.get(receiver, 0) + length
         handle = wire.CmaHandle(
             length=length,
             token=token,
@@ -168,6 +181,11 @@ class Pins:
         with self._lock:
             self._reclaim_locked()
             return self._pinned
+
+    def peer_bytes(self, receiver: bytes) -> int:
+        """Bytes pinned now for the reader `receiver`."""
+        with self._lock:
+            return self._by_peer.get(receiver, 0)
 
     def close(self) -> None:
         with self._lock:
@@ -213,6 +231,11 @@ class Pins:
         base = index * ENTRY.size
         struct.pack_into("<QI", self._table, base + _GEN_AT, self._generations[index], pool.FREE)
         self._pinned -= len(pin.payload)
+        left = self._by_peer[pin.peer] - len(pin.payload)
+        if left:
+            self._by_peer[pin.peer] = left
+        else:
+            del self._by_peer[pin.peer]
         self._free.append(index)
 
 

@@ -44,8 +44,8 @@ is neither freed as read nor refused as "not ready" by its own reader.
 
 The sender frees a slot (bumping its generation) only when its reader
 acknowledged it, its reader is gone, its call ended, or its lease ran out:
-never because the pool is full (then the message takes the next rung, or
-goes inline).
+never because the pool is full or the peer over its share (then the message
+takes the next rung, or goes inline).
 """
 
 from __future__ import annotations
@@ -418,6 +418,7 @@ class Slot:
     # FREE_ON_ACK, KEEP_WHILE_ROOM or KEEP_UNTIL_END: how long an
     # acknowledged use stays readable for a resend (see there).
     held: int = FREE_ON_ACK
+    peer: bytes = b""  # the reader's instance id: whose share this use counts against
 
     @property
     def size(self) -> int:
@@ -464,6 +465,10 @@ class Pool:
     its generation, so a late reader sees the change and fails with DATA_LOSS.
     `alloc` never blocks: when nothing can be freed it returns None and the
     caller sends the message inline.
+
+    `peer_share`: the fraction of `capacity` the slots in use for one reader
+    (its instance id, whatever the transport) may hold: one peer that reads
+    nothing fills its share, and the other peers still find the rest.
     """
 
     def __init__(
@@ -474,9 +479,11 @@ class Pool:
         lease_seconds: float,
         owner_inst: bytes,
         clock: Callable[[], float] = time.monotonic,
+        peer_share: float = 1.0,
     ):
         self.shm_dir = shm_dir
         self.capacity = capacity
+        self.peer_capacity = int(capacity * peer_share)
         # A pool smaller than one segment still serves messages that fit it.
         self.segment_size = max(MIN_CLASS * 2, min(segment_size, capacity))
         self.lease_seconds = lease_seconds
@@ -488,20 +495,30 @@ class Pool:
         self._segments: Dict[str, Segment] = {}
         self._free: Dict[int, List[Slot]] = {}  # slot size -> free slots (LIFO: warm pages first)
         self._busy: Dict[Tuple[str, int], Slot] = {}
+        self._by_peer: Dict[bytes, int] = {}  # reader's instance id -> bytes of its slots in use
         self._mapped = 0
         self._closed = False
         self._no_space_logged = False
 
     # sender side
 
-    def alloc(self, length: int, reader, kind: str = "shm", held: int = FREE_ON_ACK) -> Tuple[Optional[Slot], str]:
+    def alloc(self, length: int, reader, kind: str = "shm", held: int = FREE_ON_ACK,
+              peer: bytes = b"") -> Tuple[Optional[Slot], str]:
         """A slot for `length` bytes in a segment of `kind` ("shm" or
         "memfd"), or (None, reason). `reader`: (pid, start) of the process
-        that will read it, or its side.Conn (memfd). `held`: see Slot.held."""
+        that will read it, or its side.Conn (memfd). `held`: see Slot.held.
+        `peer`: the reader's instance id, whose share the slot counts
+        against (b"": none)."""
         cls = (kind, size_class(length))
         with self._lock:
             if self._closed:
                 return None, "pool_closed"
+            if cls[1] > self.capacity:
+                return None, "pool_too_small"
+            if peer and self._by_peer.get(peer, 0) + cls[1] > self.peer_capacity:
+                self._reclaim_locked(short=True)  # what this peer read since may go first
+                if self._by_peer.get(peer, 0) + cls[1] > self.peer_capacity:
+                    return None, "peer_share_full"
             slot = self._take(cls)
             if slot is None:
                 self._reclaim_locked(short=True)
@@ -521,12 +538,15 @@ class Pool:
             slot.length = length
             slot.reader = reader
             slot.held = held
+            slot.peer = peer
             slot.deadline = self._clock() + self.lease_seconds
             # Generation first, then the bytes: a reader that checks the generation
             # after its copy sees any reuse that overlapped it.
             base = SLOT_HEADER * slot.index + 64
             _SLOT.pack_into(segment.mm, base, slot.generation, WRITING, length, slot.token, _NO_CLAIM)
             self._busy[(segment.name, slot.index)] = slot
+            if peer:
+                self._by_peer[peer] = self._by_peer.get(peer, 0) + slot.size
             return slot, ""
 
     @staticmethod
@@ -547,6 +567,11 @@ class Pool:
             if unread_only and slot.segment.intact() and self._claimed_locked(slot) is not None:
                 return
             self._free_locked(slot)
+
+    def peer_bytes(self, peer: bytes) -> int:
+        """Bytes of the slots in use now for the reader `peer`."""
+        with self._lock:
+            return self._by_peer.get(peer, 0)
 
     def reclaim(self) -> int:
         with self._lock:
@@ -570,6 +595,7 @@ class Pool:
             segments, self._segments = list(self._segments.values()), {}
             self._free.clear()
             self._busy.clear()
+            self._by_peer.clear()
             self._mapped = 0
         for segment in segments:
             segment.destroy()
@@ -580,7 +606,7 @@ class Pool:
             self._closed = True
             for segment in self._segments.values():
                 segment.close_fd()  # the child's copy of the descriptor only
-            self._segments, self._free, self._busy, self._mapped = {}, {}, {}, 0
+            self._segments, self._free, self._busy, self._by_peer, self._mapped = {}, {}, {}, {}, 0
 
     # internals, lock held
 
@@ -600,8 +626,18 @@ class Pool:
         (claim,) = struct.unpack_from("16s", slot.segment.mm, base + _CLAIM_AT)
         return state if claim == slot.token or claim == _NO_CLAIM else None
 
+    def _unbusy_locked(self, key: Tuple[str, int]) -> Optional[Slot]:
+        slot = self._busy.pop(key, None)
+        if slot is not None and slot.peer:
+            left = self._by_peer[slot.peer] - slot.size
+            if left:
+                self._by_peer[slot.peer] = left
+            else:
+                del self._by_peer[slot.peer]
+        return slot
+
     def _free_locked(self, slot: Slot) -> None:
-        if self._busy.pop((slot.segment.name, slot.index), None) is None:
+        if self._unbusy_locked((slot.segment.name, slot.index)) is None:
             return
         segment = slot.segment
         if not segment.intact():
@@ -624,7 +660,7 @@ class Pool:
         key = (segment.kind, segment.slot_size)
         self._free[key] = [s for s in self._free.get(key, []) if s.segment is not segment]
         for key in [k for k, s in self._busy.items() if s.segment is segment]:
-            del self._busy[key]
+            self._unbusy_locked(key)
         _unlink(segment.path)
         segment.close_fd()
         try:

@@ -739,6 +739,7 @@ BAD_VALUES = [
     pytest.param("SHMGRPC_LEASE", "0.0000000001s", ("0.1", "86400"), id="lease-1e-10-decimal"),
     pytest.param("SHMGRPC_LEASE", "1e-10s", ("0.1", "86400"), id="lease-1e-10"),
     pytest.param("SHMGRPC_SHM_DIR", "<a regular file>", ("not a directory",), id="shm-dir-is-a-file"),
+    pytest.param("SHMGRPC_PEER_SHARE", "0", ("above 0", "at most 1"), id="peer-share-0"),
 ]
 
 

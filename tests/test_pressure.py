@@ -9,6 +9,12 @@ peers stopped past the lease.
  2. a request gRPC could still resend stays readable however full the pool
     (only its call's end or its lease frees it); one plain gRPC would not
     retry goes once read, when room is short
+ 3. a peer's share of the pool and of the pin budget, in one process
+ 4. a client that starts large server streams and reads none: the server
+    holds no more than that client's share of its pool and pins for it, and
+    another client keeps offloading both ways (sync and aio servers)
+
+Child processes are in tests/_pressure_procs.py.
 """
 
 from __future__ import annotations
@@ -215,3 +221,95 @@ def test_a_request_grpc_could_resend_stays_readable_however_full_the_pool():
     finally:
         attacher.close()
         p.close()
+
+
+# --- 3. a peer's share, in one process ---------------------------------------------------------
+
+
+def test_a_peer_is_held_to_its_share_of_the_pool_and_of_the_pins():
+    inst = os.urandom(16)
+    hog, other = os.urandom(16), os.urandom(16)
+    p = pool.Pool(SHM_DIR, 16 * MiB, 4 * MiB, 60.0, inst, peer_share=0.5)
+    table = pins.Pins(8 * MiB, 60.0, peer_share=0.5)
+    try:
+        held = []
+        while True:
+            slot, reason = p.alloc(1 * MiB, me(), peer=hog)
+            if slot is None:
+                break
+            held.append(slot)
+        assert reason == "peer_share_full"
+        assert p.peer_bytes(hog) <= 8 * MiB and len(held) == 8 // (pool.size_class(1 * MiB) // MiB)
+        slot, reason = p.alloc(1 * MiB, me(), peer=other)
+        assert slot is not None, reason
+        assert p.peer_bytes(other) == slot.size
+        payload = b"p" * (1 * MiB)
+        pinned = 0
+        while True:
+            raw, _, reason = table.pin(payload, b"k" * 16, hog, me(), os.getpid())
+            if raw is None:
+                break
+            pinned += 1
+        assert reason == "cma_peer_share_full" and pinned == 4 and table.peer_bytes(hog) == 4 * MiB
+        raw, _, reason = table.pin(payload, b"k" * 16, other, me(), os.getpid())
+        assert raw is not None, reason
+    finally:
+        table.close()
+        p.close()
+
+
+# --- 4. the client that reads nothing ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["sync", "aio"])
+def test_a_client_that_reads_nothing_is_held_to_its_share(fresh_server, make_client, flavour):
+    """A client (auto: memfd first, then shm, then cma) starts four server
+    streams of sixteen 4 MiB answers and reads none: without a share it
+    took the server's whole pool and pin budget. With the default share
+    (half of each), the server holds at most that for it, its other answers
+    wait inline under gRPC's flow control, and another client's calls are
+    offloaded both ways meanwhile (the counters of both processes). Once the
+    reader-of-nothing cancels, the server has nothing in use."""
+    pool_cap, pin_cap = 64 * MiB, 32 * MiB
+    server = fresh_server(suite_env("auto", POOL_SIZE="64MiB", CMA_MAX_PINNED="32MiB"),
+                          flags=["--aio"] if flavour == "aio" else [])
+    share = shmgrpc.Config().peer_share
+    env = suite_env("auto")
+    hog = child("hog", {"target": server.unix_target, "env": env, "streams": 4, "count": 16, "size": 4 * MiB})
+    try:
+        assert said(hog)["started"] == 4
+
+        def hogged():  # a server of this test alone: its counters are the hog's
+            now = server.stats()["shmgrpc"]
+            return now if sum(now["fallbacks"].values()) > 0 else None
+
+        held = wait_for(hogged, 20.0, step=0.2)
+        assert held, f"the hog's answers never went inline: {server.stats()['shmgrpc']}"
+
+        other = make_client(server.unix_target, client_config("auto"))
+        mine = other.stats()
+        calls = 8
+        for seq in range(calls):
+            body = pattern(4 * MiB, seq)
+            reply = other.stub.Unary(pb.Payload(seq=seq, body=body, digest=digest(body), reply_size=4 * MiB),
+                                     timeout=CALL_TIMEOUT)
+            assert reply.body == pattern(4 * MiB, seq)
+        theirs, after = other.stats(), server.stats()["shmgrpc"]
+        assert delta(theirs, mine, "offloaded", "count") == calls, theirs["fallbacks"]
+        assert delta(theirs, mine, "restored", "count") == calls, ("the other client's answers went inline",
+                                                                    after["fallbacks"])
+        assert delta(after, held, "restored", "count") == calls
+        # The hog filled its share of each (the ladder's last rung, cma,
+        # names the fallback), nothing beyond it.
+        assert held["fallbacks"].get("cma_peer_share_full", 0) > 0, held["fallbacks"]
+        pool_, slot = held["pool"], pool.size_class(4 * MiB)
+        assert pool_cap * share - slot < pool_["bytes_in_use"] <= pool_cap * share, pool_
+        assert pin_cap * share - 4 * MiB < pool_["cma_pinned"] <= pin_cap * share, pool_
+        assert after["pool"]["bytes_in_use"] <= pool_cap * share + slot, after["pool"]
+    finally:
+        if hog.poll() is None:
+            go_on(hog)
+        stop_process(hog)
+    pool_ = wait_for(lambda: (lambda p: p if p["bytes_in_use"] == 0 and p["cma_pinned"] == 0 else None)(
+        server.stats()["shmgrpc"]["pool"]), 10.0)
+    assert pool_, server.stats()["shmgrpc"]["pool"]

@@ -1,0 +1,87 @@
+"""Child processes of tests/test_pressure.py.
+
+    python -c "from tests._pressure_procs import main; main()" ROLE SPEC_JSON
+
+Each role is one client process the test drives: it prints JSON lines
+(the last one its result) and, where the test must act at a given moment
+(stop it, let another client run), it says so on stdout and waits for a
+line on stdin. Nothing here is a test: the test asserts on what is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def emit(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _channel(target: str, env: Dict[str, str]):
+    """(the shmgrpc channel, its stub) with the suite's gRPC options."""
+    import grpc
+
+    import shmgrpc
+    from protos import echo_test_pb2_grpc as pb_grpc
+    from tests.echo_server import GRPC_OPTIONS
+
+    options = GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]
+    channel = shmgrpc.intercept_channel(grpc.insecure_channel(target, options=options),
+                                        shmgrpc.Config.from_env(env), options=options)
+    return channel, pb_grpc.EchoStub(channel)
+
+
+def _learn(stub) -> None:
+    """Settle the channel's route, and make ServerStream and BidiStream
+    methods that answered large (tests/conftest.py learn_route): from then on
+    their calls carry the hello, so large answers are offloaded."""
+    from protos import echo_test_pb2 as pb
+
+    stub.Unary(pb.Payload(seq=0, body=b"r" * (64 * KiB)), timeout=30)
+    assert len(list(stub.ServerStream(pb.Payload(seq=1, reply_size=1 * MiB), timeout=30))) == 1
+    assert len(list(stub.BidiStream(iter([pb.Payload(seq=1, reply_size=1 * MiB)]), timeout=30))) == 1
+
+
+def hog(spec: dict) -> dict:
+    """Start `streams` server streams of `count` answers of `size` bytes and
+    read none of them (the answers pile up on the server's side, offloaded
+    for us); say so, wait for a line on stdin, cancel them all."""
+    from protos import echo_test_pb2 as pb
+
+    channel, stub = _channel(spec["target"], spec["env"])
+    _learn(stub)
+    calls = [stub.ServerStream(pb.Payload(seq=spec["count"], reply_size=spec["size"]), timeout=120)
+             for _ in range(spec["streams"])]
+    emit({"started": len(calls), "pid": os.getpid()})
+    sys.stdin.readline()
+    for call in calls:
+        call.cancel()
+    stats = channel.stats()
+    channel.close()
+    return {"stats": stats}
+
+
+ROLES = {
+    "hog": hog,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    role, spec = argv[0], json.loads(argv[1])
+    result = ROLES[role](spec)
+    if result is not None:
+        emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
