@@ -69,8 +69,43 @@ def hog(spec: dict) -> dict:
     return {"stats": stats}
 
 
+def stopped_reader(spec: dict) -> dict:
+    """One server stream of `count` answers of `size` bytes (offloaded to
+    us): read the first, say so, wait for a line on stdin (the test stops
+    this process meanwhile), then read the rest: each must be the right
+    bytes, or the call must fail; say how it ended."""
+    import grpc
+
+    from protos import echo_test_pb2 as pb
+    from tests.echo_server import pattern
+
+    channel, stub = _channel(spec["target"], spec["env"])
+    _learn(stub)
+    call = stub.ServerStream(pb.Payload(seq=spec["count"], reply_size=spec["size"]), timeout=120)
+    wrong: List[int] = []
+    got = 0
+    first = next(call)
+    got += 1
+    if first.seq != 0 or first.body != pattern(spec["size"], 0):
+        wrong.append(0)
+    emit({"read": got, "pid": os.getpid()})
+    sys.stdin.readline()
+    code, details = "OK", ""
+    try:
+        for r in call:
+            if r.seq != got or r.body != pattern(spec["size"], got):
+                wrong.append(got)
+            got += 1
+    except grpc.RpcError as err:
+        code, details = err.code().name, err.details()
+    stats = channel.stats()
+    channel.close()
+    return {"got": got, "wrong": wrong, "code": code, "details": details, "stats": stats}
+
+
 ROLES = {
     "hog": hog,
+    "stopped_reader": stopped_reader,
 }
 
 

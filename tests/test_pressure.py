@@ -13,6 +13,9 @@ peers stopped past the lease.
  4. a client that starts large server streams and reads none: the server
     holds no more than that client's share of its pool and pins for it, and
     another client keeps offloading both ways (sync and aio servers)
+ 5. a client stopped (SIGSTOP) past the server's lease: the server gives the
+    memory back after the lease, not before; resumed, the client reads
+    DATA_LOSS for what was taken back, never other bytes
 
 Child processes are in tests/_pressure_procs.py.
 """
@@ -313,3 +316,56 @@ def test_a_client_that_reads_nothing_is_held_to_its_share(fresh_server, make_cli
     pool_ = wait_for(lambda: (lambda p: p if p["bytes_in_use"] == 0 and p["cma_pinned"] == 0 else None)(
         server.stats()["shmgrpc"]["pool"]), 10.0)
     assert pool_, server.stats()["shmgrpc"]["pool"]
+
+
+# --- 5. a peer stopped past the lease ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["auto", "shm", "cma"])
+def test_a_stopped_peer_reads_data_loss_and_the_server_gets_its_memory_back(fresh_server, make_client,
+                                                                            transport):
+    """The server (lease 1 s) answers a server stream with six 4 MiB
+    answers; the client reads the first and is stopped (SIGSTOP). Within the
+    lease the server keeps the five unread ones; after it, it takes them
+    back (measured: in use -> 0), and another client's answers reuse the
+    memory. Resumed (SIGCONT), the client reads DATA_LOSS naming the lease
+    for the first of them, never other bytes, and counts it as DataLossError."""
+    lease = 1.0
+    server = fresh_server(suite_env(transport, LEASE=f"{lease}s"))
+    env = suite_env(transport)
+    reader = child("stopped_reader", {"target": server.unix_target, "env": env, "count": 6, "size": 4 * MiB})
+    try:
+        assert said(reader)["read"] == 1
+        os.kill(reader.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+
+        def in_use() -> int:
+            pool_ = server.stats()["shmgrpc"]["pool"]
+            return pool_["bytes_in_use"] + pool_["cma_pinned"]
+
+        held = wait_for(lambda: in_use() >= 5 * 4 * MiB, 5.0)
+        assert held, f"the five unread answers were expected in use: {server.stats()['shmgrpc']['pool']}"
+        time.sleep(max(0.0, stopped + lease * 0.6 - time.monotonic()))
+        assert in_use() >= 5 * 4 * MiB, "taken back within the lease"
+        assert wait_for(lambda: in_use() == 0, lease + 3.0), server.stats()["shmgrpc"]["pool"]
+        given_back = time.monotonic() - stopped
+        assert given_back >= lease * 0.9, given_back
+        other = make_client(server.unix_target, client_config(transport))
+        for seq in range(6):  # the memory goes to other answers
+            reply = other.stub.Unary(pb.Payload(seq=seq, body=b"x", reply_size=4 * MiB), timeout=CALL_TIMEOUT)
+            assert reply.body == pattern(4 * MiB, seq)
+        os.kill(reader.pid, signal.SIGCONT)
+        out = go_on(reader)
+    finally:
+        if reader.poll() is None:  # a failed check above: let it finish on its own
+            os.kill(reader.pid, signal.SIGCONT)
+            reader.stdin.close()
+            try:
+                reader.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        stop_process(reader)
+    assert out["wrong"] == [], out
+    assert out["code"] == "DATA_LOSS" and "lease" in out["details"], out
+    assert out["stats"]["errors"] == {"DataLossError": 1}, out["stats"]["errors"]
+    assert server.stats()["echo"]["corrupt"] == 0
