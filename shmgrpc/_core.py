@@ -25,7 +25,7 @@ from . import _malloc, cma, pins, pool, session, side, wire
 from .config import Config
 from ._log import RateLimit, repeats
 from ._types import StatsSnapshot
-from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError
+from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError, SlotReclaimed
 
 log = logging.getLogger(__name__)
 
@@ -1140,13 +1140,17 @@ class Engine:
         elif node.pool is not None:
             node.pool.release(ticket, unread_only)
 
-    def restore(self, raw, route: Route, deserializer: Callable, reread: bool = False) -> Any:
+    def restore(self, raw, route: Route, deserializer: Callable, reread: bool = False,
+                ended: Optional[Callable[[], Optional[ShmGrpcError]]] = None) -> Any:
         """Rebuild the message a handle stands for, with `deserializer`.
 
         `reread`: the handle may have been read before (a request the client
         resent: gRPC retries and hedging); responses are read once. Raises a
         ShmGrpcError whose status_code says what went wrong; an exception of
-        the deserializer itself propagates unchanged, as it would inline."""
+        the deserializer itself propagates unchanged, as it would inline.
+        `ended()`: the error to raise instead when the sender took the
+        message back and the reader's call has ended meanwhile (CallEnded:
+        not counted, the call ends as gRPC ends it), or None."""
         node = self._node
         if node is not None and node.pins is not None:
             # Before this call serializes anything: payloads our readers are
@@ -1172,6 +1176,9 @@ class Engine:
                 return self._restore_shm(h, route.peer, deserializer, reread)
             return self._restore_cma(h, route.peer, deserializer, reread)
         except ShmGrpcError as err:
+            over = ended() if ended is not None and isinstance(err, SlotReclaimed) else None
+            if over is not None:
+                raise over from err
             self.stats.add("error", getattr(err, "counted_as", None) or type(err).__name__)
             raise
 

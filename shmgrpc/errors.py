@@ -55,6 +55,25 @@ class SlotReclaimed(DataLossError):
     counted_as = "DataLossError"
 
 
+class CallEnded(ShmGrpcError):
+    """A response whose sender took it back because the call had ended (its
+    deadline passed, or the application cancelled it) before this side read
+    it. The call ends as gRPC ends such a call, with DEADLINE_EXCEEDED or
+    CANCELLED and gRPC's own words; shmgrpc counts no error for it."""
+
+    def __init__(self, status_code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.status_code = status_code
+
+    @classmethod
+    def deadline(cls) -> "CallEnded":
+        return cls(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")  # grpc's own words
+
+    @classmethod
+    def cancelled(cls) -> "CallEnded":
+        return cls(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+
+
 class PeerGoneError(DataLossError, ProcessLookupError):
     """The process that offered the bytes has exited."""
 
@@ -84,6 +103,7 @@ class CmaBadAddress(CmaError, HandleError):
 
 
 __all__ = [
+    "CallEnded",
     "CmaBadAddress",
     "CmaError",
     "CmaNotPermitted",

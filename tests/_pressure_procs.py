@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import time
 from typing import Dict, List, Optional
@@ -103,9 +104,83 @@ def stopped_reader(spec: dict) -> dict:
     return {"got": got, "wrong": wrong, "code": code, "details": details, "stats": stats}
 
 
+def _code(err) -> str:
+    import grpc
+
+    if err is None:
+        return "OK"
+    if isinstance(err, grpc.FutureCancelledError):
+        return "CANCELLED"
+    return err.code().name
+
+
+def bidi_soak(spec: dict) -> dict:
+    """Bidi streams for `seconds`, answered large (cma under a small pin
+    budget on both sides), with cancels after a random number of answers
+    and deadlines that fall among the answers. Every answer is checked byte
+    for byte; a call may end only as plain gRPC could have ended it: OK,
+    CANCELLED after our cancel, DEADLINE_EXCEEDED on a call with a
+    deadline."""
+    import grpc
+
+    from protos import echo_test_pb2 as pb
+    from tests.echo_server import digest, pattern
+
+    rng = random.Random(spec["seed"])
+    channel, stub = _channel(spec["target"], spec["env"])
+    _learn(stub)
+    # Pressure, certain from the start: a stream of 4 MiB answers read
+    # slowly, so the server pins more of them for us than our share.
+    slow = stub.ServerStream(pb.Payload(seq=6, reply_size=4 * MiB), timeout=30)
+    got = [next(slow)]
+    time.sleep(0.3)
+    got += list(slow)
+    assert [r.body for r in got] == [pattern(4 * MiB, i) for i in range(6)]
+    sizes = spec.get("sizes", [4 * KiB, 256 * KiB, 1 * MiB, 3 * MiB])
+    replies = spec.get("replies", [0, 1 * MiB, 2 * MiB, 4 * MiB])
+    outcomes: Dict[str, int] = {}
+    unexpected: List[str] = []
+    wrong: List[str] = []
+    seq = 1000 * spec["seed"]
+    end = time.monotonic() + spec["seconds"]
+    while time.monotonic() < end:
+        roll = rng.random()
+        mode = "cancel" if roll < 0.3 else "deadline" if roll < 0.6 else "normal"
+        reply = rng.choice(replies)
+        sent = []
+        for _ in range(rng.randint(1, 6)):
+            seq += 1
+            body = pattern(rng.choice(sizes), seq)
+            sent.append(pb.Payload(seq=seq, body=body, digest=digest(body), reply_size=reply,
+                                   delay=rng.choice([0.0, 0.0, 0.01, 0.03])))
+        timeout = rng.uniform(0.01, 0.15) if mode == "deadline" else 30
+        cancel_after = rng.randint(0, len(sent) - 1)
+        call = stub.BidiStream(iter(sent), timeout=timeout)
+        err = None
+        try:
+            for i, r in enumerate(call):
+                m = sent[i]
+                if r.seq != m.seq or r.body != (pattern(reply, m.seq) if reply else m.body):
+                    wrong.append(f"bidi {mode} seq {m.seq}")
+                if mode == "cancel" and i >= cancel_after:
+                    call.cancel()
+        except grpc.RpcError as e:
+            err = e
+        code = _code(err)
+        key = f"{mode}/{code}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+        allowed = {"normal": ("OK",), "cancel": ("CANCELLED", "OK"), "deadline": ("DEADLINE_EXCEEDED", "OK")}[mode]
+        if code not in allowed and len(unexpected) < 50:
+            unexpected.append(f"{key}: {err.details() if err is not None else ''}")
+    stats = channel.stats()
+    channel.close()
+    return {"pid": os.getpid(), "outcomes": outcomes, "unexpected": unexpected, "wrong": wrong, "stats": stats}
+
+
 ROLES = {
     "hog": hog,
     "stopped_reader": stopped_reader,
+    "bidi_soak": bidi_soak,
 }
 
 

@@ -16,6 +16,13 @@ peers stopped past the lease.
  5. a client stopped (SIGSTOP) past the server's lease: the server gives the
     memory back after the lease, not before; resumed, the client reads
     DATA_LOSS for what was taken back, never other bytes
+ 6. a response the server let go of because the call ended (its deadline)
+    and that the client reads only after that: the call ends
+    DEADLINE_EXCEEDED, as plain gRPC ends it, not DATA_LOSS (sync and aio
+    clients, cma and shm)
+ 7. a cma soak under pin pressure (bidi streams, cancels, deadlines): no call
+    ends in a way plain gRPC could not have ended it. PRESSURE_SOAK_SECONDS
+    (default 6) runs it longer.
 
 Child processes are in tests/_pressure_procs.py.
 """
@@ -369,3 +376,115 @@ def test_a_stopped_peer_reads_data_loss_and_the_server_gets_its_memory_back(fres
     assert out["code"] == "DATA_LOSS" and "lease" in out["details"], out
     assert out["stats"]["errors"] == {"DataLossError": 1}, out["stats"]["errors"]
     assert server.stats()["echo"]["corrupt"] == 0
+
+
+# --- 6. a response read after its call ended ---------------------------------------------------
+
+
+def _slow_reads(monkeypatch, transport: str, seconds: float) -> None:
+    """This process reads a response handle only `seconds` after it arrived
+    (a reader descheduled at the wrong moment, made certain)."""
+    if transport == "cma":
+        real = pins.read
+
+        def late(*args, **kwargs):
+            time.sleep(seconds)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pins, "read", late)
+    else:
+        real_open = pool.Attacher.open
+
+        def late_open(self, *args, **kwargs):
+            time.sleep(seconds)
+            return real_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(pool.Attacher, "open", late_open)
+
+
+@pytest.mark.parametrize("transport", ["cma", "shm"])
+@pytest.mark.parametrize("api", ["sync", "aio"])
+def test_a_response_read_after_the_deadline_ends_the_call_deadline_exceeded(servers, make_client, monkeypatch,
+                                                                            api, transport):
+    """A bidi call with a 0.4 s deadline; the server answers at once, then
+    sleeps past it. The client reads the answer's handle only after 0.9 s:
+    by then the server's call ended with the deadline and it let go of the
+    unread answer. Plain gRPC ends such a call DEADLINE_EXCEEDED; so must
+    shmgrpc (not DATA_LOSS), counting no error."""
+    server = servers.shared(suite_env(transport))
+    before = server.stats()["shmgrpc"]
+    request = pb.Payload(seq=1, body=b"q", reply_size=1 * MiB, delay=2.0)
+    if api == "sync":
+        client = make_client(server.unix_target, client_config(transport))
+        list(client.stub.BidiStream(iter([pb.Payload(seq=1, reply_size=1 * MiB)]), timeout=CALL_TIMEOUT))
+        mine = client.stats()
+        _slow_reads(monkeypatch, transport, 0.9)
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.stub.BidiStream(iter([request]), timeout=0.4))
+        code, details, theirs = info.value.code(), info.value.details(), client.stats()
+    else:
+        async def run():
+            channel = shmgrpc.aio.intercept_channel(
+                grpc.aio.insecure_channel(server.unix_target, options=CHANNEL_OPTIONS),
+                client_config(transport), options=CHANNEL_OPTIONS)
+            stub = pb_grpc.EchoStub(channel)
+            try:
+                await learn_route_aio(stub)
+                async for _ in stub.BidiStream(iter([pb.Payload(seq=1, reply_size=1 * MiB)]), timeout=CALL_TIMEOUT):
+                    pass
+                mine = channel.stats()
+                _slow_reads(monkeypatch, transport, 0.9)
+                try:
+                    async for _ in stub.BidiStream(iter([request]), timeout=0.4):
+                        pass
+                except grpc.RpcError as err:
+                    return err.code(), err.details(), mine, channel.stats()
+                pytest.fail("the call was expected to fail")
+            finally:
+                await channel.close()
+
+        code, details, mine, theirs = asyncio.run(run())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, (code, details)
+    assert details == "Deadline Exceeded", details
+    assert theirs["errors"] == mine["errors"], theirs["errors"]
+    after = wait_for(lambda: (lambda s: s if delta(s, before, "offloaded", "count") >= 1 else None)(
+        server.stats()["shmgrpc"]), 5.0)
+    assert after, "the server was expected to offload the answer"
+
+
+# --- 7. a cma soak under pin pressure ----------------------------------------------------------
+
+
+def test_cma_soak_under_pin_pressure_fails_nothing_plain_grpc_would_serve(fresh_server):
+    """A sync and an aio server, two client processes each, all at once:
+    bidi streams over cma, answered with 1-4 MiB under a 16 MiB pin budget
+    on every side (messages often take the next rung: inline), a third of
+    the calls cancelled after a random answer, another third with deadlines
+    among the answers. Every answer right, every call ended OK, CANCELLED
+    (ours) or DEADLINE_EXCEEDED (a deadline call), no error counted by any
+    client; the servers live."""
+    seconds = float(os.environ.get("PRESSURE_SOAK_SECONDS", "6"))
+    env = suite_env("cma", CMA_MAX_PINNED="16MiB")
+    servers = [fresh_server(env), fresh_server(env, flags=["--aio"])]
+    procs: List[subprocess.Popen] = []
+    try:
+        for seed, server in enumerate(servers * 2, 1):
+            procs.append(child("bidi_soak", {"target": server.unix_target, "env": env, "seconds": seconds,
+                                             "seed": seed}))
+        outs = [said(proc, seconds + 90) for proc in procs]
+        for proc in procs:
+            assert proc.wait(30) == 0, proc.stderr.read().decode()[-3000:]
+    finally:
+        for proc in procs:
+            stop_process(proc)
+    for out in outs:
+        assert out["wrong"] == [], out["wrong"][:5]
+        assert out["unexpected"] == [], (out["unexpected"][:5], out["outcomes"])
+        assert not out["stats"]["errors"], out["stats"]["errors"]
+        assert counts(out["stats"], "cma")[1] > 0, out["stats"]
+    for server in servers:
+        assert server.alive()
+        stats = server.stats()
+        assert stats["echo"]["corrupt"] == 0
+        fallbacks = stats["shmgrpc"]["fallbacks"]
+        assert fallbacks.get("cma_pinned_full", 0) + fallbacks.get("cma_peer_share_full", 0) > 0, fallbacks
