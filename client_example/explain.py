@@ -29,6 +29,10 @@ FALLBACKS = {
     "memfd_no_space": "the kernel gave no memory for a new memfd segment",
     "cma_pinned_full": "SHMGRPC_CMA_MAX_PINNED bytes were already pinned for readers that had not acknowledged",
     "cma_entries_full": "the cma pin table had no free entry (too many messages unread at once)",
+    "peer_share_full": "the messages for this one peer already held its share of the pool "
+                       "(SHMGRPC_PEER_SHARE of SHMGRPC_POOL_SIZE): unread, or kept for gRPC to resend",
+    "cma_peer_share_full": "the messages for this one peer already held its share of the pin budget "
+                           "(SHMGRPC_PEER_SHARE of SHMGRPC_CMA_MAX_PINNED)",
     "resent_inline": "a unary request the server could not read (another server process) was resent inline",
 }
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 import grpc
 
 from . import wire
-from ._codec import CallCodec, ThreadCodec, Tickets, current
+from ._codec import CallCodec, ThreadCodec, Tickets, current, details_of
 from ._core import PARSES_VIEWS, ChannelStatus, Engine, EngineOwner, parses_views
 from .config import Config, check_config
 from .errors import ShmGrpcError
@@ -191,7 +191,7 @@ class RestoreError(grpc.RpcError, grpc.Call, grpc.Future):
     debug_error_string() are the failed call's."""
 
     def __init__(self, err: ShmGrpcError, call=None):
-        super().__init__(f"shmgrpc: {err}")
+        super().__init__(details_of(err))
         self.error = err
         self._call = call
 
@@ -199,12 +199,12 @@ class RestoreError(grpc.RpcError, grpc.Call, grpc.Future):
         return self.error.status_code
 
     def details(self):
-        return f"shmgrpc: {self.error}"
+        return details_of(self.error)
 
     def debug_error_string(self):
         inner = getattr(self._call, "debug_error_string", None)
         text = inner() if inner is not None else ""
-        return f"shmgrpc: {self.error}" + (f" (gRPC: {text})" if text else "")
+        return details_of(self.error) + (f" (gRPC: {text})" if text else "")
 
     def initial_metadata(self):
         return self._call.initial_metadata() if self._call is not None else None
@@ -314,6 +314,8 @@ class _CallProxy(grpc.RpcError, grpc.Call, grpc.Future):
         return self._inner.time_remaining()
 
     def cancel(self):
+        if self._codec is not None:
+            self._codec.cancelled = True  # before gRPC's: a response read meanwhile ends CANCELLED
         return self._inner.cancel()
 
     def add_callback(self, callback):
@@ -459,7 +461,8 @@ class _MultiCallable:
         # No codec yet (None): it needs call.keep, and is set on the next line.
         call = _Call(None, (*metadata, hello) if metadata else (hello,), timeout,
                      None, route is None)  # type: ignore[arg-type]
-        codec = call.codec = CallCodec(engine, route, keep=call.keep)
+        codec = call.codec = CallCodec(engine, route, keep=call.keep,
+                                       deadline=None if timeout is None else time.monotonic() + timeout)
         if not codec.framed:
             # First contact: its messages go inline; the welcome comes back
             # in its trailers.

@@ -15,11 +15,12 @@ bytes through untouched both ways.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable, List, Optional
 
-from . import wire
+from . import pool, wire
 from ._core import Engine, Route
-from .errors import ShmGrpcError
+from .errors import CallEnded, ShmGrpcError
 
 _BYTES = (bytes, bytearray, memoryview)
 _PREFIX = wire.PREFIX
@@ -28,6 +29,12 @@ _PREFIX_LEN = len(wire.PREFIX)
 
 def _identity(value):
     return value
+
+
+def details_of(error: ShmGrpcError) -> str:
+    """The status details a failed restore gives its call: the error's words
+    under shmgrpc's name, or gRPC's own for a call that had ended."""
+    return str(error) if isinstance(error, CallEnded) else f"shmgrpc: {error}"
 
 
 class Failed:
@@ -54,9 +61,14 @@ class CallCodec:
     handle this call could not restore. `committed` (client): a response
     has arrived, so gRPC will resend no request of this call (gRFC A6: a
     call is committed once response headers arrive); the requests it sends
-    from then on need not stay readable until the call ends."""
+    from then on need not stay readable until the call ends. `sent`: bytes
+    of the messages this call serialized (how plain gRPC's retry buffer
+    would have filled). `deadline` (time.monotonic) and `cancelled` (set
+    when the application cancels): a response whose sender took it back
+    once the call had ended fails the call as gRPC ends it (CallEnded)."""
 
-    __slots__ = ("engine", "route", "keep", "reread", "failure", "failed_value", "sent_frame", "committed")
+    __slots__ = ("engine", "route", "keep", "reread", "failure", "failed_value", "sent_frame", "committed", "sent",
+                 "deadline", "cancelled")
 
     def __init__(
         self,
@@ -65,6 +77,7 @@ class CallCodec:
         keep: Optional[Callable[[Any], None]] = None,
         reread: bool = False,
         failed_value: bool = False,
+        deadline: Optional[float] = None,
     ):
         self.engine = engine
         self.route = route if route is not None and route.framed else None
@@ -75,6 +88,9 @@ class CallCodec:
         self.failed_value = failed_value
         self.sent_frame = False  # a handle or an escaped message went out
         self.committed = False
+        self.sent = 0
+        self.deadline = deadline
+        self.cancelled = False
 
     @property
     def framed(self) -> bool:
@@ -91,6 +107,29 @@ class CallCodec:
         if keep_of is None:
             return lambda message: self.serialize(original, message)
         return lambda message: self.send(original(message), keep_of(message))
+
+    def _ended(self) -> Optional[ShmGrpcError]:
+        """Why this call is over, in gRPC's words, or None. A server's
+        deadline is never before its client's (it counts from when the call
+        reached it), so a response the server let go of at its deadline is
+        read here after ours: plain gRPC would end such a call
+        DEADLINE_EXCEEDED, not with a shmgrpc error."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return CallEnded.deadline()
+        if self.cancelled:
+            return CallEnded.cancelled()
+        return None
+
+    def _held(self) -> int:
+        """How long a request this call offloads now stays readable for a
+        resend (pool.Slot.held): until the call ends while plain gRPC could
+        still retry the call (it has sent no more than gRPC's retry buffer);
+        while there is room once plain gRPC would have committed it (core
+        buffered only our handles, so it may still retry it through us);
+        not at all once a response came."""
+        if self.committed:
+            return pool.FREE_ON_ACK
+        return pool.KEEP_UNTIL_END if self.sent <= self.engine.retry_buffer else pool.KEEP_WHILE_ROOM
 
     def deserializer(self, original: Optional[Callable]) -> Callable:
         original = original or _identity
@@ -119,11 +158,13 @@ class CallCodec:
         """What goes out for serialized `data` on a framed call: a handle
         (its ticket handed to `keep`), `data` escaped, or `data` itself."""
         if type(data) is bytes and len(data) < self.engine.config.threshold and data[:_PREFIX_LEN] != _PREFIX:
+            self.sent += len(data)
             self.engine.stats.add_inline(len(data))  # the common case, in short
             return data
         if not isinstance(data, _BYTES):
             return data  # not ours to judge: gRPC reports it as it would
-        out = self.engine.offload(data, self.route, keep, not self.committed)
+        self.sent += len(data)
+        out = self.engine.offload(data, self.route, keep, self._held())
         if out is None:
             out = wire.escape(data)
             if out is data:
@@ -141,7 +182,7 @@ class CallCodec:
             return original(raw[len(wire.ESCAPE):] if framed else raw)
         assert self.route is not None  # deserializer() hands out deserialize on framed calls only
         try:
-            return self.engine.restore(raw, self.route, original, self.reread)
+            return self.engine.restore(raw, self.route, original, self.reread, self._ended)
         except ShmGrpcError as err:
             if self.failure is None:
                 self.failure = err

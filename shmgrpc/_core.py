@@ -39,7 +39,7 @@ from ._status import (
     summarize,
 )
 from ._types import StatsSnapshot
-from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError
+from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError, SlotReclaimed
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,24 @@ def limits_from_options(options) -> Tuple[int, int]:
     return send, receive
 
 
+# grpc/src/core/.../retry_filter: a call is committed (never retried) once
+# the messages it sent would overflow this buffer; channel argument
+# grpc.per_rpc_retry_buffer_size, default 256 KiB.
+GRPC_DEFAULT_RETRY_BUFFER = 256 * 1024
+
+
+def retry_buffer_from_options(options) -> int:
+    """How many bytes of requests a call may send and still be retried by
+    plain gRPC (0: retries are off, grpc.enable_retries=0)."""
+    size, enabled = GRPC_DEFAULT_RETRY_BUFFER, True
+    for key, value in options or ():
+        if key == "grpc.per_rpc_retry_buffer_size":
+            size = max(0, int(value))
+        elif key == "grpc.enable_retries":
+            enabled = bool(int(value))
+    return size if enabled else 0
+
+
 def _limit(value) -> int:
     value = int(value)
     return wire.UNLIMITED if value < 0 else value
@@ -313,7 +331,8 @@ class Node:
         """The node for these settings; `named`: with an id segment (shm and
         cma need one; a memfd-only process writes nothing to any shm dir)."""
         key = (config.shm_dir, config.pool_size, config.segment_size, config.max_message,
-               config.lease_seconds, config.cma_max_pinned, config.side_dir, config.side_uids, named)
+               config.lease_seconds, config.cma_max_pinned, config.peer_share, config.side_dir, config.side_uids,
+               named)
         with cls._lock:
             node = cls._nodes.get(key)
             if node is None:
@@ -338,7 +357,7 @@ class Node:
                     assert self.identity is not None
                     c = self.config
                     self.pool = pool.Pool(c.shm_dir, c.pool_size, c.segment_size, c.lease_seconds,
-                                          self.identity.inst)
+                                          self.identity.inst, peer_share=c.peer_share)
                     self._start_janitor()
         return self.pool
 
@@ -375,7 +394,8 @@ class Node:
         if self.pins is None:
             with self._setup_lock:
                 if self.pins is None:
-                    self.pins = pins.Pins(self.config.cma_max_pinned, self.config.lease_seconds)
+                    c = self.config
+                    self.pins = pins.Pins(c.cma_max_pinned, c.lease_seconds, peer_share=c.peer_share)
         return self.pins
 
     def get_side(self) -> Optional[side.Side]:
@@ -509,6 +529,7 @@ class Engine:
         self.role = role
         self.name = name  # for log lines: the channel's target, or "server"
         self.max_send, self.max_receive = limits_from_options(options)
+        self.retry_buffer = retry_buffer_from_options(options)
         self.stats = Stats()
         self._lock = threading.Lock()  # protects setup, routes, hello, probe state
         self._state = "new"  # new -> ready | disabled; closed
@@ -1144,14 +1165,16 @@ class Engine:
     # -- the two operations
 
     def offload(
-        self, data, route: Optional[Route], keep: Optional[Callable[[Any], None]] = None, held: bool = True
+        self, data, route: Optional[Route], keep: Optional[Callable[[Any], None]] = None,
+        held: int = pool.KEEP_WHILE_ROOM,
     ) -> Optional[bytes]:
         """Put serialized `data` where `route`'s peer can read it and return
         the handle, or None: send it inline. `keep`, if given, is called with
         a ticket for release() when the call ends without its reader.
-        `held` (clients only): the peer may read it again until the call
-        ends (gRPC may resend a request until the call is committed)."""
-        held = held and self.role == "client"
+        `held` (clients only): how long the peer may read it again, for
+        gRPC to resend the request (pool.KEEP_WHILE_ROOM, KEEP_UNTIL_END;
+        see CallCodec.send)."""
+        held = held if self.role == "client" else pool.FREE_ON_ACK
         n = len(data)
         if route is None or n < self.config.threshold or self._state != "ready":
             self.stats.add_inline(n)
@@ -1240,14 +1263,15 @@ class Engine:
             self.name, n, self.max_send, route.max_receive,
         )
 
-    def _offload_memfd(self, node: Node, data, route: Route, held: bool):
-        side_, peer = node.side, route.peer
-        assert peer is not None  # offload() tries transports only with a peer
+    def _offload_memfd(self, node: Node, data, route: Route, held: int):
+        side_ = node.side
+        peer = route.peer
+        assert peer is not None  # offload() tries no rung without one
         conn = side_.conn_for(peer.inst) if side_ is not None else None
         if conn is None:
             return None, None, "side_closed"
         pool_ = node.get_pool()
-        slot, reason = pool_.alloc(len(data), conn, "memfd", held=held)
+        slot, reason = pool_.alloc(len(data), conn, "memfd", held=held, peer=peer.inst)
         if slot is None:
             return None, None, reason
         segment = cast(pool.MemfdSegment, slot.segment)  # a "memfd" alloc
@@ -1264,11 +1288,11 @@ class Engine:
         self.stats.add("offloaded", "memfd", 1, len(data))
         return wire.encode_memfd(cast(wire.MemfdHandle, slot.handle())), pool.Ticket(slot, slot.generation), ""
 
-    def _offload_shm(self, node: Node, data, route: Route, held: bool):
+    def _offload_shm(self, node: Node, data, route: Route, held: int):
         pool_ = node.get_pool()
         peer = route.peer
-        assert peer is not None  # offload() tries transports only with a peer
-        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=held)
+        assert peer is not None  # offload() tries no rung without one
+        slot, reason = pool_.alloc(len(data), (peer.pid, peer.start), held=held, peer=peer.inst)
         if slot is None:
             return None, None, reason
         off = slot.offset
@@ -1290,13 +1314,17 @@ class Engine:
         elif node.pool is not None:
             node.pool.release(ticket, unread_only)
 
-    def restore(self, raw, route: Route, deserializer: Callable, reread: bool = False) -> Any:
+    def restore(self, raw, route: Route, deserializer: Callable, reread: bool = False,
+                ended: Optional[Callable[[], Optional[ShmGrpcError]]] = None) -> Any:
         """Rebuild the message a handle stands for, with `deserializer`.
 
         `reread`: the handle may have been read before (a request the client
         resent: gRPC retries and hedging); responses are read once. Raises a
         ShmGrpcError whose status_code says what went wrong; an exception of
-        the deserializer itself propagates unchanged, as it would inline."""
+        the deserializer itself propagates unchanged, as it would inline.
+        `ended()`: the error to raise instead when the sender took the
+        message back and the reader's call has ended meanwhile (CallEnded:
+        not counted, the call ends as gRPC ends it), or None."""
         node = self._node
         if node is not None and node.pins is not None:
             # Before this call serializes anything: payloads our readers are
@@ -1327,7 +1355,10 @@ class Engine:
                 route.received.add("cma")
             return message
         except ShmGrpcError as err:
-            self.stats.add("error", type(err).__name__)
+            over = ended() if ended is not None and isinstance(err, SlotReclaimed) else None
+            if over is not None:
+                raise over from err
+            self.stats.add("error", getattr(err, "counted_as", None) or type(err).__name__)
             raise
 
     def received_inline(self, route: Route, n: int) -> None:

@@ -262,6 +262,12 @@ def fallback_words(reason: str, config, notes: Dict[str, str]) -> str:
         return "memfd_no_space: the kernel gave no memory for a new memfd segment (the memory limit?)"
     if reason == "pool_full":
         return f"pool_full: the pool is at SHMGRPC_POOL_SIZE ({size_text(config.pool_size)}) with its slots in use"
+    if reason == "peer_share_full":
+        return (f"peer_share_full: the messages for this peer hold its share of the pool "
+                f"(SHMGRPC_PEER_SHARE {config.peer_share:g} of {size_text(config.pool_size)}) unread")
+    if reason == "cma_peer_share_full":
+        return (f"cma_peer_share_full: the cma pins for this peer hold its share of SHMGRPC_CMA_MAX_PINNED "
+                f"(SHMGRPC_PEER_SHARE {config.peer_share:g}) unread")
     if reason == "pool_too_small":
         return (f"pool_too_small: a segment for it needs more than SHMGRPC_POOL_SIZE "
                 f"({size_text(config.pool_size)})")

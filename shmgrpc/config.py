@@ -33,6 +33,8 @@ _SIZE_RE = re.compile(r"^\s*(\d{1,20})\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SIZE_FORMS = "a byte count such as 65536, 64K, 64KiB, 1M, 1MiB or 2G (binary units)"
 _SECONDS_RE = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,12})?)\s*(ms|s|m)?\s*$", re.IGNORECASE)
 _SECONDS_FORMS = "seconds such as 30, 30s, 500ms or 2m"
+_FRACTION_RE = re.compile(r"^\s*(\d{1,3}(?:\.\d{1,6})?|\.\d{1,6})\s*(%?)\s*$")
+_FRACTION_FORMS = "a fraction such as 0.5 or 50%"
 
 
 def _shown(text: object) -> str:
@@ -48,6 +50,15 @@ def parse_size(text: str, name: str = "size") -> int:
     if not match:
         raise ConfigError(f"{name}={_shown(text)} is not {_SIZE_FORMS}")
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def parse_fraction(text: str, name: str = "fraction") -> float:
+    """Parse '0.5', '50%', '1' into a float; ConfigError otherwise."""
+    match = _FRACTION_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"{name}={_shown(text)} is not {_FRACTION_FORMS}")
+    value = float(match.group(1))
+    return value / 100.0 if match.group(2) else value
 
 
 def parse_seconds(text: str, name: str = "seconds") -> float:
@@ -92,6 +103,15 @@ class Config:
     # Most bytes the cma transport keeps pinned for readers that have not
     # acknowledged yet; past it, messages take the next rung (shm, then inline).
     cma_max_pinned: int = 1 * GiB
+    # The share of pool_size, and of cma_max_pinned, that the messages this
+    # process has offloaded to one peer process and that it has not read yet
+    # (or may read again: a request gRPC may resend) may hold. Past it, that
+    # peer's messages take the next rung, or go inline (where gRPC's flow
+    # control holds a slow reader back); other peers still offload. A half:
+    # one peer that reads nothing leaves the other half to everyone else,
+    # and a single peer still offloads a 256 MiB message under the default
+    # caps (its size class, 320 MiB, fits 512 MiB). 1 turns the limit off.
+    peer_share: float = 0.5
     # Where POSIX shared memory lives (a tmpfs). Names under it always start
     # with the fixed prefix "shmgrpc-".
     shm_dir: str = "/dev/shm"
@@ -141,6 +161,9 @@ class Config:
 # of range are refused when the Config is built, never found out later.
 MAX_BYTES = 1 << 50  # 1 PiB: anything larger is a typo, not a plan
 LEASE_RANGE = (0.1, 86400.0)  # a lease shorter than a read fails every read; a day is plenty
+# Above 0: a peer with no share could never offload (that is TRANSPORT=off);
+# 1: no limit per peer, only the caps.
+SHARE_RANGE = (0.0, 1.0)
 SIZE_RANGES = {
     "threshold": (1, MAX_BYTES),
     # zero would be "offload nothing": that is SHMGRPC_TRANSPORT=off, said plainly
@@ -156,6 +179,8 @@ def _accepted(field: str) -> str:
     """The accepted range of a numeric field, in words ("" for the others)."""
     if field == "lease_seconds":
         return f"seconds from {LEASE_RANGE[0]} to {LEASE_RANGE[1]:.0f}"
+    if field == "peer_share":
+        return "a fraction above 0 and at most 1 (0.5 or 50%)"
     if field in SIZE_RANGES:
         least, most = SIZE_RANGES[field]
         return f"from {_fmt(least)} to {_fmt(most)}"
@@ -179,6 +204,10 @@ def _problem(field: str, value: object) -> Optional[str]:
         least, most = LEASE_RANGE
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and least <= value <= most
         return None if ok else f"expected seconds from {least} to {most:.0f}"
+    if field == "peer_share":
+        least, most = SHARE_RANGE
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and least < value <= most
+        return None if ok else "expected a fraction above 0 and at most 1 (such as 0.5 or 50%)"
     if field == "side_dir":
         if value == "":
             return None
@@ -230,6 +259,10 @@ def _seconds(text: str, name: str) -> float:
     return parse_seconds(text, name)
 
 
+def _fraction(text: str, name: str) -> float:
+    return parse_fraction(text, name)
+
+
 def _path(text: str, name: str) -> str:
     return text  # checked by _problem, like a Config field
 
@@ -245,6 +278,7 @@ ENV = {
     "SHMGRPC_LEASE": ("lease_seconds", _seconds),
     "SHMGRPC_CMA_MAX_PINNED": ("cma_max_pinned", _size),
     "SHMGRPC_CMA_THRESHOLD": ("cma_threshold", _size),
+    "SHMGRPC_PEER_SHARE": ("peer_share", _fraction),
     "SHMGRPC_SHM_DIR": ("shm_dir", _path),
     "SHMGRPC_SIDE_DIR": ("side_dir", _path),
     "SHMGRPC_SIDE_UIDS": ("side_uids", _uids),

@@ -46,6 +46,34 @@ class DataLossError(ShmGrpcError):
     status_code = grpc.StatusCode.DATA_LOSS
 
 
+class SlotReclaimed(DataLossError):
+    """The sender took back the slot or pin a handle names (the handle's call
+    ended, or its lease expired) before the reader read it, or while it did:
+    the entry's generation moved on. Counted as DataLossError; a forged
+    handle is a HandleError, whatever the entry holds now."""
+
+    counted_as = "DataLossError"
+
+
+class CallEnded(ShmGrpcError):
+    """A response whose sender took it back because the call had ended (its
+    deadline passed, or the application cancelled it) before this side read
+    it. The call ends as gRPC ends such a call, with DEADLINE_EXCEEDED or
+    CANCELLED and gRPC's own words; shmgrpc counts no error for it."""
+
+    def __init__(self, status_code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.status_code = status_code
+
+    @classmethod
+    def deadline(cls) -> "CallEnded":
+        return cls(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")  # grpc's own words
+
+    @classmethod
+    def cancelled(cls) -> "CallEnded":
+        return cls(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+
+
 class PeerGoneError(DataLossError, ProcessLookupError):
     """The process that offered the bytes has exited."""
 
@@ -75,6 +103,7 @@ class CmaBadAddress(CmaError, HandleError):
 
 
 __all__ = [
+    "CallEnded",
     "CmaBadAddress",
     "CmaError",
     "CmaNotPermitted",
@@ -85,5 +114,6 @@ __all__ = [
     "HandleTooLarge",
     "PeerGoneError",
     "ShmGrpcError",
+    "SlotReclaimed",
     "StaleSessionError",
 ]

@@ -13,8 +13,20 @@ freely, that this region was offered to *it* for *this* message:
 - `addr`, `length`: the handle's iovec must be exactly the offered region.
 
 After the copy the receiver reads the generation again (a sender that revoked
-the pin bumps it *before* letting go of the bytes), then writes ACKED into the
-entry with process_vm_writev; the sender frees acknowledged entries lazily.
+the pin bumps it *before* letting go of the bytes), then acknowledges with one
+process_vm_writev: the handle's token into `acked`, then ACKED into `state`.
+The sender frees acknowledged entries lazily, and counts an entry as
+acknowledged only when `acked` holds the token of its current use: between
+the reader's last check and its write the sender may have freed the entry
+(the call ended) and pinned another message there, and such a late ack must
+not mark the newer message read (its sender would free it before its reader
+came). A late ack leaves its own token, so the newer message's reader sees
+an ACKED state that is not its own and reads on. An `acked` of zeros with
+state ACKED is a 0.2 reader's ack (it wrote the state only): honoured.
+
+A sender frees an entry (bumping the generation) only when its reader acked
+it, its reader exited, its call ended, or its lease ran out; never because
+the table or the pin budget is full (the message takes the next rung then).
 
 Entry layout (96 bytes), little-endian:
 
@@ -27,7 +39,8 @@ Entry layout (96 bytes), little-endian:
     32     16   token
     48     16   key         issued by the receiver for this sender
     64     8    addr        first byte of the offered payload
-    72     24   reserved
+    72     16   acked       the token of the use its reader acknowledged
+    88     8    reserved
 """
 
 from __future__ import annotations
@@ -42,12 +55,15 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import cma, pool, wire
-from .errors import CmaBadAddress, DataLossError, HandleError, HandleTooLarge, StaleSessionError
+from .errors import CmaBadAddress, HandleError, HandleTooLarge, SlotReclaimed, StaleSessionError
 
-ENTRY = struct.Struct("<8sQI4xQ16s16sQ24x")
+ENTRY = struct.Struct("<8sQI4xQ16s16sQ16s8x")
 ENTRY_MAGIC = b"SHMGCMA1"
 _GEN_AT = 8
 _STATE_AT = 16
+_ACKED_AT = 72
+_NO_ACK = bytes(16)  # `acked` as pin() leaves it
+_ACKED_STATE = struct.pack("<I", pool.ACKED)
 DEFAULT_ENTRIES = 4096  # concurrent unacknowledged cma messages; past it, the next rung
 
 
@@ -65,11 +81,17 @@ class _Pin:
     payload: bytes  # holding the reference is what keeps the memory valid
     reader: Tuple[int, int]
     deadline: float
-    held: bool = False  # a request: readable until its call ends (see pool.Slot.held)
+    token: bytes  # this use's: an ack counts only if it carries it
+    peer: bytes  # the reader's instance id: whose share the bytes count against
+    held: int = pool.FREE_ON_ACK  # see pool.Slot.held
 
 
 class Pins:
-    """Sender side: the pin table and the pinned payloads."""
+    """Sender side: the pin table and the pinned payloads.
+
+    `peer_share`: the fraction of `max_pinned` the unacknowledged pins of one
+    reader (its instance id) may hold; past it, that reader's messages take
+    the next rung, or go inline, while other readers' still pin."""
 
     def __init__(
         self,
@@ -77,8 +99,10 @@ class Pins:
         lease_seconds: float,
         entries: int = DEFAULT_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
+        peer_share: float = 1.0,
     ):
         self.max_pinned = max_pinned
+        self.peer_max = int(max_pinned * peer_share)
         self.lease_seconds = lease_seconds
         self._clock = clock
         self._table = ctypes.create_string_buffer(ENTRY.size * entries)
@@ -88,20 +112,26 @@ class Pins:
         self._generations = [0] * entries
         self._busy: Dict[int, _Pin] = {}
         self._pinned = 0
+        self._by_peer: Dict[bytes, int] = {}  # reader's instance id -> bytes pinned for it
 
     def pin(
-        self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int, held: bool = False
+        self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int,
+        held: int = pool.FREE_ON_ACK
     ) -> Tuple[Optional[bytes], Optional[Ticket], str]:
-        """Pin `payload`; returns (encoded handle, its ticket, "") or (None,
-        None, reason). `held`: see pool.Slot.held."""
+        """Pin `payload` for the reader `receiver` (its instance id); returns
+        (encoded handle, its ticket, "") or (None, None, reason). `held`: see
+        pool.Slot.held."""
         length = len(payload)
         with self._lock:
             if self._busy:
                 self._reclaim_locked()  # what readers are done with goes first
-            if self._pinned + length > self.max_pinned or not self._free:
-                self._reclaim_locked(pressure=True)
+            if (self._pinned + length > self.max_pinned or not self._free
+                    or self._by_peer.get(receiver, 0) + length > self.peer_max):
+                self._reclaim_locked(short=True)
             if self._pinned + length > self.max_pinned:
                 return None, None, "cma_pinned_full"
+            if self._by_peer.get(receiver, 0) + length > self.peer_max:
+                return None, None, "cma_peer_share_full"
             if not self._free:
                 return None, None, "cma_entries_full"
             index = self._free.pop()
@@ -119,9 +149,11 @@ class Pins:
                 token,
                 key,
                 addr,
+                _NO_ACK,
             )
-            self._busy[index] = _Pin(payload, reader, self._clock() + self.lease_seconds, held)
+            self._busy[index] = _Pin(payload, reader, self._clock() + self.lease_seconds, token, receiver, held)
             self._pinned += length
+            self._by_peer[receiver] = self._by_peer.get(receiver, 0) + length
         handle = wire.CmaHandle(
             length=length,
             token=token,
@@ -150,18 +182,42 @@ class Pins:
             self._reclaim_locked()
             return self._pinned
 
+    def peer_bytes(self, receiver: bytes) -> int:
+        """Bytes pinned now for the reader `receiver`."""
+        with self._lock:
+            return self._by_peer.get(receiver, 0)
+
     def close(self) -> None:
         with self._lock:
             for index in list(self._busy):
                 self._unpin_locked(index)
 
-    def _reclaim_locked(self, pressure: bool = False) -> int:
+    def _acked_locked(self, index: int, pin: _Pin) -> bool:
+        """Did this use's reader acknowledge it? (See the module docstring:
+        only an ack carrying this use's token, or a 0.2 reader's.)"""
+        base = index * ENTRY.size
+        (state,) = struct.unpack_from("<I", self._table, base + _STATE_AT)
+        if state != pool.ACKED:
+            return False
+        # Read after the state: the reader writes `acked` before the state
+        # (one process_vm_writev, in order), so an ACKED state seen here has
+        # its token in place (the ordering pool.Pool.alloc relies on too).
+        (acked,) = struct.unpack_from("16s", self._table, base + _ACKED_AT)
+        return acked == pin.token or acked == _NO_ACK
+
+    def _reclaim_locked(self, short: bool = False) -> int:
+        """Free the pins that are done with: acknowledged (see pool.Slot.held;
+        `short`: a pin needs room, so KEEP_WHILE_ROOM ones go too), their
+        reader gone, or their lease over. Never a pin its reader has not
+        read, nor a request a retry plain gRPC would make may read again,
+        while its call lives and its lease runs: a full table or budget
+        sends the next message elsewhere instead."""
         now = self._clock()
         gone = pool.Liveness()
         freed = 0
+        keep = pool.KEEP_WHILE_ROOM if short else pool.FREE_ON_ACK
         for index, pin in list(self._busy.items()):
-            (state,) = struct.unpack_from("<I", self._table, index * ENTRY.size + _STATE_AT)
-            acked = state == pool.ACKED and (pressure or not pin.held)
+            acked = pin.held <= keep and self._acked_locked(index, pin)
             if acked or now >= pin.deadline or gone(pin.reader):
                 self._unpin_locked(index)
                 freed += 1
@@ -175,6 +231,11 @@ class Pins:
         base = index * ENTRY.size
         struct.pack_into("<QI", self._table, base + _GEN_AT, self._generations[index], pool.FREE)
         self._pinned -= len(pin.payload)
+        left = self._by_peer[pin.peer] - len(pin.payload)
+        if left:
+            self._by_peer[pin.peer] = left
+        else:
+            del self._by_peer[pin.peer]
         self._free.append(index)
 
 
@@ -191,8 +252,9 @@ def _check_generation(h: wire.CmaHandle) -> None:
     after = bytearray(8)
     cma.read_into(h.pid, [(h.entry_addr + _GEN_AT, 8)], after)
     if struct.unpack("<Q", after)[0] != h.generation:
-        raise DataLossError(
-            f"cma entry {h.entry} was revoked while it was read; the bytes are discarded"
+        raise SlotReclaimed(
+            f"cma entry {h.entry} was revoked while it was read (the lease expired or the call "
+            "ended); the bytes are discarded"
         )
 
 
@@ -226,19 +288,25 @@ def read(
         )
     raw = bytearray(ENTRY.size)
     cma.read_into(h.pid, [(h.entry_addr, ENTRY.size)], raw)
-    magic, generation, state, length, token, key, addr = ENTRY.unpack(raw)
+    magic, generation, state, length, token, key, addr, acked = ENTRY.unpack(raw)
     if magic != ENTRY_MAGIC:
         raise HandleError(f"cma handle entry at {h.entry_addr:#x} is not a shmgrpc pin entry")
+    # The generation before the key: an entry that moved on since the handle
+    # was made may hold another peer's pin now (another key), and that is
+    # data loss, not a forgery. No payload byte is read either way.
+    if generation != h.generation:
+        raise SlotReclaimed(
+            f"cma entry {h.entry} was reused (generation {generation}, handle has "
+            f"{h.generation}): the lease expired or the call ended before it was read"
+        )
     if not hmac.compare_digest(key, my_key):
         raise HandleError("cma entry does not carry the key issued to this peer: not offered to us")
-    if generation != h.generation:
-        raise DataLossError(
-            f"cma entry {h.entry} was reused (generation {generation}, handle has "
-            f"{h.generation}): the lease expired before it was read"
-        )
     if not hmac.compare_digest(token, h.token):
         raise HandleError("cma entry was not offered for this message (token mismatch)")
-    if state != pool.READY and not (reread and state == pool.ACKED):
+    # ACKED with another token: a late ack of an earlier use of this entry
+    # (module docstring), not ours: this message is unread.
+    ours = hmac.compare_digest(acked, h.token)
+    if not (state == pool.READY or (state == pool.ACKED and (reread or not ours))):
         raise HandleError(f"cma entry {h.entry} is not ready (state {state}); handles are single-use")
     if length != h.length or h.iovecs != ((addr, length),):
         raise HandleError(
@@ -261,7 +329,10 @@ def read(
             _check_generation(h)
             raise
         _check_generation(h)
-        cma.write_from(h.pid, [(h.entry_addr + _STATE_AT, 4)], struct.pack("<I", pool.ACKED))
+        # The ack names this use: its token first, then the state (see the
+        # module docstring), in one call.
+        cma.write_from(h.pid, [(h.entry_addr + _ACKED_AT, 16), (h.entry_addr + _STATE_AT, 4)],
+                       h.token + _ACKED_STATE)
     finally:
         if claim is not None:
             with _reading_lock:

@@ -31,7 +31,21 @@ Slot header:
     12     4    reserved
     16     8    length       payload bytes in this use
     24     16   token        random per use; the handle must carry the same
-    40     24   reserved
+    40     16   claim        the token of the use its reader claimed (READING)
+                             or acknowledged (ACKED)
+    56     8    reserved
+
+The reader writes `claim` before `state`, and the sender believes a READING
+or ACKED state only with the current use's token in `claim` (or zeros: a 0.2
+reader, which wrote the state only). Between a reader's last check and its
+write the sender may have freed the slot (the call ended) and handed it to
+another message; that late write leaves the old token, so the newer message
+is neither freed as read nor refused as "not ready" by its own reader.
+
+The sender frees a slot (bumping its generation) only when its reader
+acknowledged it, its reader is gone, its call ended, or its lease ran out:
+never because the pool is full or the peer over its share (then the message
+takes the next rung, or goes inline).
 """
 
 from __future__ import annotations
@@ -51,7 +65,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import wire
-from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError
+from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError, SlotReclaimed
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +78,28 @@ IDLE_SECONDS = 30.0
 CLASSES_PER_DOUBLING = 4  # slot sizes 1, 1.25, 1.5, 1.75 x 2**k: at most 25% slack
 
 _SEG = struct.Struct("<8sIIQII16s16x")
-_SLOT = struct.Struct("<QI4xQ16s24x")
+_SLOT = struct.Struct("<QI4xQ16s16s8x")
 SEG_MAGIC = b"SHMGSEG1"
 SLOT_HEADER = _SLOT.size  # 64: one cache line per slot header
 _STATE_AT = 8  # offset of `state` inside a slot header
+_CLAIM_AT = 40  # offset of `claim`
+_NO_CLAIM = bytes(16)  # `claim` as alloc leaves it
 FREE, WRITING, READY, ACKED, READING = 0, 1, 2, 3, 4  # READING: a single-use reader claimed it
+
+# How long an acknowledged use stays readable, for gRPC to resend it (a
+# request of a call gRPC may still retry or hedge). The sender's, not in the
+# header; Slot.held and pins' held take these values (True is KEEP_WHILE_ROOM).
+FREE_ON_ACK = 0  # a response, or a request of a committed call
+# A request of a call plain gRPC would not retry (it sent more than gRPC's
+# retry buffer, grpc.per_rpc_retry_buffer_size: core commits such a call at
+# once), which core may retry through shmgrpc (it buffered a handle only):
+# kept until its call ends while there is room, freed once acknowledged when
+# the pool (or the peer's share) is short.
+KEEP_WHILE_ROOM = 1
+# A request of a call plain gRPC could retry too: readable until its call
+# ends (or the lease runs out), however short the pool; never taken back
+# from a call that may still read it.
+KEEP_UNTIL_END = 2
 
 
 def round_up(n: int, to: int) -> int:
@@ -384,10 +415,10 @@ class Slot:
     length: int = 0
     reader: object = (0, 0)  # (pid, start) of the process that will read it, or its side.Conn
     deadline: float = 0.0
-    # A request: its reader may read it again (gRPC retries, hedging) until
-    # the sender's call ends and releases it. An ack frees it only when the
-    # pool needs the room; a response (not held) is freed by its ack.
-    held: bool = False
+    # FREE_ON_ACK, KEEP_WHILE_ROOM or KEEP_UNTIL_END: how long an
+    # acknowledged use stays readable for a resend (see there).
+    held: int = FREE_ON_ACK
+    peer: bytes = b""  # the reader's instance id: whose share this use counts against
 
     @property
     def size(self) -> int:
@@ -434,6 +465,10 @@ class Pool:
     its generation, so a late reader sees the change and fails with DATA_LOSS.
     `alloc` never blocks: when nothing can be freed it returns None and the
     caller sends the message inline.
+
+    `peer_share`: the fraction of `capacity` the slots in use for one reader
+    (its instance id, whatever the transport) may hold: one peer that reads
+    nothing fills its share, and the other peers still find the rest.
     """
 
     def __init__(
@@ -444,9 +479,11 @@ class Pool:
         lease_seconds: float,
         owner_inst: bytes,
         clock: Callable[[], float] = time.monotonic,
+        peer_share: float = 1.0,
     ):
         self.shm_dir = shm_dir
         self.capacity = capacity
+        self.peer_capacity = int(capacity * peer_share)
         # A pool smaller than one segment still serves messages that fit it.
         self.segment_size = max(MIN_CLASS * 2, min(segment_size, capacity))
         self.lease_seconds = lease_seconds
@@ -458,23 +495,33 @@ class Pool:
         self._segments: Dict[str, Segment] = {}
         self._free: Dict[Tuple[str, int], List[Slot]] = {}  # (kind, slot size) -> free slots, LIFO: warm first
         self._busy: Dict[Tuple[str, int], Slot] = {}
+        self._by_peer: Dict[bytes, int] = {}  # reader's instance id -> bytes of its slots in use
         self._mapped = 0
         self._closed = False
         self._no_space_logged = False
 
     # sender side
 
-    def alloc(self, length: int, reader, kind: str = "shm", held: bool = False) -> Tuple[Optional[Slot], str]:
+    def alloc(self, length: int, reader, kind: str = "shm", held: int = FREE_ON_ACK,
+              peer: bytes = b"") -> Tuple[Optional[Slot], str]:
         """A slot for `length` bytes in a segment of `kind` ("shm" or
         "memfd"), or (None, reason). `reader`: (pid, start) of the process
-        that will read it, or its side.Conn (memfd). `held`: see Slot.held."""
+        that will read it, or its side.Conn (memfd). `held`: see Slot.held.
+        `peer`: the reader's instance id, whose share the slot counts
+        against (b"": none)."""
         cls = (kind, size_class(length))
         with self._lock:
             if self._closed:
                 return None, "pool_closed"
+            if cls[1] > self.capacity:
+                return None, "pool_too_small"
+            if peer and self._by_peer.get(peer, 0) + cls[1] > self.peer_capacity:
+                self._reclaim_locked(short=True)  # what this peer read since may go first
+                if self._by_peer.get(peer, 0) + cls[1] > self.peer_capacity:
+                    return None, "peer_share_full"
             slot = self._take(cls)
             if slot is None:
-                self._reclaim_locked(pressure=True)
+                self._reclaim_locked(short=True)
                 slot = self._take(cls)
             if slot is not None and not slot.segment.intact():
                 self._drop_broken_locked(slot.segment)
@@ -491,12 +538,15 @@ class Pool:
             slot.length = length
             slot.reader = reader
             slot.held = held
+            slot.peer = peer
             slot.deadline = self._clock() + self.lease_seconds
             # Generation first, then the bytes: a reader that checks the generation
             # after its copy sees any reuse that overlapped it.
             base = SLOT_HEADER * slot.index + 64
-            _SLOT.pack_into(segment.mm, base, slot.generation, WRITING, length, slot.token)
+            _SLOT.pack_into(segment.mm, base, slot.generation, WRITING, length, slot.token, _NO_CLAIM)
             self._busy[(segment.name, slot.index)] = slot
+            if peer:
+                self._by_peer[peer] = self._by_peer.get(peer, 0) + slot.size
             return slot, ""
 
     @staticmethod
@@ -514,11 +564,14 @@ class Pool:
             slot = ticket.slot
             if slot.segment.generations[slot.index] != ticket.generation:
                 return
-            if unread_only and slot.segment.intact():
-                (state,) = struct.unpack_from("<I", slot.segment.mm, SLOT_HEADER * slot.index + 64 + _STATE_AT)
-                if state != READY:
-                    return
+            if unread_only and slot.segment.intact() and self._claimed_locked(slot) is not None:
+                return
             self._free_locked(slot)
+
+    def peer_bytes(self, peer: bytes) -> int:
+        """Bytes of the slots in use now for the reader `peer`."""
+        with self._lock:
+            return self._by_peer.get(peer, 0)
 
     def reclaim(self) -> int:
         with self._lock:
@@ -542,6 +595,7 @@ class Pool:
             segments, self._segments = list(self._segments.values()), {}
             self._free.clear()
             self._busy.clear()
+            self._by_peer.clear()
             self._mapped = 0
         for segment in segments:
             segment.destroy()
@@ -552,7 +606,7 @@ class Pool:
             self._closed = True
             for segment in self._segments.values():
                 segment.close_fd()  # the child's copy of the descriptor only
-            self._segments, self._free, self._busy, self._mapped = {}, {}, {}, 0
+            self._segments, self._free, self._busy, self._by_peer, self._mapped = {}, {}, {}, {}, 0
 
     # internals, lock held
 
@@ -560,8 +614,30 @@ class Pool:
         free = self._free.get(cls)
         return free.pop() if free else None
 
+    def _claimed_locked(self, slot: Slot) -> Optional[int]:
+        """READING or ACKED if this use's reader claimed or acknowledged it
+        (module docstring: only with its token, or a 0.2 reader's zeros),
+        else None."""
+        base = SLOT_HEADER * slot.index + 64
+        (state,) = struct.unpack_from("<I", slot.segment.mm, base + _STATE_AT)
+        if state != READING and state != ACKED:
+            return None
+        # Read after the state: the reader writes the claim first.
+        (claim,) = struct.unpack_from("16s", slot.segment.mm, base + _CLAIM_AT)
+        return state if claim == slot.token or claim == _NO_CLAIM else None
+
+    def _unbusy_locked(self, key: Tuple[str, int]) -> Optional[Slot]:
+        slot = self._busy.pop(key, None)
+        if slot is not None and slot.peer:
+            left = self._by_peer[slot.peer] - slot.size
+            if left:
+                self._by_peer[slot.peer] = left
+            else:
+                del self._by_peer[slot.peer]
+        return slot
+
     def _free_locked(self, slot: Slot) -> None:
-        if self._busy.pop((slot.segment.name, slot.index), None) is None:
+        if self._unbusy_locked((slot.segment.name, slot.index)) is None:
             return
         segment = slot.segment
         if not segment.intact():
@@ -584,7 +660,7 @@ class Pool:
         key = (segment.kind, segment.slot_size)
         self._free[key] = [s for s in self._free.get(key, []) if s.segment is not segment]
         for key in [k for k, s in self._busy.items() if s.segment is segment]:
-            del self._busy[key]
+            self._unbusy_locked(key)
         _unlink(segment.path)
         segment.close_fd()
         try:
@@ -592,13 +668,18 @@ class Pool:
         except (BufferError, ValueError):
             pass
 
-    def _reclaim_locked(self, pressure: bool = False) -> int:
-        """Free busy slots that are done with; `pressure`: an alloc needs room,
-        so held slots that were acknowledged go too."""
+    def _reclaim_locked(self, short: bool = False) -> int:
+        """Free busy slots that are done with: acknowledged (see Slot.held;
+        `short`: an alloc needs room, so KEEP_WHILE_ROOM ones go too), their
+        reader gone, or their lease over. Never a slot its reader has not
+        read, nor a request a retry plain gRPC would make may read again,
+        while its call lives and its lease runs, however full the pool: the
+        next message goes elsewhere instead."""
         now = self._clock()
         gone = Liveness()
         freed = 0
         checked: Dict[str, bool] = {}
+        keep = KEEP_WHILE_ROOM if short else FREE_ON_ACK  # the most held an acked slot may be to go
         for slot in list(self._busy.values()):
             segment = slot.segment
             ok = checked.get(segment.name)
@@ -608,9 +689,7 @@ class Pool:
                     self._drop_broken_locked(segment)
             if not ok:
                 continue
-            base = SLOT_HEADER * slot.index + 64
-            (state,) = struct.unpack_from("<I", segment.mm, base + _STATE_AT)
-            acked = state == ACKED and (pressure or not slot.held)
+            acked = slot.held <= keep and self._claimed_locked(slot) == ACKED
             if acked or now >= slot.deadline or gone(slot.reader):
                 self._free_locked(slot)
                 freed += 1
@@ -682,6 +761,13 @@ class Pool:
 
 
 # --- the receiver's side ------------------------------------------------------
+
+
+def _claim(mm: mmap.mmap, base: int, token: bytes, state: int) -> None:
+    """Mark the slot header at `base` READING or ACKED for the use `token`:
+    the token first, then the state (module docstring)."""
+    mm[base + _CLAIM_AT : base + _CLAIM_AT + 16] = token
+    struct.pack_into("<I", mm, base + _STATE_AT, state)
 
 
 @dataclass
@@ -815,19 +901,24 @@ class Attacher:
             self._check_intact(seg)
             base = 64 + SLOT_HEADER * h.slot
             with self._lock:  # check and claim as one step: a single-use handle is read once
-                generation, state, length, token = _SLOT.unpack_from(seg.mm, base)
-                claim = state == READY and not reread and generation == h.generation and length == h.length
-                if claim and secrets.compare_digest(token, h.token):
-                    struct.pack_into("<I", seg.mm, base + _STATE_AT, READING)
+                generation, state, length, token, claim = _SLOT.unpack_from(seg.mm, base)
+                # READING or ACKED under another use's token: a late write
+                # of an earlier reader of this slot (module docstring), not a
+                # claim on this message.
+                ours = secrets.compare_digest(claim, h.token)
+                unread = state == READY or (state in (READING, ACKED) and not ours)
+                claimed = unread and not reread and generation == h.generation and length == h.length
+                if claimed and secrets.compare_digest(token, h.token):
+                    _claim(seg.mm, base, h.token, READING)
             if generation != h.generation:
-                raise DataLossError(
+                raise SlotReclaimed(
                     f"slot {h.slot} of {seg.name} was reused (generation {generation}, handle has "
                     f"{h.generation}): the lease expired or the call ended before it was read"
                 )
             if not secrets.compare_digest(token, h.token):
                 raise HandleError(f"slot {h.slot} of {seg.name} was not offered for this message (token mismatch)")
-            readable = (READY, ACKED, READING) if reread else (READY,)
-            if state not in readable or length != h.length:
+            readable = state in (READY, ACKED, READING) if reread else unread
+            if not readable or length != h.length:
                 raise HandleError(
                     f"slot {h.slot} of {seg.name} is not ready for reading (state {state}); "
                     "handles are single-use"
@@ -844,14 +935,14 @@ class Attacher:
         base = 64 + SLOT_HEADER * h.slot
         try:
             self._check_intact(seg)
-            generation, _, _, token = _SLOT.unpack_from(seg.mm, base)
+            generation, _, _, token, _ = _SLOT.unpack_from(seg.mm, base)
             if generation != h.generation or token != h.token:
-                raise DataLossError(
+                raise SlotReclaimed(
                     f"slot {h.slot} of {seg.name} changed while it was read "
                     f"(generation {h.generation} -> {generation}); the bytes are discarded"
                 )
             if consumed:
-                struct.pack_into("<I", seg.mm, base + _STATE_AT, ACKED)
+                _claim(seg.mm, base, h.token, ACKED)
         finally:
             self._unref(seg)
         self.maybe_trim()

@@ -409,7 +409,8 @@ def test_cma_forged_entry_in_the_peer(raw):
     entry = ctypes.create_string_buffer(pins.ENTRY.size)
     token = os.urandom(16)
     pins.ENTRY.pack_into(
-        entry, 0, pins.ENTRY_MAGIC, 1, pool.READY, len(SECRET), token, os.urandom(16), ctypes.addressof(held)
+        entry, 0, pins.ENTRY_MAGIC, 1, pool.READY, len(SECRET), token, os.urandom(16), ctypes.addressof(held),
+        bytes(16),
     )
     h = wire.CmaHandle(
         length=len(SECRET),

@@ -50,6 +50,7 @@ def test_every_variable_is_read(tmp_path):
         "SHMGRPC_LEASE": "5s",
         "SHMGRPC_CMA_MAX_PINNED": "16MiB",
         "SHMGRPC_CMA_THRESHOLD": "1MiB",
+        "SHMGRPC_PEER_SHARE": "25%",
         "SHMGRPC_SHM_DIR": "/run/shm",
         "SHMGRPC_SIDE_DIR": str(tmp_path),
         "SHMGRPC_SIDE_UIDS": "1000, 1001",
@@ -64,6 +65,7 @@ def test_every_variable_is_read(tmp_path):
         1 * MiB,
     )
     assert config.cma_threshold == 1 * MiB
+    assert config.peer_share == 0.25
     assert (config.max_message, config.lease_seconds, config.cma_max_pinned, config.shm_dir) == (
         32 * MiB,
         5.0,
@@ -85,6 +87,7 @@ BAD = {
     "SHMGRPC_MAX_MESSAGE": ["1Q"],
     "SHMGRPC_LEASE": ["0", "soon", "-1s"],
     "SHMGRPC_CMA_MAX_PINNED": ["x"],
+    "SHMGRPC_PEER_SHARE": ["0", "1.5", "150%", "half", "-0.5"],
     "SHMGRPC_SHM_DIR": ["relative/dir"],
     "SHMGRPC_SIDE_DIR": ["relative/dir"],
     "SHMGRPC_SIDE_UIDS": ["root", "-1"],

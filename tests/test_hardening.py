@@ -564,6 +564,22 @@ class Raw:
         return wire.decode(encoded), ticket
 
 
+    def reuse(self, kind: str, handle, length: int):
+        """Hand the slot or pin of `handle` (freed) to a message for another
+        peer: another reader, and for cma another key. Returns its ticket."""
+        other = (os.getpid(), pool.process_start(os.getpid()))
+        if kind == "cma":
+            encoded, ticket, reason = self.engine.node.get_pins().pin(
+                b"x" * length, os.urandom(16), os.urandom(16), other, os.getpid())
+            assert encoded is not None, reason
+            assert wire.decode(encoded).entry == handle.entry, "the freed entry was expected to be reused"
+            return ticket
+        slot, reason = self.engine.node.get_pool().alloc(length, other, "memfd" if kind == "memfd" else "shm")
+        assert slot is not None, reason
+        assert slot.index == handle.slot and slot.generation > handle.generation, "the freed slot was expected"
+        return pool.Ticket(slot, slot.generation)
+
+
 def _encode(handle) -> bytes:
     if isinstance(handle, wire.ShmHandle):
         return wire.encode_shm(handle)
@@ -573,19 +589,25 @@ def _encode(handle) -> bytes:
 
 
 @pytest.mark.parametrize("kind", ["shm", "memfd", "cma"])
-@pytest.mark.parametrize("why", ["call-ended", "lease-expired"])
+@pytest.mark.parametrize("why", ["call-ended", "lease-expired", "reused-for-another-peer"])
 def test_late_read_is_data_loss_counted_apart_from_forgeries(servers, make_client, kind, why):
     """A genuine handle read after its sender took the slot (or pin) back,
     because the call ended or the lease ran out, is DATA_LOSS naming that
-    cause, counted as DataLossError; a forged token is INVALID_ARGUMENT,
-    counted as HandleError. Neither count moves for the other."""
+    cause, counted as DataLossError, also when the entry holds another
+    peer's message by then (another cma key: still DATA_LOSS, not a
+    forgery); a forged token is INVALID_ARGUMENT, counted as HandleError.
+    Neither count moves for the other."""
     server = servers.shared(suite_env("auto"))
     client = make_client(server.unix_target, client_config("auto", LEASE="0.2s"))
     raw = Raw(client)
     data = pb.Payload(seq=3, body=pattern(300 * KiB, 3)).SerializeToString()
     handle, ticket = getattr(raw, kind)(data)
+    reuse = None
     if why == "call-ended":
         raw.engine.release(ticket)
+    elif why == "reused-for-another-peer":
+        raw.engine.release(ticket)
+        reuse = raw.reuse(kind, handle, len(data))
     else:
         time.sleep(0.35)
         client.stats()  # the sender's pool (and pin table) reclaims expired leases when asked
@@ -608,6 +630,8 @@ def test_late_read_is_data_loss_counted_apart_from_forgeries(servers, make_clien
     assert delta(after, before, "errors", "HandleError") == 1, after["errors"]
     assert delta(after, before, "errors", "DataLossError") == 0, after["errors"]
     raw.engine.release(forged_ticket)
+    if reuse is not None:
+        raw.engine.release(reuse)
     echo(client, 1 * MiB, 5, reply_size=1 * MiB)  # the server keeps serving this client
 
 
@@ -718,6 +742,7 @@ BAD_VALUES = [
     pytest.param("SHMGRPC_LEASE", "0.0000000001s", ("0.1", "86400"), id="lease-1e-10-decimal"),
     pytest.param("SHMGRPC_LEASE", "1e-10s", ("0.1", "86400"), id="lease-1e-10"),
     pytest.param("SHMGRPC_SHM_DIR", "<a regular file>", ("not a directory",), id="shm-dir-is-a-file"),
+    pytest.param("SHMGRPC_PEER_SHARE", "0", ("above 0", "at most 1"), id="peer-share-0"),
 ]
 
 

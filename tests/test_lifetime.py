@@ -52,6 +52,7 @@ def test_slow_reader_gets_data_loss_never_wrong_bytes(make_client, echo_server, 
         pool_size="4MiB",  # three 1.25 MiB slots
         segment_size="1MiB",  # one slot per segment
         cma_max_pinned="3MiB",  # about two unacknowledged 1 MiB messages
+        peer_share="1",  # the one peer may fill them
     )
     client = make_client(echo_server.unix_target, config)
     before = echo_server.stats()
@@ -182,7 +183,9 @@ def test_long_stream_through_a_small_pool(servers, make_client, transport):
     """200 messages of 8 MiB each way, 64 MiB of pool (or pin budget) on each
     side: everything arrives intact, most of it offloaded, and no pool ever
     holds more than its capacity."""
-    budget = {"POOL_SIZE": "64MiB", "CMA_MAX_PINNED": "64MiB"}
+    # One peer may use the whole budget: this is about the caps (a peer's
+    # share of them is tests/test_pressure.py's).
+    budget = {"POOL_SIZE": "64MiB", "CMA_MAX_PINNED": "64MiB", "PEER_SHARE": "1"}
     server = servers.shared(suite_env(transport, **budget))
     client = make_client(server.unix_target, client_config(transport, **budget))
     before = server.stats()

@@ -40,7 +40,7 @@ from .._channel import (
     with_hello,
     without_welcome,
 )
-from .._codec import CallCodec, Tickets
+from .._codec import CallCodec, Tickets, details_of
 from .._core import ChannelStatus, Engine, EngineOwner
 from ..config import Config, check_config
 from ..errors import ShmGrpcError
@@ -88,8 +88,8 @@ def _clean(err: aio.AioRpcError) -> aio.AioRpcError:
 
 
 def _error_of(err: ShmGrpcError, initial, trailing, inner_debug: Optional[str] = None) -> aio.AioRpcError:
-    return aio.AioRpcError(err.status_code, initial, trailing, f"shmgrpc: {err}",
-                           f"shmgrpc: {err}" + (f" (gRPC: {inner_debug})" if inner_debug else ""))
+    return aio.AioRpcError(err.status_code, initial, trailing, details_of(err),
+                           details_of(err) + (f" (gRPC: {inner_debug})" if inner_debug else ""))
 
 
 class _Call:
@@ -119,7 +119,7 @@ class _Call:
             hello, route = state
             engine = mc._channel._engine
             tickets = Tickets(engine)
-            self._codec = CallCodec(engine, route, keep=tickets.add)
+            self._codec = CallCodec(engine, route, keep=tickets.add, deadline=self._deadline)
             if self._codec.framed:
                 multicallable = mc._factory()(mc._method, self._codec.serializer(mc._serializer),
                                               self._codec.deserializer(mc._deserializer))
@@ -161,6 +161,8 @@ class _Call:
     # -- grpc.aio.Call
 
     def cancel(self) -> bool:
+        if self._codec is not None:
+            self._codec.cancelled = True  # before gRPC's: a response read meanwhile ends CANCELLED
         return self._inner.cancel()
 
     def cancelled(self) -> bool:
