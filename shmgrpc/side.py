@@ -405,21 +405,16 @@ class Conn:
     def retire(self, number: int) -> None:
         """Tell the peer to unmap a segment we destroyed. Until the RETIRE is
         sent (the peer's queue may be full) it counts against our grant."""
-        broke = False
         with self._send_lock:
             if number not in self._sent or not self.alive:
                 return
             self._retiring[number] = self._sent.pop(number)
-            try:
-                self._flush_retires_locked()
-            except OSError:
-                broke = True
-        if broke:
-            self.side.lost(self)
+        self.flush()
 
     def flush(self) -> None:
-        """Send retires that found the peer's queue full (the reader thread
-        calls this each pass)."""
+        """Send the retires not sent yet: retire() sends its own at once, the
+        reader thread calls this each pass for those that found the peer's
+        queue full."""
         if not self._retiring:
             return
         broke = False

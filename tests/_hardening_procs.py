@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -797,13 +797,19 @@ ROLES = {
 }
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def run_role(roles: Dict[str, Callable[[dict], Any]], argv: Optional[List[str]] = None) -> int:
+    """`python -m tests.<module> ROLE SPEC_JSON`: runs roles[ROLE](spec) and
+    emits what it returns."""
     argv = sys.argv[1:] if argv is None else argv
     role, spec = argv[0], json.loads(argv[1])
-    result = ROLES[role](spec)
+    result = roles[role](spec)
     if result is not None:
         emit(result)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_role(ROLES, argv)
 
 
 if __name__ == "__main__":

@@ -10,20 +10,16 @@ line on stdin. Nothing here is a test: the test asserts on what is printed.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
 import time
 from typing import Dict, List, Optional
 
+from tests._hardening_procs import emit, run_role
+
 KiB = 1024
 MiB = 1024 * KiB
-
-
-def emit(obj) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 def _channel(target: str, env: Dict[str, str]):
@@ -185,12 +181,7 @@ ROLES = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    role, spec = argv[0], json.loads(argv[1])
-    result = ROLES[role](spec)
-    if result is not None:
-        emit(result)
-    return 0
+    return run_role(ROLES, argv)
 
 
 if __name__ == "__main__":
