@@ -79,22 +79,37 @@ def spawn(args: Sequence[str], env: Optional[Dict[str, str]] = None, **popen) ->
     return proc
 
 
-def run_python(code: str, *args: str, env: Optional[Dict[str, str]] = None, timeout: float = 60.0) -> dict:
-    """Run `code` in a fresh interpreter; it must print one JSON object as its
-    last stdout line, which is returned. A non-zero exit fails the test."""
-    proc = spawn(
-        [sys.executable, "-c", code, *args], env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def run_json(argv: Sequence[str], env: Optional[Dict[str, str]] = None, timeout: float = 60.0,
+             what: str = "child") -> dict:
+    """Run `argv` as a child; it must exit 0 and print one JSON object as its
+    last stdout line, which is returned. Anything else fails the test."""
+    proc = spawn(list(argv), env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        pytest.fail(f"child timed out after {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
-    assert proc.returncode == 0, f"child exited with {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+        pytest.fail(f"{what} timed out after {timeout}s\nstdout:\n{out}\nstderr:\n{err}")
+    assert proc.returncode == 0, f"{what} exited with {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
     lines = [line for line in out.splitlines() if line.strip()]
-    assert lines, f"child printed nothing\nstderr:\n{err}"
+    assert lines, f"{what} printed nothing\nstderr:\n{err}"
     return json.loads(lines[-1])
+
+
+def run_python(code: str, *args: str, env: Optional[Dict[str, str]] = None, timeout: float = 60.0) -> dict:
+    """Run `code` in a fresh interpreter (see run_json)."""
+    return run_json([sys.executable, "-c", code, *args], env, timeout)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1):
+    """Poll predicate() until it returns something true, for at most
+    `timeout` seconds; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
 
 
 # A client process: `python -c CLIENT_SCRIPT SPEC`, SPEC a JSON object:

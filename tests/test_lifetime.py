@@ -14,6 +14,7 @@ import pytest
 
 from protos import echo_test_pb2 as pb
 from tests.conftest import CALL_TIMEOUT, MiB, client_config, counts, delta, suite_env
+from tests.conftest import wait_until as conftest_wait_until
 from tests.echo_server import digest, fingerprint, pattern
 
 RECLAIM_WAIT = 10.0  # seconds to wait for leases to run out and pools to drain
@@ -25,13 +26,7 @@ def message(seq: int, size: int, **knobs) -> pb.Payload:
 
 
 def wait_until(predicate, timeout: float = RECLAIM_WAIT, interval: float = 0.1):
-    """Poll predicate() until it returns something true; returns the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+    return conftest_wait_until(predicate, timeout, interval)
 
 
 def pool_drained(pool: dict) -> bool:

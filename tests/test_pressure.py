@@ -58,6 +58,7 @@ from tests.conftest import (
     spawn,
     stop_process,
     suite_env,
+    wait_until,
 )
 from tests.echo_server import GRPC_OPTIONS, digest, pattern
 
@@ -87,16 +88,6 @@ def go_on(proc: subprocess.Popen) -> dict:
     out = said(proc, 60.0)
     assert proc.wait(30) == 0, proc.stderr.read().decode()[-3000:]
     return out
-
-
-def wait_for(predicate, timeout: float, step: float = 0.1):
-    """predicate()'s first true value within `timeout` seconds, else its last."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 def me() -> tuple:
@@ -293,7 +284,7 @@ def test_a_client_that_reads_nothing_is_held_to_its_share(fresh_server, make_cli
             now = server.stats()["shmgrpc"]
             return now if sum(now["fallbacks"].values()) > 0 else None
 
-        held = wait_for(hogged, 20.0, step=0.2)
+        held = wait_until(hogged, 20.0, interval=0.2)
         assert held, f"the hog's answers never went inline: {server.stats()['shmgrpc']}"
 
         other = make_client(server.unix_target, client_config("auto"))
@@ -320,7 +311,7 @@ def test_a_client_that_reads_nothing_is_held_to_its_share(fresh_server, make_cli
         if hog.poll() is None:
             go_on(hog)
         stop_process(hog)
-    pool_ = wait_for(lambda: (lambda p: p if p["bytes_in_use"] == 0 and p["cma_pinned"] == 0 else None)(
+    pool_ = wait_until(lambda: (lambda p: p if p["bytes_in_use"] == 0 and p["cma_pinned"] == 0 else None)(
         server.stats()["shmgrpc"]["pool"]), 10.0)
     assert pool_, server.stats()["shmgrpc"]["pool"]
 
@@ -350,11 +341,11 @@ def test_a_stopped_peer_reads_data_loss_and_the_server_gets_its_memory_back(fres
             pool_ = server.stats()["shmgrpc"]["pool"]
             return pool_["bytes_in_use"] + pool_["cma_pinned"]
 
-        held = wait_for(lambda: in_use() >= 5 * 4 * MiB, 5.0)
+        held = wait_until(lambda: in_use() >= 5 * 4 * MiB, 5.0)
         assert held, f"the five unread answers were expected in use: {server.stats()['shmgrpc']['pool']}"
         time.sleep(max(0.0, stopped + lease * 0.6 - time.monotonic()))
         assert in_use() >= 5 * 4 * MiB, "taken back within the lease"
-        assert wait_for(lambda: in_use() == 0, lease + 3.0), server.stats()["shmgrpc"]["pool"]
+        assert wait_until(lambda: in_use() == 0, lease + 3.0), server.stats()["shmgrpc"]["pool"]
         given_back = time.monotonic() - stopped
         assert given_back >= lease * 0.9, given_back
         other = make_client(server.unix_target, client_config(transport))
@@ -447,7 +438,7 @@ def test_a_response_read_after_the_deadline_ends_the_call_deadline_exceeded(serv
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED, (code, details)
     assert details == "Deadline Exceeded", details
     assert theirs["errors"] == mine["errors"], theirs["errors"]
-    after = wait_for(lambda: (lambda s: s if delta(s, before, "offloaded", "count") >= 1 else None)(
+    after = wait_until(lambda: (lambda s: s if delta(s, before, "offloaded", "count") >= 1 else None)(
         server.stats()["shmgrpc"]), 5.0)
     assert after, "the server was expected to offload the answer"
 

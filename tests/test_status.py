@@ -25,7 +25,7 @@ import pytest
 
 from shmgrpc import ChannelStatus, Config, cma
 from shmgrpc._status import RECENT, Recent, carrier, fallback_words, inline_notes, summarize
-from tests.conftest import MiB, spawn, suite_env
+from tests.conftest import MiB, run_json, spawn, suite_env
 
 APIS = ("sync", "aio")
 
@@ -34,16 +34,8 @@ def run_role(role: str, spec: dict, prefix: List[str] = (), env: Optional[Dict[s
              timeout: float = 90.0) -> dict:
     """tests/_status_procs.py ROLE in a child (behind `prefix`: unshare,
     setpriv); its JSON result."""
-    proc = spawn([*prefix, sys.executable, "-m", "tests._status_procs", role, json.dumps(spec)], env,
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"{role} timed out\nstdout:\n{out}\nstderr:\n{err}")
-    assert proc.returncode == 0, f"{role} exited with {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
-    return json.loads(out.splitlines()[-1])
+    return run_json([*prefix, sys.executable, "-m", "tests._status_procs", role, json.dumps(spec)], env,
+                    timeout, what=role)
 
 
 def warnings(records: List[dict]) -> List[str]:
