@@ -28,7 +28,7 @@ demo: $(STAMP) $(GEN)
 test: $(STAMP) $(GEN)
 	$(BIN)/python -m pytest -q tests
 
-# Two parts, ~15-20 minutes on 2 cores (shmgrpc/bench.py):
+# Two parts, ~15-20 minutes on 2 cores (shmgrpc/tools/bench.py):
 # 1. every message and RPC shape, three malloc phases (default, keep,
 #    hugepages; each a process of its own), sync gRPC on both sides
 #    (BENCH_APIS=sync,aio adds grpc.aio to all of it, doubling the time);
@@ -38,8 +38,8 @@ test: $(STAMP) $(GEN)
 BENCH_APIS ?= sync
 bench: $(STAMP) $(GEN)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[plot]'
-	$(BIN)/python -m shmgrpc.bench --malloc default,keep,hugepages --apis $(BENCH_APIS) --out bench-results
-	$(BIN)/python -m shmgrpc.bench --apis sync,aio,aio-sync,sync-aio --shapes unary --messages bytes \
+	$(BIN)/python -m shmgrpc.tools.bench --malloc default,keep,hugepages --apis $(BENCH_APIS) --out bench-results
+	$(BIN)/python -m shmgrpc.tools.bench --apis sync,aio,aio-sync,sync-aio --shapes unary --messages bytes \
 		--sizes 4KiB,1MiB,4MiB,16MiB --out bench-results/apis
 
 clean:

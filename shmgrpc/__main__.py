@@ -1,7 +1,7 @@
-"""python -m shmgrpc doctor | ls | gc (see shmgrpc.cli)."""
+"""python -m shmgrpc doctor | ls | gc (see shmgrpc.tools.cli)."""
 
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

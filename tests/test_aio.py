@@ -1122,10 +1122,10 @@ def test_a_bad_handle_ends_an_aio_call_with_its_own_status(servers, make_client)
 
 
 def test_loopstall_script_runs():
-    """`python -m shmgrpc.aio._loopstall` (small, two modes): it proves each
+    """`python -m shmgrpc.tools.loopstall` (small, two modes): it proves each
     mode really offloaded, and reports stalls for both processes."""
     proc = spawn(
-        [sys.executable, "-m", "shmgrpc.aio._loopstall", "--size", "1MiB", "--calls", "1", "--modes", "shm,cma", "--json"],
+        [sys.executable, "-m", "shmgrpc.tools.loopstall", "--size", "1MiB", "--calls", "1", "--modes", "shm,cma", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

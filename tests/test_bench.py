@@ -1,4 +1,4 @@
-"""`python -m shmgrpc.bench`, the command behind the README's numbers, run
+"""`python -m shmgrpc.tools.bench`, the command behind the README's numbers, run
 for real (its own server processes, every mode over a real socket) on tiny
 plans: every reply checked, the offloaded sizes really offloaded by both
 processes, the inline ones not, grpc-unix-md reported beside them; and every
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from shmgrpc import bench
+from shmgrpc.tools import bench
 from tests.conftest import ROOT, child_env
 
 KiB = 1024
@@ -24,7 +24,7 @@ KiB = 1024
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "shmgrpc.bench", "--messages", "bytes", "--sizes", "4KiB,256KiB",
+        [sys.executable, "-m", "shmgrpc.tools.bench", "--messages", "bytes", "--sizes", "4KiB,256KiB",
          "--shapes", "unary,server_stream", "--modes", "grpc-unix,grpc-unix-md,memfd,shm", "--apis", "sync",
          "--repeat", "1", "--stream-bytes", "1MiB", "--out", str(out)],
         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,
@@ -83,7 +83,7 @@ def api_results(tmp_path_factory):
     """One offloaded size, every shape, plain and memfd, in each api."""
     out = tmp_path_factory.mktemp("bench-apis")
     proc = subprocess.run(
-        [sys.executable, "-m", "shmgrpc.bench", "--messages", "bytes", "--sizes", "256KiB",
+        [sys.executable, "-m", "shmgrpc.tools.bench", "--messages", "bytes", "--sizes", "256KiB",
          "--shapes", ",".join(bench.SHAPES), "--modes", "grpc-unix,memfd", "--apis", ",".join(bench.APIS),
          "--repeat", "1", "--stream-bytes", "1MiB", "--out", str(out)],
         cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,

@@ -326,7 +326,7 @@ CMA_BLOCKED = """
 import sys
 from tests._seccomp import deny_process_vm
 deny_process_vm()
-from shmgrpc.cli import main
+from shmgrpc.tools.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -111,8 +111,9 @@ def test_wheel_contents(dist):
         info = f"shmgrpc-{shmgrpc.__version__}.dist-info"
         metadata = email.message_from_string(whl.read(f"{info}/METADATA").decode())
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
-    for name in ("__init__.py", "__main__.py", "py.typed", "cli.py", "_doctor.py", "_types.py", "pool.py",
-                 "aio/__init__.py", "metrics/__init__.py", "metrics/prometheus.py", "metrics/otel.py"):
+    for name in ("__init__.py", "__main__.py", "py.typed", "tools/cli.py", "tools/doctor.py", "tools/bench.py",
+                 "_types.py", "pool.py", "aio/__init__.py", "metrics/__init__.py", "metrics/prometheus.py",
+                 "metrics/otel.py"):
         assert f"shmgrpc/{name}" in names, name
     assert f"{info}/licenses/LICENSE" in names
     assert not [n for n in names if n.startswith(("tests/", "protos/", "server_example/", "client_example/"))]
@@ -127,7 +128,7 @@ def test_wheel_contents(dist):
     assert "Programming Language :: Python :: 3.11" in classifiers and "Typing :: Typed" in classifiers
     urls = metadata.get_all("Project-URL")
     assert any(u.startswith("Homepage, https://github.com/shmgrpc/shmgrpc") for u in urls)
-    assert re.search(r"^shmgrpc = shmgrpc\.cli:main$", entry_points, re.MULTILINE)
+    assert re.search(r"^shmgrpc = shmgrpc\.tools\.cli:main$", entry_points, re.MULTILINE)
     assert "pip install shmgrpc" in metadata.get_payload()  # the README is the long description
 
 
@@ -135,7 +136,7 @@ def test_sdist_contents(dist):
     with tarfile.open(dist["sdist"]) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     for name in ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "Makefile", "docs/DESIGN.md",
-                 "shmgrpc/py.typed", "shmgrpc/cli.py", "tests/conftest.py", "protos/echo_test.proto",
+                 "shmgrpc/py.typed", "shmgrpc/tools/cli.py", "tests/conftest.py", "protos/echo_test.proto",
                  "server_example/__main__.py", "client_example/__main__.py"):
         assert name in names, name
     assert not [n for n in names if "__pycache__" in n or re.search(r"_pb2(_grpc)?\.py$", n)]
@@ -189,7 +190,7 @@ def test_wheel_in_a_fresh_venv_runs_doctor(venv, tmp_path):
     listing = json.loads(run(str(script), "ls", "--json", cwd=tmp_path).stdout)
     assert "segments" in listing
     # The bench ships in the wheel too (the README says so): it needs no clone.
-    usage = run(str(python), "-m", "shmgrpc.bench", "--help", cwd=tmp_path).stdout
+    usage = run(str(python), "-m", "shmgrpc.tools.bench", "--help", cwd=tmp_path).stdout
     assert usage.startswith("usage: ") and "--malloc" in usage
 
 

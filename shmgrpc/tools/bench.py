@@ -1,6 +1,6 @@
-"""How much faster shmgrpc makes large messages, measured: `python -m shmgrpc.bench`.
+"""How much faster shmgrpc makes large messages, measured: `python -m shmgrpc.tools.bench`.
 
-A server process (shmgrpc._bench_server, always a shmgrpc.server() or
+A server process (shmgrpc.tools._bench_server, always a shmgrpc.server() or
 shmgrpc.aio.server(): a plain client simply gets inline messages) and this
 client, on the same host. Each *mode* is a way for the client to reach it,
 over a channel of its own:
@@ -27,7 +27,7 @@ Each *api* (--apis) is the gRPC API of each side, client - server:
 Every mode runs in every api; a sync and an aio server run side by side as
 needed (one process each). The default is all four apis; `make bench`
 passes BENCH_APIS (sync: the README's tables) to keep within its time, and
-`make bench BENCH_APIS=sync,aio` (or `python -m shmgrpc.bench --apis
+`make bench BENCH_APIS=sync,aio` (or `python -m shmgrpc.tools.bench --apis
 sync,aio ...`) measures grpc.aio beside it, at about twice the time.
 
 Beside each time, the CPU time it took (user + system, every thread of
@@ -70,7 +70,7 @@ time; freed memory still goes back to the kernel). `make bench` runs all
 three. Since the keep settings must be made before any thread starts, and
 GLIBC_TUNABLES is read when a process starts, each phase is then a process
 of its own:
-this one runs `python -m shmgrpc.bench ... --malloc PHASE --out OUT/PHASE`
+this one runs `python -m shmgrpc.tools.bench ... --malloc PHASE --out OUT/PHASE`
 once per phase, then prints a combined table whose speedups are against
 plain gRPC over unix with the default malloc (what an application has
 unless it opts in) and, in brackets, against plain gRPC over unix with the
@@ -154,10 +154,10 @@ import shmgrpc
 import shmgrpc.aio
 
 from . import _bench_server as srv
-from ._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode, tune_malloc, with_hugetlb
-from ._core import ChannelStatus
-from .config import Config, parse_size
-from .errors import ConfigError
+from .._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode, tune_malloc, with_hugetlb
+from .._core import ChannelStatus
+from ..config import Config, parse_size
+from ..errors import ConfigError
 
 KiB, MiB = srv.KiB, srv.MiB
 
@@ -255,7 +255,7 @@ def _ladders_help() -> str:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m shmgrpc.bench",
+        prog="python -m shmgrpc.tools.bench",
         description="Benchmark shmgrpc against plain gRPC on this host.",
     )
     parser.add_argument(
@@ -1939,7 +1939,7 @@ def run_phase(args: argparse.Namespace, command: str) -> int:
         # GLIBC_TUNABLES is read when a process starts: too late for this
         # one, so run again with it (the server inherits it: both sides and
         # every mode get the same allocator).
-        os.execve(sys.executable, [sys.executable, "-m", "shmgrpc.bench", *sys.argv[1:]], with_hugetlb(os.environ))
+        os.execve(sys.executable, [sys.executable, "-m", "shmgrpc.tools.bench", *sys.argv[1:]], with_hugetlb(os.environ))
     if malloc == "hugepages" and thp_mode() in ("never", "unknown"):
         notes.append("hugepages: transparent huge pages are off here (/sys/kernel/mm/transparent_hugepage/"
                      "enabled = never): this phase is the default malloc")
@@ -2017,7 +2017,7 @@ def run_phases(args: argparse.Namespace, argv: List[str], command: str) -> int:
             phase_out = os.path.join(out, malloc)
             # The last --malloc and --out win (argparse), whatever _without() missed.
             phase_argv = _without(argv, ("--malloc", "--out")) + ["--malloc", malloc, "--out", phase_out]
-            phase_command = [sys.executable, "-m", "shmgrpc.bench", *phase_argv]
+            phase_command = [sys.executable, "-m", "shmgrpc.tools.bench", *phase_argv]
             progress(f"=== malloc phase {malloc}: {shlex.join(['python', *phase_command[1:]])}")
             env = _package_env()
             state.child = subprocess.Popen(phase_command, env=with_hugetlb(env) if malloc == "hugepages" else env)
@@ -2054,12 +2054,12 @@ def run_phases(args: argparse.Namespace, argv: List[str], command: str) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = shlex.join(["python", "-m", "shmgrpc.bench", *argv])
+    command = shlex.join(["python", "-m", "shmgrpc.tools.bench", *argv])
     if any(message != "bytes" for message in args.messages):
         try:
             srv.bench_pb2()
         except ImportError as exc:
-            sys.exit(f"shmgrpc.bench: {exc} (or --messages bytes)")
+            sys.exit(f"shmgrpc.tools.bench: {exc} (or --messages bytes)")
     if len(args.malloc) > 1:
         return run_phases(args, argv, command)
     return run_phase(args, command)

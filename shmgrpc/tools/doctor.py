@@ -36,13 +36,13 @@ import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from . import cma, pool, side, wire
-from ._core import AUTO_ORDER, TRANSPORTS
-from ._status import cma_fix
-from ._status import size_text as size_text
-from ._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode
-from ._version import __version__
-from .config import Config
+from .. import cma, pool, side, wire
+from .._core import AUTO_ORDER, TRANSPORTS
+from .._status import cma_fix
+from .._status import size_text as size_text
+from .._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode
+from .._version import __version__
+from ..config import Config
 
 KiB = 1024
 MiB = 1024 * KiB

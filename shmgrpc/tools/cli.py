@@ -21,16 +21,16 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from . import pool, wire
-from ._version import __version__
-from .config import Config, parse_size
-from .errors import ConfigError
+from .. import pool, wire
+from .._version import __version__
+from ..config import Config, parse_size
+from ..errors import ConfigError
 
 _SIDE_RE = re.compile(r"^@shmgrpc-(\d{1,10})-([0-9a-f]{16})$")
 
 
 def _size(n: float) -> str:
-    from ._doctor import size_text
+    from .doctor import size_text
 
     return size_text(n)
 
@@ -181,7 +181,7 @@ class _Keep(logging.Handler):
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import _doctor
+    from . import doctor as _doctor
 
     if args.field is not None and not args.method:
         print("shmgrpc: --field goes with --method: it names a field of that method's request", file=sys.stderr)

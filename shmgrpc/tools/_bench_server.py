@@ -1,8 +1,8 @@
 """The benchmark's server process, and everything both bench processes share.
 
-`python -m shmgrpc.bench` starts this module as its own process:
+`python -m shmgrpc.tools.bench` starts this module as its own process:
 
-    python -m shmgrpc._bench_server --unix PATH --parent PID [--api sync|aio]
+    python -m shmgrpc.tools._bench_server --unix PATH --parent PID [--api sync|aio]
 
 It serves on PATH and on a free 127.0.0.1 TCP port, always as a
 shmgrpc.server() (a plain client simply gets inline messages), or with
@@ -659,7 +659,7 @@ def _ready(tcp_port: int, unix_path: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m shmgrpc._bench_server")
+    parser = argparse.ArgumentParser(prog="python -m shmgrpc.tools._bench_server")
     parser.add_argument("--unix", required=True, help="unix socket path to listen on")
     parser.add_argument("--parent", type=int, required=True, help="pid of the bench process")
     parser.add_argument("--api", choices=APIS, default="sync", help="grpc.server() or grpc.aio.server()")

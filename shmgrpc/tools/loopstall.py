@@ -1,6 +1,6 @@
 """How long the event loop stalls while shmgrpc.aio moves one large message.
 
-    python -m shmgrpc.aio._loopstall [--size 256MiB] [--calls 3] [--json]
+    python -m shmgrpc.tools.loopstall [--size 256MiB] [--calls 3] [--json]
 
 A grpc.aio client echoes one message of `--size` bytes through a grpc.aio
 server in another process, over a unix socket, `--calls` times after one
@@ -57,8 +57,8 @@ import grpc
 from google.protobuf.wrappers_pb2 import BytesValue
 
 from ..config import Config, parse_size
-from ._channel import insecure_channel
-from ._server import server as shmgrpc_server
+from ..aio._channel import insecure_channel
+from ..aio._server import server as shmgrpc_server
 
 SERVICE = "shmgrpc.loopstall.Stall"
 ECHO = f"/{SERVICE}/Echo"  # unary: the request comes back
@@ -201,7 +201,7 @@ def _run_mode(mode: str, size: int, calls: int) -> Dict:
     with tempfile.TemporaryDirectory(prefix="loopstall-") as tmp:
         path = os.path.join(tmp, "s.sock")
         server = subprocess.Popen(
-            [sys.executable, "-m", "shmgrpc.aio._loopstall", "--serve", path, "--mode", mode],
+            [sys.executable, "-m", "shmgrpc.tools.loopstall", "--serve", path, "--mode", mode],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -225,7 +225,7 @@ def _ms(seconds: float) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m shmgrpc.aio._loopstall", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m shmgrpc.tools.loopstall", description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="256MiB", help="message size (default 256MiB)")
     parser.add_argument("--calls", type=int, default=3, help="measured calls per mode, after one warm-up")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
