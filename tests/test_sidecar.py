@@ -938,15 +938,23 @@ def percentile(values: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(procs, sock: str, calls: int = 120, seconds: float = 3.0) -> dict:
-    """Small unrelated calls from a plain gRPC client process (latencies in
-    ms; at most `seconds` of calls): {"p50", "p99", "max", "n"}."""
-    proc = procs("measure", {"target": f"unix:{sock}", "calls": calls, "pause": 0.01, "seconds": seconds},
-                 name="measure")
+def start_measuring(procs, sock: str, calls: int = 120, seconds: float = 3.0, name: str = "measure"):
+    """Small unrelated calls from a plain gRPC client process, started now
+    (at most `seconds` of calls); measured() collects them."""
+    return procs("measure", {"target": f"unix:{sock}", "calls": calls, "pause": 0.01, "seconds": seconds},
+                 name=name)
+
+
+def measured(proc) -> dict:
+    """The latencies of start_measuring's calls, in ms: {"p50", "p99", "max", "n"}."""
     out = proc.expect(RESULT, 120)
     proc.wait(20)
     ms = out["ms"]
     return {"p50": percentile(ms, 0.5), "p99": percentile(ms, 0.99), "max": max(ms), "n": len(ms)}
+
+
+def measure(procs, sock: str, calls: int = 120, seconds: float = 3.0) -> dict:
+    return measured(start_measuring(procs, sock, calls, seconds))
 
 
 class Forger:
@@ -1085,20 +1093,25 @@ def test_descriptor_flood_under_a_low_nofile(procs, tmp_sock_dir, aio):
     sock = os.path.join(tmp_sock_dir, "fdflood.sock")
     env = suite_env("memfd")
     server = start_server(procs, sock, env, aio=aio, nofile=256)
+    quiet = measure(procs, sock, seconds=1.5)
     before = len(os.listdir(f"/proc/{server.pid}/fd"))
     inst, welcome = raw_welcome(f"unix:{sock}")
     attacker, kind = side_connect(welcome.side, inst, welcome.ticket)
     assert kind == side.T_AUTH_OK
     fd = tiny_segment(inst)
+    during = start_measuring(procs, sock, seconds=1.5, name="measure-flood")
     try:
         sent = send_flood(attacker, fd, inst, 1, 5000)
     finally:
         os.close(fd)
     time.sleep(0.5)  # the server's side thread reads what is still queued
     held = len(os.listdir(f"/proc/{server.pid}/fd"))
-    print(f"descriptor flood: sent {sent}; server descriptors {before} -> {held} (limit 256)")
+    attacked = measured(during)
+    print(f"descriptor flood: sent {sent}; server descriptors {before} -> {held} (limit 256); "
+          f"unrelated calls, ms: quiet {quiet}, during the flood {attacked}")
     assert sent >= 1000, sent
     assert held <= before + 16 + 2, (before, held)
+    assert attacked["p99"] <= 2 * quiet["p99"] + 20, (quiet, attacked)  # + 20 ms: a shared 2-core machine
     ops = [{"op": "unary", "size": 1 * MiB, "count": 2, "reply_size": 1 * MiB}]
     out = run_client(procs, sock, env, ops, aio=aio, log="INFO", timeout=60)  # a new channel, memfd both ways
     assert out["errors"] == [] and all(g for _, g in out["results"]), (out["results"], out["errors"])
@@ -1212,7 +1225,9 @@ def test_other_uid_flood_of_the_side_socket(procs, tmp_sock_dir, aio):
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
+    quiet = measure(procs, sock, seconds=1.5)
     sampler.start()
+    during = start_measuring(procs, sock, seconds=1.5, name="measure-flood")
     flood = subprocess.Popen(
         ["prlimit", "--nofile=4096:4096", "setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
          python, "-c", SIDE_FLOOD, welcome.side, "1100", "4"],
@@ -1230,9 +1245,12 @@ def test_other_uid_flood_of_the_side_socket(procs, tmp_sock_dir, aio):
             flood.wait()
         sampling.set()
         sampler.join(5)
+    attacked = measured(during)
     print(f"uid {NOBODY} flood: {opened}, {finished}; server descriptors {before}, peak {peak[0]} (limit 1024); "
           f"legitimate client: errors {out['errors']}, memfd {memfd_counts(out['stats'])}, "
-          f"EMFILE logged: {'File descriptor limit' in server.stderr()}")
+          f"EMFILE logged: {'File descriptor limit' in server.stderr()}; "
+          f"unrelated calls, ms: quiet {quiet}, during the flood {attacked}")
+    assert attacked["p99"] <= 2 * quiet["p99"] + 20, (quiet, attacked)  # + 20 ms: a shared 2-core machine
     assert opened.get("uid") == NOBODY and opened.get("connected", 0) >= 1000, (opened, flood.stderr.read())
     assert finished.get("closed_by_server", 0) >= opened["connected"] - 5, (opened, finished)
     assert peak[0] <= before + 40, (before, peak[0])
