@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
+from shmgrpc.config import MiB, format_size
 
 COLUMNS = (
     # header, width
@@ -18,16 +16,6 @@ COLUMNS = (
     ("server peak MiB", 17),
     ("via shmgrpc", 16),
 )
-
-
-def format_size(size: int) -> str:
-    for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
-        if size >= unit and size % unit == 0:
-            return f"{size // unit} {name}"
-    for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
-        if size >= unit:
-            return f"{size / unit:.1f} {name}"
-    return f"{size} B"
 
 
 def render(size: int, repeat: int, calls: int, results: Sequence, baseline: str) -> str:

@@ -26,9 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
+from .config import format_size
 
 TRANSPORT_NAMES = frozenset(("memfd", "shm", "cma"))
 
@@ -40,14 +38,6 @@ RECENT = 32
 # The outcome a receiver records for a large message that came inline and
 # whose reason only its sender knows.
 SENT_INLINE = "inline"
-
-
-def size_text(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size:
-            return f"{n // size:.0f} {unit}" if n % size == 0 else f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 class Recent:
@@ -251,7 +241,7 @@ def shm_room(shm_dir: str) -> str:
         st = os.statvfs(shm_dir)
     except OSError as err:
         return f"{shm_dir} cannot be examined ({err.strerror})"
-    return f"{shm_dir} has {size_text(st.f_bavail * st.f_frsize)} free of {size_text(st.f_blocks * st.f_frsize)}"
+    return f"{shm_dir} has {format_size(st.f_bavail * st.f_frsize)} free of {format_size(st.f_blocks * st.f_frsize)}"
 
 
 def fallback_words(reason: str, config, notes: Dict[str, str]) -> str:
@@ -261,20 +251,20 @@ def fallback_words(reason: str, config, notes: Dict[str, str]) -> str:
     if reason == "memfd_no_space":
         return "memfd_no_space: the kernel gave no memory for a new memfd segment (the memory limit?)"
     if reason == "pool_full":
-        return f"pool_full: the pool is at SHMGRPC_POOL_SIZE ({size_text(config.pool_size)}) with its slots in use"
+        return f"pool_full: the pool is at SHMGRPC_POOL_SIZE ({format_size(config.pool_size)}) with its slots in use"
     if reason == "peer_share_full":
         return (f"peer_share_full: the messages for this peer hold its share of the pool "
-                f"(SHMGRPC_PEER_SHARE {config.peer_share:g} of {size_text(config.pool_size)}) unread")
+                f"(SHMGRPC_PEER_SHARE {config.peer_share:g} of {format_size(config.pool_size)}) unread")
     if reason == "cma_peer_share_full":
         return (f"cma_peer_share_full: the cma pins for this peer hold its share of SHMGRPC_CMA_MAX_PINNED "
                 f"(SHMGRPC_PEER_SHARE {config.peer_share:g}) unread")
     if reason == "pool_too_small":
         return (f"pool_too_small: a segment for it needs more than SHMGRPC_POOL_SIZE "
-                f"({size_text(config.pool_size)})")
+                f"({format_size(config.pool_size)})")
     if reason == "below_cma_threshold":
-        return f"below_cma_threshold: cma carries nothing below SHMGRPC_CMA_THRESHOLD ({size_text(config.cma_threshold)})"
+        return f"below_cma_threshold: cma carries nothing below SHMGRPC_CMA_THRESHOLD ({format_size(config.cma_threshold)})"
     if reason == "too_large":
-        return f"too_large: above SHMGRPC_MAX_MESSAGE ({size_text(config.max_message)})"
+        return f"too_large: above SHMGRPC_MAX_MESSAGE ({format_size(config.max_message)})"
     if reason == "over_limit":
         return "over_limit: above a gRPC message-size limit of one side (gRPC accepts or refuses it inline)"
     if reason == "side_closed":
@@ -322,7 +312,7 @@ def cannot_honour(reason: str, config, role: str, peer: str, n: int, notes: Dict
     a limit with its own INFO line)."""
     t = config.transport
     what = "requests" if role == "client" else "responses"
-    head = f"SHMGRPC_TRANSPORT={t} cannot be honoured: a {size_text(n)} message went inline"
+    head = f"SHMGRPC_TRANSPORT={t} cannot be honoured: a {format_size(n)} message went inline"
     if reason == "shm_no_space":
         return (f"{head} ({shm_room(config.shm_dir)}: no room for a new pool segment), and so will large "
                 f"messages while it is full. Mount a larger {config.shm_dir} (docker run --shm-size=1g; "
@@ -332,7 +322,7 @@ def cannot_honour(reason: str, config, role: str, peer: str, n: int, notes: Dict
         return (f"{head}: the kernel gave no memory for a new memfd segment. Raise the memory limit of this "
                 "process's container (memfd segments count against it), or lower SHMGRPC_SEGMENT_SIZE")
     if reason == "pool_too_small":
-        return (f"{head}: a segment for it needs more than SHMGRPC_POOL_SIZE ({size_text(config.pool_size)}). "
+        return (f"{head}: a segment for it needs more than SHMGRPC_POOL_SIZE ({format_size(config.pool_size)}). "
                 "Raise SHMGRPC_POOL_SIZE, or lower SHMGRPC_SEGMENT_SIZE")
     if reason == "peer_cannot_read":
         why = notes.get(t, "")

@@ -52,6 +52,14 @@ def parse_size(text: str, name: str = "size") -> int:
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
+def format_size(n: float) -> str:
+    """A byte count for people: 4194304 -> '4 MiB', 1536 -> '1.5 KiB', 100 -> '100 B'."""
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= size:
+            return f"{n // size:.0f} {unit}" if n % size == 0 else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def parse_fraction(text: str, name: str = "fraction") -> float:
     """Parse '0.5', '50%', '1' into a float; ConfigError otherwise."""
     match = _FRACTION_RE.match(str(text))

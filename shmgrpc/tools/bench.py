@@ -156,7 +156,7 @@ import shmgrpc.aio
 from . import _bench_server as srv
 from .._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode, tune_malloc, with_hugetlb
 from .._core import ChannelStatus
-from ..config import Config, parse_size
+from ..config import Config, format_size, parse_size
 from ..errors import ConfigError
 
 KiB, MiB = srv.KiB, srv.MiB
@@ -343,13 +343,6 @@ def make_plan(
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def human_size(size: int) -> str:
-    for unit, scale in (("GiB", 1024 * MiB), ("MiB", MiB), ("KiB", KiB)):
-        if size >= scale and size % scale == 0:
-            return f"{size // scale} {unit}"
-    return f"{size} B"
 
 
 def short_size(size: int) -> str:
@@ -724,7 +717,7 @@ def rounds_for(size: int, repeat: int) -> int:
 def rounds_text(repeat: int) -> str:
     """How many rounds the report's medians are of."""
     return (f"median of {repeat} interleaved rounds "
-            f"({rounds_for(SMALL_MESSAGE, repeat)} for messages of {human_size(SMALL_MESSAGE)} and less)")
+            f"({rounds_for(SMALL_MESSAGE, repeat)} for messages of {format_size(SMALL_MESSAGE)} and less)")
 
 
 def batch_calls(job: Job) -> int:
@@ -1163,7 +1156,7 @@ class Bench:
             plan = self.args.plan[message]
             for size in sorted({size for sizes in plan.values() for size in sizes}):
                 shapes = [shape for shape in self.args.shapes if size in plan[shape]]
-                progress(f"== {message} {human_size(size)}: building the payload")
+                progress(f"== {message} {format_size(size)}: building the payload")
                 payload = srv.Payload(message, size)
                 self.floors[(message, size)] = []
                 unary = None
@@ -1183,7 +1176,7 @@ class Bench:
         cells = {column: Cell(*key, job.payload.wire_size, job.count, *column) for column in self.columns}
         for column in self.columns:
             self.cells[key + column] = cells[column]
-        label = f"{job.message} {job.shape} {human_size(job.size)}" + (f" x{job.count}" if job.count > 1 else "")
+        label = f"{job.message} {job.shape} {format_size(job.size)}" + (f" x{job.count}" if job.count > 1 else "")
         progress(f"-- {label}: warm-up")
         for column in self.columns:
             self.sample(cells[column], job, record=False)
@@ -1219,7 +1212,7 @@ class Bench:
         for column, cell in cells.items():
             if cell.errors:
                 continue
-            where = f"peak memory, {job.message} {human_size(job.size)} {column_name(column)}"
+            where = f"peak memory, {job.message} {format_size(job.size)} {column_name(column)}"
             control = self.controls[sides(cell.api)[1]]
             try:
                 cell.peak = measure_peak(self.echo(column, job.message), control, job)
@@ -1248,7 +1241,7 @@ class Bench:
         cell.checked_sampled += job.check.spot_checks - spot + remote[1]
         if problem:
             cell.errors.append(problem)
-            self.warn(f"{job.message} {job.shape} {human_size(job.size)} {column_name(cell.column)}: {problem}")
+            self.warn(f"{job.message} {job.shape} {format_size(job.size)} {column_name(cell.column)}: {problem}")
         self.account(cell, job, outcome if record and not problem else None)
 
     def account(self, cell: Cell, job: Job, outcome: Optional[Outcome]) -> None:
@@ -1268,7 +1261,7 @@ class Bench:
         _add(cell.server_stats, servers[server_api])
         if cell.mode in SHMGRPC_MODES and job.payload.wire_size >= self.fast_path_from(cell.mode):
             shortfall = offload_shortfall(job, cell.mode, client)
-            where = f"{job.message} {job.shape} {human_size(job.size)} {column_name(cell.column)}"
+            where = f"{job.message} {job.shape} {format_size(job.size)} {column_name(cell.column)}"
             if shortfall and not cell.shortfalls:
                 self.warn(f"{where}: {shortfall}")
             if shortfall:
@@ -1568,7 +1561,7 @@ def table(view: Results, message: str, shape: str, api: str = SYNC_API) -> str:
         for index, mode in enumerate(view.modes):
             per, cpu = view.per_message(*key, mode, api), view.cpu(*key, mode, api)
             first = index == 0
-            row = [human_size(size) if first else "", mode, _cell_text(view.cell(*key, mode, api))]
+            row = [format_size(size) if first else "", mode, _cell_text(view.cell(*key, mode, api))]
             row.append("" if mode == BASELINE else ratio(_div(base, per)))
             if vs_sync:
                 row.append(ratio(_div(view.per_message(*key, mode, SYNC_API), per)))
@@ -1595,7 +1588,7 @@ def below_threshold_note(view: Results, message: str, shape: str, api: str = SYN
         ]
         if costs:
             notes.append(
-                f"{human_size(size)}, below the {human_size(view.threshold)} threshold (inline): "
+                f"{format_size(size)}, below the {format_size(view.threshold)} threshold (inline): "
                 f"{', '.join(costs)} vs {BASELINE}"
             )
     return notes
@@ -1618,7 +1611,7 @@ def peak_table(view: Results) -> str:
                 cell = view.cell(message, "unary", size, mode, api)
                 if not cell or not cell["peak_memory"]:
                     continue
-                row = [message, human_size(size), column_name((api, mode))]
+                row = [message, format_size(size), column_name((api, mode))]
                 for side in ("client", "server"):
                     peak = cell["peak_memory"][side]
                     row += [
@@ -1639,7 +1632,7 @@ def checked_line(views: Sequence[Results]) -> str:
     failed = sum(1 for cell in cells if cell["errors"])
     return (
         f"checked: {whole} messages compared whole, {sampled} spot-checked (stream messages above "
-        f"{human_size(srv.STREAM_KEEP_MAX)}: item count, {srv.SAMPLE_WINDOWS + 2} windows); "
+        f"{format_size(srv.STREAM_KEEP_MAX)}: item count, {srv.SAMPLE_WINDOWS + 2} windows); "
         + (f"{failed} cells FAILED (see the warnings)" if failed else "no problem found")
     )
 
@@ -1664,7 +1657,7 @@ def report_text(view: Results) -> str:
     if peaks:
         out += [
             "",
-            f"peak memory over one unary echo ({human_size(PEAK_MIN_SIZE)} and up), MiB: peak = VmHWM after a "
+            f"peak memory over one unary echo ({format_size(PEAK_MIN_SIZE)} and up), MiB: peak = VmHWM after a "
             "reset (it counts\nthe shared pages a process touched), +call = peak minus the RSS the call started "
             "from, shmem =\nRssShmem after the call (the pool stays mapped, so all modes see it); (x) = multiple "
             "of the payload",
@@ -1726,7 +1719,7 @@ def combined_table(phases: Dict[str, Results], message: str, shape: str, api: st
         for malloc, view in phases.items():
             if size not in view.sizes(message, shape, api):
                 continue
-            row = [human_size(size), malloc]
+            row = [format_size(size), malloc]
             row += [_cell_text(view.cell(message, shape, size, mode, api)) for mode in modes]
             row.append(fmt_ms(view.floor(message, shape, size)))
             same_base = view.per_message(message, shape, size, BASELINE, api)

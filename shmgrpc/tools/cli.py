@@ -23,16 +23,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .. import pool, wire
 from .._version import __version__
-from ..config import Config, parse_size
+from ..config import Config, format_size, parse_size
 from ..errors import ConfigError
 
 _SIDE_RE = re.compile(r"^@shmgrpc-(\d{1,10})-([0-9a-f]{16})$")
-
-
-def _size(n: float) -> str:
-    from .doctor import size_text
-
-    return size_text(n)
 
 
 def _age(seconds: float) -> str:
@@ -111,7 +105,7 @@ def _table(rows: List[Dict[str, Any]]) -> List[str]:
     lines = [f"  {'PID':>8}  {'OWNER':<7} {'UID':>6} {'SIZE':>10} {'AGE':>5}  NAME"]
     for r in rows:
         state = "alive" if r["alive"] else "dead"
-        lines.append(f"  {r['pid']:>8}  {state:<7} {r['uid']:>6} {_size(r['size']):>10} {_age(r['age_seconds']):>5}"
+        lines.append(f"  {r['pid']:>8}  {state:<7} {r['uid']:>6} {format_size(r['size']):>10} {_age(r['age_seconds']):>5}"
                      f"  {r['name']}")
     return lines
 
@@ -126,14 +120,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     total = sum(r["size"] for r in rows)
     owners = {r["pid"] for r in rows}
     print(f"{config.shm_dir}: {len(rows)} shmgrpc segment{'s' if len(rows) != 1 else ''} of {len(owners)} "
-          f"process{'es' if len(owners) != 1 else ''}, {_size(total)}")
+          f"process{'es' if len(owners) != 1 else ''}, {format_size(total)}")
     if rows:
         print("\n".join(_table(rows)))
     dead = [r for r in rows if not r["alive"]]
     if dead:
         ours = [r for r in dead if r["uid"] == os.geteuid()]
         print(f"{len(dead)} segment{'s' if len(dead) != 1 else ''} of exited processes "
-              f"({_size(sum(r['size'] for r in dead))}): `python -m shmgrpc gc` removes "
+              f"({format_size(sum(r['size'] for r in dead))}): `python -m shmgrpc gc` removes "
               f"{'them' if len(ours) == len(dead) else f'the {len(ours)} of uid {os.geteuid()}'}")
     if sockets:
         print("side sockets (memfd) in this network namespace: "
@@ -155,9 +149,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would remove" if args.dry_run else "removed"
     owners = {r["pid"] for r in removed}
     print(f"{config.shm_dir}: {verb} {len(removed)} segment{'s' if len(removed) != 1 else ''} of "
-          f"{len(owners)} exited process{'es' if len(owners) != 1 else ''} ({_size(sum(r['size'] for r in removed))})")
+          f"{len(owners)} exited process{'es' if len(owners) != 1 else ''} ({format_size(sum(r['size'] for r in removed))})")
     for r in removed:
-        print(f"  {verb} {r['name']} (pid {r['pid']}, {_size(r['size'])})")
+        print(f"  {verb} {r['name']} (pid {r['pid']}, {format_size(r['size'])})")
     alive = [r for r in kept if r["alive"]]
     others = [r for r in kept if not r["alive"]]
     if alive:

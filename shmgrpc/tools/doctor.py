@@ -39,10 +39,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from .. import cma, pool, side, wire
 from .._core import AUTO_ORDER, TRANSPORTS
 from .._status import cma_fix
-from .._status import size_text as size_text
 from .._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode
 from .._version import __version__
-from ..config import Config
+from ..config import Config, format_size
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -167,7 +166,7 @@ def check_memfd(config: Config) -> Check:
     try:
         fd = side.memfd_segment("shmgrpc-doctor", size)
     except OSError as err:
-        return Check("memfd", FAIL, f"cannot make a sealed {size_text(size)} memfd: {err.strerror}",
+        return Check("memfd", FAIL, f"cannot make a sealed {format_size(size)} memfd: {err.strerror}",
                      "the memory cgroup or RLIMIT_MEMLOCK of this container is exhausted, or seals are "
                      "not supported; raise the container's memory limit")
     problem = None
@@ -256,20 +255,20 @@ def check_shm(config: Config) -> Check:
     need = segment_bytes(config, config.threshold)
     data = {"dir": d, "fstype": fstype, "mount": point, "total": total, "free": free, "segment": need,
             "pool_size": config.pool_size}
-    where = f"{d} ({fstype or 'unknown file system'}): {size_text(free)} free of {size_text(total)}"
+    where = f"{d} ({fstype or 'unknown file system'}): {format_size(free)} free of {format_size(total)}"
     if need > config.pool_size:
-        return Check("shm", FAIL, f"SHMGRPC_POOL_SIZE ({size_text(config.pool_size)}) is smaller than one "
-                                  f"segment ({size_text(need)})", "raise SHMGRPC_POOL_SIZE", data)
+        return Check("shm", FAIL, f"SHMGRPC_POOL_SIZE ({format_size(config.pool_size)}) is smaller than one "
+                                  f"segment ({format_size(need)})", "raise SHMGRPC_POOL_SIZE", data)
     problem = _reserve(d, need)
     grow = ("give it room: docker run --shm-size=1g (or --ipc=host); Kubernetes: mount an emptyDir "
             "{medium: Memory, sizeLimit: 1Gi} at /dev/shm; or make segments smaller (SHMGRPC_SEGMENT_SIZE, "
             "SHMGRPC_POOL_SIZE); or let memfd carry them (SHMGRPC_TRANSPORT=auto), which needs no /dev/shm")
     if problem is not None:
-        return Check("shm", FAIL, f"{where}; a {size_text(config.threshold)} message (SHMGRPC_THRESHOLD) needs a "
-                                  f"{size_text(need)} segment (SHMGRPC_SEGMENT_SIZE), and reserving one failed: "
+        return Check("shm", FAIL, f"{where}; a {format_size(config.threshold)} message (SHMGRPC_THRESHOLD) needs a "
+                                  f"{format_size(need)} segment (SHMGRPC_SEGMENT_SIZE), and reserving one failed: "
                                   f"{problem}", grow, data)
     if total and config.pool_size > total:
-        return Check("shm", WARN, f"{where}; the pool may grow to {size_text(config.pool_size)} "
+        return Check("shm", WARN, f"{where}; the pool may grow to {format_size(config.pool_size)} "
                                   f"(SHMGRPC_POOL_SIZE), more than {d} holds: past that, large messages take the "
                                   "next rung or go inline",
                      f"SHMGRPC_POOL_SIZE={max(total // MiB // 2, 1)}MiB, or a larger {d}: " + grow.split(": ", 1)[1],
@@ -277,8 +276,8 @@ def check_shm(config: Config) -> Check:
     if fstype is not None and fstype != "tmpfs":
         return Check("shm", WARN, f"{where}; it is not a tmpfs, so segments may be written to disk",
                      "point SHMGRPC_SHM_DIR at a tmpfs", data)
-    return Check("shm", OK, f"{where}; a {size_text(need)} segment reserved and removed; pool up to "
-                            f"{size_text(config.pool_size)}", data=data)
+    return Check("shm", OK, f"{where}; a {format_size(need)} segment reserved and removed; pool up to "
+                            f"{format_size(config.pool_size)}", data=data)
 
 
 def _reserve(d: str, size: int) -> Optional[str]:
@@ -522,9 +521,9 @@ class Echo:
         """What a --method answer without our payload means, in words."""
         if self.field:
             return (f"the method answered without the doctor's payload (a {answer}-byte answer to a "
-                    f"{size_text(size)} request in field {self.field}): it does not send field {self.field} back")
+                    f"{format_size(size)} request in field {self.field}): it does not send field {self.field} back")
         return (f"the method answered without the doctor's payload (a {answer}-byte answer to a "
-                f"{size_text(size)} request): the payload is an unknown field, and a handler that copies only the "
+                f"{format_size(size)} request): the payload is an unknown field, and a handler that copies only the "
                 "fields it knows (an echo such as `Blob(data=request.data)`) drops it")
 
     def call(self, channel: Any, request: bytes, timeout: float) -> bytes:
@@ -822,7 +821,7 @@ def target_checks(target: str, config: Config, method: Optional[str], size: int,
 
 def _echo_check(name: str, p: Probe, echo: Echo, found: str, size: int, configured: str) -> Check:
     data = p.to_json()
-    what = f"{found}: {size_text(size)}"
+    what = f"{found}: {format_size(size)}"
     if p.echo_code != "OK":
         shmgrpc_error = p.echo_details.startswith("shmgrpc:")
         if echo.kind == "method" and not shmgrpc_error and p.echo_code not in ("UNIMPLEMENTED", None) and p.sent_via:
@@ -884,7 +883,7 @@ def _transport_check(t: str, p: Probe, echo: Optional[Echo], size: int) -> Check
     if t not in p.sent_via:
         why = st.sent.reason if st.sent.inline else (
             ", ".join(f"{k} {v}" for k, v in sorted(p.fallbacks.items())) or "no fallback reason counted")
-        return Check(t, FAIL, f"settled on {t}, but the {size_text(size)} request went inline ({why})",
+        return Check(t, FAIL, f"settled on {t}, but the {format_size(size)} request went inline ({why})",
                      _fix_for(t, why, notes), data)
     if t not in p.received_via:
         if p.echo_dropped:
@@ -896,7 +895,7 @@ def _transport_check(t: str, p: Probe, echo: Optional[Echo], size: int) -> Check
         why = st.received.reason or notes.get(t) or "no reason known here"
         return Check(t, FAIL, f"requests via {t} work, but the answer came back inline: {why}",
                      _fix_for(t, why, notes), data)
-    return Check(t, OK, f"{size_text(size)} out and back via {t}, {p.millis:.1f} ms", data=data)
+    return Check(t, OK, f"{format_size(size)} out and back via {t}, {p.millis:.1f} ms", data=data)
 
 
 # --- the whole report ------------------------------------------------------------
@@ -1006,7 +1005,7 @@ def render(report: Report, verbose: bool = False) -> str:
         f"{getattr(grpc, '__version__', '?')}, {platform.system()} {platform.release()}, uid {os.geteuid()}, "
         f"pid {os.getpid()}",
         f"config: SHMGRPC_TRANSPORT={c.transport} ({', '.join(order_of(c)) or 'none'}), threshold "
-        f"{size_text(c.threshold)}, pool {size_text(c.pool_size)} in {size_text(c.segment_size)} segments, "
+        f"{format_size(c.threshold)}, pool {format_size(c.pool_size)} in {format_size(c.segment_size)} segments, "
         f"shm dir {c.shm_dir}, side sockets {c.side_dir or 'abstract'}",
         "",
         "this machine:",
