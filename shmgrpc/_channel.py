@@ -21,7 +21,7 @@ no metadata of ours, no extra interceptor, nothing for the server to check.
 
 There is no handshake call: the first calls that carry the hello go
 inline, and the server's answer (its welcome) rides in their trailing
-metadata (Engine.client_answered). A channel whose server has no shmgrpc
+metadata (ClientHandshake.answered). A channel whose server has no shmgrpc
 learns that from the first such call that ends OK, and from then on is the
 wrapped channel's own multicallables, untouched.
 """
@@ -114,7 +114,7 @@ class MethodPath:
         return (0 if data is None else len(data)), data
 
     def route_state(self, engine: Engine, request: Any, always_hello: bool) -> Tuple[Any, Any]:
-        """(the call's hello state, Engine.client_call_state(), or None: it
+        """(the call's hello state, ClientHandshake.call_state(), or None: it
         goes without hello; the token of the presized bytes to reset when
         the call has started, or None)."""
         if always_hello or self.method in self.large:
@@ -125,13 +125,13 @@ class MethodPath:
             # hands all of it back to the kernel when they are freed: the
             # next call faults every page in again (aio 1 MiB: 2.6 -> 0.6 ms
             # of client CPU per call).
-            return engine.client_call_state(), None
+            return engine.client.call_state(), None
         size, data = self.sized(request)
         token = _presized.set([request, data]) if data is not None else None
         if size < self.threshold:
             return None, token  # no hello: small, and the method never carried a large message
         self.large.add(self.method)
-        return engine.client_call_state(), token
+        return engine.client.call_state(), token
 
     def noting(self, original: Optional[Callable[[bytes], Any]]) -> Callable[[bytes], Any]:
         """`original`, noting a large answer on a call without hello: the
@@ -387,7 +387,7 @@ class _Call:
 
     def settle(self, engine: Engine, finished) -> bool:
         """`finished` (the call, or its RpcError) is over: free its offloaded
-        requests and learn from its trailers (Engine.client_answered). True
+        requests and learn from its trailers (ClientHandshake.answered). True
         if they carry a welcome (the application's view then needs it
         stripped)."""
         self.release()
@@ -396,7 +396,7 @@ class _Call:
             ok = finished.code() == grpc.StatusCode.OK
         except Exception:  # not a finished grpc.Call: nothing to learn
             return False
-        engine.client_answered(ok, trailing, self.first_contact)
+        engine.client.answered(ok, trailing, self.first_contact)
         return wire.metadata_value(trailing, wire.WELCOME_KEY) is not None
 
 
@@ -507,13 +507,13 @@ class _MultiCallable:
     def _resend(self, reason: str, error: grpc.RpcError) -> None:
         engine = self._channel._engine
         if reason == "plain":
-            engine.client_lost_peer(
+            engine.client.lost_peer(
                 "a request frame reached a server without shmgrpc (it could not deserialize it); "
                 "the request was resent inline and this channel stays plain"
             )
         else:
             engine.stats.add("fallback", "resent_inline")
-            engine.client_welcome(error.trailing_metadata())
+            engine.client.welcome(error.trailing_metadata())
 
 
 class _UnaryRequest(_MultiCallable):

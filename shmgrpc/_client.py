@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar
 
 import grpc
 
-from ._core import Stats
+from ._stats import Stats
 from .config import Config
 
 log = logging.getLogger(__name__)

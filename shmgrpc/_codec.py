@@ -18,8 +18,9 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
-from . import pool, wire
+from . import wire
 from ._core import Engine, Route
+from .transports.base import FREE_ON_ACK, KEEP_UNTIL_END, KEEP_WHILE_ROOM
 from .errors import CallEnded, ShmGrpcError
 
 _BYTES = (bytes, bytearray, memoryview)
@@ -122,14 +123,14 @@ class CallCodec:
 
     def _held(self) -> int:
         """How long a request this call offloads now stays readable for a
-        resend (pool.Slot.held): until the call ends while plain gRPC could
+        resend (transports/base.py): until the call ends while plain gRPC could
         still retry the call (it has sent no more than gRPC's retry buffer);
         while there is room once plain gRPC would have committed it (core
         buffered only our handles, so it may still retry it through us);
         not at all once a response came."""
         if self.committed:
-            return pool.FREE_ON_ACK
-        return pool.KEEP_UNTIL_END if self.sent <= self.engine.retry_buffer else pool.KEEP_WHILE_ROOM
+            return FREE_ON_ACK
+        return KEEP_UNTIL_END if self.sent <= self.engine.retry_buffer else KEEP_WHILE_ROOM
 
     def deserializer(self, original: Optional[Callable]) -> Callable:
         original = original or _identity

@@ -261,7 +261,7 @@ def handshake_trailers(engine: Engine, details) -> Optional[Tuple]:
     offload is off here (no handler: UNIMPLEMENTED)."""
     if not engine.ready():
         return None
-    route = engine.server_route(wire.metadata_value(details.invocation_metadata, wire.HELLO_KEY))
+    route = engine.server.route(wire.metadata_value(details.invocation_metadata, wire.HELLO_KEY))
     return (route.welcome,) if route is not None and route.welcome is not None else ()
 
 
@@ -314,13 +314,13 @@ class ServerInterceptor(EngineOwner, grpc.ServerInterceptor):
         hello = wire.metadata_value(details.invocation_metadata, wire.HELLO_KEY)
         if hello is None:
             return handler
-        return self._handlers.get(self._engine.server_route(hello), handler)
+        return self._handlers.get(self._engine.server.route(hello), handler)
 
     def status(self) -> Tuple[PeerStatus, ...]:
         """What the large messages to and from each client route did lately,
         the newest route first (PeerStatus: per direction, the transport that
         carried them or inline and why); stats()["peers"] holds the same."""
-        return tuple(self._engine.peer_statuses())
+        return tuple(self._engine.report.peer_statuses())
 
     def unknown(self, details: grpc.HandlerCallDetails) -> Optional[grpc.RpcMethodHandler]:
         """A method the application does not serve: the handshake method of

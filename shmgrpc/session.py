@@ -28,10 +28,10 @@ import mmap
 import os
 import secrets
 import struct
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
-from . import pool
+from . import shmdir
 from .errors import HandleError
 
 ID_SIZE = 4096
@@ -76,14 +76,14 @@ class Identity:
         self.name = NO_SEGMENT
         if not named:
             return
-        self.name = pool.new_base_name() + "-id"
-        self._mm, self._fd = pool.create_mapping(shm_dir, self.name, ID_SIZE, keep_fd=True)
+        self.name = shmdir.new_base_name() + "-id"
+        self._mm, self._fd = shmdir.create_mapping(shm_dir, self.name, ID_SIZE, keep_fd=True)
         _ID.pack_into(
             self._mm,
             0,
             ID_MAGIC,
             os.getpid(),
-            pool.process_start(os.getpid()) or 0,  # not cached at import: a forked child has its own
+            shmdir.process_start(os.getpid()) or 0,  # not cached at import: a forked child has its own
             self.inst,
             self.secret,
             ctypes.addressof(self._probe),
@@ -104,7 +104,7 @@ class Identity:
     def close(self) -> None:
         """Owner: unlink and unmap. Safe to call twice."""
         if self.named:
-            pool._unlink(os.path.join(self.shm_dir, self.name))
+            shmdir.remove(os.path.join(self.shm_dir, self.name))
         self._close_fd()
         try:
             if self._mm is not None:
@@ -129,8 +129,9 @@ class Peer:
     secret: bytes
     id_segment: str
     probe_addr: int
-    cma_reason: Optional[str] = None  # why we cannot read its memory, None if we can
-    cma_probed: bool = False
+    # transport name -> why this process may not read what the peer sends
+    # that way (None: it may), for the transports that test it (cma).
+    probed: Dict[str, Optional[str]] = field(default_factory=dict)
 
     @property
     def named(self) -> bool:
@@ -141,7 +142,7 @@ class Peer:
 def side_peer(inst: bytes, ticket: bytes, pid: int = 0) -> Peer:
     """A peer known only through a side connection (another /dev/shm, maybe
     another pid namespace): its secret is the connection's ticket."""
-    return Peer(inst, pid, 0, ticket, NO_SEGMENT, 0, "no shared shm directory", True)
+    return Peer(inst, pid, 0, ticket, NO_SEGMENT, 0)
 
 
 def read_peer(shm_dir: str, name: str, inst: bytes) -> Peer:
@@ -149,7 +150,7 @@ def read_peer(shm_dir: str, name: str, inst: bytes) -> Peer:
 
     Raises HandleError (or DataLossError if the file is gone): the caller takes
     that as "not co-located" and stays with plain gRPC."""
-    fd, _ = pool.open_peer_file(shm_dir, name, writable=False)
+    fd, _ = shmdir.open_peer_file(shm_dir, name, writable=False)
     try:
         data = os.pread(fd, _ID.size, 0)
     finally:
@@ -161,6 +162,6 @@ def read_peer(shm_dir: str, name: str, inst: bytes) -> Peer:
         raise HandleError(f"id segment {name} has a foreign header")
     if not hmac.compare_digest(file_inst, inst):
         raise HandleError(f"id segment {name} belongs to another instance than the peer claims")
-    if not pool.alive(pid, start):
+    if not shmdir.alive(pid, start):
         raise HandleError(f"id segment {name} names pid {pid}, which is not running")
     return Peer(inst, pid, start, secret, name, probe_addr)

@@ -34,7 +34,7 @@ shm part (kind 1):
     40     8    offset      first payload byte inside the segment
     48     4    slot        slot index inside the segment
     52     1    n           length of the segment name
-    53     n    name        segment name, ASCII, "shmgrpc-..." (see pool.py)
+    53     n    name        segment name, ASCII, "shmgrpc-..." (see shmdir.py)
 
 memfd part (kind 3): a slot of a segment whose descriptor the sender passed
 over the side connection (see side.py) before sending this handle:

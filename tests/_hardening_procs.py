@@ -165,7 +165,8 @@ def truncate_request(spec: dict) -> dict:
 
     from protos import echo_test_pb2 as pb
     from protos import echo_test_pb2_grpc as pb_grpc
-    from shmgrpc import pool, wire
+    from shmgrpc import wire
+    from shmgrpc.transports import _slots as pool
     from tests.echo_server import digest, pattern
 
     shm_dir = spec["shm_dir"]
@@ -183,11 +184,11 @@ def truncate_request(spec: dict) -> dict:
     out["first_ok"] = call(1)
     out["segments_before"] = data_names(shm_dir)
     engine = wrapper._engine
-    hello, route = engine.client_call_state()
+    hello, route = engine.client.call_state()
     peer = route.peer
     body = pattern(size, 2)
     data = pb.Payload(seq=2, body=body, digest=digest(body)).SerializeToString()
-    slot, reason = engine.node.get_pool().alloc(len(data), (peer.pid, peer.start))
+    slot, reason = engine.node.transports["shm"].slots.get_pool().alloc(len(data), (peer.pid, peer.start))
     assert slot is not None, reason
     slot.segment.mm[slot.offset : slot.offset + len(data)] = data
     pool.Pool.publish(slot)
@@ -297,7 +298,8 @@ def fork_workers(spec: dict) -> dict:
     of which builds and runs its own shmgrpc server. On SIGTERM: stop the
     workers and report their exit statuses."""
     import shmgrpc  # imported; nothing built unless preuse
-    from shmgrpc import pool
+    from shmgrpc.transports import _slots as pool
+    from shmgrpc import shmdir
 
     shm_dir = spec["shm_dir"]
     engine = None
@@ -306,12 +308,12 @@ def fork_workers(spec: dict) -> dict:
 
         engine = Engine(shmgrpc.Config.from_env(spec["env"]), "client")
         assert engine.ready(), engine.status()
-        me = (os.getpid(), pool.process_start(os.getpid()))
-        slot, reason = engine.node.get_pool().alloc(1 * MiB, me)
+        me = (os.getpid(), shmdir.process_start(os.getpid()))
+        slot, reason = engine.node.transports["shm"].slots.get_pool().alloc(1 * MiB, me)
         assert slot is not None, reason
         slot.segment.mm[slot.offset : slot.offset + 5] = b"hello"
         pool.Pool.publish(slot)
-        if "memfd" in engine._order:  # a listening side socket and its reader thread
+        if "memfd" in engine.order:  # a listening side socket and its reader thread
             side = engine.node.get_side()
             assert side is not None and side.listen()
     parent_names = own_names(shm_dir)
@@ -509,14 +511,18 @@ def race_writer(spec: dict) -> None:
     {inst, big, small} (handles as hex). Then, per stdin line: "retire"
     destroys the first half of the big segments (as an owner does when it
     evicts them); EOF closes everything."""
-    from shmgrpc import pool, wire
+    from shmgrpc import wire
+    from shmgrpc.transports import _slots as pool
+    from shmgrpc import shmdir
+    from shmgrpc.transports.shm import ShmSegment
     from tests.echo_server import pattern
 
     shm_dir = spec["shm_dir"]
-    reader = (spec["reader_pid"], pool.process_start(spec["reader_pid"]))
+    reader = (spec["reader_pid"], shmdir.process_start(spec["reader_pid"]))
     inst = os.urandom(16)
-    big_pool = pool.Pool(shm_dir, 256 * MiB, 128 * KiB, 3600.0, inst)
-    small_pool = pool.Pool(shm_dir, 16 * MiB, 1 * MiB, 3600.0, inst)
+    kinds = {"shm": ShmSegment}
+    big_pool = pool.Pool(shm_dir, 256 * MiB, 128 * KiB, 3600.0, inst, kinds=kinds)
+    small_pool = pool.Pool(shm_dir, 16 * MiB, 1 * MiB, 3600.0, inst, kinds=kinds)
 
     def publish(p: "pool.Pool", size: int, seed: int) -> str:
         data = pattern(size, seed)
@@ -631,13 +637,13 @@ def doomed_owner(spec: dict) -> None:
     """An engine with an id segment and a pool segment; prints its names and
     waits to be killed."""
     import shmgrpc
-    from shmgrpc import pool
+    from shmgrpc import shmdir
     from shmgrpc._core import Engine
 
     engine = Engine(shmgrpc.Config.from_env(spec["env"]), "client")
     assert engine.ready(), engine.status()
-    me = (os.getpid(), pool.process_start(os.getpid()))
-    slot, reason = engine.node.get_pool().alloc(1 * MiB, me)
+    me = (os.getpid(), shmdir.process_start(os.getpid()))
+    slot, reason = engine.node.transports["shm"].slots.get_pool().alloc(1 * MiB, me)
     assert slot is not None, reason
     emit({"pid": os.getpid(), "names": own_names(spec["shm_dir"])})
     time.sleep(600)

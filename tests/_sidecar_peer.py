@@ -265,7 +265,7 @@ def _delay_adopt(seconds: float) -> None:
     """Widen a window of the side channel's server: the side thread is
     descheduled between sending AUTH_OK and registering the connection
     (what a loaded machine does now and then)."""
-    from shmgrpc import side
+    from shmgrpc.transports import _side as side
 
     adopt = getattr(side.Side, "_adopt", None)
     if adopt is None:  # the side channel was restructured: nothing to widen
@@ -273,7 +273,7 @@ def _delay_adopt(seconds: float) -> None:
         return
 
     def late_adopt(self, conn):
-        if self._listener is not None:  # the server's side (it has a listener)
+        if self.door._listener is not None:  # the server's side (it has a listener)
             time.sleep(seconds)
         adopt(self, conn)
 
@@ -293,7 +293,8 @@ def tiny_segment(owner_inst: bytes) -> int:
     (a header, nothing else): what a descriptor flood sends again and again."""
     import fcntl
 
-    from shmgrpc import pool, side
+    from shmgrpc.transports import _slots as pool
+    from shmgrpc.transports import _side as side
 
     fd = side.memfd_segment("flood", 64)
     header = pool._SEG.pack(pool.SEG_MAGIC, 64, 0, 0, os.getpid(), 0, owner_inst)
@@ -308,7 +309,7 @@ def send_flood(sock, fd: int, inst: bytes, first: int, count: int, seconds: floa
     is full; returns how many went (fewer if the peer closed or stalled)."""
     import select
 
-    from shmgrpc import side
+    from shmgrpc.transports import _side as side
 
     deadline = time.monotonic() + seconds
     sent = 0
@@ -334,10 +335,11 @@ def evil_server(evil: dict) -> None:
     calls should all succeed: the test judges what the flood did)."""
     import itertools
 
-    from shmgrpc import _core, wire
+    from shmgrpc import wire
+    from shmgrpc.transports.memfd import Memfd
 
     if evil.get("mute_side"):
-        from shmgrpc import side
+        from shmgrpc.transports import _side as side
 
         kept = []
 
@@ -345,20 +347,20 @@ def evil_server(evil: dict) -> None:
             """Take the connection and never answer it."""
             with self._lock:
                 self._pending.pop(sock, None)
-            self._unregister(sock)
+            self.side._unregister(sock)
             kept.append(sock)
 
-        side.Side._authenticate = mute
+        side.Door._authenticate = mute
 
-    honest = _core.Engine._offload_memfd
+    honest = Memfd.offload
     numbers = itertools.count(10**9)
 
-    def offload_memfd(self, node, data, route, held):
-        if self.role != "server":
-            return honest(self, node, data, route, held)
+    def offload_memfd(self, data, route, held):
+        node = self.node
+        if route.side_conn is None:  # a client's route (a server's knows its side connection)
+            return honest(self, data, route, held)
         if evil.get("forge"):
             h = wire.MemfdHandle(len(data), os.urandom(16), 1, 4096, 0, next(numbers))
-            self.stats.add("offloaded", "memfd", 1, len(data))
             return wire.encode_memfd(h), None, ""
         conn = node.side.conn_for(route.peer.inst) if node.side is not None else None
         if conn is not None and evil.get("flood"):
@@ -372,9 +374,9 @@ def evil_server(evil: dict) -> None:
             finally:
                 os.close(fd)
             return None, None, "evil_flood"
-        return honest(self, node, data, route, held)
+        return honest(self, data, route, held)
 
-    _core.Engine._offload_memfd = offload_memfd
+    Memfd.offload = offload_memfd
 
 
 def run_server(spec) -> int:
@@ -777,7 +779,7 @@ def run_nsinit(spec, cmd) -> int:
 
 
 def run_sideauth(spec) -> int:
-    from shmgrpc import side
+    from shmgrpc.transports import _side as side
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     if spec.get("uid") is not None:  # SO_PEERCRED records who connect()s

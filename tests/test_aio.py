@@ -513,7 +513,7 @@ class HandshakeOnly(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         hello = wire.metadata_value(handler_call_details.invocation_metadata, wire.HELLO_KEY)
-        route = self.shmgrpc._engine.server_route(hello) if hello is not None else None
+        route = self.shmgrpc._engine.server.route(hello) if hello is not None else None
         if handler is None or route is None or route.framed:
             return handler
         return self.shmgrpc.handler_for(handler_call_details, handler)
@@ -1101,7 +1101,7 @@ def test_a_bad_handle_ends_an_aio_call_with_its_own_status(servers, make_client)
     server = servers.shared(suite_env("shm"), ["--aio"])
     client = make_client(server.unix_target, client_config("shm"))
     client.stub.Unary(pb.Payload(), timeout=CALL_TIMEOUT)  # the handshake
-    state = client.engine.client_call_state()
+    state = client.engine.client.call_state()
     assert state is not None and state[1] is not None  # a hello that names the server
     hello = state[0]
     bad = wire.frame(wire._COMMON.pack(b"EVIL", wire.KIND_SHM, 100, bytes(16)) + bytes(40))

@@ -21,7 +21,10 @@ import grpc
 import pytest
 
 from protos import echo_test_pb2 as pb
-from shmgrpc import pins, pool, wire
+from shmgrpc import wire
+from shmgrpc.transports import _pins as pins
+from shmgrpc.transports import _slots as pool
+from shmgrpc import shmdir
 from shmgrpc._core import Route
 from shmgrpc.errors import HandleError
 from tests.conftest import (
@@ -61,11 +64,11 @@ class Raw:
         reply = client.stub.Unary(pb.Payload(seq=1, body=b"hi"), timeout=CALL_TIMEOUT)  # the handshake
         self.server_pid = reply.server_pid
         self.engine = client.engine
-        state = self.engine.client_call_state()
+        state = self.engine.client.call_state()
         assert state is not None
         self.hello, self.route = state  # the hello metadata pair, the route it names
         assert self.route is not None and self.route.framed
-        assert self.route.send_shm and self.route.send_cma  # both transports proven
+        assert self.route.sends("shm") and self.route.sends("cma")  # both transports proven
         # bytes in, bytes out: no shmgrpc codec on this side
         self._call = client.raw_channel.unary_unary(UNARY)
 
@@ -94,7 +97,7 @@ class Raw:
         """A real, published slot of the client's pool holding `data`, and
         the ticket that releases it."""
         peer = self.route.peer
-        slot, reason = self.engine.node.get_pool().alloc(len(data), (peer.pid, peer.start))
+        slot, reason = self.engine.node.transports["shm"].slots.get_pool().alloc(len(data), (peer.pid, peer.start))
         assert slot is not None, reason
         slot.segment.mm[slot.offset : slot.offset + len(data)] = data
         pool.Pool.publish(slot)
@@ -107,7 +110,7 @@ class Raw:
         """A real pin of the client's, offered to the server, holding `data`,
         and the ticket that releases it."""
         peer = self.route.peer
-        raw, ticket, reason = self.engine.node.get_pins().pin(
+        raw, ticket, reason = self.engine.node.transports["cma"].part.get_pins().pin(
             data, self.route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid()
         )
         assert raw is not None, reason
@@ -168,10 +171,10 @@ def test_response_handles_are_single_use(raw):
     its own node, offered to itself.)"""
     engine = raw.engine
     identity = engine.node.identity
-    me = engine.node.peer(identity.inst, identity.name, probe_cma=False)
-    route = Route(peer=me, send_shm=True, send_cma=False, peer_key=None)
+    me = engine.node.peer(identity.inst, identity.name)
+    route = Route(peer=me, via=("shm",))
     data = pb.Payload(seq=6, body=b"response").SerializeToString()
-    slot, reason = engine.node.get_pool().alloc(len(data), (me.pid, me.start))
+    slot, reason = engine.node.transports["shm"].slots.get_pool().alloc(len(data), (me.pid, me.start))
     assert slot is not None, reason
     slot.segment.mm[slot.offset : slot.offset + len(data)] = data
     pool.Pool.publish(slot)
@@ -311,7 +314,7 @@ def test_shm_length_over_the_receivers_limit(raw):
 
 def test_shm_segment_with_loose_mode_or_foreign_header(raw):
     """Files of the right name that shmgrpc did not make are refused."""
-    base = pool.new_base_name()
+    base = shmdir.new_base_name()
     loose, foreign = f"{base}-90001", f"{base}-90002"
     paths = [os.path.join(SHM_DIR, n) for n in (loose, foreign)]
     try:
@@ -333,14 +336,16 @@ def test_shm_segment_with_loose_mode_or_foreign_header(raw):
 THIRD = """
 import ctypes, json, os, sys
 from protos import echo_test_pb2 as pb
-from shmgrpc import Config, pool, wire
+from shmgrpc import Config, wire
+from shmgrpc.transports import _slots as pool
+from shmgrpc import shmdir
 from shmgrpc._core import Engine
 secret = bytes.fromhex(sys.argv[1])
 reader_pid = int(sys.argv[2])
 engine = Engine(Config.from_env({"SHMGRPC_TRANSPORT": "shm"}), "client")
 assert engine.ready()
 data = pb.Payload(seq=1, body=secret).SerializeToString()
-slot, reason = engine.node.get_pool().alloc(len(data), (reader_pid, pool.process_start(reader_pid)))
+slot, reason = engine.node.transports["shm"].slots.get_pool().alloc(len(data), (reader_pid, shmdir.process_start(reader_pid)))
 assert slot is not None, reason
 slot.segment.mm[slot.offset:slot.offset + len(data)] = data
 pool.Pool.publish(slot)

@@ -9,7 +9,7 @@ import os
 import signal
 
 from protos import echo_test_pb2 as pb
-from shmgrpc import pool
+from shmgrpc import shmdir
 from tests.conftest import (
     CALL_TIMEOUT,
     SHM_DIR,
@@ -148,7 +148,7 @@ def test_a_call_after_close_fails_like_grpc(echo_server, transport):
     try:
         out = run_python(CALL_AFTER_CLOSE, echo_server.unix_target, transport)
     finally:
-        pool.reap(SHM_DIR)  # what a child that crashed left behind
+        shmdir.reap(SHM_DIR)  # what a child that crashed left behind
     assert out["error"] == "Cannot invoke RPC on closed channel!"
 
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from protos import echo_test_pb2 as pb
-from shmgrpc import cma
+from shmgrpc.transports import _vm as cma
 from shmgrpc._core import AUTO_ORDER
 from tests.conftest import (
     Outbox,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from shmgrpc import cma
+from shmgrpc.transports import _vm as cma
 from shmgrpc.errors import CmaBadAddress, CmaError, CmaNotPermitted, CmaPeerGone, HandleError
 
 pytestmark = pytest.mark.skipif(not cma.available(), reason="process_vm_readv needs Linux")
@@ -74,7 +74,7 @@ for line in sys.stdin:
 # Shared by the reader children: one read attempt, reported as JSON-able data.
 ATTEMPT = """
 import errno, json, os, sys, threading
-from shmgrpc import cma
+from shmgrpc.transports import _vm as cma
 
 def attempt(pid, address, want, write=False):
     buf = bytearray(len(want))

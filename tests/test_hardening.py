@@ -42,8 +42,10 @@ import pytest
 
 import shmgrpc
 from protos import echo_test_pb2 as pb
-from shmgrpc import pool, session, wire
-from shmgrpc._core import Node
+from shmgrpc import session, wire
+from shmgrpc.transports import _slots as pool
+from shmgrpc import shmdir
+from shmgrpc._node import Node
 from shmgrpc.errors import HandleError, ShmGrpcError
 from tests.conftest import (
     CALL_TIMEOUT,
@@ -239,7 +241,7 @@ def test_forked_workers_offload_with_identities_of_their_own(make_client, preuse
             assert stats["shmgrpc"]["restored"]["count"] >= 1, stats["shmgrpc"]
             assert stats["shmgrpc"]["offloaded"]["count"] >= 1, stats["shmgrpc"]
 
-            start = pool.process_start(pid)
+            start = shmdir.process_start(pid)
             ids = [n for n in shm_names(pid) if n.endswith("-id")]
             assert len(ids) == 1, shm_names(pid)
             match = wire.NAME_RE.match(ids[0])
@@ -529,8 +531,8 @@ class Raw:
     def __init__(self, client):
         # make_client's first call (conftest.learn_route) settled the route.
         self.engine = client.engine
-        self.hello, self.route = self.engine.client_call_state()
-        assert self.route is not None and self.route.send_shm, self.engine.status()
+        self.hello, self.route = self.engine.client.call_state()
+        assert self.route is not None and self.route.sends("shm"), self.engine.status()
         self.call = client.raw_channel.unary_unary(UNARY)
 
     def send(self, raw: bytes) -> grpc.RpcError:
@@ -542,22 +544,22 @@ class Raw:
 
     def shm(self, data: bytes):
         peer = self.route.peer
-        slot, reason = self.engine.node.get_pool().alloc(len(data), (peer.pid, peer.start))
+        slot, reason = self.engine.node.transports["shm"].slots.get_pool().alloc(len(data), (peer.pid, peer.start))
         assert slot is not None, reason
         slot.segment.mm[slot.offset : slot.offset + len(data)] = data
         pool.Pool.publish(slot)
         return slot.handle(), pool.Ticket(slot, slot.generation)
 
     def memfd(self, data: bytes):
-        assert self.route.send_memfd
-        encoded, ticket, reason = self.engine._offload_memfd(self.engine.node, data, self.route, held=True)
+        assert self.route.sends("memfd")
+        encoded, ticket, reason = self.engine.node.transports["memfd"].offload(data, self.route, held=True)
         assert encoded is not None, reason
         return wire.decode(encoded), ticket
 
     def cma(self, data: bytes):
-        assert self.route.send_cma, self.engine.status()
+        assert self.route.sends("cma"), self.engine.status()
         peer = self.route.peer
-        encoded, ticket, reason = self.engine.node.get_pins().pin(
+        encoded, ticket, reason = self.engine.node.transports["cma"].part.get_pins().pin(
             data, self.route.peer_key, peer.inst, (peer.pid, peer.start), os.getpid()
         )
         assert encoded is not None, reason
@@ -567,14 +569,14 @@ class Raw:
     def reuse(self, kind: str, handle, length: int):
         """Hand the slot or pin of `handle` (freed) to a message for another
         peer: another reader, and for cma another key. Returns its ticket."""
-        other = (os.getpid(), pool.process_start(os.getpid()))
+        other = (os.getpid(), shmdir.process_start(os.getpid()))
         if kind == "cma":
-            encoded, ticket, reason = self.engine.node.get_pins().pin(
+            encoded, ticket, reason = self.engine.node.transports["cma"].part.get_pins().pin(
                 b"x" * length, os.urandom(16), os.urandom(16), other, os.getpid())
             assert encoded is not None, reason
             assert wire.decode(encoded).entry == handle.entry, "the freed entry was expected to be reused"
             return ticket
-        slot, reason = self.engine.node.get_pool().alloc(length, other, "memfd" if kind == "memfd" else "shm")
+        slot, reason = self.engine.node.transports["shm"].slots.get_pool().alloc(length, other, "memfd" if kind == "memfd" else "shm")
         assert slot is not None, reason
         assert slot.index == handle.slot and slot.generation > handle.generation, "the freed slot was expected"
         return pool.Ticket(slot, slot.generation)
@@ -795,7 +797,7 @@ def test_a_receiver_with_a_smaller_max_message_gets_large_messages_inline(server
 # --- 9. the reaper in another pid namespace ----------------------------------------------------
 
 
-REAP = "import json, os, sys, shmgrpc.pool as p; print(json.dumps({'pid': os.getpid(), 'removed': p.reap(sys.argv[1])}))"
+REAP = "import json, os, sys, shmgrpc.shmdir as p; print(json.dumps({'pid': os.getpid(), 'removed': p.reap(sys.argv[1])}))"
 
 
 def test_reaper_in_another_pid_namespace_spares_live_owners(fresh_server, make_client):
@@ -865,8 +867,8 @@ def test_fifo_or_symlink_under_an_id_segment_name_does_not_block_the_server(fres
     good = make_client(server.unix_target, client_config("auto"))
     raw = Raw(good)
     server_inst = raw.route.peer.inst
-    base = pool.new_base_name()  # names of this process: the leak check watches them
-    fifo_id, link_id = f"{base}-id", f"{pool.new_base_name()}-id"
+    base = shmdir.new_base_name()  # names of this process: the leak check watches them
+    fifo_id, link_id = f"{base}-id", f"{shmdir.new_base_name()}-id"
     elsewhere = str(tmp_path / "fifo")
     os.mkfifo(elsewhere, 0o600)
     fifo_seg = f"{base}-7"

@@ -105,7 +105,7 @@ def test_a_channel_that_loses_offload_logs_one_warning(fresh_server, make_client
         assert reply.server_pid == plain.pid and reply.body == request.body
     warnings = records.at_least(logging.WARNING)
     assert len(warnings) == 1, warnings
-    assert "no longer offloads (was memfd)" in warnings[0] and "shmgrpc._core" in warnings[0]
+    assert "no longer offloads (was memfd)" in warnings[0] and "shmgrpc._handshake" in warnings[0]
 
 
 def test_fallback_lines_are_rate_limited(make_client, log_server, records):

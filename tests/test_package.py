@@ -112,7 +112,8 @@ def test_wheel_contents(dist):
         metadata = email.message_from_string(whl.read(f"{info}/METADATA").decode())
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
     for name in ("__init__.py", "__main__.py", "py.typed", "tools/cli.py", "tools/doctor.py", "tools/bench.py",
-                 "_types.py", "pool.py", "aio/__init__.py", "metrics/__init__.py", "metrics/prometheus.py",
+                 "_types.py", "transports/__init__.py", "transports/memfd.py", "transports/shm.py",
+                 "transports/cma.py", "transports/_slots.py", "aio/__init__.py", "metrics/__init__.py", "metrics/prometheus.py",
                  "metrics/otel.py"):
         assert f"shmgrpc/{name}" in names, name
     assert f"{info}/licenses/LICENSE" in names

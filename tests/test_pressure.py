@@ -44,7 +44,11 @@ import pytest
 import shmgrpc.aio
 from protos import echo_test_pb2 as pb
 from protos import echo_test_pb2_grpc as pb_grpc
-from shmgrpc import pins, pool, wire
+from shmgrpc import wire
+from shmgrpc.transports import _pins as pins
+from shmgrpc.transports import _slots as pool
+from shmgrpc import shmdir
+from shmgrpc.transports.shm import ShmSegment
 from tests.conftest import (
     CALL_TIMEOUT,
     SHM_DIR,
@@ -61,6 +65,8 @@ from tests.conftest import (
     wait_until,
 )
 from tests.echo_server import GRPC_OPTIONS, digest, pattern
+
+KINDS = {"shm": ShmSegment}  # the pools made here hold shm segments
 
 PROCS = "import sys; from tests._pressure_procs import main; sys.exit(main())"
 CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
@@ -91,7 +97,7 @@ def go_on(proc: subprocess.Popen) -> dict:
 
 
 def me() -> tuple:
-    return os.getpid(), pool.process_start(os.getpid())
+    return os.getpid(), shmdir.process_start(os.getpid())
 
 
 # --- 1. a late ack -----------------------------------------------------------------------------
@@ -133,7 +139,7 @@ def test_a_late_slot_ack_marks_nothing_but_its_own_message_read(monkeypatch):
     reader checked the slot after its copy; before its ACKED lands, the
     sender frees the slot and publishes the next message in it."""
     inst = os.urandom(16)
-    p = pool.Pool(SHM_DIR, 4 * MiB, 1 * MiB, 60.0, inst)
+    p = pool.Pool(SHM_DIR, 4 * MiB, 1 * MiB, 60.0, inst, kinds=KINDS)
     attacher = pool.Attacher(SHM_DIR, 1 << 30)
     first, second = pattern(200 * KiB, 1), pattern(200 * KiB, 2)
 
@@ -185,7 +191,7 @@ def test_a_request_grpc_could_resend_stays_readable_however_full_the_pool():
     inst = os.urandom(16)
     size = 64 * KiB
     # One segment of four 64 KiB slots: the whole pool.
-    p = pool.Pool(SHM_DIR, 4096 + 4 * size, 4 * size, 60.0, inst)
+    p = pool.Pool(SHM_DIR, 4096 + 4 * size, 4 * size, 60.0, inst, kinds=KINDS)
     attacher = pool.Attacher(SHM_DIR, 1 << 30)
 
     def publish(seq: int, held: int = pool.FREE_ON_ACK):
@@ -230,7 +236,7 @@ def test_a_request_grpc_could_resend_stays_readable_however_full_the_pool():
 def test_a_peer_is_held_to_its_share_of_the_pool_and_of_the_pins():
     inst = os.urandom(16)
     hog, other = os.urandom(16), os.urandom(16)
-    p = pool.Pool(SHM_DIR, 16 * MiB, 4 * MiB, 60.0, inst, peer_share=0.5)
+    p = pool.Pool(SHM_DIR, 16 * MiB, 4 * MiB, 60.0, inst, peer_share=0.5, kinds=KINDS)
     table = pins.Pins(8 * MiB, 60.0, peer_share=0.5)
     try:
         held = []

@@ -58,7 +58,8 @@ from typing import Dict, List, Optional
 import grpc
 import pytest
 
-from shmgrpc import session, side, wire
+from shmgrpc import session, wire
+from shmgrpc.transports import _side as side
 from tests._sidecar_peer import NSINIT_DONE, PROGRESS, READY, RESULT
 from tests.conftest import ROOT, SESSION_PIDS, child_env, suite_env
 
@@ -1271,7 +1272,7 @@ class SidePair:
     side connection."""
 
     def __init__(self, peer_bytes: int = 1 * 1024 * MiB):
-        from shmgrpc import pool
+        from shmgrpc.transports import _slots as pool
 
         self.attacher = pool.Attacher("/dev/shm", 1 * 1024 * MiB)
         self.server_inst, self.client_inst = os.urandom(16), os.urandom(16)
@@ -1293,9 +1294,9 @@ class SidePair:
         self.attacher.drop_memfd(conn.id, number)
 
     def segment(self, number: int):
-        from shmgrpc import pool
+        from shmgrpc.transports.memfd import MemfdSegment
 
-        seg = pool.MemfdSegment(number, 4096, 1, self.client_inst)
+        seg = MemfdSegment(number, 4096, 1, self.client_inst)
         self.segments.append(seg)
         return seg
 
@@ -1497,7 +1498,7 @@ def test_silent_connections_of_our_own_uid_are_capped():
                           side.PENDING_SECONDS * 0.8)
         took = time.monotonic() - started
         assert shut and took < side.PENDING_SECONDS, (sum(closed(s) for s in silent), took)
-        assert len(server._pending) <= side.PENDING_PER_UID, len(server._pending)
+        assert len(server.door._pending) <= side.PENDING_PER_UID, len(server.door._pending)
         assert conn.alive and server.conn_for(client.inst) is not None
     finally:
         for s in silent:

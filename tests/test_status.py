@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from shmgrpc import ChannelStatus, Config, cma
+from shmgrpc import ChannelStatus, Config
+from shmgrpc.transports import _vm as cma
 from shmgrpc._status import RECENT, Recent, carrier, fallback_words, inline_notes, summarize
 from tests.conftest import MiB, run_json, spawn, suite_env
 

@@ -139,10 +139,10 @@ class _Call:
             self._learned = True
             engine = self._mc._channel._engine
             trailing = await inner.trailing_metadata()
-            if engine.new_welcome(trailing):
-                await _off_loop(engine.client_answered, ok, trailing, self._first_contact)
+            if engine.client.new_welcome(trailing):
+                await _off_loop(engine.client.answered, ok, trailing, self._first_contact)
             else:
-                engine.client_answered(ok, trailing, self._first_contact)
+                engine.client.answered(ok, trailing, self._first_contact)
 
     async def _restore_failed(self, inner) -> aio.AioRpcError:
         inner.cancel()
@@ -230,16 +230,16 @@ class _UnaryResponse(_Call):
         """Send the request again, plain (see shmgrpc._channel.resend_reason)."""
         engine = self._mc._channel._engine
         if reason == "plain":
-            engine.client_lost_peer(
+            engine.client.lost_peer(
                 "a request frame reached a server without shmgrpc (it could not deserialize it); "
                 "the request was resent inline and this channel stays plain"
             )
         else:
             engine.stats.add("fallback", "resent_inline")
-            if engine.new_welcome(err.trailing_metadata()):
-                await _off_loop(engine.client_welcome, err.trailing_metadata())
+            if engine.client.new_welcome(err.trailing_metadata()):
+                await _off_loop(engine.client.welcome, err.trailing_metadata())
             else:
-                engine.client_welcome(err.trailing_metadata())
+                engine.client.welcome(err.trailing_metadata())
         self._resendable = False
         self._start_now(None, remaining(self._deadline))  # plain: no hello, no frame
         try:

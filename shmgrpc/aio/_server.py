@@ -301,11 +301,11 @@ class ServerInterceptor(EngineOwner, aio.ServerInterceptor):
         hello = wire.metadata_value(details.invocation_metadata, wire.HELLO_KEY)
         if hello is None:
             return handler
-        return self._handlers.get(self._engine.server_route(hello), handler)
+        return self._handlers.get(self._engine.server.route(hello), handler)
 
     def status(self) -> Tuple[PeerStatus, ...]:
         """See shmgrpc.ServerInterceptor.status."""
-        return tuple(self._engine.peer_statuses())
+        return tuple(self._engine.report.peer_statuses())
 
     def unknown(self, details: grpc.HandlerCallDetails) -> Optional[grpc.RpcMethodHandler]:
         """See shmgrpc.ServerInterceptor.unknown."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple, cast
 
-from .._core import TRANSPORTS
+from ..transports import NAMES as TRANSPORTS
 from .._types import StatsSnapshot
 
 Labels = Dict[str, str]

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from .. import pool, wire
+from .. import shmdir, wire
 from .._version import __version__
 from ..config import Config, format_size, parse_size
 from ..errors import ConfigError
@@ -51,7 +51,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def segments(shm_dir: str) -> List[Dict[str, Any]]:
     """Every shmgrpc segment name in `shm_dir`: owner pid and start time
-    (from the name), alive or not (pool.owner_alive: the reaper's rule),
+    (from the name), alive or not (shmdir.owner_alive: the reaper's rule),
     uid, size, age (since its last change, on a tmpfs its creation)."""
     out: List[Dict[str, Any]] = []
     try:
@@ -74,7 +74,7 @@ def segments(shm_dir: str) -> List[Dict[str, Any]]:
             "pid": pid,
             "start": start,
             "uid": st.st_uid,
-            "alive": pool.owner_alive(shm_dir, name),
+            "alive": shmdir.owner_alive(shm_dir, name),
             "size": st.st_size,
             "age_seconds": round(now - st.st_mtime, 3),
         })
@@ -139,7 +139,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     config = _config(args)
     before = {r["name"]: r for r in segments(config.shm_dir)}
-    names = pool.reap(config.shm_dir, dry_run=args.dry_run)
+    names = shmdir.reap(config.shm_dir, dry_run=args.dry_run)
     removed = [before.get(name) or {"name": name, "pid": None, "size": 0} for name in names]
     kept = [r for name, r in before.items() if name not in set(names)]
     if args.json:

@@ -36,8 +36,10 @@ import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .. import cma, pool, side, wire
-from .._core import AUTO_ORDER, TRANSPORTS
+from .. import wire
+from .._core import AUTO_ORDER
+from ..transports import NAMES as TRANSPORTS
+from ..transports import _slots as pool, _side as side, _vm as cma
 from .._status import cma_fix
 from .._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode
 from .._version import __version__
@@ -630,7 +632,8 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 * MiB), ("grpc.max_se
 
 
 def _peer_pid(channel: Any) -> Optional[int]:
-    route = getattr(getattr(channel, "_engine", None), "_route", None)
+    client = getattr(getattr(channel, "_engine", None), "client", None)  # its handshake (_handshake.py)
+    route = getattr(client, "route", None)
     peer = getattr(route, "peer", None)
     pid = getattr(peer, "pid", None)
     return pid if isinstance(pid, int) and pid > 0 else None

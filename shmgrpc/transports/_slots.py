@@ -50,22 +50,20 @@ takes the next rung, or goes inline).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import mmap
 import os
 import secrets
-import stat
 import struct
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
-from . import wire
-from .errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError, SlotReclaimed
+from .. import shmdir, wire
+from ..errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError, SlotReclaimed
+from .base import FREE_ON_ACK, KEEP_UNTIL_END, KEEP_WHILE_ROOM, Part  # noqa: F401  (the held values, here too)
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +84,6 @@ _CLAIM_AT = 40  # offset of `claim`
 _NO_CLAIM = bytes(16)  # `claim` as alloc leaves it
 FREE, WRITING, READY, ACKED, READING = 0, 1, 2, 3, 4  # READING: a single-use reader claimed it
 
-# How long an acknowledged use stays readable, for gRPC to resend it (a
-# request of a call gRPC may still retry or hedge). The sender's, not in the
-# header; Slot.held and pins' held take these values (True is KEEP_WHILE_ROOM).
-FREE_ON_ACK = 0  # a response, or a request of a committed call
-# A request of a call plain gRPC would not retry (it sent more than gRPC's
-# retry buffer, grpc.per_rpc_retry_buffer_size: core commits such a call at
-# once), which core may retry through shmgrpc (it buffered a handle only):
-# kept until its call ends while there is room, freed once acknowledged when
-# the pool (or the peer's share) is short.
-KEEP_WHILE_ROOM = 1
-# A request of a call plain gRPC could retry too: readable until its call
-# ends (or the lease runs out), however short the pool; never taken back
-# from a call that may still read it.
-KEEP_UNTIL_END = 2
 
 
 def round_up(n: int, to: int) -> int:
@@ -114,31 +98,6 @@ def size_class(length: int) -> int:
     return round_up(length, step)
 
 
-# --- processes ----------------------------------------------------------------
-
-
-def process_start(pid: int) -> Optional[int]:
-    """Start time of `pid` in clock ticks since boot, or None if it is gone.
-
-    pid + start time names a process uniquely: a recycled pid has another start.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # comm (field 2) may hold spaces and parentheses: split after the last ")".
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[19])  # field 22 overall
-    except (IndexError, ValueError):
-        return None
-
-
-def alive(pid: int, start: int) -> bool:
-    return process_start(pid) == start
-
-
 class Liveness:
     """`gone(reader)` for one reclaim scan: each reader's /proc entry is read
     once, however many of its slots are waiting (a fast stream has dozens)."""
@@ -150,260 +109,76 @@ class Liveness:
         if not isinstance(reader, tuple):  # a side.Conn: gone when its connection is
             return not reader.alive
         if reader not in self._known:
-            self._known[reader] = not alive(*reader)
+            self._known[reader] = not shmdir.alive(*reader)
         return self._known[reader]
-
-
-def new_base_name() -> str:
-    """shmgrpc-<pid>-<start>-<64 random bits>: unguessable, and says who owns it."""
-    pid = os.getpid()
-    start = process_start(pid) or 0
-    return f"{wire.NAME_PREFIX}{pid}-{start}-{secrets.token_hex(8)}"
-
-
-# --- files --------------------------------------------------------------------
-
-
-class NoSpace(Exception):
-    """The shm directory cannot hold another segment (ENOSPC, EMFILE, ...)."""
-
-
-def create_mapping(shm_dir: str, name: str, size: int, keep_fd: bool = False):
-    """Create name (O_EXCL, 0600), reserve `size` bytes, map it shared.
-    Returns the mapping, or (mapping, fd) with `keep_fd`."""
-    path = os.path.join(shm_dir, name)
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as err:
-        raise NoSpace(f"cannot create {path}: {err.strerror}") from err
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask did, never more than the owner
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as err:
-            raise NoSpace(f"cannot reserve {size} bytes in {shm_dir}: {err.strerror}") from err
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        # The owner's mark of life: a shared lock held while the descriptor is
-        # open, i.e. until the owner closes it or exits. The reaper removes a
-        # file only if it can take an exclusive lock, whatever pid namespace
-        # the owner runs in (see reap()).
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BaseException:
-        _unlink(path)  # a constructor that fails half-way undoes what it made
-        os.close(fd)
-        raise
-    if keep_fd:
-        return mm, fd
-    os.close(fd)
-    return mm
-
-
-def owner_alive(shm_dir: str, name: str) -> bool:
-    """Is the owner of segment `name` still running?
-
-    Cheap first: the pid and start time in the name, if that process is
-    visible here. A process in another pid namespace (the other container of
-    a pod, sharing /dev/shm) is not, so then the lock decides: every owner
-    holds a shared flock on each of its files for as long as it lives, and
-    an exclusive lock can be taken only once it is gone."""
-    match = wire.NAME_RE.match(name)
-    if match is None:
-        return True  # not ours to judge
-    if alive(int(match.group(1)), int(match.group(2))):
-        return True
-    try:
-        fd = os.open(os.path.join(shm_dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return True  # gone already, or not a file we may open: leave it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True  # somebody holds it: alive
-    finally:
-        os.close(fd)  # also drops our lock
-    return False
-
-
-def intact(fd: int, size: int) -> bool:
-    """Does the file behind `fd` still hold `size` bytes?
-
-    Any process of our uid can ftruncate a segment. Touching a mapping past
-    the end of its file is SIGBUS, which kills the process: so every access
-    to a segment's mapping is preceded by this check (one fstat). A
-    truncation racing with the access itself is not caught; sealed memfd
-    segments are what closes that window."""
-    try:
-        return os.fstat(fd).st_size >= size
-    except OSError:
-        return False
-
-
-def open_peer_file(shm_dir: str, name: str, writable: bool) -> Tuple[int, os.stat_result]:
-    """Open a peer's segment and check it is ours to trust: a regular file of
-    our own uid that nobody else can open. Returns (fd, stat)."""
-    if not wire.NAME_RE.match(name):
-        raise HandleError(f"{name!r} is not a shmgrpc segment name")
-    path = os.path.join(shm_dir, name)
-    # O_NONBLOCK: a FIFO (or device) planted under a segment's name must not
-    # block this thread in open(); O_NOFOLLOW: a symlink must not redirect us.
-    # fstat below then refuses anything but a regular file of ours.
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise DataLossError(f"segment {name} does not exist (its owner exited or freed it)") from None
-    except OSError as err:
-        raise HandleError(f"cannot open segment {name}: {err.strerror}") from None
-    try:
-        st = os.fstat(fd)
-    except OSError as err:
-        os.close(fd)
-        raise HandleError(f"cannot stat segment {name}: {err.strerror}") from None
-    problem = None
-    if not stat.S_ISREG(st.st_mode):
-        problem = "is not a regular file"
-    elif st.st_uid != os.geteuid():
-        problem = f"belongs to uid {st.st_uid}, not to us (uid {os.geteuid()})"
-    elif st.st_mode & 0o077:
-        problem = f"has mode {stat.S_IMODE(st.st_mode):04o}; shmgrpc segments are 0600"
-    if problem:
-        os.close(fd)
-        raise HandleError(f"segment {name} {problem}; refusing it")
-    return fd, st
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def reap(shm_dir: str, dry_run: bool = False) -> List[str]:
-    """Remove segments whose owner process is gone (killed, crashed); never a
-    live owner's, in whatever pid namespace it runs (owner_alive). Only files
-    of our own uid, only names of our prefix. Returns the names removed (with
-    `dry_run`: the names it would remove, removing nothing)."""
-    removed: List[str] = []
-    try:
-        names = os.listdir(shm_dir)
-    except OSError:
-        return removed
-    uid = os.geteuid()
-    for name in names:
-        if not wire.NAME_RE.match(name):
-            continue
-        path = os.path.join(shm_dir, name)
-        try:
-            if os.lstat(path).st_uid != uid or owner_alive(shm_dir, name):
-                continue
-            if not dry_run:
-                os.unlink(path)
-            removed.append(name)
-        except OSError:
-            continue
-    if removed and not dry_run:
-        log.info("removed %d segment(s) left by exited processes", len(removed))
-    return removed
 
 
 # --- the sender's pool --------------------------------------------------------
 
 
 class Segment:
-    """One mapped segment of the owner's pool, cut into equal slots: a named
-    file in the shm directory (kind "shm")."""
+    """One mapped segment of the owner's pool, cut into equal slots. A
+    transport makes the mapping (shm.ShmSegment: a named file in the shm
+    directory; memfd.MemfdSegment: an anonymous sealed memfd) and says how a
+    handle names one of its slots; the pool does the rest."""
 
-    kind = "shm"
+    kind = ""  # the transport's name
+    name = ""  # unique in the pool; a file's name for kind "shm"
+    path = ""  # the file to unlink at destroy(), if any
 
-    def __init__(self, shm_dir: str, name: str, slot_size: int, count: int, owner_inst: bytes):
-        self.name = name
-        self.path = os.path.join(shm_dir, name)
+    @classmethod
+    def make(cls, pool: "Pool", number: int, slot_size: int, count: int) -> "Segment":
+        """A new segment of `count` slots of `slot_size` bytes, the pool's
+        `number`th. Raises shmdir.NoSpace where it cannot be made."""
+        raise NotImplementedError
+
+    def _layout(self, slot_size: int, count: int) -> None:
         self.slot_size = slot_size
         self.count = count
         self.header_size = round_up(64 + SLOT_HEADER * count, PAGE)
         self.size = self.header_size + slot_size * count
-        self.mm, self.fd = create_mapping(shm_dir, name, self.size, keep_fd=True)
-        _SEG.pack_into(
-            self.mm, 0, SEG_MAGIC, self.header_size, count, slot_size, os.getpid(), 0, owner_inst
-        )
-        self.generations = [0] * count  # the owner's own copy: never trust shared memory for it
+        self.fd = -1
+
+    def _start(self, mm: mmap.mmap, owner_inst: bytes) -> None:
+        """The mapping is made: write the segment header."""
+        self.mm = mm
+        _SEG.pack_into(mm, 0, SEG_MAGIC, self.header_size, self.count, self.slot_size, os.getpid(), 0, owner_inst)
+        self.generations = [0] * self.count  # the owner's own copy: never trust shared memory for it
         self.last_used = time.monotonic()  # the pool gives back segments idle for IDLE_SECONDS
+
+    def handle(self, slot: "Slot") -> "wire.ShmHandle | wire.MemfdHandle":
+        """The handle of `slot`'s current use."""
+        raise NotImplementedError
 
     def data_offset(self, index: int) -> int:
         return self.header_size + index * self.slot_size
 
     def intact(self) -> bool:
-        return self.fd >= 0 and intact(self.fd, self.size)
+        return self.fd >= 0 and shmdir.intact(self.fd, self.size)
 
     def close_fd(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
 
-    def destroy(self) -> None:
-        """Owner only: mark retired (attached readers drop their mapping), unlink, unmap."""
+    def retire(self) -> None:
+        """Tell its readers it is going (they drop their mapping)."""
         try:
             if self.intact():
                 struct.pack_into("<I", self.mm, 28, 1)
         except ValueError:
             pass  # already closed
-        _unlink(self.path)
+
+    def destroy(self) -> None:
+        """Owner only: mark retired (attached readers drop their mapping), unlink, unmap."""
+        self.retire()
+        if self.path:
+            shmdir.remove(self.path)
         self.close_fd()
         try:
             self.mm.close()
         except (BufferError, ValueError):
             pass  # a view is still alive somewhere; the mapping dies with it
-
-
-class MemfdSegment(Segment):
-    """A segment with no name (kind "memfd"): memfd_create, sealed against
-    shrinking and growing, passed to each reader's node once over the side
-    connection (side.Conn.send_segment). Freed by the kernel with the last
-    descriptor and mapping, in whichever process that is."""
-
-    kind = "memfd"
-
-    def __init__(self, number: int, slot_size: int, count: int, owner_inst: bytes):
-        from . import side  # imports pool's neighbours only
-
-        self.number = number
-        self.name = f"memfd-{os.getpid()}-{number}"  # for keys and logs; nothing has this name
-        self.path = ""
-        self.slot_size = slot_size
-        self.count = count
-        self.header_size = round_up(64 + SLOT_HEADER * count, PAGE)
-        self.size = self.header_size + slot_size * count
-        try:
-            self.fd = side.memfd_segment(self.name, self.size)
-        except OSError as err:
-            raise NoSpace(f"cannot reserve a {self.size}-byte memfd segment: {err.strerror}") from err
-        try:
-            self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        _SEG.pack_into(self.mm, 0, SEG_MAGIC, self.header_size, count, slot_size, os.getpid(), 0, owner_inst)
-        self.generations = [0] * count
-        self.last_used = time.monotonic()
-        self.conns: "weakref.WeakSet" = weakref.WeakSet()  # side connections that hold it
-
-    def intact(self) -> bool:
-        return self.fd >= 0  # sealed: nobody can shrink it
-
-    def destroy(self) -> None:
-        try:
-            struct.pack_into("<I", self.mm, 28, 1)
-        except ValueError:
-            pass
-        for conn in list(self.conns):
-            conn.retire(self.number)
-        self.close_fd()
-        try:
-            self.mm.close()
-        except (BufferError, ValueError):
-            pass
 
 
 @dataclass
@@ -429,13 +204,7 @@ class Slot:
         return self.segment.data_offset(self.index)
 
     def handle(self) -> "wire.ShmHandle | wire.MemfdHandle":
-        if isinstance(self.segment, MemfdSegment):  # kind "memfd"
-            return wire.MemfdHandle(
-                self.length, self.token, self.generation, self.offset, self.index, self.segment.number
-            )
-        return wire.ShmHandle(
-            self.length, self.token, self.generation, self.offset, self.index, self.segment.name
-        )
+        return self.segment.handle(self)
 
 
 @dataclass(frozen=True)
@@ -480,6 +249,7 @@ class Pool:
         owner_inst: bytes,
         clock: Callable[[], float] = time.monotonic,
         peer_share: float = 1.0,
+        kinds: Optional[Dict[str, Type[Segment]]] = None,
     ):
         self.shm_dir = shm_dir
         self.capacity = capacity
@@ -489,7 +259,10 @@ class Pool:
         self.lease_seconds = lease_seconds
         self.owner_inst = owner_inst
         self._clock = clock
-        self._base = new_base_name()
+        self.base_name = shmdir.new_base_name()  # of the files of kind "shm"
+        # kind -> its Segment class: each transport that keeps its messages
+        # in this pool's slots registers its own (Slots.kinds).
+        self.kinds: Dict[str, Type[Segment]] = {} if kinds is None else kinds
         self._counter = 0
         self._lock = threading.Lock()  # protects everything below
         self._segments: Dict[str, Segment] = {}
@@ -661,7 +434,8 @@ class Pool:
         self._free[key] = [s for s in self._free.get(key, []) if s.segment is not segment]
         for key in [k for k, s in self._busy.items() if s.segment is segment]:
             self._unbusy_locked(key)
-        _unlink(segment.path)
+        if segment.path:
+            shmdir.remove(segment.path)
         segment.close_fd()
         try:
             segment.mm.close()  # unmapping a truncated mapping is safe; touching it is not
@@ -706,11 +480,8 @@ class Pool:
             return None, "pool_full"
         self._counter += 1
         try:
-            if kind == "memfd":
-                segment: Segment = MemfdSegment(self._counter, cls, count, self.owner_inst)
-            else:
-                segment = Segment(self.shm_dir, f"{self._base}-{self._counter}", cls, count, self.owner_inst)
-        except NoSpace as err:
+            segment = self.kinds[kind].make(self, self._counter, cls, count)
+        except shmdir.NoSpace as err:
             if not self._no_space_logged:  # once: every large message would say it again
                 self._no_space_logged = True
                 log.info("%s; such messages take the next transport, or go inline", err)
@@ -955,7 +726,7 @@ class Attacher:
     def _check_intact(self, seg: _Attached) -> None:
         if seg.kind == "memfd":
             return  # sealed against shrinking: side.check_sealed before it was mapped
-        if not intact(seg.fd, seg.size):
+        if not shmdir.intact(seg.fd, seg.size):
             with self._lock:
                 if self._cache.get(seg.name) is seg:
                     del self._cache[seg.name]
@@ -980,7 +751,7 @@ class Attacher:
                 seg.views += 1
                 return seg
         match = wire.NAME_RE.match(name)
-        fd, st = open_peer_file(self.shm_dir, name, writable=True)
+        fd, st = shmdir.open_peer_file(self.shm_dir, name, writable=True)
         assert match is not None  # open_peer_file refuses any name NAME_RE does not match
         try:
             if st.st_size < 64 + SLOT_HEADER:
@@ -1041,7 +812,7 @@ class Attacher:
             if not over and over_only:
                 break
             if not over:
-                if not intact(seg.fd, seg.size):
+                if not shmdir.intact(seg.fd, seg.size):
                     stale = True
                 else:
                     stale = struct.unpack_from("<I", seg.mm, 28)[0] != 0 or gone(seg.owner)
@@ -1073,3 +844,55 @@ def _unmap(seg: _Attached) -> None:
     fd, seg.fd = seg.fd, -1
     if fd >= 0:
         os.close(fd)
+
+
+class Slots(Part):
+    """The slots of the transports that keep messages in a shared mapping
+    (shm and memfd), per node: the pool this process sends from, made on
+    first use, and the attacher of the peers' segments it reads.
+
+    Each such transport registers its Segment class in `kinds`."""
+
+    def __init__(self, node):
+        self._node = node
+        self._lock = threading.Lock()  # protects the pool's creation
+        self.kinds: Dict[str, Type[Segment]] = {}
+        self.pool: Optional[Pool] = None  # see get_pool()
+        # The receive limit is the engine's (it knows its gRPC options); the
+        # attacher only refuses what no engine here could accept.
+        self.attacher = Attacher(node.config.shm_dir, node.config.max_message)
+
+    def get_pool(self) -> Pool:
+        if self.pool is None:
+            with self._lock:
+                if self.pool is None:
+                    c = self._node.config
+                    pool = Pool(c.shm_dir, c.pool_size, c.segment_size, c.lease_seconds,
+                                self._node.identity.inst, peer_share=c.peer_share, kinds=self.kinds)
+                    self.pool = pool
+                    self._node.start_janitor()
+        return self.pool
+
+    def tidy(self) -> None:
+        self.attacher.maybe_trim()
+
+    def housekeep(self) -> None:
+        if self.pool is not None:
+            self.pool.trim_idle()
+        self.attacher.maybe_trim()
+
+    def stats(self) -> Dict[str, int]:
+        if self.pool is None:
+            return {}
+        s = self.pool.stats()
+        return {"capacity": s.capacity, "bytes_mapped": s.bytes_mapped, "bytes_in_use": s.bytes_in_use,
+                "segments": s.segments}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.attacher.close()
+
+    def abandon(self) -> None:
+        if self.pool is not None:
+            self.pool.abandon()

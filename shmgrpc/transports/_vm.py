@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Iterator, List, Optional, Sequence, Tuple, Type
 
-from .errors import CmaBadAddress, CmaError, CmaNotPermitted, CmaPeerGone
+from ..errors import CmaBadAddress, CmaError, CmaNotPermitted, CmaPeerGone
 
 # The kernel rejects a call with more iovecs than UIO_MAXIOV (EINVAL) on
 # either side; libc reports that limit as IOV_MAX. 1024 is its Linux value.

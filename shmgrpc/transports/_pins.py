@@ -54,8 +54,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from . import cma, pool, wire
-from .errors import CmaBadAddress, HandleError, HandleTooLarge, SlotReclaimed, StaleSessionError
+from .. import wire
+from . import _slots, _vm
+from ..errors import CmaBadAddress, HandleError, HandleTooLarge, SlotReclaimed, StaleSessionError
 
 ENTRY = struct.Struct("<8sQI4xQ16s16sQ16s8x")
 ENTRY_MAGIC = b"SHMGCMA1"
@@ -63,7 +64,7 @@ _GEN_AT = 8
 _STATE_AT = 16
 _ACKED_AT = 72
 _NO_ACK = bytes(16)  # `acked` as pin() leaves it
-_ACKED_STATE = struct.pack("<I", pool.ACKED)
+_ACKED_STATE = struct.pack("<I", _slots.ACKED)
 DEFAULT_ENTRIES = 4096  # concurrent unacknowledged cma messages; past it, the next rung
 
 
@@ -83,7 +84,7 @@ class _Pin:
     deadline: float
     token: bytes  # this use's: an ack counts only if it carries it
     peer: bytes  # the reader's instance id: whose share the bytes count against
-    held: int = pool.FREE_ON_ACK  # see pool.Slot.held
+    held: int = _slots.FREE_ON_ACK  # see _slots.Slot.held
 
 
 class Pins:
@@ -116,11 +117,11 @@ class Pins:
 
     def pin(
         self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int,
-        held: int = pool.FREE_ON_ACK
+        held: int = _slots.FREE_ON_ACK
     ) -> Tuple[Optional[bytes], Optional[Ticket], str]:
         """Pin `payload` for the reader `receiver` (its instance id); returns
         (encoded handle, its ticket, "") or (None, None, reason). `held`: see
-        pool.Slot.held."""
+        _slots.Slot.held."""
         length = len(payload)
         with self._lock:
             if self._busy:
@@ -138,13 +139,13 @@ class Pins:
             self._generations[index] += 1
             generation = self._generations[index]
             token = secrets.token_bytes(16)
-            addr = cma.address_of(payload)
+            addr = _vm.address_of(payload)
             ENTRY.pack_into(
                 self._table,
                 index * ENTRY.size,
                 ENTRY_MAGIC,
                 generation,
-                pool.READY,
+                _slots.READY,
                 length,
                 token,
                 key,
@@ -197,25 +198,25 @@ class Pins:
         only an ack carrying this use's token, or a 0.2 reader's.)"""
         base = index * ENTRY.size
         (state,) = struct.unpack_from("<I", self._table, base + _STATE_AT)
-        if state != pool.ACKED:
+        if state != _slots.ACKED:
             return False
         # Read after the state: the reader writes `acked` before the state
         # (one process_vm_writev, in order), so an ACKED state seen here has
-        # its token in place (the ordering pool.Pool.alloc relies on too).
+        # its token in place (the ordering _slots.Pool.alloc relies on too).
         (acked,) = struct.unpack_from("16s", self._table, base + _ACKED_AT)
         return acked == pin.token or acked == _NO_ACK
 
     def _reclaim_locked(self, short: bool = False) -> int:
-        """Free the pins that are done with: acknowledged (see pool.Slot.held;
+        """Free the pins that are done with: acknowledged (see _slots.Slot.held;
         `short`: a pin needs room, so KEEP_WHILE_ROOM ones go too), their
         reader gone, or their lease over. Never a pin its reader has not
         read, nor a request a retry plain gRPC would make may read again,
         while its call lives and its lease runs: a full table or budget
         sends the next message elsewhere instead."""
         now = self._clock()
-        gone = pool.Liveness()
+        gone = _slots.Liveness()
         freed = 0
-        keep = pool.KEEP_WHILE_ROOM if short else pool.FREE_ON_ACK
+        keep = _slots.KEEP_WHILE_ROOM if short else _slots.FREE_ON_ACK
         for index, pin in list(self._busy.items()):
             acked = pin.held <= keep and self._acked_locked(index, pin)
             if acked or now >= pin.deadline or gone(pin.reader):
@@ -229,7 +230,7 @@ class Pins:
         # them re-reads the generation afterwards and discards what it got.
         self._generations[index] += 1
         base = index * ENTRY.size
-        struct.pack_into("<QI", self._table, base + _GEN_AT, self._generations[index], pool.FREE)
+        struct.pack_into("<QI", self._table, base + _GEN_AT, self._generations[index], _slots.FREE)
         self._pinned -= len(pin.payload)
         left = self._by_peer[pin.peer] - len(pin.payload)
         if left:
@@ -250,7 +251,7 @@ _reading_lock = threading.Lock()  # protects _reading
 
 def _check_generation(h: wire.CmaHandle) -> None:
     after = bytearray(8)
-    cma.read_into(h.pid, [(h.entry_addr + _GEN_AT, 8)], after)
+    _vm.read_into(h.pid, [(h.entry_addr + _GEN_AT, 8)], after)
     if struct.unpack("<Q", after)[0] != h.generation:
         raise SlotReclaimed(
             f"cma entry {h.entry} was revoked while it was read (the lease expired or the call "
@@ -287,7 +288,7 @@ def read(
             "another server process)"
         )
     raw = bytearray(ENTRY.size)
-    cma.read_into(h.pid, [(h.entry_addr, ENTRY.size)], raw)
+    _vm.read_into(h.pid, [(h.entry_addr, ENTRY.size)], raw)
     magic, generation, state, length, token, key, addr, acked = ENTRY.unpack(raw)
     if magic != ENTRY_MAGIC:
         raise HandleError(f"cma handle entry at {h.entry_addr:#x} is not a shmgrpc pin entry")
@@ -306,7 +307,7 @@ def read(
     # ACKED with another token: a late ack of an earlier use of this entry
     # (module docstring), not ours: this message is unread.
     ours = hmac.compare_digest(acked, h.token)
-    if not (state == pool.READY or (state == pool.ACKED and (reread or not ours))):
+    if not (state == _slots.READY or (state == _slots.ACKED and (reread or not ours))):
         raise HandleError(f"cma entry {h.entry} is not ready (state {state}); handles are single-use")
     if length != h.length or h.iovecs != ((addr, length),):
         raise HandleError(
@@ -322,7 +323,7 @@ def read(
     try:
         payload = dest(h.length)
         try:
-            cma.read_into(h.pid, h.iovecs, payload)
+            _vm.read_into(h.pid, h.iovecs, payload)
         except CmaBadAddress:
             # The sender may have revoked the pin and freed the bytes meanwhile:
             # that is DATA_LOSS, not a bad handle.
@@ -331,7 +332,7 @@ def read(
         _check_generation(h)
         # The ack names this use: its token first, then the state (see the
         # module docstring), in one call.
-        cma.write_from(h.pid, [(h.entry_addr + _ACKED_AT, 16), (h.entry_addr + _STATE_AT, 4)],
+        _vm.write_from(h.pid, [(h.entry_addr + _ACKED_AT, 16), (h.entry_addr + _STATE_AT, 4)],
                        h.token + _ACKED_STATE)
     finally:
         if claim is not None:
@@ -358,7 +359,7 @@ class Buffers:
                 buf = min(fits, key=len)
                 self._kept.remove(buf)
                 return buf
-        return bytearray(pool.size_class(n))
+        return bytearray(_slots.size_class(n))
 
     def give(self, buf: bytearray) -> None:
         with self._lock:

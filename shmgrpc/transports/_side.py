@@ -88,7 +88,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, cast
 
-from ._log import RateLimit, repeats
+from .. import shmdir
+from .._log import RateLimit, repeats
 
 log = logging.getLogger(__name__)
 
@@ -257,20 +258,8 @@ def reap_side_dir(side_dir: str) -> list:
     """Remove side socket files of ours that nobody listens on any more (a
     server killed before it could close). A live one answers connect()."""
     removed: List[str] = []
-    try:
-        names = os.listdir(side_dir)
-    except OSError:
-        return removed
-    uid = os.geteuid()
-    for name in names:
-        if not _SIDE_NAME.match(name):
-            continue
-        path = os.path.join(side_dir, name)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if st.st_uid != uid or not stat.S_ISSOCK(st.st_mode):
+    for name, path, st in shmdir.own_files(side_dir, _SIDE_NAME):
+        if not stat.S_ISSOCK(st.st_mode):
             continue
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -300,7 +289,7 @@ class Conn:
 
     def __init__(self, side: "Side", sock: socket.socket, peer_inst: bytes, pid: int, uid: int,
                  granted: int = 0, granted_bytes: int = 0):
-        self.id = next(_ids)  # keys what came over it (pool.Attacher)
+        self.id = next(_ids)  # keys what came over it (_slots.Attacher)
         self.side = side
         self.sock = sock
         self.peer_inst = peer_inst
@@ -467,7 +456,7 @@ class Side:
 
     `on_segment(conn, number, mm, size) -> bool` (False: not a shmgrpc
     segment) / `on_retire(conn, number)` / `on_lost(conn)` are the node's:
-    they keep the mappings (pool.Attacher). `peer_bytes`: how many bytes of
+    they keep the mappings (_slots.Attacher). `peer_bytes`: how many bytes of
     segments one peer may have mapped here (SHMGRPC_POOL_SIZE)."""
 
     def __init__(self, inst: bytes, side_dir: str = "", uids=(), on_segment: Optional[Callable] = None,
@@ -478,19 +467,13 @@ class Side:
         self.peer_bytes = peer_bytes
         self._on_segment, self._on_retire, self._on_lost = on_segment, on_retire, on_lost
         self._lock = threading.Lock()  # protects everything below
-        self.address: Optional[str] = None
-        self._listener: Optional[socket.socket] = None
-        self._path: Optional[str] = None
-        self._tickets: Dict[bytes, Tuple[bytes, float]] = {}  # ticket -> (client inst, expiry)
         self._conns: Dict[bytes, Conn] = {}  # peer inst -> its live connection
-        # accepted, not authenticated: socket -> (deadline, pid, uid), oldest first
-        self._pending: "collections.OrderedDict[socket.socket, Tuple[float, int, int]]" = collections.OrderedDict()
-        self._accept_paused = 0.0  # accept() stopped until then (EMFILE); 0: accepting
         self._sel: Optional[selectors.BaseSelector] = None
         self._wake_r: Optional[socket.socket] = None
         self._wake_w: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
         self._closed = False
+        self.door = Door(self)  # a server's side socket, once it listens
 
     # -- the reader thread
 
@@ -522,13 +505,13 @@ class Side:
                         self._wake_r.recv(4096)
                     except OSError:
                         pass
-                elif key.fileobj is self._listener:
-                    self._accept()
+                elif key.data == "listener":
+                    self.door.accept()
                 elif isinstance(key.data, Conn):
                     self._read(key.data)
                 else:
-                    self._authenticate(cast(socket.socket, key.fileobj))  # only sockets are registered
-            self._expire()
+                    self.door._authenticate(cast(socket.socket, key.fileobj))  # only sockets are registered
+            self.door.expire()
             for conn in list(self._conns.values()):
                 conn.flush()
 
@@ -538,10 +521,7 @@ class Side:
         now = time.monotonic()
         soonest = now + 1.0
         with self._lock:
-            if self._pending:
-                soonest = min(soonest, next(iter(self._pending.values()))[0])
-            if self._accept_paused:
-                soonest = min(soonest, self._accept_paused)
+            soonest = self.door.next_deadline(soonest)
         return max(0.0, soonest - now)
 
     def _register(self, sock: socket.socket, data) -> None:
@@ -561,138 +541,14 @@ class Side:
         except (KeyError, ValueError):
             pass
 
-    # -- server: listen, tickets, accept
+    # -- server: its side socket (Door)
 
     def listen(self) -> str:
         """Start listening (once); the address a welcome names."""
-        with self._lock:
-            if self.address is not None:
-                return self.address
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            name = f"shmgrpc-{os.getpid()}-{secrets.token_hex(8)}"
-            if self.side_dir:
-                reap_side_dir(self.side_dir)
-                path = os.path.join(self.side_dir, name + ".sock")
-                old_umask = os.umask(0o177)  # 0600 from the start, not after a chmod
-                try:
-                    sock.bind(path)
-                finally:
-                    os.umask(old_umask)
-                self._path, address = path, path
-            else:
-                sock.bind("\0" + name)
-                address = "@" + name
-            sock.listen(64)
-            sock.setblocking(False)
-            self._listener = sock
-            self.address = address
-        self._register(sock, "listener")
-        return address
+        return self.door.listen()
 
     def issue_ticket(self, client_inst: bytes) -> bytes:
-        ticket = secrets.token_bytes(16)
-        with self._lock:
-            self._tickets[ticket] = (client_inst, time.monotonic() + TICKET_SECONDS)
-        return ticket
-
-    def _accept(self) -> None:
-        """Take every connection waiting: SO_PEERCRED at once (a uid not
-        allowed is closed there), then a pending place, within the caps."""
-        listener, sel = self._listener, self._sel
-        if listener is None or sel is None:  # closed since the event
-            return
-        while not self._closed:
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as err:
-                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: leave the rest in the backlog for a
-                    # moment rather than spin on a listener that stays readable.
-                    self._pause_accepting()
-                return
-            try:
-                pid, uid, _ = peer_cred(sock)
-            except OSError:
-                sock.close()
-                continue
-            if uid not in self.uids:
-                sock.close()
-                if _BUDGET_LOG.allow(("uid", uid)) is not None:
-                    log.debug("side connection refused at accept: uid %d is not allowed (SO_PEERCRED; "
-                              "allowed: %s)", uid, sorted(self.uids))
-                continue
-            sock.setblocking(False)
-            with self._lock:
-                self._pending[sock] = (time.monotonic() + PENDING_SECONDS, pid, uid)
-                evict = self._over_caps_locked(uid)
-            sel.register(sock, selectors.EVENT_READ, "pending")
-            for old in evict:
-                self._authenticate(old)  # its ticket, if it sent one; else it is closed
-
-    def _over_caps_locked(self, uid: int) -> List[socket.socket]:
-        """The oldest pending connections past PENDING_PER_UID (of `uid`) or
-        PENDING_TOTAL: settled now rather than refusing the newest, so that
-        a flood of silent connections cannot lock a client out."""
-        out = []
-        mine = [s for s, (_, _, u) in self._pending.items() if u == uid]
-        out += mine[: max(0, len(mine) - PENDING_PER_UID)]
-        rest = [s for s in self._pending if s not in out]
-        out += rest[: max(0, len(rest) - PENDING_TOTAL)]
-        return out
-
-    def _pause_accepting(self) -> None:
-        with self._lock:
-            if self._accept_paused or self._listener is None:
-                return
-            self._accept_paused = time.monotonic() + ACCEPT_PAUSE
-        self._unregister(self._listener)
-        if _BUDGET_LOG.allow(("accept", id(self))) is not None:
-            log.warning("side socket: this process is out of descriptors; new side connections wait")
-
-    def _authenticate(self, sock: socket.socket) -> None:
-        """The first message of an accepted connection: a ticket we issued to
-        the instance it names, from a process of an allowed uid. Not there
-        yet (a connection settled early): closed."""
-        with self._lock:
-            pending = self._pending.pop(sock, None)
-        self._unregister(sock)
-        if pending is None:
-            return  # settled already
-        _, pid, uid = pending
-        try:
-            data = sock.recv(MSG.size, socket.MSG_DONTWAIT)
-        except OSError:
-            data = b""
-        why = None
-        if len(data) != MSG.size:
-            why = "no first message in time" if not data else "malformed first message"
-        else:
-            magic, kind, segments, nbytes, inst, ticket = MSG.unpack(data)
-            with self._lock:
-                issued = self._tickets.pop(ticket, None) if magic == MAGIC and kind == T_AUTH else None
-            if issued is None or not secrets.compare_digest(issued[0], inst) or issued[1] < time.monotonic():
-                why = "no valid ticket (it comes only with a welcome over the gRPC channel)"
-        grant = LEDGER.open() if why is None else None
-        if grant is None:
-            log.debug("side connection refused: %s",
-                      why or "this process's memfd budget of descriptors is in use (half its RLIMIT_NOFILE)")
-            sock.close()
-            return
-        # Known before the client hears AUTH_OK: its very next call may carry a
-        # hello proved with this ticket.
-        conn = Conn(self, sock, inst, pid, uid, grant, self.peer_bytes)
-        conn.ticket = ticket
-        conn._granted(segments, nbytes)
-        self._adopt(conn)
-        try:
-            with conn._send_lock:
-                ok = conn.alive and conn._send(T_AUTH_OK, grant, self.peer_bytes)
-        except OSError:
-            ok = False
-        if not ok:
-            self.lost(conn)
+        return self.door.issue_ticket(client_inst)
 
     def _adopt(self, conn: Conn) -> None:
         with self._lock:
@@ -701,22 +557,6 @@ class Side:
         if old is not None:
             self.lost(old)
         self._register(conn.sock, conn)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            late = [s for s, (deadline, _, _) in self._pending.items() if deadline < now]
-            for ticket in [t for t, (_, exp) in self._tickets.items() if exp < now]:
-                del self._tickets[ticket]
-            resume = self._accept_paused and self._accept_paused <= now and self._listener is not None
-            if resume:
-                self._accept_paused = 0.0
-        for s in late:
-            self._authenticate(s)  # said nothing in time: closed
-        listener, sel = self._listener, self._sel
-        if resume and listener is not None and sel is not None:
-            sel.register(listener, selectors.EVENT_READ, "listener")
-            self._accept()
 
     # -- client: connect
 
@@ -922,23 +762,9 @@ class Side:
         with self._lock:
             self._closed = True
             conns = list(self._conns.values())
-            pending = list(self._pending)
-            self._pending.clear()
-            listener, self._listener = self._listener, None
-            path, self._path = self._path, None
         for conn in conns:
             self.lost(conn)
-        for sock in pending:
-            self._unregister(sock)
-            sock.close()
-        if listener is not None:
-            self._unregister(listener)
-            listener.close()
-        if path is not None:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        self.door.close()
         self._wake()
 
     def abandon(self) -> None:
@@ -950,10 +776,214 @@ class Side:
                 conn.sock.close()
             except OSError:
                 pass
-        for sock in (self._listener, self._wake_r, self._wake_w, *self._pending):
+        self.door.abandon()
+        for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 try:
                     sock.close()
                 except OSError:
                     pass
         self._conns.clear()
+
+
+class Door:
+    """A server's side socket: the listener, the tickets its welcomes
+    issued, and the strangers that connected and have not shown one yet.
+    SO_PEERCRED is checked at accept (a uid not allowed is closed there); a
+    stranger has PENDING_SECONDS to send its ticket, and at most
+    PENDING_PER_UID of one uid and PENDING_TOTAL in all wait at once (the
+    oldest are settled first). Shares its Side's lock and reader thread."""
+
+    def __init__(self, side: "Side"):
+        self.side = side
+        self._lock = side._lock  # protects everything below
+        self.address: Optional[str] = None
+        self._listener: Optional[socket.socket] = None
+        self._path: Optional[str] = None
+        self._tickets: Dict[bytes, Tuple[bytes, float]] = {}  # ticket -> (client inst, expiry)
+        # accepted, not authenticated: socket -> (deadline, pid, uid), oldest first
+        self._pending: "collections.OrderedDict[socket.socket, Tuple[float, int, int]]" = collections.OrderedDict()
+        self._accept_paused = 0.0  # accept() stopped until then (EMFILE); 0: accepting
+
+    def next_deadline(self, soonest: float) -> float:
+        """The oldest pending connection's deadline or the end of an accept
+        pause, if sooner than `soonest` (the caller holds the lock)."""
+        if self._pending:
+            soonest = min(soonest, next(iter(self._pending.values()))[0])
+        if self._accept_paused:
+            soonest = min(soonest, self._accept_paused)
+        return soonest
+
+    def listen(self) -> str:
+        """Start listening (once); the address a welcome names."""
+        with self._lock:
+            if self.address is not None:
+                return self.address
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            name = f"shmgrpc-{os.getpid()}-{secrets.token_hex(8)}"
+            if self.side.side_dir:
+                reap_side_dir(self.side.side_dir)
+                path = os.path.join(self.side.side_dir, name + ".sock")
+                old_umask = os.umask(0o177)  # 0600 from the start, not after a chmod
+                try:
+                    sock.bind(path)
+                finally:
+                    os.umask(old_umask)
+                self._path, address = path, path
+            else:
+                sock.bind("\0" + name)
+                address = "@" + name
+            sock.listen(64)
+            sock.setblocking(False)
+            self._listener = sock
+            self.address = address
+        self.side._register(sock, "listener")
+        return address
+
+    def issue_ticket(self, client_inst: bytes) -> bytes:
+        ticket = secrets.token_bytes(16)
+        with self._lock:
+            self._tickets[ticket] = (client_inst, time.monotonic() + TICKET_SECONDS)
+        return ticket
+
+    def accept(self) -> None:
+        """Take every connection waiting: SO_PEERCRED at once (a uid not
+        allowed is closed there), then a pending place, within the caps."""
+        listener, sel = self._listener, self.side._sel
+        if listener is None or sel is None:  # closed since the event
+            return
+        while not self.side._closed:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: leave the rest in the backlog for a
+                    # moment rather than spin on a listener that stays readable.
+                    self._pause_accepting()
+                return
+            try:
+                pid, uid, _ = peer_cred(sock)
+            except OSError:
+                sock.close()
+                continue
+            if uid not in self.side.uids:
+                sock.close()
+                if _BUDGET_LOG.allow(("uid", uid)) is not None:
+                    log.debug("side connection refused at accept: uid %d is not allowed (SO_PEERCRED; "
+                              "allowed: %s)", uid, sorted(self.side.uids))
+                continue
+            sock.setblocking(False)
+            with self._lock:
+                self._pending[sock] = (time.monotonic() + PENDING_SECONDS, pid, uid)
+                evict = self._over_caps_locked(uid)
+            sel.register(sock, selectors.EVENT_READ, "pending")
+            for old in evict:
+                self._authenticate(old)  # its ticket, if it sent one; else it is closed
+
+    def _over_caps_locked(self, uid: int) -> List[socket.socket]:
+        """The oldest pending connections past PENDING_PER_UID (of `uid`) or
+        PENDING_TOTAL: settled now rather than refusing the newest, so that
+        a flood of silent connections cannot lock a client out."""
+        out = []
+        mine = [s for s, (_, _, u) in self._pending.items() if u == uid]
+        out += mine[: max(0, len(mine) - PENDING_PER_UID)]
+        rest = [s for s in self._pending if s not in out]
+        out += rest[: max(0, len(rest) - PENDING_TOTAL)]
+        return out
+
+    def _pause_accepting(self) -> None:
+        with self._lock:
+            if self._accept_paused or self._listener is None:
+                return
+            self._accept_paused = time.monotonic() + ACCEPT_PAUSE
+        self.side._unregister(self._listener)
+        if _BUDGET_LOG.allow(("accept", id(self))) is not None:
+            log.warning("side socket: this process is out of descriptors; new side connections wait")
+
+    def _authenticate(self, sock: socket.socket) -> None:
+        """The first message of an accepted connection: a ticket we issued to
+        the instance it names, from a process of an allowed uid. Not there
+        yet (a connection settled early): closed."""
+        with self._lock:
+            pending = self._pending.pop(sock, None)
+        self.side._unregister(sock)
+        if pending is None:
+            return  # settled already
+        _, pid, uid = pending
+        try:
+            data = sock.recv(MSG.size, socket.MSG_DONTWAIT)
+        except OSError:
+            data = b""
+        why = None
+        if len(data) != MSG.size:
+            why = "no first message in time" if not data else "malformed first message"
+        else:
+            magic, kind, segments, nbytes, inst, ticket = MSG.unpack(data)
+            with self._lock:
+                issued = self._tickets.pop(ticket, None) if magic == MAGIC and kind == T_AUTH else None
+            if issued is None or not secrets.compare_digest(issued[0], inst) or issued[1] < time.monotonic():
+                why = "no valid ticket (it comes only with a welcome over the gRPC channel)"
+        grant = LEDGER.open() if why is None else None
+        if grant is None:
+            log.debug("side connection refused: %s",
+                      why or "this process's memfd budget of descriptors is in use (half its RLIMIT_NOFILE)")
+            sock.close()
+            return
+        # Known before the client hears AUTH_OK: its very next call may carry a
+        # hello proved with this ticket.
+        conn = Conn(self.side, sock, inst, pid, uid, grant, self.side.peer_bytes)
+        conn.ticket = ticket
+        conn._granted(segments, nbytes)
+        self.side._adopt(conn)
+        try:
+            with conn._send_lock:
+                ok = conn.alive and conn._send(T_AUTH_OK, grant, self.side.peer_bytes)
+        except OSError:
+            ok = False
+        if not ok:
+            self.side.lost(conn)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [s for s, (deadline, _, _) in self._pending.items() if deadline < now]
+            for ticket in [t for t, (_, exp) in self._tickets.items() if exp < now]:
+                del self._tickets[ticket]
+            resume = self._accept_paused and self._accept_paused <= now and self._listener is not None
+            if resume:
+                self._accept_paused = 0.0
+        for s in late:
+            self._authenticate(s)  # said nothing in time: closed
+        listener, sel = self._listener, self.side._sel
+        if resume and listener is not None and sel is not None:
+            sel.register(listener, selectors.EVENT_READ, "listener")
+            self.accept()
+
+    def close(self) -> None:
+        """Close the listener (and unlink its path) and every stranger."""
+        with self._lock:
+            pending = list(self._pending)
+            self._pending.clear()
+            listener, self._listener = self._listener, None
+            path, self._path = self._path, None
+        for sock in pending:
+            self.side._unregister(sock)
+            sock.close()
+        if listener is not None:
+            self.side._unregister(listener)
+            listener.close()
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def abandon(self) -> None:
+        for sock in (self._listener, *self._pending):
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass

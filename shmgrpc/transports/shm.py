@@ -1,0 +1,79 @@
+"""shm: slots in named segments of the shared shm directory (/dev/shm).
+
+The sender's pool makes each segment as a file of its own in the shm
+directory (shmdir.create_mapping: O_EXCL, 0600, space reserved up front, a
+shared lock held for life); the handle names (file, slot), and the reader
+maps the file once (_slots.Attacher) after checking it is a regular file of
+its own uid that nobody else may open. It needs the two processes to share
+that directory and uid: the handshake proves it (each opens the other's id
+segment, session.py).
+
+The slot layout, generations, claims and acks are in _slots.py.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Tuple
+
+from .. import shmdir, wire
+from ..errors import HandleError
+from ._slots import Pool, Segment, Slot, Slots, Ticket
+from .base import Sent, Transport
+
+
+class ShmSegment(Segment):
+    """A segment that is a file in the shm directory, named
+    shmgrpc-<pid>-<start>-<random>-<n>."""
+
+    kind = "shm"
+
+    @classmethod
+    def make(cls, pool: Pool, number: int, slot_size: int, count: int) -> "ShmSegment":
+        return cls(pool.shm_dir, f"{pool.base_name}-{number}", slot_size, count, pool.owner_inst)
+
+    def __init__(self, shm_dir: str, name: str, slot_size: int, count: int, owner_inst: bytes):
+        self.name = name
+        self.path = os.path.join(shm_dir, name)
+        self._layout(slot_size, count)
+        mm, self.fd = shmdir.create_mapping(shm_dir, name, self.size, keep_fd=True)
+        self._start(mm, owner_inst)
+
+    def handle(self, slot: Slot) -> wire.ShmHandle:
+        return wire.ShmHandle(slot.length, slot.token, slot.generation, slot.offset, slot.index, self.name)
+
+
+class Shm(Transport):
+    name = "shm"
+    letter = "s"
+    handle_type = wire.ShmHandle
+    ticket_type = Ticket
+
+    def __init__(self, node):
+        super().__init__(node)
+        self.slots: Slots = node.part("slots", Slots)
+        self.slots.kinds[self.name] = ShmSegment
+
+    def offload(self, data, route, held: int) -> Sent:
+        pool = self.slots.get_pool()
+        peer = route.peer
+        slot, reason = pool.alloc(len(data), (peer.pid, peer.start), self.name, held=held, peer=peer.inst)
+        if slot is None:
+            return None, None, reason
+        segment = slot.segment
+        assert isinstance(segment, ShmSegment)  # a "shm" alloc
+        off = slot.offset
+        segment.mm[off : off + len(data)] = data
+        pool.publish(slot)
+        return wire.encode_shm(segment.handle(slot)), Ticket(slot, slot.generation), ""
+
+    def open(self, h, peer, reread: bool) -> Tuple[memoryview, Callable[[], None]]:
+        if not peer.named:
+            raise HandleError("received an shm handle from a peer whose id segment we cannot open")
+        attacher = self.slots.attacher
+        view, seg = attacher.open(h, peer.inst, reread)
+        return view, lambda: attacher.finish(h, seg)
+
+    def release(self, ticket, unread_only: bool = False) -> None:
+        if self.slots.pool is not None:
+            self.slots.pool.release(ticket, unread_only)
