@@ -154,6 +154,7 @@ import shmgrpc
 import shmgrpc.aio
 
 from . import _bench_server as srv
+from ._table import format_table
 from .._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode, tune_malloc, with_hugetlb
 from .._core import ChannelStatus
 from ..config import Config, format_size, parse_size
@@ -1530,11 +1531,6 @@ def _cell_text(cell: Optional[dict]) -> str:
     return fmt_ms(cell["per_message_ms"]) + ("*" if cell["fast_path_shortfalls"] else "")
 
 
-def _align(rows: List[List[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in rows)
-
-
 def _title(message: str, shape: str, api: Optional[str] = None) -> str:
     title = f"{MESSAGE_TITLES[message]} / {SHAPE_TITLES[shape]}"
     return title if api is None else f"{title}\n  api {api}: {API_TITLES[api]}"
@@ -1569,7 +1565,7 @@ def table(view: Results, message: str, shape: str, api: str = SYNC_API) -> str:
             row += [fmt_ms(cpu), "" if mode == BASELINE else ratio(_div(cpu, base_cpu))]
             row += [ratio(_div(per, floor)) if mode in fast else "", fmt_ms(floor) if first else ""]
             rows.append(row)
-    return _align(rows)
+    return "\n".join(format_table(rows))
 
 
 def below_threshold_note(view: Results, message: str, shape: str, api: str = SYNC_API) -> List[str]:
@@ -1622,7 +1618,7 @@ def peak_table(view: Results) -> str:
                         f"{peak['rss_shmem_after_mib']:.0f}" if "rss_shmem_after_mib" in peak else "?",
                     ]
                 rows.append(row)
-    return "" if len(rows) == 1 else _align(rows)
+    return "" if len(rows) == 1 else "\n".join(format_table(rows))
 
 
 def checked_line(views: Sequence[Results]) -> str:
@@ -1734,7 +1730,7 @@ def combined_table(phases: Dict[str, Results], message: str, shape: str, api: st
             row += [fmt_ms(cpu[mode]) for mode in modes]
             row += [ratio(_div(cpu[mode], cpu.get(BASELINE))) for mode in fast if mode != BASELINE]
             rows.append(row)
-    return _align(rows)
+    return "\n".join(format_table(rows))
 
 
 def combined_text(phases: Dict[str, Results]) -> str:

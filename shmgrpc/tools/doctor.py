@@ -42,13 +42,14 @@ from .._status import cma_fix
 from .._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode
 from .._version import __version__
 from ..config import Config, format_size
+from ._table import format_table
 
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 CAP_SYS_PTRACE = 19  # <linux/capability.h>
 NAMESPACES = ("pid", "ipc", "mnt", "net", "user")
-OK, WARN, FAIL, SKIP, INFO = "ok", "warn", "FAIL", "skip", "info"
+OK, WARN, FAIL, SKIP, INFO = STATUSES = ("ok", "warn", "FAIL", "skip", "info")
 
 
 @dataclasses.dataclass
@@ -1021,14 +1022,13 @@ def render(report: Report, verbose: bool = False) -> str:
 
 
 def _rows(checks: Sequence[Check], verbose: bool) -> List[str]:
-    width = max((len(check.name) for check in checks), default=5)
-    out = []
+    rows = []
     for check in checks:
-        out.append(f"  {check.status:<5} {check.name:<{width}}  {check.detail}")
+        rows.append([check.status, check.name, check.detail])
         if check.fix and check.status in (FAIL, WARN, INFO):
-            label = "hint" if check.status == INFO else "fix"
-            out.append(f"  {'':<5} {'':<{width}}  {label}: {check.fix}")
-    return out
+            rows.append(["", "", f"{'hint' if check.status == INFO else 'fix'}: {check.fix}"])
+    # The status column as wide as its longest word, whichever appear: both sections line up.
+    return format_table(rows, align="<<<", indent="  ", minimum=[max(map(len, STATUSES))])
 
 
 __all__ = ["Check", "Report", "machine_checks", "render", "run"]
