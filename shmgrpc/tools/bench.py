@@ -119,6 +119,13 @@ at 16 MiB for the same reason (64 MiB: 1.5 million records, ~1 s per echo
 in every mode). Streams carry --stream-bytes (64 MiB), so that 64 MiB
 streams are 2 messages and 16 MiB ones 4. --sizes replaces every ladder;
 --quick is a smoke test (4 KiB, 1 MiB, 16 MiB, unary).
+
+With --out, beside results.json and report.txt, two figures (matplotlib:
+`pip install 'shmgrpc[plot]'`): speedup.png, the one to read first, how
+many times faster than plain gRPC over unix each transport is against
+message size (the unary bytes echo where it ran), a panel per api, a line
+style per malloc phase; and throughput.png, payload MiB/s of every mode,
+message and shape.
 """
 
 from __future__ import annotations
@@ -1872,8 +1879,10 @@ def speedup_figure(plt: Any, runs: Sequence[Tuple[str, Results]]) -> Any:
         ax.text(sizes[-1] * 1.5, 1.0, "plain gRPC = 1x", fontsize=8, ha="right", va="bottom")
         for (line_api, malloc, mode), points in lines.items():
             if line_api == api:
+                # The default malloc, what an application has unless it opts in, drawn boldest.
                 ax.plot(*zip(*points), color=MODE_COLORS[mode], linestyle=MALLOC_STYLES[malloc],
-                        marker=MODE_MARKERS[mode], markersize=4.5, linewidth=1.6, zorder=2)
+                        marker=MODE_MARKERS[mode], markersize=4.5, zorder=2,
+                        linewidth=2.2 if malloc == BASE_MALLOC else 1.4)
         ax.set_yscale("log")
         ax.set_ylim(low, high)
         ax.yaxis.set_major_locator(ticker.FixedLocator([t for t in SPEEDUP_TICKS if low <= t <= high]))
@@ -1884,16 +1893,17 @@ def speedup_figure(plt: Any, runs: Sequence[Tuple[str, Results]]) -> Any:
         _size_axis(ax, sizes)
         ax.set_title(f"{api}: {API_TITLES[api]}", fontsize=10)
     axes[0][0].set_ylabel(f"speed-up over plain gRPC ({BASELINE})", fontsize=9)
-    handles = [Line2D([], [], color=MODE_COLORS[mode], marker=MODE_MARKERS[mode], linewidth=1.6, label=mode)
+    handles = [Line2D([], [], color=MODE_COLORS[mode], marker=MODE_MARKERS[mode], linewidth=2.2, label=mode)
                for mode in modes]
-    handles += [Line2D([], [], color="0.3", linestyle=MALLOC_STYLES[malloc], linewidth=1.6,
-                       label=MALLOC_LABELS[malloc]) for malloc in mallocs]
+    handles += [Line2D([], [], color="0.3", linestyle=MALLOC_STYLES[malloc], label=MALLOC_LABELS[malloc],
+                       linewidth=2.2 if malloc == BASE_MALLOC else 1.4) for malloc in mallocs]
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     repeat = max(view.repeat for _, view in runs)
     title = [
         f"How many times faster than plain gRPC over a unix socket: {shape.replace('_', ' ')} calls, "
         f"{MESSAGE_TITLES[message]}",
-        f"each point: plain gRPC's median time / shmgrpc's, same API and malloc; {rounds_text(repeat)}",
+        f"each point: plain gRPC's median time / shmgrpc's, both with the same API and malloc; "
+        f"{rounds_text(repeat)}",
         machine_line(runs[0][1].data["machine"]),
     ]
     figure.suptitle("\n".join(title), fontsize=9)
