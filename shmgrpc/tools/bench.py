@@ -1788,7 +1788,7 @@ PHASE_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), ((0, (5, 1, 1, 1, 1, 1)), 
 
 
 # Line style per malloc phase in the speed-up plot, and what each means.
-MALLOC_STYLES = {"default": "-", "keep": "--", "hugepages": ":"}
+MALLOC_STYLES: Dict[str, Any] = {"default": "-", "keep": "--", "hugepages": ":"}  # Any: matplotlib's Literal
 MALLOC_LABELS = {
     "default": "default malloc",
     "keep": "warm memory (SHMGRPC_MALLOC=keep)",
