@@ -24,6 +24,7 @@ import grpc
 
 import shmgrpc
 from shmgrpc.config import format_size
+from shmgrpc.tools import format_table
 
 from .channels import channel_options
 from .errors import Failure
@@ -68,7 +69,5 @@ def run_arrays(target: str, sizes: Sequence[int], repeat: int, max_message_mib: 
     finally:
         plain.close()
         offload.close()
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print("\nnumpy arrays, one way (the server reads the first and last element):")
-    for row in rows:
-        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+    print("\n".join(format_table(rows, align="<<>><")))

@@ -1,40 +1,14 @@
 """What the demo's shmgrpc counters mean, printed under them: the server's
-"offloaded 189, restored 186" and each fallback reason that appeared."""
+"offloaded 189, restored 186" and each fallback reason that appeared, in
+the words shmgrpc.channel_status() gives it (shmgrpc._status.fallback_words)."""
 
 from __future__ import annotations
 
 import re
 from typing import Iterable, List
 
-# Every reason shmgrpc counts in stats()["fallbacks"] (shmgrpc/_core.py, and
-# the pool and cma pin table it asks for room): a message at or above the
-# threshold that went through gRPC itself instead. tests/test_demo.py keeps
-# this in step with the library's source.
-FALLBACKS = {
-    "below_cma_threshold": "the cma transport carries nothing below SHMGRPC_CMA_THRESHOLD (512 KiB): "
-                           "at that size the socket is faster than cma's four calls into the peer",
-    "peer_without_shmgrpc": "the server has no shmgrpc (it answered the handshake UNIMPLEMENTED): plain gRPC",
-    "peer_not_colocated": "the peer could not prove it shares this host, /dev/shm or side socket and uid",
-    "peer_cannot_read": "no transport in effect with this peer could carry it (see shmgrpc.channel_status)",
-    "too_large": "larger than SHMGRPC_MAX_MESSAGE",
-    "over_limit": "above gRPC's message-size limit of one side: inline, gRPC accepts or refuses it itself",
-    "side_closed": "the memfd side connection to the peer was closed",
-    "side_budget": "the peer holds all the memfd segments its share of descriptors allows (it grants more "
-                   "on request, while it has room)",
-    "side_busy": "the peer's side connection queue was full (it is not reading it): nothing waits for it",
-    "pool_full": "the pool is at SHMGRPC_POOL_SIZE with its slots still in use",
-    "pool_too_small": "the message needs more than all of SHMGRPC_POOL_SIZE",
-    "pool_closed": "the pool was closing (the channel or server was being closed)",
-    "shm_no_space": "the shm directory (/dev/shm) had no room for a new segment",
-    "memfd_no_space": "the kernel gave no memory for a new memfd segment",
-    "cma_pinned_full": "SHMGRPC_CMA_MAX_PINNED bytes were already pinned for readers that had not acknowledged",
-    "cma_entries_full": "the cma pin table had no free entry (too many messages unread at once)",
-    "peer_share_full": "the messages for this one peer already held its share of the pool "
-                       "(SHMGRPC_PEER_SHARE of SHMGRPC_POOL_SIZE): unread, or kept for gRPC to resend",
-    "cma_peer_share_full": "the messages for this one peer already held its share of the pin budget "
-                           "(SHMGRPC_PEER_SHARE of SHMGRPC_CMA_MAX_PINNED)",
-    "resent_inline": "a unary request the server could not read (another server process) was resent inline",
-}
+import shmgrpc
+from shmgrpc._status import fallback_words
 
 
 def explain(summary: str, reasons: Iterable[str] = ()) -> str:
@@ -57,8 +31,13 @@ def explain(summary: str, reasons: Iterable[str] = ()) -> str:
     if listed and listed.group(1) != "none":
         seen.update(part.rsplit(" ", 1)[0] for part in listed.group(1).split(", "))
     if seen:
+        # The library's own words, with this process's settings: the demo
+        # server (--demo) runs with the same environment.
+        config = shmgrpc.Config.from_env()
         lines.append("    fallbacks: messages at or above the threshold that went inline anyway, by reason:")
         for reason in sorted(seen):
-            meaning = FALLBACKS.get(reason, "see the README, \"Metrics\" (shmgrpc_fallbacks_total)")
-            lines.append(f"      {reason}: {meaning}")
+            words = fallback_words(reason, config, {})
+            if words == reason:  # a reason this shmgrpc has no words for (a newer server's)
+                words += ": see the README, \"Metrics\" (shmgrpc_fallbacks_total)"
+            lines.append(f"      {words}")
     return "\n".join(lines)

@@ -78,6 +78,21 @@ def test_the_metadata_mode_is_measured_beside_the_others(results):
     assert "grpc-unix-md" not in bench.DEFAULT_MODES
 
 
+def test_the_speedup_plot_draws_each_transport_against_plain_grpc(results, tmp_path):
+    data, _ = results
+    view = bench.Results(data)
+    lines = bench.speedup_lines([("", view)], "bytes", "unary")
+    assert sorted(lines) == [("sync", "default", "memfd"), ("sync", "default", "shm")]
+    for (api, _, mode), points in lines.items():
+        assert [size for size, _ in points] == [4 * KiB, 256 * KiB]
+        for size, speedup in points:
+            assert speedup == pytest.approx(view.per_message("bytes", "unary", size, "grpc-unix", api)
+                                            / view.per_message("bytes", "unary", size, mode, api))
+    pytest.importorskip("matplotlib")
+    assert bench.write_plots(str(tmp_path), [("", view)]) == []
+    assert (tmp_path / "speedup.png").stat().st_size > 0 and (tmp_path / "throughput.png").stat().st_size > 0
+
+
 @pytest.fixture(scope="module")
 def api_results(tmp_path_factory):
     """One offloaded size, every shape, plain and memfd, in each api."""

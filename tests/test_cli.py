@@ -361,3 +361,17 @@ def test_doctor_says_how_large_buffers_meet_fresh_memory():
     thp = checks(cli_json("doctor", env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}), "machine")["malloc"]
     if thp["data"]["transparent_hugepage"] in ("madvise", "always"):
         assert thp["data"]["glibc_hugetlb"] is True and "2 MiB" in thp["detail"], thp
+
+
+def test_one_table_printer():
+    """format_table, behind ls, doctor, the bench, loopstall and the demo's
+    table: columns as wide as their widest cell (or the minimum), aligned
+    per column (right past `align`), no trailing spaces."""
+    from shmgrpc.tools import format_table
+
+    rows = [["PID", "OWNER", "NAME"], ["7", "alive", "a"], ["12345", "dead", "shmgrpc-12345-x"]]
+    assert format_table(rows, align="><<", indent="  ") == [
+        "    PID  OWNER  NAME", "      7  alive  a", "  12345  dead   shmgrpc-12345-x"]
+    assert format_table([["ok", "a", "text"], ["", "", "fix: more"]], align="<<<", minimum=[4]) == [
+        "ok    a  text", "         fix: more"]
+    assert format_table([["x", "1.5"], ["long", "10"]]) == ["   x  1.5", "long   10"]

@@ -119,6 +119,13 @@ at 16 MiB for the same reason (64 MiB: 1.5 million records, ~1 s per echo
 in every mode). Streams carry --stream-bytes (64 MiB), so that 64 MiB
 streams are 2 messages and 16 MiB ones 4. --sizes replaces every ladder;
 --quick is a smoke test (4 KiB, 1 MiB, 16 MiB, unary).
+
+With --out, beside results.json and report.txt, two figures (matplotlib:
+`pip install 'shmgrpc[plot]'`): speedup.png, the one to read first, how
+many times faster than plain gRPC over unix each transport is against
+message size (the unary bytes echo where it ran), a panel per api, a line
+style per malloc phase; and throughput.png, payload MiB/s of every mode,
+message and shape.
 """
 
 from __future__ import annotations
@@ -154,6 +161,7 @@ import shmgrpc
 import shmgrpc.aio
 
 from . import _bench_server as srv
+from ._table import format_table
 from .._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode, tune_malloc, with_hugetlb
 from .._core import ChannelStatus
 from ..config import Config, format_size, parse_size
@@ -311,7 +319,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--out",
-        help="directory for results.json, report.txt and throughput.png "
+        help="directory for results.json, report.txt, speedup.png and throughput.png "
         "(with two malloc phases: each phase's in OUT/PHASE, the combined ones in OUT)",
     )
     args = parser.parse_args(argv)
@@ -1530,11 +1538,6 @@ def _cell_text(cell: Optional[dict]) -> str:
     return fmt_ms(cell["per_message_ms"]) + ("*" if cell["fast_path_shortfalls"] else "")
 
 
-def _align(rows: List[List[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(text.rjust(width) for text, width in zip(row, widths)) for row in rows)
-
-
 def _title(message: str, shape: str, api: Optional[str] = None) -> str:
     title = f"{MESSAGE_TITLES[message]} / {SHAPE_TITLES[shape]}"
     return title if api is None else f"{title}\n  api {api}: {API_TITLES[api]}"
@@ -1569,7 +1572,7 @@ def table(view: Results, message: str, shape: str, api: str = SYNC_API) -> str:
             row += [fmt_ms(cpu), "" if mode == BASELINE else ratio(_div(cpu, base_cpu))]
             row += [ratio(_div(per, floor)) if mode in fast else "", fmt_ms(floor) if first else ""]
             rows.append(row)
-    return _align(rows)
+    return "\n".join(format_table(rows))
 
 
 def below_threshold_note(view: Results, message: str, shape: str, api: str = SYNC_API) -> List[str]:
@@ -1622,7 +1625,7 @@ def peak_table(view: Results) -> str:
                         f"{peak['rss_shmem_after_mib']:.0f}" if "rss_shmem_after_mib" in peak else "?",
                     ]
                 rows.append(row)
-    return "" if len(rows) == 1 else _align(rows)
+    return "" if len(rows) == 1 else "\n".join(format_table(rows))
 
 
 def checked_line(views: Sequence[Results]) -> str:
@@ -1734,7 +1737,7 @@ def combined_table(phases: Dict[str, Results], message: str, shape: str, api: st
             row += [fmt_ms(cpu[mode]) for mode in modes]
             row += [ratio(_div(cpu[mode], cpu.get(BASELINE))) for mode in fast if mode != BASELINE]
             rows.append(row)
-    return _align(rows)
+    return "\n".join(format_table(rows))
 
 
 def combined_text(phases: Dict[str, Results]) -> str:
@@ -1780,22 +1783,140 @@ MODE_COLORS = {
     FLOOR: "black",
 }
 # Line and marker per malloc phase (and api); the floor is dotted.
-PHASE_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), ((0, (5, 1, 1, 1, 1, 1)), "v")]
+PHASE_STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), ((0, (5, 1, 1, 1, 1, 1)), "v"), (":", "D"),
+                ((0, (8, 2)), "P")]
 
 
-def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
-    """Payload throughput against size, log-log: one panel per message and
-    RPC shape, a line per mode (and per malloc phase), the legend below the
-    panels; runs of more than one api get a line per api as well. Returns a
-    note instead when matplotlib is missing."""
+# Line style per malloc phase in the speed-up plot, and what each means.
+MALLOC_STYLES: Dict[str, Any] = {"default": "-", "keep": "--", "hugepages": ":"}  # Any: matplotlib's Literal
+MALLOC_LABELS = {
+    "default": "default malloc",
+    "keep": "warm memory (SHMGRPC_MALLOC=keep)",
+    "hugepages": f"huge pages ({HUGETLB_TUNABLE})",
+}
+MODE_MARKERS = {"memfd": "o", "shm": "s", "cma": "^"}
+# The speed-up plot's message and shape: the README's headline, where present.
+SPEEDUP_PAIR = ("bytes", "unary")
+SPEEDUP_TICKS = (0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100)
+
+
+def write_plots(out: str, runs: Sequence[Tuple[str, Results]]) -> List[str]:
+    """OUT/speedup.png (the figure to read first) and OUT/throughput.png
+    (every message and shape); notes for what was skipped."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
-        from matplotlib import ticker
     except ImportError:
-        return "matplotlib is not installed (pip install 'shmgrpc[plot]'): throughput.png skipped"
+        return ["matplotlib is not installed (pip install 'shmgrpc[plot]'): speedup.png and throughput.png skipped"]
+    for name, draw in (("speedup.png", speedup_figure), ("throughput.png", throughput_figure)):
+        figure = draw(plt, runs)
+        if figure is not None:
+            figure.savefig(os.path.join(out, name), dpi=110, bbox_inches="tight")  # nothing cut off, whatever the fonts
+            plt.close(figure)
+    return []
+
+
+def _size_axis(ax: Any, sizes: Sequence[int], label: bool = True) -> None:
+    """Message sizes along x, log 2, a tick per size measured."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(sizes[0] / 1.6, sizes[-1] * 1.6)
+    ax.set_xticks(sizes, [short_size(size) for size in sizes], fontsize=8)
+    if label:
+        ax.set_xlabel("message size (K = KiB, M = MiB)", fontsize=9)
+
+
+def speedup_lines(runs: Sequence[Tuple[str, Results]], message: str, shape: str
+                  ) -> Dict[Tuple[str, str, str], List[Tuple[int, float]]]:
+    """{(api, malloc, mode): [(size, speed-up)]}: each shmgrpc mode's median
+    time against plain gRPC's over unix (BASELINE) in the same api and the
+    same malloc phase, so that each line shows what shmgrpc alone adds."""
+    lines: Dict[Tuple[str, str, str], List[Tuple[int, float]]] = {}
+    for label, view in runs:
+        malloc = label or view.data.get("malloc", BASE_MALLOC)
+        for api in view.apis:
+            for mode in (mode for mode in SHMGRPC_MODES if mode in view.modes):
+                points = [(size, _div(view.per_message(message, shape, size, BASELINE, api),
+                                      view.per_message(message, shape, size, mode, api)))
+                          for size in view.sizes(message, shape, api)]
+                kept = [(size, value) for size, value in points if value]
+                if kept:
+                    lines[(api, malloc, mode)] = kept
+    return lines
+
+
+def speedup_figure(plt: Any, runs: Sequence[Tuple[str, Results]]) -> Any:
+    """How many times faster than plain gRPC, against message size, log-log:
+    a panel per api, side by side on one y scale, a line per transport
+    (colour, marker) and malloc phase (line style), 1x drawn across and the
+    sizes that go inline (below the threshold) shaded. SPEEDUP_PAIR if the
+    runs have it, else the first message and shape they ran."""
+    from matplotlib import ticker
+    from matplotlib.lines import Line2D
+
+    pairs = [pair for _, view in runs for pair in view.pairs() if view.sizes(*pair)]
+    if not pairs:
+        return None
+    message, shape = SPEEDUP_PAIR if SPEEDUP_PAIR in pairs else pairs[0]
+    lines = speedup_lines(runs, message, shape)
+    if not lines:
+        return None
+    apis = [api for api in APIS if any(key[0] == api for key in lines)]
+    mallocs = [malloc for malloc in MALLOCS if any(key[1] == malloc for key in lines)]
+    modes = [mode for mode in SHMGRPC_MODES if any(key[2] == mode for key in lines)]
+    sizes = sorted({size for points in lines.values() for size, _ in points})
+    values = [value for points in lines.values() for _, value in points]
+    low, high = min(0.7, min(values) / 1.2), max(2.0, max(values) * 1.25)
+    threshold = min(view.threshold for _, view in runs)
+    figure, axes = plt.subplots(1, len(apis), figsize=(0.8 + 4.4 * len(apis), 4.4), sharey=True, squeeze=False)
+    for ax, api in zip(axes[0], apis):
+        if sizes[0] < threshold:
+            ax.axvspan(sizes[0] / 1.6, threshold, color="0.93", zorder=0)
+            ax.text(sizes[0] / 1.45, high / 1.08, f"inline: below the\n{format_size(threshold)} threshold",
+                    fontsize=8, color="0.4", va="top")
+        ax.axhline(1.0, color="black", linewidth=1.0, zorder=1)
+        ax.text(sizes[-1] * 1.5, 1.0, "plain gRPC = 1x", fontsize=8, ha="right", va="bottom")
+        for (line_api, malloc, mode), points in lines.items():
+            if line_api == api:
+                # The default malloc, what an application has unless it opts in, drawn boldest.
+                ax.plot(*zip(*points), color=MODE_COLORS[mode], linestyle=MALLOC_STYLES[malloc],
+                        marker=MODE_MARKERS[mode], markersize=4.5, zorder=2,
+                        linewidth=2.2 if malloc == BASE_MALLOC else 1.4)
+        ax.set_yscale("log")
+        ax.set_ylim(low, high)
+        ax.yaxis.set_major_locator(ticker.FixedLocator([t for t in SPEEDUP_TICKS if low <= t <= high]))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(True, which="major", alpha=0.3)
+        _size_axis(ax, sizes)
+        ax.set_title(f"{api}: {API_TITLES[api]}", fontsize=10)
+    axes[0][0].set_ylabel(f"speed-up over plain gRPC ({BASELINE})", fontsize=9)
+    handles = [Line2D([], [], color=MODE_COLORS[mode], marker=MODE_MARKERS[mode], linewidth=2.2, label=mode)
+               for mode in modes]
+    handles += [Line2D([], [], color="0.3", linestyle=MALLOC_STYLES[malloc], label=MALLOC_LABELS[malloc],
+                       linewidth=2.2 if malloc == BASE_MALLOC else 1.4) for malloc in mallocs]
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    repeat = max(view.repeat for _, view in runs)
+    title = [
+        f"How many times faster than plain gRPC over a unix socket: {shape.replace('_', ' ')} calls, "
+        f"{MESSAGE_TITLES[message]}",
+        f"each point: plain gRPC's median time / shmgrpc's, both with the same API and malloc; "
+        f"{rounds_text(repeat)}",
+        machine_line(runs[0][1].data["machine"]),
+    ]
+    figure.suptitle("\n".join(title), fontsize=9)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    return figure
+
+
+def throughput_figure(plt: Any, runs: Sequence[Tuple[str, Results]]) -> Any:
+    """Payload throughput against size, log-log: one panel per message and
+    RPC shape, a line per mode (and per malloc phase), the legend below the
+    panels; runs of more than one api get a line per api as well."""
+    from matplotlib import ticker
+
     pairs: List[Tuple[str, str]] = []
     for _, view in runs:
         pairs += [pair for pair in view.pairs() if pair not in pairs and view.sizes(*pair)]
@@ -1842,10 +1963,8 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
                         label=name,
                     )
                     handles.setdefault(name, line)
-            ax.set_xscale("log", base=2)
+            _size_axis(ax, all_sizes, label=row == len(messages) - 1 or (message, shape) == pairs[-1])
             ax.set_yscale("log")
-            ax.set_xlim(all_sizes[0] / 1.6, all_sizes[-1] * 1.6)
-            ax.set_xticks(all_sizes, [short_size(size) for size in all_sizes], fontsize=8)
             # Labelled y ticks at 1, 2 and 5 of each decade: a panel may span less than one.
             ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
@@ -1855,8 +1974,6 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
             ax.grid(True, which="major", alpha=0.3)
             if col == 0:
                 ax.set_ylabel("payload MiB/s", fontsize=9)
-            if row == len(messages) - 1 or (message, shape) == pairs[-1]:
-                ax.set_xlabel("message size (K = KiB, M = MiB)", fontsize=9)
     # The legend below the panels, in as many columns as its labels fit.
     label_inches = 0.5 + 0.085 * max(len(name) for name in handles)
     columns = max(1, min(len(handles), int(width // label_inches)))
@@ -1871,9 +1988,7 @@ def write_plot(path: str, runs: Sequence[Tuple[str, Results]]) -> Optional[str]:
     figure.set_figheight(height)
     # tight_layout keeps the panels clear of the suptitle, not of a figure legend.
     figure.tight_layout(rect=(0, (0.22 * legend_rows + 0.1) / height, 1, 1))
-    figure.savefig(path, dpi=110, bbox_inches="tight")  # nothing cut off, whatever the fonts
-    plt.close(figure)
-    return None
+    return figure
 
 
 # --- main -------------------------------------------------------------------
@@ -1955,8 +2070,7 @@ def run_phase(args: argparse.Namespace, command: str) -> int:
     data = results(bench, command, malloc, notes, elapsed, interrupted)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        plot_note = write_plot(os.path.join(args.out, "throughput.png"), [("", Results(data))])
-        data["notes"] += [plot_note] if plot_note else []
+        data["notes"] += write_plots(args.out, [("", Results(data))])
     text = report_text(Results(data)) + f"\n\ntook {elapsed:.0f} s"
     if args.out:
         _save(args.out, data, text)
@@ -2027,8 +2141,7 @@ def run_phases(args: argparse.Namespace, argv: List[str], command: str) -> int:
         text = combined_text(phases) + f"\n\nall phases took {elapsed:.0f} s"
         if args.out:
             runs = list(phases.items())
-            plot_note = write_plot(os.path.join(out, "throughput.png"), runs)
-            text += f"\nnote: {plot_note}" if plot_note else ""
+            text += "".join(f"\nnote: {note}" for note in write_plots(out, runs))
             data = {
                 "command": command,
                 "machine": runs[0][1].data["machine"],

@@ -37,6 +37,7 @@ from concurrent import futures
 from typing import Any, Dict, List, Optional
 
 from ..config import format_size, parse_size
+from ._table import format_table
 
 WAYS = ("grpc-tobytes", "shmgrpc-protobuf", "shmgrpc-buffer")
 SERVICE = "shmgrpc.bench.Arrays"
@@ -203,8 +204,7 @@ def report(results: Dict[str, Any]) -> str:
         rows.append([format_size(c["size"]), c["way"], f"{c['median_ms']:.2f}", f"{c['vs_grpc_tobytes']:.2f}x",
                      f"{c['vs_shmgrpc_protobuf']:.2f}x", f"{c['mib_s']:.0f}", f"{c['client_cpu_ms']:.2f}",
                      f"{c['server_cpu_ms']:.2f}", f"{c['server_faults']:.0f}", c["server_array_in"][:60]])
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows)
+    return "\n".join(format_table(rows, align="<<>>>>>>><"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -25,6 +25,7 @@ from .. import shmdir, wire
 from .._version import __version__
 from ..config import Config, format_size, parse_size
 from ..errors import ConfigError
+from ._table import format_table
 
 _SIDE_RE = re.compile(r"^@shmgrpc-(\d{1,10})-([0-9a-f]{16})$")
 
@@ -102,12 +103,10 @@ def side_sockets() -> List[Dict[str, Any]]:
 
 
 def _table(rows: List[Dict[str, Any]]) -> List[str]:
-    lines = [f"  {'PID':>8}  {'OWNER':<7} {'UID':>6} {'SIZE':>10} {'AGE':>5}  NAME"]
-    for r in rows:
-        state = "alive" if r["alive"] else "dead"
-        lines.append(f"  {r['pid']:>8}  {state:<7} {r['uid']:>6} {format_size(r['size']):>10} {_age(r['age_seconds']):>5}"
-                     f"  {r['name']}")
-    return lines
+    cells = [["PID", "OWNER", "UID", "SIZE", "AGE", "NAME"]]
+    cells += [[str(r["pid"]), "alive" if r["alive"] else "dead", str(r["uid"]), format_size(r["size"]),
+               _age(r["age_seconds"]), r["name"]] for r in rows]
+    return format_table(cells, align="><>>><", indent="  ")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

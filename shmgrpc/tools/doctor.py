@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno as _errno
+import functools
 import os
 import platform
 import re
@@ -34,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import wire
 from .._core import AUTO_ORDER
@@ -44,13 +45,14 @@ from .._status import cma_fix
 from .._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode
 from .._version import __version__
 from ..config import Config, format_size
+from ._table import format_table
 
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 CAP_SYS_PTRACE = 19  # <linux/capability.h>
 NAMESPACES = ("pid", "ipc", "mnt", "net", "user")
-OK, WARN, FAIL, SKIP, INFO = "ok", "warn", "FAIL", "skip", "info"
+OK, WARN, FAIL, SKIP, INFO = STATUSES = ("ok", "warn", "FAIL", "skip", "info")
 
 
 @dataclasses.dataclass
@@ -440,61 +442,63 @@ def order_of(config: Config) -> Tuple[str, ...]:
 # --- a target --------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
+# The round trip's messages. protos/ does not ship with the package, and
+# grpcio-reflection is not a dependency, so they are built here, once, from
+# descriptors written as text (what protoc would make of the .proto beside
+# each). A parser skips the fields its message does not declare.
+
+# grpc/reflection/v1/reflection.proto, the fields the doctor uses:
+#   message ServerReflectionRequest { string host = 1; oneof message_request { string list_services = 7; } }
+#   message ServerReflectionResponse { ServerReflectionRequest original_request = 2;
+#     oneof message_response { ListServiceResponse list_services_response = 6; } }
+#   message ListServiceResponse { repeated ServiceResponse service = 1; }
+#   message ServiceResponse { string name = 1; }
+_REFLECTION = """
+name: "shmgrpc/tools/doctor_reflection.proto" package: "shmgrpc.doctor" syntax: "proto3"
+message_type { name: "ServerReflectionRequest"
+  field { name: "host" number: 1 label: LABEL_OPTIONAL type: TYPE_STRING }
+  field { name: "list_services" number: 7 label: LABEL_OPTIONAL type: TYPE_STRING oneof_index: 0 }
+  oneof_decl { name: "message_request" } }
+message_type { name: "ServerReflectionResponse"
+  field { name: "original_request" number: 2 label: LABEL_OPTIONAL type: TYPE_MESSAGE
+          type_name: ".shmgrpc.doctor.ServerReflectionRequest" }
+  field { name: "list_services_response" number: 6 label: LABEL_OPTIONAL type: TYPE_MESSAGE
+          type_name: ".shmgrpc.doctor.ListServiceResponse" oneof_index: 0 }
+  oneof_decl { name: "message_response" } }
+message_type { name: "ListServiceResponse"
+  field { name: "service" number: 1 label: LABEL_REPEATED type: TYPE_MESSAGE
+          type_name: ".shmgrpc.doctor.ServiceResponse" } }
+message_type { name: "ServiceResponse"
+  field { name: "name" number: 1 label: LABEL_OPTIONAL type: TYPE_STRING } }
+"""
+# syntax = "proto2"; message Payload { optional bytes data = N; }: the --method
+# request, N being --field or _UNKNOWN_FIELD (proto2: data is sent even empty).
+_PAYLOAD = """
+name: "shmgrpc/tools/doctor_payload_%(n)d.proto" package: "shmgrpc.doctor" syntax: "proto2"
+message_type { name: "Payload" field { name: "data" number: %(n)d label: LABEL_OPTIONAL type: TYPE_BYTES } }
+"""
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+@functools.lru_cache(maxsize=None)
+def _messages(text: str) -> Dict[str, Any]:
+    """{name: message class} of a FileDescriptorProto in text format."""
+    from google.protobuf import descriptor_pb2, message_factory, text_format
+
+    file = text_format.Parse(text, descriptor_pb2.FileDescriptorProto())
+    return {name.rpartition(".")[2]: cls for name, cls in message_factory.GetMessages([file]).items()}
 
 
-def _fields(data: bytes) -> Iterator[Tuple[int, Any]]:
-    """(field number, value) of a protobuf message: bytes for
-    length-delimited fields, ints otherwise. ValueError if malformed."""
-    i, n = 0, len(data)
+def _reflection(name: str) -> Any:
+    return _messages(_REFLECTION)[name]
 
-    def varint() -> int:
-        nonlocal i
-        value = shift = 0
-        while True:
-            if i >= n or shift > 63:
-                raise ValueError("truncated varint")
-            byte = data[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
 
-    while i < n:
-        key = varint()
-        number, kind = key >> 3, key & 7
-        if kind == 0:
-            yield number, varint()
-        elif kind == 1:
-            i += 8
-            yield number, None
-        elif kind == 2:
-            length = varint()
-            if i + length > n:
-                raise ValueError("truncated field")
-            yield number, data[i : i + length]
-            i += length
-        elif kind == 5:
-            i += 4
-            yield number, None
-        else:
-            raise ValueError(f"wire type {kind}")
+def _payload(number: int) -> Any:
+    return _messages(_PAYLOAD % {"n": number})["Payload"]
 
 
 REFLECTION_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
-# Any protobuf message type parses this: one length-delimited field of the
-# largest field number, unknown to every schema (kept as an unknown field).
+# Any protobuf message type parses a Payload of this number: the largest
+# field number, unknown to every schema (kept as an unknown field).
 _UNKNOWN_FIELD = (1 << 29) - 1
 
 
@@ -509,14 +513,14 @@ class Echo:
 
     def request(self, size: int) -> bytes:
         if self.kind == "reflection":
-            # host (1) carries the bulk; list_services (7) makes it a valid query.
-            return _field(1, b"x" * size) + _field(7, b"")
-        return _field(self.field or _UNKNOWN_FIELD, b"x" * size)
+            # host carries the bulk; list_services makes it a valid query.
+            return _reflection("ServerReflectionRequest")(host="x" * size, list_services="").SerializeToString()
+        return _payload(self.field or _UNKNOWN_FIELD)(data=b"x" * size).SerializeToString()
 
     def carried_back(self, request: bytes, response: bytes) -> bool:
         """Does a --method answer carry the request's payload back? (If not,
         it was too small to be offloaded: the way back was not tried.)"""
-        payload = next(v for k, v in _fields(request) if k == (self.field or _UNKNOWN_FIELD))
+        payload = _payload(self.field or _UNKNOWN_FIELD).FromString(request).data
         return response == request or payload in response
 
     def dropped(self, size: int, answer: int) -> str:
@@ -538,6 +542,8 @@ class Echo:
 
     def verify(self, request: bytes, response: bytes) -> Tuple[bool, str]:
         """Is `response` what this echo answers to `request`? (ok, note)"""
+        from google.protobuf.message import DecodeError
+
         if self.kind != "reflection":
             if response == request:
                 return True, "the answer is the request, unchanged"
@@ -545,20 +551,12 @@ class Echo:
                 return True, f"a {len(response)}-byte answer carrying the request's payload"
             return True, f"a {len(response)}-byte answer"
         try:
-            host = None
-            services: List[str] = []
-            for number, value in _fields(response):
-                if number == 2 and isinstance(value, bytes):
-                    host = next((v for k, v in _fields(value) if k == 1), None)
-                elif number == 6 and isinstance(value, bytes):
-                    for k, entry in _fields(value):
-                        if k == 1 and isinstance(entry, bytes):
-                            services += [bytes(v).decode() for kk, v in _fields(entry) if kk == 1]
-        except (ValueError, UnicodeDecodeError) as err:
+            answer = _reflection("ServerReflectionResponse").FromString(response)
+        except DecodeError as err:
             return False, f"malformed reflection answer: {err}"
-        expected = next(v for k, v in _fields(request) if k == 1)
-        if host != expected:
+        if answer.original_request.host != _reflection("ServerReflectionRequest").FromString(request).host:
             return False, "the reflection answer does not carry our request back"
+        services = [service.name for service in answer.list_services_response.service]
         return True, "services: " + (", ".join(services) if services else "none listed")
 
 
@@ -702,7 +700,7 @@ def find_echo(target: str, config: Config, method: Optional[str], timeout: float
         for service in REFLECTION_SERVICES:
             echo = Echo("reflection", f"/{service}/ServerReflectionInfo", stream=True)
             try:
-                echo.call(plain, _field(7, b""), timeout)
+                echo.call(plain, _reflection("ServerReflectionRequest")(list_services="").SerializeToString(), timeout)
                 return echo, f"server reflection ({service})"
             except grpc.RpcError as err:
                 code, details = _rpc_error(err)
@@ -1024,14 +1022,13 @@ def render(report: Report, verbose: bool = False) -> str:
 
 
 def _rows(checks: Sequence[Check], verbose: bool) -> List[str]:
-    width = max((len(check.name) for check in checks), default=5)
-    out = []
+    rows = []
     for check in checks:
-        out.append(f"  {check.status:<5} {check.name:<{width}}  {check.detail}")
+        rows.append([check.status, check.name, check.detail])
         if check.fix and check.status in (FAIL, WARN, INFO):
-            label = "hint" if check.status == INFO else "fix"
-            out.append(f"  {'':<5} {'':<{width}}  {label}: {check.fix}")
-    return out
+            rows.append(["", "", f"{'hint' if check.status == INFO else 'fix'}: {check.fix}"])
+    # The status column as wide as its longest word, whichever appear: both sections line up.
+    return format_table(rows, align="<<<", indent="  ", minimum=[max(map(len, STATUSES))])
 
 
 __all__ = ["Check", "Report", "machine_checks", "render", "run"]

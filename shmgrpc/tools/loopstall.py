@@ -59,6 +59,7 @@ from google.protobuf.wrappers_pb2 import BytesValue
 from ..config import Config, parse_size
 from ..aio._channel import insecure_channel
 from ..aio._server import server as shmgrpc_server
+from ._table import format_table
 
 SERVICE = "shmgrpc.loopstall.Stall"
 ECHO = f"/{SERVICE}/Echo"  # unary: the request comes back
@@ -221,7 +222,7 @@ def _run_mode(mode: str, size: int, calls: int) -> Dict:
 
 
 def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:7.1f}"
+    return f"{seconds * 1e3:.1f}"
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -247,11 +248,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     print(f"one {size / 2**20:g} MiB echo: worst event-loop stall per call, ms "
           f"(median of {args.calls} calls, max in brackets; warm-up call apart)")
-    print(f"{'mode':12s} {'client':>17s} {'server':>17s} {'call':>17s}   warm-up: client server call")
+    rows = [["mode", "client", "server", "call", "warm-up: client", "server", "call"]]
     for r in results:
-        cells = " ".join(f"{_ms(r[k]['median'])} [{_ms(r[k]['max'])}]" for k in ("client", "server", "seconds"))
-        w = r["warmup"]
-        print(f"{r['mode']:12s} {cells}   {_ms(w['client'])} {_ms(w['server'])} {_ms(w['seconds'])}")
+        rows.append([r["mode"]] + [f"{_ms(r[k]['median'])} [{_ms(r[k]['max'])}]" for k in ("client", "server", "seconds")]
+                    + [_ms(r["warmup"][k]) for k in ("client", "server", "seconds")])
+    print("\n".join(format_table(rows, align="<")))
 
 
 if __name__ == "__main__":
