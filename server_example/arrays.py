@@ -17,23 +17,9 @@ import json
 import grpc
 
 import shmgrpc
+from shmgrpc.tools._maps import mapping_of
 
 SERVICE = "blobstore.Arrays"
-
-
-def where(buffer) -> str:
-    """'shared memory' if `buffer`'s first byte lies in a shared mapping of
-    this process, else 'a copy'."""
-    from shmgrpc.transports._vm import address_of
-
-    address = address_of(buffer)
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            span, flags = line.split()[:2]
-            low, high = (int(x, 16) for x in span.split("-"))
-            if low <= address < high:
-                return "shared memory" if flags[3] == "s" else "a copy"
-    return "a copy"
 
 
 def describe(buffer) -> bytes:
@@ -43,7 +29,7 @@ def describe(buffer) -> bytes:
         raise NotImplementedError("numpy is not installed on the server (pip install 'shmgrpc[numpy]')")
     array = numpy.frombuffer(buffer, numpy.float64)  # no copy: a view of what came
     return json.dumps({"count": len(array), "first": float(array[0]), "last": float(array[-1]),
-                       "where": where(buffer)}).encode()
+                       "where": "shared memory" if mapping_of(buffer)["shared"] else "a copy"}).encode()
 
 
 def _put(buffer, context):

@@ -38,6 +38,8 @@ from typing import Any, Dict, Iterator, List
 
 import grpc
 
+from shmgrpc.tools._maps import mapping_of
+
 SERVICE = "bufs.Buffers"
 
 
@@ -49,22 +51,6 @@ def pattern(size: int, seed: int) -> bytes:
 
 def digest(buf: Any) -> str:
     return hashlib.blake2b(buf, digest_size=16).hexdigest()
-
-
-def mapping_of(buf: Any) -> Dict[str, Any]:
-    """Where `buf`'s first byte lies in this process: its mapping's flags
-    and path from /proc/self/maps."""
-    from shmgrpc.transports._vm import address_of
-
-    address = address_of(buf)
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            low, high = (int(x, 16) for x in fields[0].split("-"))
-            if low <= address < high:
-                path = fields[5].strip() if len(fields) > 5 else ""
-                return {"shared": fields[1][3] == "s", "path": path}
-    return {"shared": False, "path": ""}
 
 
 def look(buf: Any) -> Dict[str, Any]:

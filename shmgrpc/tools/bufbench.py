@@ -37,6 +37,7 @@ from concurrent import futures
 from typing import Any, Dict, List, Optional
 
 from ..config import format_size, parse_size
+from ._maps import mapping_of
 from ._table import format_table
 
 WAYS = ("grpc-tobytes", "shmgrpc-protobuf", "shmgrpc-buffer")
@@ -50,17 +51,9 @@ def _usage() -> Dict[str, float]:
 
 
 def _where(array: Any) -> str:
-    """The mapping the array's first byte lies in: its /proc/self/maps path
-    ("shared:" first when it is a shared mapping)."""
-    address = array.__array_interface__["data"][0]
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            low, high = (int(x, 16) for x in fields[0].split("-"))
-            if low <= address < high:
-                path = fields[5].strip() if len(fields) > 5 else "(anonymous)"
-                return ("shared: " if fields[1][3] == "s" else "private: ") + path
-    return "?"
+    """The mapping the array's first byte lies in, "shared: PATH" or "private: PATH"."""
+    where = mapping_of(array)
+    return ("shared: " if where["shared"] else "private: ") + (where["path"] or "(anonymous)")
 
 
 # --- the server process -------------------------------------------------------
