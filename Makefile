@@ -28,8 +28,9 @@ demo: $(STAMP) $(GEN)
 test: $(STAMP) $(GEN)
 	$(BIN)/python -m pytest -q tests
 
-# Three parts, ~25-30 minutes on 2 cores (shmgrpc/tools/bench.py); each
-# writes report.txt, results.json, speedup.png and throughput.png in its --out:
+# Four parts, ~25-30 minutes on 2 cores (shmgrpc/tools/bench.py, bufbench.py);
+# each writes report.txt and results.json in its --out, the first three also
+# speedup.png and throughput.png:
 # 1. every message and RPC shape, three malloc phases (default, keep,
 #    hugepages; each a process of its own), sync gRPC on both sides
 #    (BENCH_APIS=sync,aio adds grpc.aio to all of it, doubling the time);
@@ -39,15 +40,19 @@ test: $(STAMP) $(GEN)
 # 3. the unary bytes echo, 4 KiB to 256 MiB, sync and grpc.aio, three malloc
 #    phases, plain gRPC over unix and each transport, nine rounds a cell (a
 #    shared machine's noise): the README's picture (docs/bench-speedup.png),
-#    bench-results/speedup/speedup.png, ~10 minutes.
+#    bench-results/speedup/speedup.png, ~10 minutes;
+# 4. a numpy array one way at 1, 16, 64 and 256 MiB: plain gRPC, the drop-in
+#    path with a protobuf bytes field, and the buffer codec
+#    (shmgrpc.buffer_serializer), in bench-results/buffers, ~1 minute.
 BENCH_APIS ?= sync
 bench: $(STAMP) $(GEN)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[plot]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[plot,numpy]'
 	$(BIN)/python -m shmgrpc.tools.bench --malloc default,keep,hugepages --apis $(BENCH_APIS) --out bench-results
 	$(BIN)/python -m shmgrpc.tools.bench --apis sync,aio,aio-sync,sync-aio --shapes unary --messages bytes \
 		--sizes 4KiB,1MiB,4MiB,16MiB --out bench-results/apis
 	$(BIN)/python -m shmgrpc.tools.bench --apis sync,aio --shapes unary --messages bytes \
 		--modes grpc-unix,memfd,shm,cma --malloc default,keep,hugepages --repeat 9 --out bench-results/speedup
+	$(BIN)/python -m shmgrpc.tools.bufbench --out bench-results/buffers
 
 clean:
 	rm -rf $(VENV) $(GEN) $(PROTOS:.proto=_pb2_grpc.py) $(PROTOS:.proto=_pb2.pyi) $(PROTOS:.proto=_pb2_grpc.pyi) \

@@ -16,6 +16,7 @@ import shmgrpc
 from shmgrpc.config import parse_size
 from shmgrpc.errors import ConfigError
 
+from .arrays import run_arrays
 from .benchmark import run_benchmark
 from .channels import MODES
 from .errors import Failure
@@ -40,6 +41,11 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         "--sizes", help=f"comma-separated message sizes (default {_SIZES}; with --demo {_DEMO_SIZES})"
     )
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per size")
+    parser.add_argument(
+        "--arrays",
+        action="store_true",
+        help="then send numpy arrays with shmgrpc.buffer_serializer (needs numpy; --demo always does)",
+    )
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}"
     )
@@ -93,6 +99,8 @@ def main(argv: List[str]) -> int:
             run_benchmark(
                 args.target, args.tcp_target, args.sizes, args.repeat, args.modes, args.max_message_mib
             )
+            if args.arrays:
+                run_arrays(args.target, args.sizes, args.repeat, args.max_message_mib)
     except Failure as failure:
         print(f"FAIL: {failure}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Set
 import shmgrpc
 from server_example.serve import READY_PREFIX
 
+from .arrays import run_arrays
 from .benchmark import run_benchmark
 from .errors import Failure
 
@@ -26,6 +27,7 @@ _NAME_RE = re.compile(r"^shmgrpc-(\d+)-")  # ...followed by the creating process
 _READY_TIMEOUT = 60.0  # seconds for the server to print its ready line
 _STOP_TIMEOUT = 20.0  # seconds after SIGTERM before we SIGKILL it (and fail)
 _PROJECT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
 
 
 def run_demo(sizes: Sequence[int], repeat: int, wanted: Sequence[str], max_message_mib: int) -> None:
@@ -41,6 +43,7 @@ def run_demo(sizes: Sequence[int], repeat: int, wanted: Sequence[str], max_messa
             unix = next(address for address in server.addresses if address.startswith("unix"))
             tcp = next(address for address in server.addresses if not address.startswith("unix"))
             run_benchmark(unix, tcp, sizes, repeat, wanted, max_message_mib)
+            run_arrays(unix, [s for s in sizes if s >= MiB], repeat, max_message_mib)
             status = server.stop()
         if status != 0:
             raise Failure(f"the server exited with status {status} after SIGTERM; expected 0")

@@ -14,7 +14,7 @@ from typing import Callable, List, Sequence
 
 from protos import blobstore_pb2_grpc
 
-from . import offload
+from . import arrays, offload
 from .signals import StopSignals
 from .service import AioBlobStoreServicer, BlobStoreServicer
 from .store import Store
@@ -72,6 +72,7 @@ def _run_sync(options: ServeOptions, on_ready: OnReady, stop: StopSignals) -> No
     try:
         servicer = BlobStoreServicer(Store(), lambda: offload.stats_summary(server))
         blobstore_pb2_grpc.add_BlobStoreServicer_to_server(servicer, server)
+        arrays.add_to_server(server, aio=False)
         bound = [_bind(server, address) for address in options.listen]
         server.start()
         try:
@@ -95,6 +96,7 @@ async def _run_aio(options: ServeOptions, on_ready: OnReady, stop: StopSignals) 
     try:
         servicer = AioBlobStoreServicer(Store(), lambda: offload.stats_summary(server))
         blobstore_pb2_grpc.add_BlobStoreServicer_to_server(servicer, server)
+        arrays.add_to_server(server, aio=True)
         bound = [_bind(server, address) for address in options.listen]
         await server.start()
         try:

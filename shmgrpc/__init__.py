@@ -4,12 +4,16 @@ processes; plain gRPC everywhere else.
     channel = shmgrpc.insecure_channel(target, options)      # or intercept_channel(channel, options=...)
     server = shmgrpc.server(executor, options=options)       # or interceptors=[shmgrpc.ServerInterceptor()]
 
+Messages that are buffers (numpy arrays, bytes): shmgrpc.buffer_serializer /
+buffer_deserializer, one copy to send and none to receive (shmgrpc.Buffer).
+
 Is it working? `python -m shmgrpc doctor [TARGET]`, shmgrpc.channel_status(channel),
 shmgrpc.stats(); exporters in shmgrpc.metrics (prometheus, otel).
 """
 
 import logging as _logging
 
+from ._buffer import Buffer, buffer_deserializer, buffer_serializer
 from ._channel import Channel, channel_status, insecure_channel, intercept_channel, secure_channel
 from ._types import CountBytes, DirectionRecord, PeerRecord, PoolUsage, StatsSnapshot, TransportCounts
 from ._version import __version__
@@ -37,6 +41,7 @@ from .errors import (
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
+    "Buffer",
     "Channel",
     "ChannelStatus",
     "ClientInterceptor",
@@ -63,6 +68,8 @@ __all__ = [
     "StatsSnapshot",
     "TransportCounts",
     "__version__",
+    "buffer_deserializer",
+    "buffer_serializer",
     "channel_status",
     "insecure_channel",
     "intercept_channel",

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, List, Optional
 
 from . import wire
+from ._buffer import views_of
 from ._core import Engine, Route
 from .transports.base import FREE_ON_ACK, KEEP_UNTIL_END, KEEP_WHILE_ROOM
 from .errors import CallEnded, ShmGrpcError
@@ -107,6 +108,9 @@ class CallCodec:
             return original
         if keep_of is None:
             return lambda message: self.serialize(original, message)
+        views = views_of(original)
+        if views is not None:
+            return lambda message: self.send_view(views(message), keep_of(message))
         return lambda message: self.send(original(message), keep_of(message))
 
     def _ended(self) -> Optional[ShmGrpcError]:
@@ -153,7 +157,17 @@ class CallCodec:
 
     def serialize(self, original: Callable, message: Any):
         """`original(message)`, offloaded or escaped (a framed call)."""
+        views = views_of(original)
+        if views is not None:
+            return self.send_view(views(message), self.keep)
         return self.send(original(message), self.keep)
+
+    def send_view(self, view: memoryview, keep: Optional[Callable[[Any], None]]):
+        """send() of a buffer_serializer's message, as a flat view of the
+        caller's buffer: offloaded, it is copied once, into shared memory;
+        inline, it becomes the bytes gRPC sends."""
+        out = self.send(view, keep)
+        return view.tobytes() if out is view else out
 
     def send(self, data: Any, keep: Optional[Callable[[Any], None]]):
         """What goes out for serialized `data` on a framed call: a handle

@@ -23,6 +23,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import _malloc, session, wire
+from ._buffer import keeps_view
 from ._handshake import ClientHandshake, ServerHandshake
 from ._log import RateLimit, once, repeats
 from ._node import POOL_GAUGES, Node
@@ -434,6 +435,13 @@ class Engine:
             if reader is None:
                 name = next(c.name for c in LADDER if c.handle_type is type(h))
                 raise HandleError(f"received a {name} handle, but SHMGRPC_TRANSPORT does not allow {name}")
+            if keeps_view(deserializer):
+                # buffer_deserializer: the message is the bytes, as a view kept
+                # beyond this call (no copy where the transport lends them).
+                message: Any = reader.keep(h, route.peer, reread)
+                self.stats.add("restored", reader.name, 1, h.length)
+                route.received.add(reader.name)
+                return message
             view, done = reader.open(h, route.peer, reread)
             try:
                 # Raised by done() if the sender took the bytes back while we

@@ -24,7 +24,12 @@ Handle body, little-endian, common part (32 bytes):
     offset size field
     0      4    magic       b"SGH1"
     4      1    kind        1 = shm, 2 = cma, 3 = memfd
-    5      3    reserved    zero
+    5      1    flags       FLAG_HOLDS (1): the sender keeps a slot its reader
+                            marks HELD until that reader acknowledges it or is
+                            gone, so the reader may keep a view of it (a
+                            buffer_deserializer's memoryview). Zero from 0.3
+                            and older senders, whose readers ignore the byte.
+    6      2    reserved    zero
     8      8    length      payload bytes
     16     16   token       random per message; the slot / cma entry holds it too
 
@@ -73,7 +78,8 @@ KIND_MEMFD = 3
 MAX_IOVECS = 16  # the sender offers one buffer today; room for scatter lists
 MAX_NAME = 100  # segment names are ~50 characters; anything longer is forged
 
-_COMMON = struct.Struct("<4sB3xQ16s")
+_COMMON = struct.Struct("<4sBB2xQ16s")
+FLAG_HOLDS = 1
 _SHM = struct.Struct("<QQIB")
 _CMA = struct.Struct("<QIIQ16sH")
 _MEMFD = struct.Struct("<QQII")
@@ -108,6 +114,7 @@ class ShmHandle:
     offset: int
     slot: int
     name: str
+    flags: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ class MemfdHandle:
     offset: int
     slot: int
     segment: int
+    flags: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ class CmaHandle:
     entry_addr: int
     receiver: bytes
     iovecs: Tuple[Tuple[int, int], ...]
+    flags: int = 0
 
 
 def frame(body: bytes) -> bytes:
@@ -158,7 +167,7 @@ def escaped(data) -> bool:
 def encode_shm(h: ShmHandle) -> bytes:
     name = h.name.encode("ascii")
     body = (
-        _COMMON.pack(MAGIC, KIND_SHM, h.length, h.token)
+        _COMMON.pack(MAGIC, KIND_SHM, h.flags, h.length, h.token)
         + _SHM.pack(h.generation, h.offset, h.slot, len(name))
         + name
     )
@@ -167,13 +176,13 @@ def encode_shm(h: ShmHandle) -> bytes:
 
 def encode_memfd(h: MemfdHandle) -> bytes:
     return frame(
-        _COMMON.pack(MAGIC, KIND_MEMFD, h.length, h.token) + _MEMFD.pack(h.generation, h.offset, h.slot, h.segment)
+        _COMMON.pack(MAGIC, KIND_MEMFD, h.flags, h.length, h.token) + _MEMFD.pack(h.generation, h.offset, h.slot, h.segment)
     )
 
 
 def encode_cma(h: CmaHandle) -> bytes:
     body = [
-        _COMMON.pack(MAGIC, KIND_CMA, h.length, h.token),
+        _COMMON.pack(MAGIC, KIND_CMA, h.flags, h.length, h.token),
         _CMA.pack(h.generation, h.pid, h.entry, h.entry_addr, h.receiver, len(h.iovecs)),
     ]
     body.extend(_IOV.pack(addr, size) for addr, size in h.iovecs)
@@ -205,22 +214,22 @@ def decode(data) -> "ShmHandle | CmaHandle | MemfdHandle":
         )
     if len(body) < _COMMON.size:
         raise HandleError(f"malformed handle: {len(body)} bytes is shorter than its header")
-    magic, kind, length, token = _COMMON.unpack_from(body, 0)
+    magic, kind, flags, length, token = _COMMON.unpack_from(body, 0)
     if magic != MAGIC:
         raise HandleError(f"malformed handle: bad magic {magic!r}")
     if kind == KIND_SHM:
-        return _decode_shm(body, length, token)
+        return _decode_shm(body, length, token, flags)
     if kind == KIND_CMA:
-        return _decode_cma(body, length, token)
+        return _decode_cma(body, length, token, flags)
     if kind == KIND_MEMFD:
         if len(body) != _COMMON.size + _MEMFD.size:
             raise HandleError("malformed memfd handle: wrong size")
         generation, offset, slot, segment = _MEMFD.unpack_from(body, _COMMON.size)
-        return MemfdHandle(length, token, generation, offset, slot, segment)
+        return MemfdHandle(length, token, generation, offset, slot, segment, flags)
     raise HandleError(f"malformed handle: unknown kind {kind}")
 
 
-def _decode_shm(body: bytes, length: int, token: bytes) -> ShmHandle:
+def _decode_shm(body: bytes, length: int, token: bytes, flags: int) -> ShmHandle:
     end = _COMMON.size + _SHM.size
     if len(body) < end:
         raise HandleError("malformed shm handle: truncated")
@@ -233,10 +242,10 @@ def _decode_shm(body: bytes, length: int, token: bytes) -> ShmHandle:
         raise HandleError("malformed shm handle: segment name is not ASCII") from None
     if not NAME_RE.match(name):
         raise HandleError(f"shm handle names {name!r}, which is not a shmgrpc segment")
-    return ShmHandle(length, token, generation, offset, slot, name)
+    return ShmHandle(length, token, generation, offset, slot, name, flags)
 
 
-def _decode_cma(body: bytes, length: int, token: bytes) -> CmaHandle:
+def _decode_cma(body: bytes, length: int, token: bytes, flags: int) -> CmaHandle:
     end = _COMMON.size + _CMA.size
     if len(body) < end:
         raise HandleError("malformed cma handle: truncated")
@@ -251,7 +260,7 @@ def _decode_cma(body: bytes, length: int, token: bytes) -> CmaHandle:
         )
     if pid <= 0:
         raise HandleError(f"malformed cma handle: pid {pid}")
-    return CmaHandle(length, token, generation, pid, entry, entry_addr, receiver, iovecs)
+    return CmaHandle(length, token, generation, pid, entry, entry_addr, receiver, iovecs, flags)
 
 
 # --- handshake metadata -----------------------------------------------------

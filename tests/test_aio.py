@@ -490,7 +490,7 @@ def _forged_shm(length: int, name: str = "shmgrpc-1-1-0123456789abcdef-1") -> by
 # What the fake server answers, by the request's bytes: (frame, status, words in the details).
 FORGED = {
     b"bad-magic": (
-        wire.frame(wire._COMMON.pack(b"EVIL", wire.KIND_SHM, 100, bytes(16)) + bytes(40)),
+        wire.frame(wire._COMMON.pack(b"EVIL", wire.KIND_SHM, 0, 100, bytes(16)) + bytes(40)),
         grpc.StatusCode.INVALID_ARGUMENT,
         "bad magic",
     ),
@@ -1104,7 +1104,7 @@ def test_a_bad_handle_ends_an_aio_call_with_its_own_status(servers, make_client)
     state = client.engine.client.call_state()
     assert state is not None and state[1] is not None  # a hello that names the server
     hello = state[0]
-    bad = wire.frame(wire._COMMON.pack(b"EVIL", wire.KIND_SHM, 100, bytes(16)) + bytes(40))
+    bad = wire.frame(wire._COMMON.pack(b"EVIL", wire.KIND_SHM, 0, 100, bytes(16)) + bytes(40))
     raw = dict(request_serializer=None, response_deserializer=None)
     unary = client.raw_channel.unary_unary("/shmgrpc.testing.v1.Echo/Unary", **raw)
     stream = client.raw_channel.stream_unary("/shmgrpc.testing.v1.Echo/ClientStream", **raw)

@@ -133,7 +133,7 @@ def still_serving(raw: Raw) -> None:
 def common(
     magic: bytes = wire.MAGIC, kind: int = wire.KIND_SHM, length: int = 100, token: bytes = bytes(16)
 ) -> bytes:
-    return wire._COMMON.pack(magic, kind, length, token)
+    return wire._COMMON.pack(magic, kind, 0, length, token)
 
 
 # --- the genuine article first: the raw path itself works ----------------------------------

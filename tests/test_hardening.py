@@ -576,6 +576,10 @@ class Raw:
             assert encoded is not None, reason
             assert wire.decode(encoded).entry == handle.entry, "the freed entry was expected to be reused"
             return ticket
+        # The call ended unread: the use was revoked, and its slot is handed
+        # out again once its quarantine is over (transports/_slots.py).
+        time.sleep(pool.QUARANTINE_SECONDS + 0.05)
+        self.engine.node.transports["shm"].slots.get_pool().reclaim()  # free again, first in line
         slot, reason = self.engine.node.transports["shm"].slots.get_pool().alloc(length, other, "memfd" if kind == "memfd" else "shm")
         assert slot is not None, reason
         assert slot.index == handle.slot and slot.generation > handle.generation, "the freed slot was expected"

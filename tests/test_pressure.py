@@ -137,9 +137,11 @@ def test_a_late_cma_ack_marks_nothing_but_its_own_message_read(monkeypatch):
 def test_a_late_slot_ack_marks_nothing_but_its_own_message_read(monkeypatch):
     """The same for a pool slot (shm; memfd slots are the same slots): the
     reader checked the slot after its copy; before its ACKED lands, the
-    sender frees the slot and publishes the next message in it."""
+    sender frees the slot and, its quarantine over (the reader was
+    descheduled that long), publishes the next message in it."""
     inst = os.urandom(16)
-    p = pool.Pool(SHM_DIR, 4 * MiB, 1 * MiB, 60.0, inst, kinds=KINDS)
+    now = [time.monotonic()]
+    p = pool.Pool(SHM_DIR, 4 * MiB, 1 * MiB, 60.0, inst, clock=lambda: now[0], kinds=KINDS)
     attacher = pool.Attacher(SHM_DIR, 1 << 30)
     first, second = pattern(200 * KiB, 1), pattern(200 * KiB, 2)
 
@@ -158,6 +160,8 @@ def test_a_late_slot_ack_marks_nothing_but_its_own_message_read(monkeypatch):
         def then_reused(mm, base, token, state):
             if state == pool.ACKED and token == h1.token:
                 p.release(t1)
+                now[0] += pool.QUARANTINE_SECONDS
+                p.reclaim()  # the slot is free again, first in line
                 newer["handle"], _ = publish(second)
             claim(mm, base, token, state)  # the late write
 

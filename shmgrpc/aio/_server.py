@@ -39,6 +39,7 @@ import grpc
 from grpc import aio
 
 from .. import wire
+from .._buffer import views_of
 from .._codec import Failed, Tickets
 from .._core import Engine, EngineOwner, PeerStatus, Route
 from .._server import _Context as _SyncContext
@@ -161,11 +162,12 @@ class _Responses:
     a thread of shmgrpc's (the handle is still made on the loop, by the route's
     serializer); small ones stay on the loop, costing no thread hop."""
 
-    __slots__ = ("engine", "serialize", "threshold", "large")
+    __slots__ = ("engine", "serialize", "views", "threshold", "large")
 
     def __init__(self, engine: Engine, serialize: Optional[Callable[[Any], Any]]) -> None:
         self.engine = engine
         self.serialize = serialize or (lambda message: message)
+        self.views = views_of(self.serialize)  # a buffer_serializer: a view, made on the loop (no copy)
         self.threshold = engine.config.threshold
         self.large = False  # the last response serialized was at or above the threshold
 
@@ -176,7 +178,7 @@ class _Responses:
     async def ready(self, response: Any) -> None:
         """Serialize `response` off the loop if the method answers large."""
         sent = _current.get()
-        if self.large and response is not None and sent is not None:
+        if self.large and response is not None and sent is not None and self.views is None:
             run = contextvars.copy_context().run  # the serializer sees the call's context, as on the loop
             data = await asyncio.get_running_loop().run_in_executor(_pool(), run, self.serialize, response)
             sent.ready = (response, self._note(data))
@@ -184,6 +186,9 @@ class _Responses:
     def serializer(self, codec) -> Callable[[Any], Any]:
         """The route's response serializer: bytes made by ready(), or made now."""
         send = codec.send
+        views = self.views
+        if views is not None:
+            return lambda message: codec.send_view(views(message), _keep_of_current())
 
         def serializer(message: Any) -> Any:
             sent = _current.get()
@@ -195,6 +200,11 @@ class _Responses:
             return send(self._note(self.serialize(message)), sent.keep if sent is not None else None)
 
         return serializer
+
+
+def _keep_of_current() -> Optional[Callable[[Any], None]]:
+    sent = _current.get()
+    return sent.keep if sent is not None else None
 
 
 def _aio_behavior(handler, welcome, responses: Optional[_Responses]) -> Callable:

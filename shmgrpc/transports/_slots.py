@@ -27,12 +27,14 @@ Segment layout, little-endian:
 Slot header:
 
     0      8    generation   bumped each time the slot is handed out or freed
-    8      4    state        0 free, 1 writing, 2 ready, 3 acked, 4 being read
+    8      4    state        0 free, 1 writing, 2 ready, 3 acked, 4 being read,
+                             5 held (its reader keeps a view: a memoryview of
+                             buffer_deserializer)
     12     4    reserved
     16     8    length       payload bytes in this use
     24     16   token        random per use; the handle must carry the same
-    40     16   claim        the token of the use its reader claimed (READING)
-                             or acknowledged (ACKED)
+    40     16   claim        the token of the use its reader claimed (READING,
+                             HELD) or acknowledged (ACKED)
     56     8    reserved
 
 The reader writes `claim` before `state`, and the sender believes a READING
@@ -46,6 +48,18 @@ The sender frees a slot (bumping its generation) only when its reader
 acknowledged it, its reader is gone, its call ended, or its lease ran out:
 never because the pool is full or the peer over its share (then the message
 takes the next rung, or goes inline).
+
+A HELD slot is its reader's until the reader acknowledges it or is gone:
+neither the end of its call nor its lease frees it (it counts against that
+reader's share of the pool). A use freed before its reader acknowledged it
+(the call ended, the lease ran out) is *revoked*: its generation moves on at
+once, so a reader that comes later fails with DATA_LOSS, but the slot is
+handed out again only after QUARANTINE_SECONDS, and only if no reader marked
+it HELD meanwhile. A reader checks the generation again after writing HELD;
+one whose check raced with the revocation finds its HELD seen by then (the
+sender looks a whole quarantine later), so the bytes it keeps never change
+under it. A slot HELD by a memfd reader whose side connection closed is never
+handed out again: its segment goes when it is otherwise idle.
 """
 
 from __future__ import annotations
@@ -62,6 +76,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Type
 
 from .. import shmdir, wire
+from .._buffer import kept_view
 from ..errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError, SlotReclaimed
 from .base import FREE_ON_ACK, KEEP_UNTIL_END, KEEP_WHILE_ROOM, Part  # noqa: F401  (the held values, here too)
 
@@ -82,7 +97,10 @@ SLOT_HEADER = _SLOT.size  # 64: one cache line per slot header
 _STATE_AT = 8  # offset of `state` inside a slot header
 _CLAIM_AT = 40  # offset of `claim`
 _NO_CLAIM = bytes(16)  # `claim` as alloc leaves it
-FREE, WRITING, READY, ACKED, READING = 0, 1, 2, 3, 4  # READING: a single-use reader claimed it
+FREE, WRITING, READY, ACKED, READING, HELD = 0, 1, 2, 3, 4, 5  # READING: a single-use reader claimed it
+# How long a revoked use waits before its slot is handed out again: far
+# longer than any reader's store can take to be seen (see the docstring).
+QUARANTINE_SECONDS = 1.0
 
 
 
@@ -125,6 +143,7 @@ class Segment:
     kind = ""  # the transport's name
     name = ""  # unique in the pool; a file's name for kind "shm"
     path = ""  # the file to unlink at destroy(), if any
+    orphans = 0  # slots never handed out again (HELD by a reader whose connection closed)
 
     @classmethod
     def make(cls, pool: "Pool", number: int, slot_size: int, count: int) -> "Segment":
@@ -194,6 +213,7 @@ class Slot:
     # acknowledged use stays readable for a resend (see there).
     held: int = FREE_ON_ACK
     peer: bytes = b""  # the reader's instance id: whose share this use counts against
+    revoked: float = 0.0  # when this use was revoked (see the module docstring); 0: it was not
 
     @property
     def size(self) -> int:
@@ -312,6 +332,7 @@ class Pool:
             slot.reader = reader
             slot.held = held
             slot.peer = peer
+            slot.revoked = 0.0
             slot.deadline = self._clock() + self.lease_seconds
             # Generation first, then the bytes: a reader that checks the generation
             # after its copy sees any reuse that overlapped it.
@@ -335,11 +356,18 @@ class Pool:
         the reader may be parsing it right now."""
         with self._lock:
             slot = ticket.slot
-            if slot.segment.generations[slot.index] != ticket.generation:
+            if slot.segment.generations[slot.index] != ticket.generation or slot.revoked:
                 return
-            if unread_only and slot.segment.intact() and self._claimed_locked(slot) is not None:
+            if not slot.segment.intact():
+                self._free_locked(slot)  # drops the broken segment
                 return
-            self._free_locked(slot)
+            claimed = self._claimed_locked(slot)
+            if claimed == HELD:
+                slot.held = FREE_ON_ACK  # its reader keeps it: its ack frees it now
+            elif claimed == ACKED:
+                self._free_locked(slot)
+            elif claimed is None or not unread_only:
+                self._revoke_locked(slot)
 
     def peer_bytes(self, peer: bytes) -> int:
         """Bytes of the slots in use now for the reader `peer`."""
@@ -388,12 +416,12 @@ class Pool:
         return free.pop() if free else None
 
     def _claimed_locked(self, slot: Slot) -> Optional[int]:
-        """READING or ACKED if this use's reader claimed or acknowledged it
-        (module docstring: only with its token, or a 0.2 reader's zeros),
+        """READING, HELD or ACKED if this use's reader claimed or acknowledged
+        it (module docstring: only with its token, or a 0.2 reader's zeros),
         else None."""
         base = SLOT_HEADER * slot.index + 64
         (state,) = struct.unpack_from("<I", slot.segment.mm, base + _STATE_AT)
-        if state != READING and state != ACKED:
+        if state != READING and state != ACKED and state != HELD:
             return None
         # Read after the state: the reader writes the claim first.
         (claim,) = struct.unpack_from("16s", slot.segment.mm, base + _CLAIM_AT)
@@ -422,6 +450,27 @@ class Pool:
         base = SLOT_HEADER * slot.index + 64
         struct.pack_into("<QI", segment.mm, base, segment.generations[slot.index], FREE)
         self._free.setdefault((segment.kind, segment.slot_size), []).append(slot)
+
+    def _revoke_locked(self, slot: Slot) -> None:
+        """A use its reader has not acknowledged ends (its call ended, its
+        lease ran out): a new generation now, so a reader that comes later
+        gets DATA_LOSS; the state is left for the quarantine's look
+        (_reclaim_locked), after which the slot is free unless a reader
+        marked it HELD meanwhile."""
+        segment = slot.segment
+        segment.generations[slot.index] += 1
+        struct.pack_into("<Q", segment.mm, SLOT_HEADER * slot.index + 64, segment.generations[slot.index])
+        slot.revoked = self._clock()
+
+    def _gone_locked(self, slot: Slot) -> None:
+        """The reader of a HELD slot is gone. A process that exited keeps
+        nothing; a side connection that closed may leave its process alive
+        with the view: that slot is never handed out again (its segment goes
+        when its other slots are idle)."""
+        if isinstance(slot.reader, tuple):
+            self._free_locked(slot)
+        elif self._unbusy_locked((slot.segment.name, slot.index)) is not None:
+            slot.segment.orphans += 1
 
     def _drop_broken_locked(self, segment: Segment) -> None:
         """Somebody truncated one of our segments: never touch its mapping
@@ -463,10 +512,20 @@ class Pool:
                     self._drop_broken_locked(segment)
             if not ok:
                 continue
-            acked = slot.held <= keep and self._claimed_locked(slot) == ACKED
-            if acked or now >= slot.deadline or gone(slot.reader):
+            claimed = self._claimed_locked(slot)
+            if claimed == HELD:  # its reader keeps it: until it acknowledges, or is gone
+                if gone(slot.reader):
+                    self._gone_locked(slot)
+                    freed += 1
+            elif slot.revoked:
+                if now - slot.revoked >= QUARANTINE_SECONDS:
+                    self._free_locked(slot)
+                    freed += 1
+            elif (slot.held <= keep and claimed == ACKED) or gone(slot.reader):
                 self._free_locked(slot)
                 freed += 1
+            elif now >= slot.deadline:
+                self._revoke_locked(slot)
         return freed
 
     def _grow(self, key: Tuple[str, int]) -> Tuple[Optional[Slot], str]:
@@ -577,23 +636,29 @@ class Attacher:
         # memfd segments by (side connection id, the sender's segment number);
         # they go when their sender retires them or its connection closes.
         self._memfd: Dict[Tuple[int, int], _Attached] = {}
+        # (segment, slot, token) -> views kept of that use (hold()): HELD
+        # until the last is given back (a request gRPC resent may be kept twice)
+        self._holds: Dict[Tuple[str, int, bytes], int] = {}
         self._trimmed = time.monotonic()
 
-    def open(self, h: wire.ShmHandle, owner_inst: bytes, reread: bool = False) -> Tuple[memoryview, _Attached]:
+    def open(self, h: wire.ShmHandle, owner_inst: bytes, reread: bool = False,
+             hold: bool = False) -> Tuple[memoryview, _Attached]:
         """A read-only view of the payload `h` names, after checking it.
 
         `reread`: a slot we acknowledged already may be read again (a request
         gRPC resent; its sender keeps it until the call ends). The caller must
-        call finish() when done with the view."""
+        call finish() when done with the view; with `hold` (the handle says
+        its sender honours HELD), unhold() instead, whenever it is done: the
+        slot is HELD, its sender keeps it until then."""
         if h.length > self.max_message:
             raise HandleTooLarge(
                 f"handle offers {h.length} bytes; this receiver accepts at most "
                 f"{self.max_message} (SHMGRPC_MAX_MESSAGE)"
             )
-        return self._view(self._attach(h.name), h, owner_inst, reread)
+        return self._view(self._attach(h.name), h, owner_inst, reread, hold)
 
     def open_memfd(self, key: Tuple[int, int], h, owner_inst: bytes, reread: bool = False,
-                   arrive: Callable[[], Optional[str]] = lambda: None):
+                   arrive: Callable[[], Optional[str]] = lambda: None, hold: bool = False):
         """open() for a memfd handle: the segment came over the side
         connection `key[0]` (its descriptor was sent before the handle).
         Never waits: if it is not here yet, `arrive()` reads what that
@@ -610,7 +675,7 @@ class Attacher:
             seg = self._take_memfd(key)
             if seg is None:
                 raise DataLossError(f"memfd segment {key[1]} {why or 'is not here'}")
-        return self._view(seg, h, owner_inst, reread)
+        return self._view(seg, h, owner_inst, reread, hold)
 
     def _take_memfd(self, key: Tuple[int, int]) -> Optional[_Attached]:
         """The memfd segment `key`, with a view reference, or None."""
@@ -655,7 +720,8 @@ class Attacher:
         seg.dropped = True
         return seg.views == 0
 
-    def _view(self, seg: _Attached, h, owner_inst: bytes, reread: bool) -> Tuple[memoryview, _Attached]:
+    def _view(self, seg: _Attached, h, owner_inst: bytes, reread: bool,
+              hold: bool = False) -> Tuple[memoryview, _Attached]:
         """The checks of open(), on a segment we hold a view reference of."""
         try:
             if seg.owner_inst != owner_inst:
@@ -677,9 +743,17 @@ class Attacher:
                 # of an earlier reader of this slot (module docstring), not a
                 # claim on this message.
                 ours = secrets.compare_digest(claim, h.token)
-                unread = state == READY or (state in (READING, ACKED) and not ours)
-                claimed = unread and not reread and generation == h.generation and length == h.length
-                if claimed and secrets.compare_digest(token, h.token):
+                unread = state == READY or (state in (READING, ACKED, HELD) and not ours)
+                current = generation == h.generation and length == h.length and secrets.compare_digest(token, h.token)
+                if hold:
+                    key = (seg.name, h.slot, h.token)
+                    kept = self._holds.get(key, 0)
+                    if current and (unread or (reread and state in (READY, ACKED, READING, HELD))):
+                        if not kept:
+                            _claim(seg.mm, base, h.token, HELD)
+                        self._holds[key] = kept + 1
+                        unread = True
+                elif unread and not reread and current:
                     _claim(seg.mm, base, h.token, READING)
             if generation != h.generation:
                 raise SlotReclaimed(
@@ -688,16 +762,48 @@ class Attacher:
                 )
             if not secrets.compare_digest(token, h.token):
                 raise HandleError(f"slot {h.slot} of {seg.name} was not offered for this message (token mismatch)")
-            readable = state in (READY, ACKED, READING) if reread else unread
+            readable = state in (READY, ACKED, READING, HELD) if reread else unread
             if not readable or length != h.length:
                 raise HandleError(
                     f"slot {h.slot} of {seg.name} is not ready for reading (state {state}); "
                     "handles are single-use"
                 )
+            if hold:
+                # Our HELD is written; if the sender revoked this use before
+                # it could see it, the generation says so now (module
+                # docstring). Else the bytes are ours until unhold().
+                (now,) = struct.unpack_from("<Q", seg.mm, base)
+                if now != h.generation:
+                    self._unhold(seg, h)
+                    raise SlotReclaimed(
+                        f"slot {h.slot} of {seg.name} was reused (generation {now}, handle has "
+                        f"{h.generation}): the lease expired or the call ended before it was read"
+                    )
             return memoryview(seg.mm)[h.offset : h.offset + h.length].toreadonly(), seg
         except BaseException:
             self._unref(seg)
             raise
+
+    def unhold(self, h, seg: _Attached) -> None:
+        """The last view kept of `h` (open(hold=True)) is gone: acknowledge
+        the slot once no other is kept, and let go of the mapping. Never
+        raises (a finalizer calls it)."""
+        try:
+            self._unhold(seg, h)
+        except Exception:  # the mapping was truncated under us: nothing to acknowledge
+            log.debug("acknowledging a kept slot failed", exc_info=True)
+        finally:
+            self._unref(seg)
+
+    def _unhold(self, seg: _Attached, h) -> None:
+        key = (seg.name, h.slot, h.token)
+        with self._lock:
+            kept = self._holds.pop(key, 0) - 1
+            if kept > 0:
+                self._holds[key] = kept
+                return
+        if seg.kind == "memfd" or shmdir.intact(seg.fd, seg.size):
+            _claim(seg.mm, 64 + SLOT_HEADER * h.slot, h.token, ACKED)
 
     def finish(self, h: wire.ShmHandle, seg: _Attached, consumed: bool = True) -> None:
         """Check nothing changed while we read, then acknowledge the slot.
@@ -875,6 +981,19 @@ class Slots(Part):
 
     def tidy(self) -> None:
         self.attacher.maybe_trim()
+
+    def kept(self, opened: Tuple[memoryview, "_Attached"], h) -> memoryview:
+        """A kept view (_buffer.kept_view) of a slot opened with hold: the
+        slot is acknowledged, and its mapping let go, when the view and
+        everything made from it are gone."""
+        view, seg = opened
+        view.release()
+        attacher = self.attacher
+        try:
+            return kept_view(seg.mm, h.offset, h.length, lambda: attacher.unhold(h, seg))
+        except BaseException:
+            attacher.unhold(h, seg)
+            raise
 
     def housekeep(self) -> None:
         if self.pool is not None:

@@ -147,6 +147,21 @@ class Transport:
         request gRPC resent). Raises a ShmGrpcError saying what was wrong."""
         raise NotImplementedError
 
+    def keep(self, handle, peer: Peer, reread: bool) -> memoryview:
+        """The bytes `handle` names as a read-only memoryview the caller may
+        keep (a buffer_deserializer's message): its memory stays valid, and
+        nobody else's, for as long as it or anything made from it lives.
+        Here, a copy; a transport whose sender keeps what its reader holds
+        lends its memory instead."""
+        view, done = self.open(handle, peer, reread)
+        try:
+            return memoryview(view.tobytes())
+        finally:
+            try:
+                view.release()
+            finally:
+                done()
+
     def release(self, ticket: Any, unread_only: bool = False) -> None:
         """The call that carried `ticket` is over: nobody reads it any more.
         A ticket whose space was reused since is ignored. `unread_only`:

@@ -86,27 +86,34 @@ class Cma(Transport):
                                         held=held)
 
     def open(self, h, peer, reread: bool) -> Tuple[memoryview, Callable[[], None]]:
+        payload, buffer = self._read(h, peer, reread, self.part.buffers.take)
+        return payload, lambda: self.part.buffers.give(buffer)
+
+    def keep(self, h, peer, reread: bool) -> memoryview:
+        # The bytes are in a buffer of our own: lent as they are (a fresh one,
+        # not one of the warm buffers a next read would reuse).
+        payload, _ = self._read(h, peer, reread, bytearray)
+        return payload.toreadonly()
+
+    def _read(self, h, peer, reread: bool, take: Callable[[int], bytearray]) -> Tuple[memoryview, bytearray]:
+        """(a view of the payload, the buffer it is in) after _pins.read."""
         identity = self.node.identity
         if identity is None:
             raise HandleError("received a cma handle, but cma is not enabled or not permitted here")
-        buffers = self.part.buffers
         held: List[bytearray] = []
 
         def dest(n: int) -> memoryview:
-            held.append(buffers.take(n))
+            held.append(take(n))
             return memoryview(held[0])[:n]
-
-        def done() -> None:
-            if held:
-                buffers.give(held[0])
 
         try:
             payload = _pins.read(h, peer.pid, identity.inst, identity.cma_key_for(peer.inst),
                                  self.config.max_message, dest, reread)
         except BaseException:
-            done()
+            if held and take is self.part.buffers.take:
+                self.part.buffers.give(held[0])
             raise
-        return payload, done
+        return payload, held[0]
 
     def release(self, ticket, unread_only: bool = False) -> None:
         if self.part.pins is not None:

@@ -56,7 +56,8 @@ class MemfdSegment(Segment):
         self.conns: "weakref.WeakSet" = weakref.WeakSet()  # side connections that hold it
 
     def handle(self, slot: Slot) -> wire.MemfdHandle:
-        return wire.MemfdHandle(slot.length, slot.token, slot.generation, slot.offset, slot.index, self.number)
+        return wire.MemfdHandle(slot.length, slot.token, slot.generation, slot.offset, slot.index, self.number,
+                                wire.FLAG_HOLDS)
 
     def intact(self) -> bool:
         return self.fd >= 0  # sealed: nobody can shrink it
@@ -125,6 +126,17 @@ class Memfd(Transport):
         view, seg = attacher.open_memfd((conn.id, h.segment), h, peer.inst, reread,
                                         arrive=lambda: side.arrive(conn, h.segment))
         return view, lambda: attacher.finish(h, seg)
+
+    def keep(self, h, peer, reread: bool) -> memoryview:
+        if not h.flags & wire.FLAG_HOLDS:
+            return super().keep(h, peer, reread)  # an older sender may reuse the slot: a copy
+        side = self.node.side
+        conn = side.conn_for(peer.inst) if side is not None else None
+        if side is None or conn is None:
+            raise DataLossError("received a memfd handle, but the side connection to its sender is closed")
+        opened = self.slots.attacher.open_memfd((conn.id, h.segment), h, peer.inst, reread,
+                                                arrive=lambda: side.arrive(conn, h.segment), hold=True)
+        return self.slots.kept(opened, h)
 
     def release(self, ticket, unread_only: bool = False) -> None:
         if self.slots.pool is not None:

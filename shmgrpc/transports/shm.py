@@ -40,7 +40,8 @@ class ShmSegment(Segment):
         self._start(mm, owner_inst)
 
     def handle(self, slot: Slot) -> wire.ShmHandle:
-        return wire.ShmHandle(slot.length, slot.token, slot.generation, slot.offset, slot.index, self.name)
+        return wire.ShmHandle(slot.length, slot.token, slot.generation, slot.offset, slot.index, self.name,
+                              wire.FLAG_HOLDS)
 
 
 class Shm(Transport):
@@ -73,6 +74,11 @@ class Shm(Transport):
         attacher = self.slots.attacher
         view, seg = attacher.open(h, peer.inst, reread)
         return view, lambda: attacher.finish(h, seg)
+
+    def keep(self, h, peer, reread: bool) -> memoryview:
+        if not h.flags & wire.FLAG_HOLDS or not peer.named:
+            return super().keep(h, peer, reread)  # an older sender may reuse the slot: a copy
+        return self.slots.kept(self.slots.attacher.open(h, peer.inst, reread, hold=True), h)
 
     def release(self, ticket, unread_only: bool = False) -> None:
         if self.slots.pool is not None:
