@@ -403,3 +403,38 @@ def test_the_array_bench_measures_the_three_ways(tmp_path):
     assert cells["shmgrpc-buffer"]["server_array_in"].startswith("shared: "), cells["shmgrpc-buffer"]
     assert not cells["grpc-tobytes"]["server_array_in"].startswith("shared: ")
     assert (out / "report.txt").read_text().count("\n") >= 3
+
+
+def test_a_view_let_go_while_its_attacher_is_busy_is_acknowledged_later_without_a_deadlock():
+    """The last reference to a kept view may go anywhere: inside the
+    attacher's own locked section of this very thread (the cyclic collector
+    runs at any allocation). Its finalizer must neither block there nor lose
+    the acknowledgement."""
+    from shmgrpc._buffer import kept_view
+
+    inst = os.urandom(16)
+    pool = _slots.Pool(SHM_DIR, 4 * MiB, 1 * MiB, 60.0, inst, kinds={"shm": ShmSegment})
+    attacher = _slots.Attacher(SHM_DIR, 1 << 30)
+    try:
+        slot, reason = pool.alloc(LARGE, (os.getpid(), shmdir.process_start(os.getpid())))
+        assert slot is not None, reason
+        slot.segment.mm[slot.offset : slot.offset + LARGE] = pattern(LARGE, 5)
+        pool.publish(slot)
+        h = slot.handle()
+        view, seg = attacher.open(h, inst, hold=True)
+        view.release()
+        kept = kept_view(seg.mm, h.offset, h.length, lambda: attacher.unhold(h, seg))
+        assert digest(kept) == digest(pattern(LARGE, 5))
+        state_at = 64 + _slots.SLOT_HEADER * h.slot + 8
+        state = lambda: int.from_bytes(slot.segment.mm[state_at : state_at + 4], "little")  # noqa: E731
+        assert state() == _slots.HELD
+        with attacher._lock:  # as if the collector ran inside it
+            del kept
+        assert state() == _slots.HELD  # not acknowledged yet: queued
+        attacher.settle()
+        assert state() == _slots.ACKED
+        pool.release(_slots.Ticket(slot, slot.generation))
+        assert pool.stats().bytes_in_use == 0  # acknowledged: freed at once
+    finally:
+        attacher.close()
+        pool.close()

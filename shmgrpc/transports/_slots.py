@@ -71,9 +71,9 @@ import secrets
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 from .. import shmdir, wire
 from .._buffer import kept_view
@@ -639,6 +639,10 @@ class Attacher:
         # (segment, slot, token) -> views kept of that use (hold()): HELD
         # until the last is given back (a request gRPC resent may be kept twice)
         self._holds: Dict[Tuple[str, int, bytes], int] = {}
+        # Kept views given back (unhold), to acknowledge under the lock: a
+        # finalizer runs wherever the last reference went, maybe in a thread
+        # that holds this lock, so it only queues and settles if it can.
+        self._let_go: "deque[Tuple[Any, _Attached]]" = deque()
         self._trimmed = time.monotonic()
 
     def open(self, h: wire.ShmHandle, owner_inst: bytes, reread: bool = False,
@@ -655,6 +659,7 @@ class Attacher:
                 f"handle offers {h.length} bytes; this receiver accepts at most "
                 f"{self.max_message} (SHMGRPC_MAX_MESSAGE)"
             )
+        self.settle()
         return self._view(self._attach(h.name), h, owner_inst, reread, hold)
 
     def open_memfd(self, key: Tuple[int, int], h, owner_inst: bytes, reread: bool = False,
@@ -669,6 +674,7 @@ class Attacher:
                 f"handle offers {h.length} bytes; this receiver accepts at most "
                 f"{self.max_message} (SHMGRPC_MAX_MESSAGE)"
             )
+        self.settle()
         seg = self._take_memfd(key)
         if seg is None:
             why = arrive()
@@ -774,7 +780,8 @@ class Attacher:
                 # docstring). Else the bytes are ours until unhold().
                 (now,) = struct.unpack_from("<Q", seg.mm, base)
                 if now != h.generation:
-                    self._unhold(seg, h)
+                    with self._lock:
+                        self._unhold_locked(seg, h)
                     raise SlotReclaimed(
                         f"slot {h.slot} of {seg.name} was reused (generation {now}, handle has "
                         f"{h.generation}): the lease expired or the call ended before it was read"
@@ -785,23 +792,47 @@ class Attacher:
             raise
 
     def unhold(self, h, seg: _Attached) -> None:
-        """The last view kept of `h` (open(hold=True)) is gone: acknowledge
-        the slot once no other is kept, and let go of the mapping. Never
-        raises (a finalizer calls it)."""
-        try:
-            self._unhold(seg, h)
-        except Exception:  # the mapping was truncated under us: nothing to acknowledge
-            log.debug("acknowledging a kept slot failed", exc_info=True)
-        finally:
-            self._unref(seg)
+        """A view kept of `h` (open(hold=True)) is gone: acknowledge the slot
+        once no other is kept, and let go of the mapping. A finalizer calls
+        it: it never blocks nor raises; when the lock is busy (maybe held by
+        this very thread, which the collector interrupted) the next open or
+        trim settles it."""
+        self._let_go.append((h, seg))
+        if self._lock.acquire(blocking=False):
+            try:
+                unmap = self._settle_locked()
+            finally:
+                self._lock.release()
+            for one in unmap:
+                _unmap(one)
 
-    def _unhold(self, seg: _Attached, h) -> None:
+    def settle(self) -> None:
+        """Acknowledge the kept views given back since (unhold)."""
+        if self._let_go:
+            with self._lock:
+                unmap = self._settle_locked()
+            for one in unmap:
+                _unmap(one)
+
+    def _settle_locked(self) -> List[_Attached]:
+        unmap = []
+        while self._let_go:
+            h, seg = self._let_go.popleft()
+            try:
+                self._unhold_locked(seg, h)
+            except Exception:  # the mapping was truncated under us: nothing to acknowledge
+                log.debug("acknowledging a kept slot failed", exc_info=True)
+            seg.views -= 1
+            if seg.dropped and seg.views == 0:
+                unmap.append(seg)
+        return unmap
+
+    def _unhold_locked(self, seg: _Attached, h) -> None:
         key = (seg.name, h.slot, h.token)
-        with self._lock:
-            kept = self._holds.pop(key, 0) - 1
-            if kept > 0:
-                self._holds[key] = kept
-                return
+        kept = self._holds.pop(key, 0) - 1
+        if kept > 0:
+            self._holds[key] = kept
+            return
         if seg.kind == "memfd" or shmdir.intact(seg.fd, seg.size):
             _claim(seg.mm, 64 + SLOT_HEADER * h.slot, h.token, ACKED)
 
@@ -826,6 +857,7 @@ class Attacher:
 
     def maybe_trim(self) -> None:
         """trim(), if the last one is TRIM_SECONDS old (cheap to call per call)."""
+        self.settle()
         if time.monotonic() - self._trimmed >= self.TRIM_SECONDS:
             self.trim()
 
