@@ -112,9 +112,8 @@ class Logic:
 def handlers(logic: Logic, plain: bool, aio: bool) -> grpc.GenericRpcHandler:
     import shmgrpc
 
+    # plain: a server without shmgrpc, written for bytes
     ser, de = (None, None) if plain else (shmgrpc.buffer_serializer, shmgrpc.buffer_deserializer)
-    if plain:  # a server without shmgrpc, written for bytes
-        ser, de = None, None
 
     def unary(fn):
         if aio:

@@ -73,12 +73,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
 from .. import shmdir, wire
 from .._buffer import kept_view
 from ..errors import DataLossError, HandleError, HandleTooLarge, ShmGrpcError, SlotReclaimed
-from .base import FREE_ON_ACK, KEEP_UNTIL_END, KEEP_WHILE_ROOM, Part  # noqa: F401  (the held values, here too)
+from .base import FREE_ON_ACK, KEEP_UNTIL_END, KEEP_WHILE_ROOM, Part, Transport  # noqa: F401  (the held values, here too)
 
 log = logging.getLogger(__name__)
 
@@ -1014,19 +1014,6 @@ class Slots(Part):
     def tidy(self) -> None:
         self.attacher.maybe_trim()
 
-    def kept(self, opened: Tuple[memoryview, "_Attached"], h) -> memoryview:
-        """A kept view (_buffer.kept_view) of a slot opened with hold: the
-        slot is acknowledged, and its mapping let go, when the view and
-        everything made from it are gone."""
-        view, seg = opened
-        view.release()
-        attacher = self.attacher
-        try:
-            return kept_view(seg.mm, h.offset, h.length, lambda: attacher.unhold(h, seg))
-        except BaseException:
-            attacher.unhold(h, seg)
-            raise
-
     def housekeep(self) -> None:
         if self.pool is not None:
             self.pool.trim_idle()
@@ -1047,3 +1034,45 @@ class Slots(Part):
     def abandon(self) -> None:
         if self.pool is not None:
             self.pool.abandon()
+
+
+class SlotTransport(Transport):
+    """A transport whose messages are slots of the node's pool (shm, memfd):
+    what it adds is how a segment is made and named (`segment_class`) and
+    how a handle finds its mapping (_attach); reading, keeping and freeing
+    a slot are the same for both."""
+
+    segment_class: ClassVar[Type[Segment]] = Segment
+
+    def __init__(self, node):
+        super().__init__(node)
+        self.slots: Slots = node.part("slots", Slots)
+        self.slots.kinds[self.name] = self.segment_class
+
+    def _attach(self, h, peer, reread: bool, hold: bool) -> Tuple[memoryview, _Attached]:
+        """Attacher.open (or open_memfd) of `h`: a view and its mapping."""
+        raise NotImplementedError
+
+    def open(self, h, peer, reread: bool) -> Tuple[memoryview, Callable[[], None]]:
+        view, seg = self._attach(h, peer, reread, False)
+        attacher = self.slots.attacher
+        return view, lambda: attacher.finish(h, seg)
+
+    def keep(self, h, peer, reread: bool) -> memoryview:
+        """The slot itself, HELD: acknowledged, and its mapping let go, when
+        the view and everything made from it are gone (_buffer.kept_view).
+        A copy from a sender that may reuse it (no FLAG_HOLDS)."""
+        if not h.flags & wire.FLAG_HOLDS:
+            return super().keep(h, peer, reread)
+        view, seg = self._attach(h, peer, reread, True)
+        view.release()
+        attacher = self.slots.attacher
+        try:
+            return kept_view(seg.mm, h.offset, h.length, lambda: attacher.unhold(h, seg))
+        except BaseException:
+            attacher.unhold(h, seg)
+            raise
+
+    def release(self, ticket, unread_only: bool = False) -> None:
+        if self.slots.pool is not None:
+            self.slots.pool.release(ticket, unread_only)

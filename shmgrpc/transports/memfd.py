@@ -18,13 +18,13 @@ import mmap
 import os
 import struct
 import weakref
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from .. import shmdir, wire
 from ..errors import DataLossError
 from . import _side
-from ._slots import Pool, Segment, Slot, Slots, Ticket
-from .base import Sent, Transport
+from ._slots import Pool, Segment, Slot, SlotTransport, Ticket, _Attached
+from .base import Sent
 
 
 class MemfdSegment(Segment):
@@ -71,17 +71,13 @@ class MemfdSegment(Segment):
             conn.retire(self.number)
 
 
-class Memfd(Transport):
+class Memfd(SlotTransport):
     name = "memfd"
     letter = "m"
     handle_type = wire.MemfdHandle
     ticket_type = Ticket
+    segment_class = MemfdSegment
     via_id_segment = False  # the side connection proves the peer
-
-    def __init__(self, node):
-        super().__init__(node)
-        self.slots: Slots = node.part("slots", Slots)
-        self.slots.kinds[self.name] = MemfdSegment
 
     def unusable(self) -> Optional[str]:
         if _side.available():
@@ -117,30 +113,13 @@ class Memfd(Transport):
         pool.publish(slot)
         return wire.encode_memfd(segment.handle(slot)), Ticket(slot, slot.generation), ""
 
-    def open(self, h, peer, reread: bool) -> Tuple[memoryview, Callable[[], None]]:
+    def _attach(self, h, peer, reread: bool, hold: bool) -> Tuple[memoryview, _Attached]:
         side = self.node.side
         conn = side.conn_for(peer.inst) if side is not None else None
         if side is None or conn is None:
             raise DataLossError("received a memfd handle, but the side connection to its sender is closed")
-        attacher = self.slots.attacher
-        view, seg = attacher.open_memfd((conn.id, h.segment), h, peer.inst, reread,
-                                        arrive=lambda: side.arrive(conn, h.segment))
-        return view, lambda: attacher.finish(h, seg)
-
-    def keep(self, h, peer, reread: bool) -> memoryview:
-        if not h.flags & wire.FLAG_HOLDS:
-            return super().keep(h, peer, reread)  # an older sender may reuse the slot: a copy
-        side = self.node.side
-        conn = side.conn_for(peer.inst) if side is not None else None
-        if side is None or conn is None:
-            raise DataLossError("received a memfd handle, but the side connection to its sender is closed")
-        opened = self.slots.attacher.open_memfd((conn.id, h.segment), h, peer.inst, reread,
-                                                arrive=lambda: side.arrive(conn, h.segment), hold=True)
-        return self.slots.kept(opened, h)
-
-    def release(self, ticket, unread_only: bool = False) -> None:
-        if self.slots.pool is not None:
-            self.slots.pool.release(ticket, unread_only)
+        return self.slots.attacher.open_memfd((conn.id, h.segment), h, peer.inst, reread,
+                                              arrive=lambda: side.arrive(conn, h.segment), hold=hold)
 
     def side_segment(self, conn, number: int, mm, size: int) -> bool:
         return self.slots.attacher.add_memfd((conn.id, number), mm, size)

@@ -14,12 +14,12 @@ The slot layout, generations, claims and acks are in _slots.py.
 from __future__ import annotations
 
 import os
-from typing import Callable, Tuple
+from typing import Tuple
 
 from .. import shmdir, wire
 from ..errors import HandleError
-from ._slots import Pool, Segment, Slot, Slots, Ticket
-from .base import Sent, Transport
+from ._slots import Pool, Segment, Slot, SlotTransport, Ticket, _Attached
+from .base import Sent
 
 
 class ShmSegment(Segment):
@@ -44,16 +44,12 @@ class ShmSegment(Segment):
                               wire.FLAG_HOLDS)
 
 
-class Shm(Transport):
+class Shm(SlotTransport):
     name = "shm"
     letter = "s"
     handle_type = wire.ShmHandle
     ticket_type = Ticket
-
-    def __init__(self, node):
-        super().__init__(node)
-        self.slots: Slots = node.part("slots", Slots)
-        self.slots.kinds[self.name] = ShmSegment
+    segment_class = ShmSegment
 
     def offload(self, data, route, held: int) -> Sent:
         pool = self.slots.get_pool()
@@ -68,18 +64,7 @@ class Shm(Transport):
         pool.publish(slot)
         return wire.encode_shm(segment.handle(slot)), Ticket(slot, slot.generation), ""
 
-    def open(self, h, peer, reread: bool) -> Tuple[memoryview, Callable[[], None]]:
+    def _attach(self, h, peer, reread: bool, hold: bool) -> Tuple[memoryview, _Attached]:
         if not peer.named:
             raise HandleError("received an shm handle from a peer whose id segment we cannot open")
-        attacher = self.slots.attacher
-        view, seg = attacher.open(h, peer.inst, reread)
-        return view, lambda: attacher.finish(h, seg)
-
-    def keep(self, h, peer, reread: bool) -> memoryview:
-        if not h.flags & wire.FLAG_HOLDS or not peer.named:
-            return super().keep(h, peer, reread)  # an older sender may reuse the slot: a copy
-        return self.slots.kept(self.slots.attacher.open(h, peer.inst, reread, hold=True), h)
-
-    def release(self, ticket, unread_only: bool = False) -> None:
-        if self.slots.pool is not None:
-            self.slots.pool.release(ticket, unread_only)
+        return self.slots.attacher.open(h, peer.inst, reread, hold=hold)
