@@ -389,6 +389,67 @@ def test_a_revoked_slot_is_not_handed_out_while_a_late_reader_holds_it():
         pool.close()
 
 
+class _ClosedConn:
+    """A side connection as the pool sees it once closed: `process` is the
+    peer's (pid, start) as Conn records it, None from another pid namespace."""
+
+    alive = False
+
+    def __init__(self, process):
+        self.process = process
+
+
+def test_slots_of_a_reader_whose_process_exited_are_free_at_once():
+    """A revoked use waits out its quarantine only while its reader may still
+    be writing; a reader whose process exited (a real one, killed) cannot.
+    Its revoked and its HELD slots come back at the next look. A closed side
+    connection whose process is alive, or cannot be seen, still waits."""
+    import subprocess
+    import sys
+
+    now = [1000.0]
+    # one segment of 16 slots: no alloc below needs a reclaim (that would
+    # hand a freed slot out again before we look)
+    pool = _slots.Pool(SHM_DIR, 32 * MiB, 16 * MiB, 60.0, os.urandom(16), clock=lambda: now[0],
+                       kinds={"shm": ShmSegment})
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = (child.pid, shmdir.process_start(child.pid))
+        child.kill()
+        child.wait()
+        me = (os.getpid(), shmdir.process_start(os.getpid()))
+        readers = {"exited": dead, "exited via its connection": _ClosedConn(dead),
+                   "closed, process alive": _ClosedConn(me), "closed, unseen": _ClosedConn(None)}
+        slots = {}
+        for name, reader in readers.items():
+            for state in (None, _slots.HELD):
+                slot, reason = pool.alloc(LARGE, reader)
+                assert slot is not None, reason
+                pool.publish(slot)
+                if state is not None:  # read and kept
+                    _slots._claim(slot.segment.mm, 64 + _slots.SLOT_HEADER * slot.index, slot.token, state)
+                pool.release(_slots.Ticket(slot, slot.generation))  # the call ended (unread: revoked)
+                slots[name, state] = slot
+        busy = lambda: {k for k, s in slots.items() if (s.segment.name, s.index) in pool._busy}  # noqa: E731
+        pool.reclaim()  # no time has passed: no quarantine is over
+        # the exited readers' slots are free; HELD ones of a closed connection
+        # whose process may live are orphaned (never handed out again)
+        assert busy() == {("closed, process alive", None), ("closed, unseen", None)}
+        assert sum(s.orphans for s in {s.segment for s in slots.values()}) == 2
+        now[0] += 10 * _slots.QUARANTINE_SECONDS
+        pool.reclaim()
+        assert busy() == set()  # the quarantine is over
+        assert pool.stats().bytes_in_use == 0
+        orphaned = {(s.segment.name, s.index) for k, s in slots.items() if k[1] == _slots.HELD
+                    and k[0].startswith("closed")}
+        assert all(pool.alloc(LARGE, me)[0] is not None for _ in range(4))
+        assert not orphaned & set(pool._busy), "an orphaned slot was handed out again"
+    finally:
+        child.kill()
+        child.wait()
+        pool.close()
+
+
 def test_the_array_bench_measures_the_three_ways(tmp_path):
     pytest.importorskip("numpy")
     from tests.conftest import run_python

@@ -294,6 +294,10 @@ class Conn:
         self.sock = sock
         self.peer_inst = peer_inst
         self.pid = pid  # as seen from here; 0 in another pid namespace
+        # The peer's process as (pid, start), when this pid namespace sees it:
+        # once the connection is closed, whether that process is gone too.
+        start = shmdir.process_start(pid) if pid else None
+        self.process: Optional[Tuple[int, int]] = (pid, start) if start is not None else None
         self.uid = uid
         self.alive = True
         self.ticket = b""  # the ticket this connection was opened with (proves the hello)

@@ -54,12 +54,13 @@ neither the end of its call nor its lease frees it (it counts against that
 reader's share of the pool). A use freed before its reader acknowledged it
 (the call ended, the lease ran out) is *revoked*: its generation moves on at
 once, so a reader that comes later fails with DATA_LOSS, but the slot is
-handed out again only after QUARANTINE_SECONDS, and only if no reader marked
-it HELD meanwhile. A reader checks the generation again after writing HELD;
+handed out again only after QUARANTINE_SECONDS (at once if its reader's
+process exited), and only if no reader marked it HELD meanwhile. A reader checks the generation again after writing HELD;
 one whose check raced with the revocation finds its HELD seen by then (the
 sender looks a whole quarantine later), so the bytes it keeps never change
 under it. A slot HELD by a memfd reader whose side connection closed is never
-handed out again: its segment goes when it is otherwise idle.
+handed out again, unless that reader's process is seen to have exited (not
+from another pid namespace): its segment goes when it is otherwise idle.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def size_class(length: int) -> int:
 
 class Liveness:
     """`gone(reader)` for one reclaim scan: each reader's /proc entry is read
-    once, however many of its slots are waiting (a fast stream has dozens)."""
+    once, however many of its slots are waiting (a fast stream has dozens).
+    `dead(reader)`: its process is known to have exited, so it can neither
+    read nor keep anything (a closed side connection alone does not say so)."""
 
     def __init__(self):
         self._known: Dict[Tuple[int, int], bool] = {}  # (pid, start) -> gone
@@ -126,9 +129,17 @@ class Liveness:
     def __call__(self, reader) -> bool:
         if not isinstance(reader, tuple):  # a side.Conn: gone when its connection is
             return not reader.alive
-        if reader not in self._known:
-            self._known[reader] = not shmdir.alive(*reader)
-        return self._known[reader]
+        return self._exited(reader)
+
+    def dead(self, reader) -> bool:
+        if isinstance(reader, tuple):
+            return self._exited(reader)
+        return not reader.alive and reader.process is not None and self._exited(reader.process)
+
+    def _exited(self, process: Tuple[int, int]) -> bool:
+        if process not in self._known:
+            self._known[process] = not shmdir.alive(*process)
+        return self._known[process]
 
 
 # --- the sender's pool --------------------------------------------------------
@@ -462,12 +473,13 @@ class Pool:
         struct.pack_into("<Q", segment.mm, SLOT_HEADER * slot.index + 64, segment.generations[slot.index])
         slot.revoked = self._clock()
 
-    def _gone_locked(self, slot: Slot) -> None:
+    def _gone_locked(self, slot: Slot, exited: bool) -> None:
         """The reader of a HELD slot is gone. A process that exited keeps
         nothing; a side connection that closed may leave its process alive
-        with the view: that slot is never handed out again (its segment goes
-        when its other slots are idle)."""
-        if isinstance(slot.reader, tuple):
+        with the view (or one we cannot see, in another pid namespace): that
+        slot is never handed out again (its segment goes when its other
+        slots are idle)."""
+        if exited:
             self._free_locked(slot)
         elif self._unbusy_locked((slot.segment.name, slot.index)) is not None:
             slot.segment.orphans += 1
@@ -515,10 +527,11 @@ class Pool:
             claimed = self._claimed_locked(slot)
             if claimed == HELD:  # its reader keeps it: until it acknowledges, or is gone
                 if gone(slot.reader):
-                    self._gone_locked(slot)
+                    self._gone_locked(slot, gone.dead(slot.reader))
                     freed += 1
             elif slot.revoked:
-                if now - slot.revoked >= QUARANTINE_SECONDS:
+                # An exited reader has no store in flight: no need to wait.
+                if now - slot.revoked >= QUARANTINE_SECONDS or gone.dead(slot.reader):
                     self._free_locked(slot)
                     freed += 1
             elif (slot.held <= keep and claimed == ACKED) or gone(slot.reader):
