@@ -470,7 +470,7 @@ def check_private_shm(entries: list, transport: str, where: str) -> None:
     "transport, ops",
     [
         ("memfd", [{"op": "unary", "size": 256 * MiB, "count": 2, "seed": 1},
-                   {"op": "cstream", "size": 8 * MiB, "count": 200}]),
+                   {"op": "cstream", "size": 8 * MiB, "count": 80}]),
         ("auto", [{"op": "unary", "size": 256 * MiB, "count": 1, "seed": 7},
                   {"op": "cstream", "size": 8 * MiB, "count": 40}]),
     ],
