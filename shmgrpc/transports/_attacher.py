@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class Attached:
     name: str
     mm: mmap.mmap
-    fd: int  # kept open: fstat before every access (see intact())
+    fd: int  # kept open: fstat before every access (shmdir.intact)
     size: int
     owner: Tuple[int, int]  # owner pid and start time, from the name
     owner_inst: bytes

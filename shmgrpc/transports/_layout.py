@@ -67,7 +67,7 @@ def size_class(length: int) -> int:
     """The slot size a payload of `length` bytes goes into."""
     if length <= MIN_CLASS:
         return MIN_CLASS
-    step = max(PAGE, 1 << (length.bit_length() - 1 - 2))  # a quarter of the power of two below
+    step = max(PAGE, (1 << (length.bit_length() - 1)) // CLASSES_PER_DOUBLING)  # of the power of two below
     return round_up(length, step)
 
 

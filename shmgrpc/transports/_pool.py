@@ -2,11 +2,13 @@
 of a segment and of a slot header, and what a reader's claim means, are in
 _layout.py; the receiver's side is _attacher.py.
 
-The sender owns its pool. A segment is a file under the shm directory, created
-with O_EXCL and mode 0600, named shmgrpc-<pid>-<start ticks>-<random>-<n>, and
-space is reserved with posix_fallocate when it is made: a full tmpfs (Docker's
-64 MiB /dev/shm) then fails at creation with ENOSPC and the message goes inline,
-instead of killing the process with SIGBUS on first touch.
+The sender owns its pool; a transport makes its segments (shm.ShmSegment: a
+file under the shm directory, created with O_EXCL and mode 0600, named
+shmgrpc-<pid>-<start ticks>-<random>-<n>; memfd.MemfdSegment: an anonymous
+sealed memfd). Space is reserved with posix_fallocate when a segment is
+made: a full tmpfs (Docker's 64 MiB /dev/shm) then fails at creation with
+ENOSPC and the message goes inline (or takes the next transport), instead of
+killing the process with SIGBUS on first touch.
 
 The sender frees a slot (bumping its generation) only when its reader
 acknowledged it, its reader is gone, its call ended, or its lease ran out:
