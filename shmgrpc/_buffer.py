@@ -17,7 +17,7 @@ The slot stays the receiver's while the memoryview, or anything made from
 it (a numpy array, a slice), is alive: releasing it (`buf.release()`, `with
 buf:`) or dropping the last reference gives it back. The sender counts a
 slot held so against that reader's share of its pool, never reuses it
-before, and sends inline when the share is used up (transports/_slots.py).
+before, and sends inline when the share is used up (transports/_pool.py).
 
 A memoryview, not a class of shmgrpc's own: before Python 3.12 only a type
 written in C can lend its memory to numpy; memoryview is one, and its

@@ -166,7 +166,7 @@ def truncate_request(spec: dict) -> dict:
     from protos import echo_test_pb2 as pb
     from protos import echo_test_pb2_grpc as pb_grpc
     from shmgrpc import wire
-    from shmgrpc.transports import _slots as pool
+    from shmgrpc.transports import _pool as pool
     from tests.echo_server import digest, pattern
 
     shm_dir = spec["shm_dir"]
@@ -298,7 +298,7 @@ def fork_workers(spec: dict) -> dict:
     of which builds and runs its own shmgrpc server. On SIGTERM: stop the
     workers and report their exit statuses."""
     import shmgrpc  # imported; nothing built unless preuse
-    from shmgrpc.transports import _slots as pool
+    from shmgrpc.transports import _pool as pool
     from shmgrpc import shmdir
 
     shm_dir = spec["shm_dir"]
@@ -512,7 +512,7 @@ def race_writer(spec: dict) -> None:
     destroys the first half of the big segments (as an owner does when it
     evicts them); EOF closes everything."""
     from shmgrpc import wire
-    from shmgrpc.transports import _slots as pool
+    from shmgrpc.transports import _pool as pool
     from shmgrpc import shmdir
     from shmgrpc.transports.shm import ShmSegment
     from tests.echo_server import pattern

@@ -293,11 +293,11 @@ def tiny_segment(owner_inst: bytes) -> int:
     (a header, nothing else): what a descriptor flood sends again and again."""
     import fcntl
 
-    from shmgrpc.transports import _slots as pool
+    from shmgrpc.transports import _layout as layout
     from shmgrpc.transports import _side as side
 
     fd = side.memfd_segment("flood", 64)
-    header = pool._SEG.pack(pool.SEG_MAGIC, 64, 0, 0, os.getpid(), 0, owner_inst)
+    header = layout.SEG.pack(layout.SEG_MAGIC, 64, 0, 0, os.getpid(), 0, owner_inst)
     os.pwrite(fd, header, 0)
     assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
     return fd

@@ -22,8 +22,9 @@ import pytest
 
 from protos import echo_test_pb2 as pb
 from shmgrpc import wire
+from shmgrpc.transports import _layout as layout
 from shmgrpc.transports import _pins as pins
-from shmgrpc.transports import _slots as pool
+from shmgrpc.transports import _pool as pool
 from shmgrpc import shmdir
 from shmgrpc._core import Route
 from shmgrpc.errors import HandleError
@@ -337,7 +338,7 @@ THIRD = """
 import ctypes, json, os, sys
 from protos import echo_test_pb2 as pb
 from shmgrpc import Config, wire
-from shmgrpc.transports import _slots as pool
+from shmgrpc.transports import _pool as pool
 from shmgrpc import shmdir
 from shmgrpc._core import Engine
 secret = bytes.fromhex(sys.argv[1])
@@ -414,7 +415,7 @@ def test_cma_forged_entry_in_the_peer(raw):
     entry = ctypes.create_string_buffer(pins.ENTRY.size)
     token = os.urandom(16)
     pins.ENTRY.pack_into(
-        entry, 0, pins.ENTRY_MAGIC, 1, pool.READY, len(SECRET), token, os.urandom(16), ctypes.addressof(held),
+        entry, 0, pins.ENTRY_MAGIC, 1, layout.READY, len(SECRET), token, os.urandom(16), ctypes.addressof(held),
         bytes(16),
     )
     h = wire.CmaHandle(

@@ -27,7 +27,7 @@ import pytest
 import shmgrpc
 import shmgrpc.aio
 from shmgrpc import shmdir, wire
-from shmgrpc.transports import _slots
+from shmgrpc.transports import _attacher, _layout, _pool
 from shmgrpc.transports.shm import ShmSegment
 from tests._buffer_peer import OPTIONS, digest, look, pattern
 from tests.conftest import CALL_TIMEOUT, SHM_DIR, START_TIMEOUT, KiB, MiB, spawn, suite_env, wait_until
@@ -357,13 +357,13 @@ def test_numpy_arrays_travel_both_ways_without_a_copy_on_receipt(peers):
 
 
 def test_a_revoked_slot_is_not_handed_out_while_a_late_reader_holds_it():
-    """The race the quarantine closes (transports/_slots.py), in one process
+    """The race the quarantine closes (transports/_pool.py), in one process
     with the real pool and a real segment: the sender revokes an unread use
     (its call ended) just as a reader marks it HELD; the slot must not be
     handed out again until that reader lets go."""
     now = [1000.0]
     inst = os.urandom(16)
-    pool = _slots.Pool(SHM_DIR, 8 * MiB, 1 * MiB, 60.0, inst, clock=lambda: now[0], kinds={"shm": ShmSegment})
+    pool = _pool.Pool(SHM_DIR, 8 * MiB, 1 * MiB, 60.0, inst, clock=lambda: now[0], kinds={"shm": ShmSegment})
     try:
         me = (os.getpid(), shmdir.process_start(os.getpid()))
         slot, reason = pool.alloc(LARGE, me)
@@ -371,18 +371,18 @@ def test_a_revoked_slot_is_not_handed_out_while_a_late_reader_holds_it():
         slot.segment.mm[slot.offset : slot.offset + 4] = b"KEPT"
         pool.publish(slot)
         token, index = slot.token, slot.index
-        pool.release(_slots.Ticket(slot, slot.generation))  # the call ended unread: revoked
-        base = 64 + _slots.SLOT_HEADER * index
-        _slots._claim(slot.segment.mm, base, token, _slots.HELD)  # a reader's HELD, racing the revocation
-        now[0] += 10 * _slots.QUARANTINE_SECONDS
+        pool.release(_pool.Ticket(slot, slot.generation))  # the call ended unread: revoked
+        base = 64 + _layout.SLOT_HEADER * index
+        _layout.claim(slot.segment.mm, base, token, _layout.HELD)  # a reader's HELD, racing the revocation
+        now[0] += 10 * _pool.QUARANTINE_SECONDS
         others = [pool.alloc(LARGE, me)[0] for _ in range(3)]
         assert all(o is not None and (o.segment, o.index) != (slot.segment, index) for o in others), \
             "a held slot was handed out"
         assert bytes(slot.segment.mm[slot.offset : slot.offset + 4]) == b"KEPT"
-        _slots._claim(slot.segment.mm, base, token, _slots.ACKED)  # the reader lets go
+        _layout.claim(slot.segment.mm, base, token, _layout.ACKED)  # the reader lets go
         for o in others:
-            pool.release(_slots.Ticket(o, o.generation))
-        now[0] += 10 * _slots.QUARANTINE_SECONDS
+            pool.release(_pool.Ticket(o, o.generation))
+        now[0] += 10 * _pool.QUARANTINE_SECONDS
         pool.trim_idle(idle_seconds=1e9)  # a reclaim pass
         assert pool.stats().bytes_in_use == 0
     finally:
@@ -410,8 +410,8 @@ def test_slots_of_a_reader_whose_process_exited_are_free_at_once():
     now = [1000.0]
     # one segment of 16 slots: no alloc below needs a reclaim (that would
     # hand a freed slot out again before we look)
-    pool = _slots.Pool(SHM_DIR, 32 * MiB, 16 * MiB, 60.0, os.urandom(16), clock=lambda: now[0],
-                       kinds={"shm": ShmSegment})
+    pool = _pool.Pool(SHM_DIR, 32 * MiB, 16 * MiB, 60.0, os.urandom(16), clock=lambda: now[0],
+                      kinds={"shm": ShmSegment})
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         dead = (child.pid, shmdir.process_start(child.pid))
@@ -422,13 +422,13 @@ def test_slots_of_a_reader_whose_process_exited_are_free_at_once():
                    "closed, process alive": _ClosedConn(me), "closed, unseen": _ClosedConn(None)}
         slots = {}
         for name, reader in readers.items():
-            for state in (None, _slots.HELD):
+            for state in (None, _layout.HELD):
                 slot, reason = pool.alloc(LARGE, reader)
                 assert slot is not None, reason
                 pool.publish(slot)
                 if state is not None:  # read and kept
-                    _slots._claim(slot.segment.mm, 64 + _slots.SLOT_HEADER * slot.index, slot.token, state)
-                pool.release(_slots.Ticket(slot, slot.generation))  # the call ended (unread: revoked)
+                    _layout.claim(slot.segment.mm, 64 + _layout.SLOT_HEADER * slot.index, slot.token, state)
+                pool.release(_pool.Ticket(slot, slot.generation))  # the call ended (unread: revoked)
                 slots[name, state] = slot
         busy = lambda: {k for k, s in slots.items() if (s.segment.name, s.index) in pool._busy}  # noqa: E731
         pool.reclaim()  # no time has passed: no quarantine is over
@@ -436,11 +436,11 @@ def test_slots_of_a_reader_whose_process_exited_are_free_at_once():
         # whose process may live are orphaned (never handed out again)
         assert busy() == {("closed, process alive", None), ("closed, unseen", None)}
         assert sum(s.orphans for s in {s.segment for s in slots.values()}) == 2
-        now[0] += 10 * _slots.QUARANTINE_SECONDS
+        now[0] += 10 * _pool.QUARANTINE_SECONDS
         pool.reclaim()
         assert busy() == set()  # the quarantine is over
         assert pool.stats().bytes_in_use == 0
-        orphaned = {(s.segment.name, s.index) for k, s in slots.items() if k[1] == _slots.HELD
+        orphaned = {(s.segment.name, s.index) for k, s in slots.items() if k[1] == _layout.HELD
                     and k[0].startswith("closed")}
         assert all(pool.alloc(LARGE, me)[0] is not None for _ in range(4))
         assert not orphaned & set(pool._busy), "an orphaned slot was handed out again"
@@ -474,8 +474,8 @@ def test_a_view_let_go_while_its_attacher_is_busy_is_acknowledged_later_without_
     from shmgrpc._buffer import kept_view
 
     inst = os.urandom(16)
-    pool = _slots.Pool(SHM_DIR, 4 * MiB, 1 * MiB, 60.0, inst, kinds={"shm": ShmSegment})
-    attacher = _slots.Attacher(SHM_DIR, 1 << 30)
+    pool = _pool.Pool(SHM_DIR, 4 * MiB, 1 * MiB, 60.0, inst, kinds={"shm": ShmSegment})
+    attacher = _attacher.Attacher(SHM_DIR, 1 << 30)
     try:
         slot, reason = pool.alloc(LARGE, (os.getpid(), shmdir.process_start(os.getpid())))
         assert slot is not None, reason
@@ -486,15 +486,15 @@ def test_a_view_let_go_while_its_attacher_is_busy_is_acknowledged_later_without_
         view.release()
         kept = kept_view(seg.mm, h.offset, h.length, lambda: attacher.unhold(h, seg))
         assert digest(kept) == digest(pattern(LARGE, 5))
-        state_at = 64 + _slots.SLOT_HEADER * h.slot + 8
+        state_at = 64 + _layout.SLOT_HEADER * h.slot + 8
         state = lambda: int.from_bytes(slot.segment.mm[state_at : state_at + 4], "little")  # noqa: E731
-        assert state() == _slots.HELD
+        assert state() == _layout.HELD
         with attacher._lock:  # as if the collector ran inside it
             del kept
-        assert state() == _slots.HELD  # not acknowledged yet: queued
+        assert state() == _layout.HELD  # not acknowledged yet: queued
         attacher.settle()
-        assert state() == _slots.ACKED
-        pool.release(_slots.Ticket(slot, slot.generation))
+        assert state() == _layout.ACKED
+        pool.release(_pool.Ticket(slot, slot.generation))
         assert pool.stats().bytes_in_use == 0  # acknowledged: freed at once
     finally:
         attacher.close()

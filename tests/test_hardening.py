@@ -43,7 +43,8 @@ import pytest
 import shmgrpc
 from protos import echo_test_pb2 as pb
 from shmgrpc import session, wire
-from shmgrpc.transports import _slots as pool
+from shmgrpc.transports import _attacher
+from shmgrpc.transports import _pool as pool
 from shmgrpc import shmdir
 from shmgrpc._node import Node
 from shmgrpc.errors import HandleError, ShmGrpcError
@@ -408,9 +409,9 @@ def test_readers_racing_the_attachers_trim_never_see_raw_errors(race_writer, mon
     read gives the right bytes or a shmgrpc error with a status; no
     ValueError("mmap closed"), BufferError or other raw error escapes, and
     once the attacher is closed nothing of the writer is mapped or open."""
-    monkeypatch.setattr(pool.Attacher, "MAX_CACHED", 3)
-    monkeypatch.setattr(pool.Attacher, "TRIM_SECONDS", 0.0, raising=False)
-    attacher = pool.Attacher(SHM_DIR, 1 << 30)
+    monkeypatch.setattr(_attacher.Attacher, "MAX_CACHED", 3)
+    monkeypatch.setattr(_attacher.Attacher, "TRIM_SECONDS", 0.0, raising=False)
+    attacher = _attacher.Attacher(SHM_DIR, 1 << 30)
     handles, inst = race_writer["big"], race_writer["inst"]
     expected = [pattern(h.length, i) for i, h in enumerate(handles)]
     stop = threading.Event()
@@ -488,7 +489,7 @@ def test_one_single_use_handle_read_by_two_threads_is_accepted_once(race_writer)
     """300 published single-use slots, each opened by two threads released
     together: exactly one read of each succeeds, the other is refused as
     single-use; never both."""
-    attacher = pool.Attacher(SHM_DIR, 1 << 30)
+    attacher = _attacher.Attacher(SHM_DIR, 1 << 30)
     handles, inst = race_writer["small"], race_writer["inst"]
     barrier = threading.Barrier(2)
     outcome: Dict[int, List[str]] = {i: [] for i in range(len(handles))}
@@ -577,7 +578,7 @@ class Raw:
             assert wire.decode(encoded).entry == handle.entry, "the freed entry was expected to be reused"
             return ticket
         # The call ended unread: the use was revoked, and its slot is handed
-        # out again once its quarantine is over (transports/_slots.py).
+        # out again once its quarantine is over (transports/_pool.py).
         time.sleep(pool.QUARANTINE_SECONDS + 0.05)
         self.engine.node.transports["shm"].slots.get_pool().reclaim()  # free again, first in line
         slot, reason = self.engine.node.transports["shm"].slots.get_pool().alloc(length, other, "memfd" if kind == "memfd" else "shm")

@@ -113,7 +113,8 @@ def test_wheel_contents(dist):
         entry_points = whl.read(f"{info}/entry_points.txt").decode()
     for name in ("__init__.py", "__main__.py", "py.typed", "tools/cli.py", "tools/doctor.py", "tools/bench.py",
                  "_types.py", "transports/__init__.py", "transports/memfd.py", "transports/shm.py",
-                 "transports/cma.py", "transports/_slots.py", "aio/__init__.py", "metrics/__init__.py", "metrics/prometheus.py",
+                 "transports/cma.py", "transports/_layout.py", "transports/_pool.py", "transports/_attacher.py",
+                 "transports/_slots.py", "aio/__init__.py", "metrics/__init__.py", "metrics/prometheus.py",
                  "metrics/otel.py"):
         assert f"shmgrpc/{name}" in names, name
     assert f"{info}/licenses/LICENSE" in names

@@ -45,9 +45,12 @@ import shmgrpc.aio
 from protos import echo_test_pb2 as pb
 from protos import echo_test_pb2_grpc as pb_grpc
 from shmgrpc import wire
+from shmgrpc.transports import _attacher
+from shmgrpc.transports import _layout as layout
 from shmgrpc.transports import _pins as pins
-from shmgrpc.transports import _slots as pool
+from shmgrpc.transports import _pool as pool
 from shmgrpc import shmdir
+from shmgrpc.transports.base import FREE_ON_ACK, KEEP_UNTIL_END, KEEP_WHILE_ROOM
 from shmgrpc.transports.shm import ShmSegment
 from tests.conftest import (
     CALL_TIMEOUT,
@@ -142,7 +145,7 @@ def test_a_late_slot_ack_marks_nothing_but_its_own_message_read(monkeypatch):
     inst = os.urandom(16)
     now = [time.monotonic()]
     p = pool.Pool(SHM_DIR, 4 * MiB, 1 * MiB, 60.0, inst, clock=lambda: now[0], kinds=KINDS)
-    attacher = pool.Attacher(SHM_DIR, 1 << 30)
+    attacher = _attacher.Attacher(SHM_DIR, 1 << 30)
     first, second = pattern(200 * KiB, 1), pattern(200 * KiB, 2)
 
     def publish(data: bytes):
@@ -155,17 +158,17 @@ def test_a_late_slot_ack_marks_nothing_but_its_own_message_read(monkeypatch):
     try:
         h1, t1 = publish(first)
         newer = {}
-        claim = pool._claim
+        claim = _attacher.claim
 
         def then_reused(mm, base, token, state):
-            if state == pool.ACKED and token == h1.token:
+            if state == layout.ACKED and token == h1.token:
                 p.release(t1)
                 now[0] += pool.QUARANTINE_SECONDS
                 p.reclaim()  # the slot is free again, first in line
                 newer["handle"], _ = publish(second)
             claim(mm, base, token, state)  # the late write
 
-        monkeypatch.setattr(pool, "_claim", then_reused)
+        monkeypatch.setattr(_attacher, "claim", then_reused)
         view, seg = attacher.open(h1, inst)
         assert bytes(view) == first
         view.release()
@@ -196,9 +199,9 @@ def test_a_request_grpc_could_resend_stays_readable_however_full_the_pool():
     size = 64 * KiB
     # One segment of four 64 KiB slots: the whole pool.
     p = pool.Pool(SHM_DIR, 4096 + 4 * size, 4 * size, 60.0, inst, kinds=KINDS)
-    attacher = pool.Attacher(SHM_DIR, 1 << 30)
+    attacher = _attacher.Attacher(SHM_DIR, 1 << 30)
 
-    def publish(seq: int, held: int = pool.FREE_ON_ACK):
+    def publish(seq: int, held: int = FREE_ON_ACK):
         data = pattern(size, seq)
         slot, reason = p.alloc(size, me(), held=held)
         if slot is None:
@@ -216,8 +219,8 @@ def test_a_request_grpc_could_resend_stays_readable_however_full_the_pool():
             attacher.finish(h, seg)
 
     try:
-        (h_end, t_end), _ = publish(1, pool.KEEP_UNTIL_END)
-        (h_room, _), _ = publish(2, pool.KEEP_WHILE_ROOM)
+        (h_end, t_end), _ = publish(1, KEEP_UNTIL_END)
+        (h_room, _), _ = publish(2, KEEP_WHILE_ROOM)
         assert read(h_end) == pattern(size, 1) and read(h_room) == pattern(size, 2)
         unread = [publish(3 + i) for i in range(2)]
         assert all(u[0] is not None for u in unread)
@@ -250,7 +253,7 @@ def test_a_peer_is_held_to_its_share_of_the_pool_and_of_the_pins():
                 break
             held.append(slot)
         assert reason == "peer_share_full"
-        assert p.peer_bytes(hog) <= 8 * MiB and len(held) == 8 // (pool.size_class(1 * MiB) // MiB)
+        assert p.peer_bytes(hog) <= 8 * MiB and len(held) == 8 // (layout.size_class(1 * MiB) // MiB)
         slot, reason = p.alloc(1 * MiB, me(), peer=other)
         assert slot is not None, reason
         assert p.peer_bytes(other) == slot.size
@@ -313,7 +316,7 @@ def test_a_client_that_reads_nothing_is_held_to_its_share(fresh_server, make_cli
         # The hog filled its share of each (the ladder's last rung, cma,
         # names the fallback), nothing beyond it.
         assert held["fallbacks"].get("cma_peer_share_full", 0) > 0, held["fallbacks"]
-        pool_, slot = held["pool"], pool.size_class(4 * MiB)
+        pool_, slot = held["pool"], layout.size_class(4 * MiB)
         assert pool_cap * share - slot < pool_["bytes_in_use"] <= pool_cap * share, pool_
         assert pin_cap * share - 4 * MiB < pool_["cma_pinned"] <= pin_cap * share, pool_
         assert after["pool"]["bytes_in_use"] <= pool_cap * share + slot, after["pool"]
@@ -394,13 +397,13 @@ def _slow_reads(monkeypatch, transport: str, seconds: float) -> None:
 
         monkeypatch.setattr(pins, "read", late)
     else:
-        real_open = pool.Attacher.open
+        real_open = _attacher.Attacher.open
 
         def late_open(self, *args, **kwargs):
             time.sleep(seconds)
             return real_open(self, *args, **kwargs)
 
-        monkeypatch.setattr(pool.Attacher, "open", late_open)
+        monkeypatch.setattr(_attacher.Attacher, "open", late_open)
 
 
 @pytest.mark.parametrize("transport", ["cma", "shm"])

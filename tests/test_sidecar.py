@@ -1267,14 +1267,14 @@ def test_other_uid_flood_of_the_side_socket(procs, tmp_sock_dir, aio):
 
 
 class SidePair:
-    """A listening Side (the receiver, with a real pool.Attacher) and a
+    """A listening Side (the receiver, with a real _attacher.Attacher) and a
     client Side connected to it: two nodes of one process, each end a real
     side connection."""
 
     def __init__(self, peer_bytes: int = 1 * 1024 * MiB):
-        from shmgrpc.transports import _slots as pool
+        from shmgrpc.transports import _attacher
 
-        self.attacher = pool.Attacher("/dev/shm", 1 * 1024 * MiB)
+        self.attacher = _attacher.Attacher("/dev/shm", 1 * 1024 * MiB)
         self.server_inst, self.client_inst = os.urandom(16), os.urandom(16)
         self.server = side.Side(self.server_inst, on_segment=self._arrived, on_retire=self._retired,
                                 on_lost=lambda conn: self.attacher.drop_memfd(conn.id), peer_bytes=peer_bytes)

@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .. import wire
 from .._core import AUTO_ORDER
 from ..transports import NAMES as TRANSPORTS
-from ..transports import _slots as pool, _side as side, _vm as cma
+from ..transports import _layout as layout, _side as side, _vm as cma
 from .._status import cma_fix
 from .._malloc import HUGETLB_TUNABLE, hugetlb_requested, thp_mode
 from .._version import __version__
@@ -235,11 +235,11 @@ def _side_socket(config: Config) -> Tuple[str, Optional[str]]:
 
 def segment_bytes(config: Config, length: int) -> int:
     """Bytes of the segment the pool makes for its first message of `length`
-    bytes (pool.Pool._grow)."""
-    segment_size = max(pool.MIN_CLASS * 2, min(config.segment_size, config.pool_size))
-    cls = pool.size_class(length)
+    bytes (_pool.Pool._grow)."""
+    segment_size = max(layout.MIN_CLASS * 2, min(config.segment_size, config.pool_size))
+    cls = layout.size_class(length)
     count = max(1, segment_size // cls) if cls * 2 <= segment_size else 1
-    return pool.round_up(64 + pool.SLOT_HEADER * count, pool.PAGE) + cls * count
+    return layout.round_up(64 + layout.SLOT_HEADER * count, layout.PAGE) + cls * count
 
 
 def check_shm(config: Config) -> Check:

@@ -6,7 +6,12 @@
     cma.py     the receiver pulls the sender's bytes (process_vm_readv,
                _vm.py) after checking its pin table (_pins.py)
 
-    _slots.py  the slots memfd and shm share: pool (sender), attacher (reader)
+    _layout.py    the slots memfd and shm share: their segment and header
+                  layout, the claim a reader writes
+    _pool.py      the sender's pool of those slots
+    _attacher.py  the receiver's side: maps, checks, reads, acknowledges
+    _slots.py     the glue: the node's part (Slots) and SlotTransport, the
+                  base of memfd and shm
 
 The handle of each kind is encoded and decoded in ../wire.py. LADDER is the
 order `SHMGRPC_TRANSPORT=auto` tries them in: memfd and shm are the same

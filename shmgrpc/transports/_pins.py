@@ -55,8 +55,9 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .. import wire
-from . import _slots, _vm
+from . import _layout, _vm
 from ..errors import CmaBadAddress, HandleError, HandleTooLarge, SlotReclaimed, StaleSessionError
+from .base import FREE_ON_ACK, KEEP_WHILE_ROOM
 
 ENTRY = struct.Struct("<8sQI4xQ16s16sQ16s8x")
 ENTRY_MAGIC = b"SHMGCMA1"
@@ -64,7 +65,7 @@ _GEN_AT = 8
 _STATE_AT = 16
 _ACKED_AT = 72
 _NO_ACK = bytes(16)  # `acked` as pin() leaves it
-_ACKED_STATE = struct.pack("<I", _slots.ACKED)
+_ACKED_STATE = struct.pack("<I", _layout.ACKED)
 DEFAULT_ENTRIES = 4096  # concurrent unacknowledged cma messages; past it, the next rung
 
 
@@ -84,7 +85,7 @@ class _Pin:
     deadline: float
     token: bytes  # this use's: an ack counts only if it carries it
     peer: bytes  # the reader's instance id: whose share the bytes count against
-    held: int = _slots.FREE_ON_ACK  # see _slots.Slot.held
+    held: int = FREE_ON_ACK  # see _pool.Slot.held
 
 
 class Pins:
@@ -117,11 +118,11 @@ class Pins:
 
     def pin(
         self, payload: bytes, key: bytes, receiver: bytes, reader: Tuple[int, int], pid: int,
-        held: int = _slots.FREE_ON_ACK
+        held: int = FREE_ON_ACK
     ) -> Tuple[Optional[bytes], Optional[Ticket], str]:
         """Pin `payload` for the reader `receiver` (its instance id); returns
         (encoded handle, its ticket, "") or (None, None, reason). `held`: see
-        _slots.Slot.held."""
+        _pool.Slot.held."""
         length = len(payload)
         with self._lock:
             if self._busy:
@@ -145,7 +146,7 @@ class Pins:
                 index * ENTRY.size,
                 ENTRY_MAGIC,
                 generation,
-                _slots.READY,
+                _layout.READY,
                 length,
                 token,
                 key,
@@ -198,25 +199,25 @@ class Pins:
         only an ack carrying this use's token, or a 0.2 reader's.)"""
         base = index * ENTRY.size
         (state,) = struct.unpack_from("<I", self._table, base + _STATE_AT)
-        if state != _slots.ACKED:
+        if state != _layout.ACKED:
             return False
         # Read after the state: the reader writes `acked` before the state
         # (one process_vm_writev, in order), so an ACKED state seen here has
-        # its token in place (the ordering _slots.Pool.alloc relies on too).
+        # its token in place (the ordering _pool.Pool.alloc relies on too).
         (acked,) = struct.unpack_from("16s", self._table, base + _ACKED_AT)
         return acked == pin.token or acked == _NO_ACK
 
     def _reclaim_locked(self, short: bool = False) -> int:
-        """Free the pins that are done with: acknowledged (see _slots.Slot.held;
+        """Free the pins that are done with: acknowledged (see _pool.Slot.held;
         `short`: a pin needs room, so KEEP_WHILE_ROOM ones go too), their
         reader gone, or their lease over. Never a pin its reader has not
         read, nor a request a retry plain gRPC would make may read again,
         while its call lives and its lease runs: a full table or budget
         sends the next message elsewhere instead."""
         now = self._clock()
-        gone = _slots.Liveness()
+        gone = _layout.Liveness()
         freed = 0
-        keep = _slots.KEEP_WHILE_ROOM if short else _slots.FREE_ON_ACK
+        keep = KEEP_WHILE_ROOM if short else FREE_ON_ACK
         for index, pin in list(self._busy.items()):
             acked = pin.held <= keep and self._acked_locked(index, pin)
             if acked or now >= pin.deadline or gone(pin.reader):
@@ -230,7 +231,7 @@ class Pins:
         # them re-reads the generation afterwards and discards what it got.
         self._generations[index] += 1
         base = index * ENTRY.size
-        struct.pack_into("<QI", self._table, base + _GEN_AT, self._generations[index], _slots.FREE)
+        struct.pack_into("<QI", self._table, base + _GEN_AT, self._generations[index], _layout.FREE)
         self._pinned -= len(pin.payload)
         left = self._by_peer[pin.peer] - len(pin.payload)
         if left:
@@ -307,7 +308,7 @@ def read(
     # ACKED with another token: a late ack of an earlier use of this entry
     # (module docstring), not ours: this message is unread.
     ours = hmac.compare_digest(acked, h.token)
-    if not (state == _slots.READY or (state == _slots.ACKED and (reread or not ours))):
+    if not (state == _layout.READY or (state == _layout.ACKED and (reread or not ours))):
         raise HandleError(f"cma entry {h.entry} is not ready (state {state}); handles are single-use")
     if length != h.length or h.iovecs != ((addr, length),):
         raise HandleError(
@@ -359,7 +360,7 @@ class Buffers:
                 buf = min(fits, key=len)
                 self._kept.remove(buf)
                 return buf
-        return bytearray(_slots.size_class(n))
+        return bytearray(_layout.size_class(n))
 
     def give(self, buf: bytearray) -> None:
         with self._lock:

@@ -289,7 +289,7 @@ class Conn:
 
     def __init__(self, side: "Side", sock: socket.socket, peer_inst: bytes, pid: int, uid: int,
                  granted: int = 0, granted_bytes: int = 0):
-        self.id = next(_ids)  # keys what came over it (_slots.Attacher)
+        self.id = next(_ids)  # keys what came over it (_attacher.Attacher)
         self.side = side
         self.sock = sock
         self.peer_inst = peer_inst
@@ -460,7 +460,7 @@ class Side:
 
     `on_segment(conn, number, mm, size) -> bool` (False: not a shmgrpc
     segment) / `on_retire(conn, number)` / `on_lost(conn)` are the node's:
-    they keep the mappings (_slots.Attacher). `peer_bytes`: how many bytes of
+    they keep the mappings (_attacher.Attacher). `peer_bytes`: how many bytes of
     segments one peer may have mapped here (SHMGRPC_POOL_SIZE)."""
 
     def __init__(self, inst: bytes, side_dir: str = "", uids=(), on_segment: Optional[Callable] = None,

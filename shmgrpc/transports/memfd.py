@@ -9,7 +9,7 @@ namespace (two containers of a pod), and the kernel frees a segment with its
 last descriptor and mapping, wherever that is: nothing is left behind.
 
 The slots themselves, their headers, generations, claims and acks, are the
-same as shm's (_slots.py).
+same as shm's (_layout.py, _pool.py, _attacher.py, _slots.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Dict, Optional, Tuple
 from .. import shmdir, wire
 from ..errors import DataLossError
 from . import _side
-from ._slots import Pool, Segment, Slot, SlotTransport, Ticket, _Attached
+from ._attacher import Attached
+from ._pool import Pool, Segment, Slot, Ticket
+from ._slots import SlotTransport
 from .base import Sent
 
 
@@ -113,7 +115,7 @@ class Memfd(SlotTransport):
         pool.publish(slot)
         return wire.encode_memfd(segment.handle(slot)), Ticket(slot, slot.generation), ""
 
-    def _attach(self, h, peer, reread: bool, hold: bool) -> Tuple[memoryview, _Attached]:
+    def _attach(self, h, peer, reread: bool, hold: bool) -> Tuple[memoryview, Attached]:
         side = self.node.side
         conn = side.conn_for(peer.inst) if side is not None else None
         if side is None or conn is None:

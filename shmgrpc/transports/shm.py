@@ -3,12 +3,14 @@
 The sender's pool makes each segment as a file of its own in the shm
 directory (shmdir.create_mapping: O_EXCL, 0600, space reserved up front, a
 shared lock held for life); the handle names (file, slot), and the reader
-maps the file once (_slots.Attacher) after checking it is a regular file of
+maps the file once (_attacher.Attacher) after checking it is a regular file of
 its own uid that nobody else may open. It needs the two processes to share
 that directory and uid: the handshake proves it (each opens the other's id
 segment, session.py).
 
-The slot layout, generations, claims and acks are in _slots.py.
+The slot layout and claims are in _layout.py, the sender's pool (generations,
+when a slot is freed) in _pool.py, the reader's checks and acks in
+_attacher.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Tuple
 
 from .. import shmdir, wire
 from ..errors import HandleError
-from ._slots import Pool, Segment, Slot, SlotTransport, Ticket, _Attached
+from ._attacher import Attached
+from ._pool import Pool, Segment, Slot, Ticket
+from ._slots import SlotTransport
 from .base import Sent
 
 
@@ -64,7 +68,7 @@ class Shm(SlotTransport):
         pool.publish(slot)
         return wire.encode_shm(segment.handle(slot)), Ticket(slot, slot.generation), ""
 
-    def _attach(self, h, peer, reread: bool, hold: bool) -> Tuple[memoryview, _Attached]:
+    def _attach(self, h, peer, reread: bool, hold: bool) -> Tuple[memoryview, Attached]:
         if not peer.named:
             raise HandleError("received an shm handle from a peer whose id segment we cannot open")
         return self.slots.attacher.open(h, peer.inst, reread, hold=hold)
