@@ -27,6 +27,7 @@ release() and `with` are the early return this API wants.
 from __future__ import annotations
 
 import ctypes
+import os
 import weakref
 from typing import Any, Callable
 
@@ -88,7 +89,14 @@ def kept_view(buffer: Any, offset: int, length: int, release: Callable[[], None]
 
     The memory is lent through a ctypes array, which (unlike a memoryview)
     can carry a finalizer; the caller must keep `buffer`'s bytes unchanged
-    until then."""
+    until then. Only the process that made the view lets go of it: a forked
+    child that inherited it (and drops it, or exits) acknowledges nothing,
+    or the parent's view would change under it."""
     exporter = (ctypes.c_ubyte * length).from_buffer(buffer, offset)
-    weakref.finalize(exporter, release)
+    weakref.finalize(exporter, _release_in, os.getpid(), release)
     return memoryview(exporter).cast("B").toreadonly()
+
+
+def _release_in(pid: int, release: Callable[[], None]) -> None:
+    if os.getpid() == pid:
+        release()

@@ -16,6 +16,11 @@ Prints READY and JSON ({"pid", "target"}) once it serves; stops on SIGTERM
     /bufs.Buffers/Drop         request JSON {"how": release | with | gc}: lets
                                go of every kept request that way; answers
                                whether each still had the digest it came with
+    /bufs.Buffers/Fork         forks a child that lets go of its inherited
+                               copies of the kept requests (released and
+                               dropped) and exits; answers JSON {"child":
+                               its exit status, "same": whether each kept
+                               request here still has its digest}
     /bufs.Buffers/Count        request JSON {"size", "count"}: a stream of
                                `count` buffers of `size` bytes (pattern(size, i))
     /bufs.Buffers/Sum          a stream of requests in; answers their digests
@@ -95,6 +100,22 @@ class Logic:
         gc.collect()
         return json.dumps({"same": same}).encode()
 
+    def fork(self, request: Any) -> bytes:
+        with self.lock:
+            pid = os.fork()
+            if pid == 0:  # the child: only this thread; no gRPC here
+                code = 1
+                try:
+                    for one in self.kept:
+                        one.release()
+                    self.kept.clear()  # the last references: their finalizers run here
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            same = [digest(buf) == d for buf, d in zip(self.kept, self.kept_digests)]
+        return json.dumps({"child": os.waitstatus_to_exitcode(status), "same": same}).encode()
+
     def count(self, request: Any) -> Iterator[bytes]:
         spec = json.loads(bytes(request))
         for i in range(spec["count"]):
@@ -154,6 +175,7 @@ def handlers(logic: Logic, plain: bool, aio: bool) -> grpc.GenericRpcHandler:
         "Look": unary(logic.look),
         "Keep": unary(logic.keep),
         "Drop": unary(logic.drop),
+        "Fork": unary(logic.fork),
         "Stats": unary(logic.stats),
         "Count": server_stream(logic.count),
         "Sum": client_stream(logic.sum),
