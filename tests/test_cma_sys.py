@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from shmgrpc.transports import _vm as cma
-from shmgrpc.errors import CmaBadAddress, CmaError, CmaNotPermitted, CmaPeerGone, HandleError
+from shmgrpc.errors import CmaBadAddress, CmaPeerGone, HandleError
 
 pytestmark = pytest.mark.skipif(not cma.available(), reason="process_vm_readv needs Linux")
 

@@ -350,7 +350,7 @@ class Harness:
             base = self._execute(scenario, client, server, "plain", "off", "helper", params)
             assert base["proof"]["client_imported_shmgrpc"] is False, "the baseline client imported shmgrpc"
             for name, proof in base["proof"]["server"].items():
-                assert proof["shmgrpc_imported"] is False, f"the baseline server imported shmgrpc"
+                assert proof["shmgrpc_imported"] is False, "the baseline server imported shmgrpc"
             self.baselines[key] = base
         return self.baselines[key]
 

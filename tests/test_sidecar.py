@@ -1052,7 +1052,7 @@ def test_client_against_a_hostile_server(procs, tmp_sock_dir, evil, aio):
     (RLIMIT_NOFILE 1024 here: 512 for memfd, 64 per peer), so its
     descriptors stay bounded (it was 3,000 more per answer, never given back)."""
     sock = os.path.join(tmp_sock_dir, "evil.sock")
-    server = start_server(procs, sock, suite_env("memfd"), evil=evil)
+    start_server(procs, sock, suite_env("memfd"), evil=evil)
     calls = 6
     out = run_client(procs, sock, suite_env("memfd"), [{"op": "unary", "size": 1024, "count": calls,
                                                         "reply_size": 1 * MiB}],

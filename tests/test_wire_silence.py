@@ -18,13 +18,12 @@ clients run in the test process, sync and aio.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import statistics
 import threading
 import time
 from collections import deque
-from typing import List, Optional
+from typing import List
 
 import grpc
 import pytest
