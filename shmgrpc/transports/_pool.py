@@ -72,8 +72,11 @@ log = logging.getLogger(__name__)
 # its warm slots; short enough that a burst's peak does not stay for good.
 IDLE_SECONDS = 30.0
 # How long a revoked use waits before its slot is handed out again: far
-# longer than any reader's store can take to be seen (see the docstring).
-QUARANTINE_SECONDS = 1.0
+# longer than any reader's store can take to be seen (microseconds; see the
+# docstring), and short, since the slot is out of use meanwhile: a flood of
+# calls that end before their large requests are read holds about this many
+# seconds of their bytes (DESIGN 4c).
+QUARANTINE_SECONDS = 0.1
 
 
 class Segment:
