@@ -175,7 +175,7 @@ class Attacher:
             base = 64 + SLOT_HEADER * h.slot
             with self._lock:  # check and claim as one step: a single-use handle is read once
                 generation, state, length, token, claimed = SLOT.unpack_from(seg.mm, base)
-                # READING or ACKED under another use's token: a late write
+                # READING, HELD or ACKED under another use's token: a late write
                 # of an earlier reader of this slot (_layout's docstring), not a
                 # claim on this message.
                 ours = secrets.compare_digest(claimed, h.token)

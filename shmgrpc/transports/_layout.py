@@ -97,7 +97,7 @@ class Liveness:
 
 
 def claim(mm: mmap.mmap, base: int, token: bytes, state: int) -> None:
-    """Mark the slot header at `base` READING or ACKED for the use `token`:
+    """Mark the slot header at `base` READING, HELD or ACKED for the use `token`:
     the token first, then the state (module docstring)."""
     mm[base + CLAIM_AT : base + CLAIM_AT + 16] = token
     struct.pack_into("<I", mm, base + STATE_AT, state)
